@@ -1,0 +1,545 @@
+//! The kubelet endpoint catalogue: the one table of every route nodegate knows.
+//!
+//! Policies name endpoints ([`Endpoint`]), never raw paths. The operator derives RBAC from this
+//! table, the CRD's CEL rules are generated from it, and the agent routes, authorizes and filters
+//! by it. Reference: kubelet `pkg/kubelet/server/{server,auth}.go` (Kubernetes 1.33–1.37).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A kubelet API endpoint a policy can grant, by name.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Endpoint {
+    /// `/healthz` and `/healthz/*`: kubelet health checks.
+    Healthz,
+    /// `/pods`: the pods bound to this node (filtered to the caller's namespaces).
+    Pods,
+    /// `/runningpods/`: the pods the container runtime reports (filtered).
+    RunningPods,
+    /// `/stats/summary`: node, pod and container usage (filtered).
+    Stats,
+    /// `/metrics`: the kubelet's own metrics (node-wide, needs `all`).
+    Metrics,
+    /// `/metrics/cadvisor`: container metrics (filtered by the `namespace` label).
+    Cadvisor,
+    /// `/metrics/resource` (and `/metrics/resource/v1alpha1`): resource metrics (filtered).
+    Resource,
+    /// `/metrics/probes`: probe results (filtered).
+    Probes,
+    /// `/metrics/slis`: the kubelet's service level indicators (filtered).
+    Slis,
+    /// `/configz`: the kubelet's configuration (node-wide, needs `all`).
+    Configz,
+    /// `/statusz`: the kubelet's status page (node-wide, needs `all`).
+    Statusz,
+    /// `/flagz`: the kubelet's flags (node-wide, needs `all`).
+    Flagz,
+    /// `/logs/` and `/logs/{path}`: the node's /var/log (node-wide, needs `all`).
+    Logs,
+    /// `/containerLogs/{namespace}/{pod}/{container}`: a container's log.
+    ContainerLogs,
+    /// `/exec/{namespace}/{pod}[/{uid}]/{container}`: run a command in a container (streaming).
+    Exec,
+    /// `/attach/{namespace}/{pod}[/{uid}]/{container}`: attach to a container (streaming).
+    Attach,
+    /// `/portForward/{namespace}/{pod}[/{uid}]`: forward ports of a pod (streaming).
+    PortForward,
+    /// `/run/{namespace}/{pod}[/{uid}]/{container}`: run a command, output in the response.
+    Run,
+    /// `/checkpoint/{namespace}/{pod}/{container}`: checkpoint a container.
+    Checkpoint,
+    /// `/debug/pprof/*`: the kubelet's profiler (node-wide, needs `all`).
+    Pprof,
+    /// `/debug/flags/v`: change the kubelet's log verbosity (node-wide, needs `all`).
+    DebugFlags,
+    /// `/spec/`: the node's machine info (served by the agent; kubelets dropped it in 1.21).
+    Spec,
+}
+
+/// The kubelet authorization subresource of `nodes` a request is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subresource {
+    Proxy,
+    Stats,
+    Metrics,
+    Log,
+    Checkpoint,
+    Pods,
+    Healthz,
+    Configz,
+    Statusz,
+}
+
+impl Subresource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subresource::Proxy => "proxy",
+            Subresource::Stats => "stats",
+            Subresource::Metrics => "metrics",
+            Subresource::Log => "log",
+            Subresource::Checkpoint => "checkpoint",
+            Subresource::Pods => "pods",
+            Subresource::Healthz => "healthz",
+            Subresource::Configz => "configz",
+            Subresource::Statusz => "statusz",
+        }
+    }
+}
+
+impl fmt::Display for Subresource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The Kubernetes authorization verb of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verb {
+    Get,
+    Create,
+    Update,
+    Patch,
+    Delete,
+}
+
+impl Verb {
+    /// The verb the kubelet derives from an HTTP method; `None` for methods it gives no verb
+    /// (HEAD, OPTIONS, …), which no policy can grant.
+    pub fn from_method(method: &str) -> Option<Verb> {
+        match method {
+            "GET" => Some(Verb::Get),
+            "POST" => Some(Verb::Create),
+            "PUT" => Some(Verb::Update),
+            "PATCH" => Some(Verb::Patch),
+            "DELETE" => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an endpoint's data relates to namespaces, which decides how the agent scopes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Holds no namespaced data (health, machine info): allowed with any namespace scope.
+    Unscoped,
+    /// Node-wide data that cannot be split by namespace: allowed only with `namespaces.all`.
+    NodeWide,
+    /// A JSON document whose items carry a namespace at this JSON path (items outside scope
+    /// are removed).
+    JsonItems(&'static str),
+    /// Prometheus text whose samples carry a `namespace` label.
+    MetricsLabel,
+    /// The namespace is the `{namespace}` segment of the path, checked before going upstream.
+    Path,
+}
+
+/// One endpoint's row of the catalogue.
+#[derive(Debug)]
+pub struct EndpointSpec {
+    pub endpoint: Endpoint,
+    /// Path patterns, matched against the normalised path. `{name}` matches one non-empty
+    /// segment, `{name*}` the rest of the path (zero or more segments); anything else literally.
+    pub patterns: &'static [&'static str],
+    /// HTTP methods nodegate serves for it. Where the kubelet accepts any method (metrics,
+    /// healthz, configz) nodegate serves GET only, so a grant never means more than a read.
+    pub methods: &'static [&'static str],
+    /// The kubelet's authorization subresources, in the order the kubelet tries them
+    /// (fine-grained first, then the fallback). RBAC grants only the first.
+    pub subresources: &'static [Subresource],
+    /// Served on the unauthenticated read-only port.
+    pub read_only: bool,
+    pub scope: Scope,
+    /// A streaming endpoint (upgrade to SPDY/WebSocket, or long-running command output):
+    /// always authorized as `create`, whatever the HTTP method.
+    pub streaming: bool,
+}
+
+use Subresource as S;
+
+/// The catalogue. Order matters only for readability; patterns never overlap.
+pub static CATALOGUE: &[EndpointSpec] = &[
+    EndpointSpec {
+        endpoint: Endpoint::Healthz,
+        patterns: &["/healthz", "/healthz/{check*}"],
+        methods: &["GET"],
+        subresources: &[S::Healthz, S::Proxy],
+        read_only: true,
+        scope: Scope::Unscoped,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Pods,
+        patterns: &["/pods"],
+        methods: &["GET"],
+        subresources: &[S::Pods, S::Proxy],
+        read_only: true,
+        scope: Scope::JsonItems("items[].metadata.namespace"),
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::RunningPods,
+        patterns: &["/runningpods/"],
+        methods: &["GET"],
+        subresources: &[S::Pods, S::Proxy],
+        read_only: false,
+        scope: Scope::JsonItems("items[].metadata.namespace"),
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Stats,
+        patterns: &["/stats/summary"],
+        methods: &["GET", "POST"],
+        subresources: &[S::Stats],
+        read_only: true,
+        scope: Scope::JsonItems("pods[].podRef.namespace"),
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Metrics,
+        patterns: &["/metrics"],
+        methods: &["GET"],
+        subresources: &[S::Metrics],
+        read_only: true,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Cadvisor,
+        patterns: &["/metrics/cadvisor"],
+        methods: &["GET"],
+        subresources: &[S::Metrics],
+        read_only: true,
+        scope: Scope::MetricsLabel,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Resource,
+        // `/metrics/resource/v1alpha1` is kube-prometheus-stack's default path.
+        patterns: &["/metrics/resource", "/metrics/resource/v1alpha1"],
+        methods: &["GET"],
+        subresources: &[S::Metrics],
+        read_only: true,
+        scope: Scope::MetricsLabel,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Probes,
+        patterns: &["/metrics/probes"],
+        methods: &["GET"],
+        subresources: &[S::Metrics],
+        read_only: true,
+        scope: Scope::MetricsLabel,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Slis,
+        patterns: &["/metrics/slis"],
+        methods: &["GET"],
+        subresources: &[S::Metrics],
+        read_only: true,
+        scope: Scope::MetricsLabel,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Configz,
+        patterns: &["/configz"],
+        methods: &["GET"],
+        subresources: &[S::Configz, S::Proxy],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Statusz,
+        patterns: &["/statusz"],
+        methods: &["GET"],
+        subresources: &[S::Statusz, S::Proxy],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Flagz,
+        patterns: &["/flagz"],
+        methods: &["GET"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Logs,
+        patterns: &["/logs/{path*}"],
+        methods: &["GET"],
+        subresources: &[S::Log],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::ContainerLogs,
+        patterns: &["/containerLogs/{namespace}/{pod}/{container}"],
+        methods: &["GET"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Exec,
+        patterns: &[
+            "/exec/{namespace}/{pod}/{container}",
+            "/exec/{namespace}/{pod}/{uid}/{container}",
+        ],
+        methods: &["GET", "POST"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: true,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Attach,
+        patterns: &[
+            "/attach/{namespace}/{pod}/{container}",
+            "/attach/{namespace}/{pod}/{uid}/{container}",
+        ],
+        methods: &["GET", "POST"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: true,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::PortForward,
+        patterns: &[
+            "/portForward/{namespace}/{pod}",
+            "/portForward/{namespace}/{pod}/{uid}",
+        ],
+        methods: &["GET", "POST"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: true,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Run,
+        patterns: &[
+            "/run/{namespace}/{pod}/{container}",
+            "/run/{namespace}/{pod}/{uid}/{container}",
+        ],
+        methods: &["POST"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: true,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Checkpoint,
+        patterns: &["/checkpoint/{namespace}/{pod}/{container}"],
+        methods: &["POST"],
+        subresources: &[S::Checkpoint],
+        read_only: false,
+        scope: Scope::Path,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Pprof,
+        patterns: &["/debug/pprof/{profile*}"],
+        methods: &["GET"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::DebugFlags,
+        patterns: &["/debug/flags/v"],
+        methods: &["PUT"],
+        subresources: &[S::Proxy],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+    },
+    EndpointSpec {
+        endpoint: Endpoint::Spec,
+        patterns: &["/spec", "/spec/"],
+        methods: &["GET"],
+        subresources: &[S::Proxy],
+        read_only: true,
+        scope: Scope::Unscoped,
+        streaming: false,
+    },
+];
+
+impl Endpoint {
+    /// Every endpoint, in catalogue order.
+    pub fn all() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE.iter().map(|spec| spec.endpoint)
+    }
+
+    /// This endpoint's row of the catalogue.
+    pub fn spec(self) -> &'static EndpointSpec {
+        // The catalogue has a row for every variant (checked by a test), so the fallback to the
+        // first row is never taken.
+        CATALOGUE
+            .iter()
+            .find(|spec| spec.endpoint == self)
+            .unwrap_or(&CATALOGUE[0])
+    }
+
+    /// The name a policy uses (`containerLogs`, `portForward`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Healthz => "healthz",
+            Endpoint::Pods => "pods",
+            Endpoint::RunningPods => "runningPods",
+            Endpoint::Stats => "stats",
+            Endpoint::Metrics => "metrics",
+            Endpoint::Cadvisor => "cadvisor",
+            Endpoint::Resource => "resource",
+            Endpoint::Probes => "probes",
+            Endpoint::Slis => "slis",
+            Endpoint::Configz => "configz",
+            Endpoint::Statusz => "statusz",
+            Endpoint::Flagz => "flagz",
+            Endpoint::Logs => "logs",
+            Endpoint::ContainerLogs => "containerLogs",
+            Endpoint::Exec => "exec",
+            Endpoint::Attach => "attach",
+            Endpoint::PortForward => "portForward",
+            Endpoint::Run => "run",
+            Endpoint::Checkpoint => "checkpoint",
+            Endpoint::Pprof => "pprof",
+            Endpoint::DebugFlags => "debugFlags",
+            Endpoint::Spec => "spec",
+        }
+    }
+
+    /// The RBAC verbs a grant of this endpoint needs: streaming endpoints are `create` only,
+    /// others the verbs of their methods.
+    pub fn verbs(self) -> Vec<Verb> {
+        let spec = self.spec();
+        let mut verbs: Vec<Verb> = if spec.streaming {
+            vec![Verb::Create]
+        } else {
+            spec.methods
+                .iter()
+                .filter_map(|m| Verb::from_method(m))
+                .collect()
+        };
+        verbs.sort();
+        verbs.dedup();
+        verbs
+    }
+
+    /// The subresource RBAC grants for this endpoint: the most specific one the kubelet checks.
+    pub fn rbac_subresource(self) -> Subresource {
+        self.spec()
+            .subresources
+            .first()
+            .copied()
+            .unwrap_or(Subresource::Proxy)
+    }
+
+    /// Endpoints whose data is node-wide, which a policy may grant only with `namespaces.all`.
+    pub fn node_wide() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE
+            .iter()
+            .filter(|s| s.scope == Scope::NodeWide)
+            .map(|s| s.endpoint)
+    }
+
+    /// Endpoints the unauthenticated read-only port serves.
+    pub fn read_only() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE
+            .iter()
+            .filter(|s| s.read_only)
+            .map(|s| s.endpoint)
+    }
+
+    /// Streaming endpoints (exec, attach, portForward, run).
+    pub fn streaming() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE
+            .iter()
+            .filter(|s| s.streaming)
+            .map(|s| s.endpoint)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_has_exactly_one_row_and_serde_name_matches() {
+        let variants: Vec<Endpoint> = CATALOGUE.iter().map(|s| s.endpoint).collect();
+        for e in &variants {
+            assert_eq!(variants.iter().filter(|v| *v == e).count(), 1, "{e}");
+            let json = serde_json::to_string(e).unwrap();
+            assert_eq!(json, format!("\"{}\"", e.name()));
+        }
+        // A variant missing from the catalogue would silently map to the first row.
+        assert_eq!(variants.len(), 22);
+    }
+
+    #[test]
+    fn streaming_endpoints_are_never_read_only_and_create_only() {
+        for e in Endpoint::streaming() {
+            assert!(!e.spec().read_only, "{e}");
+            assert_eq!(e.verbs(), vec![Verb::Create], "{e}");
+        }
+        let streaming: Vec<_> = Endpoint::streaming().collect();
+        assert_eq!(
+            streaming,
+            vec![
+                Endpoint::Exec,
+                Endpoint::Attach,
+                Endpoint::PortForward,
+                Endpoint::Run
+            ]
+        );
+    }
+
+    #[test]
+    fn read_only_endpoints_are_reads() {
+        for e in Endpoint::read_only() {
+            assert!(e.spec().scope != Scope::Path, "{e}");
+            assert!(e.verbs().iter().all(|v| *v == Verb::Get || e == Endpoint::Stats));
+        }
+    }
+
+    #[test]
+    fn rbac_grants_the_fine_grained_subresource() {
+        assert_eq!(Endpoint::Pods.rbac_subresource(), Subresource::Pods);
+        assert_eq!(Endpoint::Healthz.rbac_subresource(), Subresource::Healthz);
+        assert_eq!(Endpoint::Cadvisor.rbac_subresource(), Subresource::Metrics);
+        assert_eq!(Endpoint::Exec.rbac_subresource(), Subresource::Proxy);
+        assert_eq!(Endpoint::Stats.verbs(), vec![Verb::Get, Verb::Create]);
+    }
+}

@@ -1,0 +1,176 @@
+//! The CEL validation rules of the API (`x-kubernetes-validations`), with their messages.
+//!
+//! Endpoint lists in the rules are generated from the catalogue, so a new endpoint can never
+//! slip past the node-wide or read-only-port rules. Every rule has an invalid sample in
+//! `config/samples/invalid/<rule name>.yaml` that must fail with exactly this message.
+
+use crate::catalogue::Endpoint;
+use kube::core::{Message, Rule};
+
+// `namespace` is a CEL reserved word: Kubernetes exposes such fields as `__namespace__`.
+
+/// A DNS-1123 label (namespace names).
+const DNS_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// A DNS-1123 subdomain (service account names).
+const DNS_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// Every rule by the name its invalid sample carries.
+pub const ALL: &[(&str, fn() -> Rule)] = &[
+    ("has-subject", has_subject),
+    ("node-wide-needs-all", node_wide_needs_all),
+    (
+        "no-streaming-on-read-only-port",
+        no_streaming_on_read_only_port,
+    ),
+    (
+        "read-only-port-serves-reads-only",
+        read_only_port_serves_reads_only,
+    ),
+    ("read-only-port-is-anonymous", read_only_port_is_anonymous),
+    ("subject-namespace", subject_namespace),
+    ("service-account-subject-name", service_account_subject_name),
+    ("service-account-names", service_account_names),
+    ("exactly-one-namespace-scope", exactly_one_namespace_scope),
+    ("namespace-names-valid", namespace_names_valid),
+    ("selector-values", selector_values),
+    ("add-labels-valid", add_labels_valid),
+    ("metric-names-valid", metric_names_valid),
+];
+
+/// A CEL list literal of endpoint names.
+fn cel_list(endpoints: impl Iterator<Item = Endpoint>) -> String {
+    let names: Vec<String> = endpoints.map(|e| format!("'{}'", e.name())).collect();
+    format!("[{}]", names.join(", "))
+}
+
+fn names(endpoints: impl Iterator<Item = Endpoint>) -> String {
+    endpoints.map(|e| e.name()).collect::<Vec<_>>().join(", ")
+}
+
+const READ_ONLY_PORT: &str = "has(self.ports) && 'ReadOnly' in self.ports";
+
+pub fn has_subject() -> Rule {
+    Rule::new(
+        "(has(self.subjects) && size(self.subjects) > 0) || \
+         (has(self.serviceAccounts) && size(self.serviceAccounts) > 0)",
+    )
+    .message("a policy needs at least one subject: list subjects, or serviceAccounts for nodegate to create")
+}
+
+pub fn node_wide_needs_all() -> Rule {
+    Rule::new(format!(
+        "!self.access.exists(a, a in {}) || (has(self.namespaces.all) && self.namespaces.all)",
+        cel_list(Endpoint::node_wide())
+    ))
+    .message(Message::Message(format!(
+        "node-wide endpoints ({}) return every namespace's data and need namespaces.all: true",
+        names(Endpoint::node_wide())
+    )))
+}
+
+pub fn no_streaming_on_read_only_port() -> Rule {
+    Rule::new(format!(
+        "!({READ_ONLY_PORT}) || !self.access.exists(a, a in {})",
+        cel_list(Endpoint::streaming())
+    ))
+    .message(Message::Message(format!(
+        "{} are never served on the read-only port",
+        names(Endpoint::streaming())
+    )))
+}
+
+pub fn read_only_port_serves_reads_only() -> Rule {
+    Rule::new(format!(
+        "!({READ_ONLY_PORT}) || self.access.all(a, a in {} || a in {})",
+        cel_list(Endpoint::read_only()),
+        // Streaming endpoints have a rule and a message of their own.
+        cel_list(Endpoint::streaming())
+    ))
+    .message(Message::Message(format!(
+        "the read-only port serves only {}",
+        names(Endpoint::read_only())
+    )))
+}
+
+pub fn read_only_port_is_anonymous() -> Rule {
+    Rule::new(format!(
+        "!({READ_ONLY_PORT}) || (\
+         (!has(self.subjects) || self.subjects.all(s, \
+            (s.kind == 'User' && s.name == 'system:anonymous') || \
+            (s.kind == 'Group' && s.name == 'system:unauthenticated'))) && \
+         (!has(self.serviceAccounts) || size(self.serviceAccounts) == 0))"
+    ))
+    .message(
+        "the read-only port has no authentication: its subjects can only be the user \
+         system:anonymous or the group system:unauthenticated",
+    )
+}
+
+pub fn subject_namespace() -> Rule {
+    Rule::new("self.kind == 'ServiceAccount' ? has(self.__namespace__) : !has(self.__namespace__)")
+        .message("a ServiceAccount subject needs a namespace; User and Group subjects have none")
+}
+
+pub fn service_account_subject_name() -> Rule {
+    Rule::new(format!(
+        "self.kind != 'ServiceAccount' || (self.name.matches('{DNS_SUBDOMAIN}') && \
+         (!has(self.__namespace__) || self.__namespace__.matches('{DNS_LABEL}')))"
+    ))
+    .message(
+        "a ServiceAccount subject's name must be a DNS-1123 subdomain and its namespace a \
+         DNS-1123 label (lower case letters, digits, '-')",
+    )
+}
+
+pub fn service_account_names() -> Rule {
+    Rule::new(format!(
+        "self.name.matches('{DNS_SUBDOMAIN}') && self.__namespace__.matches('{DNS_LABEL}')"
+    ))
+    .message(
+        "a service account's name must be a DNS-1123 subdomain and its namespace a DNS-1123 \
+         label (lower case letters, digits, '-')",
+    )
+}
+
+pub fn exactly_one_namespace_scope() -> Rule {
+    Rule::new(
+        "(has(self.names) ? 1 : 0) + (has(self.selector) ? 1 : 0) + \
+         ((has(self.all) && self.all) ? 1 : 0) == 1",
+    )
+    .message("namespaces must set exactly one of names, selector or all: true")
+}
+
+pub fn namespace_names_valid() -> Rule {
+    Rule::new(format!(
+        "!has(self.names) || self.names.all(n, n.matches('{DNS_LABEL}'))"
+    ))
+    .message("namespaces.names must be namespace names (DNS-1123 labels: lower case letters, digits, '-')")
+}
+
+pub fn selector_values() -> Rule {
+    Rule::new(
+        "(self.operator == 'In' || self.operator == 'NotIn') ? \
+         (has(self.values) && size(self.values) > 0) : \
+         (!has(self.values) || size(self.values) == 0)",
+    )
+    .message("In and NotIn need at least one value; Exists and DoesNotExist take none")
+}
+
+pub fn add_labels_valid() -> Rule {
+    Rule::new(
+        "!has(self.addLabels) || self.addLabels.all(k, k != 'namespace' && \
+         k.matches('^[a-zA-Z_][a-zA-Z0-9_]*$') && !k.startsWith('__'))",
+    )
+    .message(
+        "metrics.addLabels keys must be Prometheus label names, not reserved (__*), and not \
+         namespace, which scopes the response",
+    )
+}
+
+pub fn metric_names_valid() -> Rule {
+    Rule::new(
+        "(!has(self.drop) || self.drop.all(n, n.matches('^[a-zA-Z_:][a-zA-Z0-9_:]*$'))) && \
+         (!has(self.keep) || self.keep.all(n, n.matches('^[a-zA-Z_:][a-zA-Z0-9_:]*$')))",
+    )
+    .message("metrics.drop and metrics.keep must be Prometheus metric names")
+}

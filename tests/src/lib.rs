@@ -1,0 +1,8 @@
+//! End-to-end test support for nodegate.
+//!
+//! [`cluster`] finds (or starts) the local Kubernetes cluster of `cargo xtask cluster`, or any
+//! cluster `KUBECONFIG` points at, and gives tests clients and self-cleaning test objects.
+
+pub mod cluster;
+
+pub use cluster::{Cluster, Error, FakeNodes, TestNamespace};

@@ -1,0 +1,140 @@
+//! The node's images, built without a registry or a container engine: a docker-archive tarball
+//! (manifest.json + image config + one layer.tar) around Debian's static busybox, imported into
+//! containerd's `k8s.io` namespace where the kubelet's CRI looks for images.
+//!
+//! Two images from the same layer: the busybox image for test pods, and the pod-sandbox ("pause")
+//! image, which only has to block forever (`sleep infinity`; containerd SIGKILLs it on teardown).
+
+use super::layout::{BUSYBOX_IMAGE, Layout, PAUSE_IMAGE};
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::Command;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+struct Image {
+    name: &'static str,
+    file: &'static str,
+    entrypoint: Vec<&'static str>,
+    cmd: Vec<&'static str>,
+}
+
+fn images() -> [Image; 2] {
+    [
+        Image { name: PAUSE_IMAGE, file: "pause.tar", entrypoint: vec!["/bin/sleep", "infinity"], cmd: vec![] },
+        Image { name: BUSYBOX_IMAGE, file: "busybox.tar", entrypoint: vec![], cmd: vec!["/bin/sh"] },
+    ]
+}
+
+/// Builds the archives (once) and imports those containerd does not have yet.
+pub fn ensure_imported(layout: &Layout) -> Result<()> {
+    let present = ctr(layout, &["images", "ls", "-q"])?;
+    let dir = layout.images();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for image in images() {
+        if present.lines().any(|l| l.trim() == image.name) {
+            continue;
+        }
+        let archive = dir.join(image.file);
+        write_archive(&archive, &image)?;
+        let archive = archive.display().to_string();
+        ctr(layout, &["images", "import", "--no-unpack=false", &archive])
+            .with_context(|| format!("cannot import {} into containerd", image.name))?;
+    }
+    Ok(())
+}
+
+fn write_archive(path: &Path, image: &Image) -> Result<()> {
+    let layer = busybox_layer()?;
+    let diff_id = format!("sha256:{}", hex(&Sha256::digest(&layer)));
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": {
+            "Env": ["PATH=/bin"],
+            "Entrypoint": image.entrypoint,
+            "Cmd": image.cmd,
+            "WorkingDir": "/",
+        },
+        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+    }))?;
+    let config_name = format!("{}.json", hex(&Sha256::digest(&config)));
+    let manifest = serde_json::to_vec(&json!([{
+        "Config": config_name,
+        "RepoTags": [image.name],
+        "Layers": ["layer/layer.tar"],
+    }]))?;
+
+    let mut out = tar::Builder::new(Vec::new());
+    append(&mut out, "manifest.json", &manifest, 0o644)?;
+    append(&mut out, &config_name, &config, 0o644)?;
+    append(&mut out, "layer/layer.tar", &layer, 0o644)?;
+    let bytes = out.into_inner().context("cannot finish the image archive")?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `/bin/busybox` plus a symlink per applet, and the few dirs programs expect.
+fn busybox_layer() -> Result<Vec<u8>> {
+    let binary = std::fs::read(BUSYBOX)
+        .with_context(|| format!("cannot read {BUSYBOX}; install busybox-static (bash .ci/install-deps)"))?;
+    let list = Command::new(BUSYBOX).arg("--list").output().context("cannot run busybox --list")?;
+    if !list.status.success() {
+        bail!("{BUSYBOX} --list failed; is it Debian's busybox-static?");
+    }
+    let mut layer = tar::Builder::new(Vec::new());
+    for dir in ["bin", "tmp", "etc", "proc", "sys", "dev", "var", "root"] {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(if dir == "tmp" { 0o1777 } else { 0o755 });
+        header.set_size(0);
+        header.set_mtime(0);
+        layer.append_data(&mut header, format!("{dir}/"), std::io::empty())?;
+    }
+    append(&mut layer, "bin/busybox", &binary, 0o755)?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" {
+            continue;
+        }
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o777);
+        header.set_size(0);
+        header.set_mtime(0);
+        layer.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
+    }
+    append(&mut layer, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644)?;
+    append(&mut layer, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    layer.into_inner().context("cannot finish the image layer")
+}
+
+fn append(out: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) -> Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_size(data.len() as u64);
+    header.set_mode(mode);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    out.append_data(&mut header, path, data)
+        .with_context(|| format!("cannot add {path} to an archive"))
+}
+
+/// Runs `ctr` (Debian's containerd client) against our containerd, in the CRI's namespace.
+pub fn ctr(layout: &Layout, args: &[&str]) -> Result<String> {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(layout.containerd_socket())
+        .args(["--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .context("cannot run `ctr`; install containerd (bash .ci/install-deps)")?;
+    if !out.status.success() {
+        bail!("ctr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask …`: the project's automation, in Rust so it runs wherever cargo does.
+
+mod cluster;
+mod generate;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "nodegate project automation", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the generated files (CRD YAML and the Helm chart's copies) from the Rust API types.
+    Generate {
+        /// Do not write; fail if a committed generated file differs from a fresh generation.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run everything CI runs: fmt, clippy, the generated-files check, unit and integration tests.
+    Test(test::Args),
+    /// Build (once, cached) and run a local Kubernetes control plane and node on loopback.
+    Cluster(cluster::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate { check } => generate::run(check),
+        Command::Test(args) => test::run(args),
+        Command::Cluster(args) => cluster::run(args),
+    }
+}
+
+/// The workspace root, so xtask works from any directory cargo was called in.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
