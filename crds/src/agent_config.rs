@@ -75,7 +75,11 @@ pub struct ResolvedNamespaces {
 impl ResolvedNamespaces {
     /// Whether data of `namespace` may be returned.
     pub fn allows(&self, namespace: &str) -> bool {
-        self.all || self.names.binary_search_by(|n| n.as_str().cmp(namespace)).is_ok()
+        self.all
+            || self
+                .names
+                .binary_search_by(|n| n.as_str().cmp(namespace))
+                .is_ok()
     }
 }
 

@@ -209,8 +209,7 @@ pub fn normalise_target(target: &str) -> Result<(String, Option<String>), Reject
         return Err(Rejection::Backslash);
     }
     let decoded = percent_decode(raw_path)?;
-    remove_dot_segments(&decoded)
-        .map(|path| (path, query.filter(|q| !q.is_empty())))
+    remove_dot_segments(&decoded).map(|path| (path, query.filter(|q| !q.is_empty())))
 }
 
 fn percent_decode(raw: &str) -> Result<String, Rejection> {
@@ -274,9 +273,11 @@ fn remove_dot_segments(path: &str) -> Result<String, Rejection> {
 
 /// Finds the catalogue endpoint serving a normalised path.
 pub fn match_route(path: &str) -> Option<Route> {
-    CATALOGUE
-        .iter()
-        .find_map(|spec| spec.patterns.iter().find_map(|p| match_pattern(spec, p, path)))
+    CATALOGUE.iter().find_map(|spec| {
+        spec.patterns
+            .iter()
+            .find_map(|p| match_pattern(spec, p, path))
+    })
 }
 
 fn match_pattern(spec: &EndpointSpec, pattern: &str, path: &str) -> Option<Route> {
@@ -391,7 +392,11 @@ mod tests {
                     continue;
                 }
                 let got = got.unwrap();
-                assert_eq!(got.route.as_ref().map(|r| r.endpoint), Some(*want), "{path}");
+                assert_eq!(
+                    got.route.as_ref().map(|r| r.endpoint),
+                    Some(*want),
+                    "{path}"
+                );
                 assert_eq!(got.subresources, spec.subresources, "{method} {path}");
                 let verb = if spec.streaming {
                     Verb::Create
@@ -458,7 +463,10 @@ mod tests {
         }
         // Unknown paths still get the kubelet's attributes, so they are denied by the same rules.
         assert_eq!(attrs("GET", "/podsx").unwrap().subresources, vec![Proxy]);
-        assert_eq!(attrs("GET", "/pods/").unwrap().subresources, vec![Pods, Proxy]);
+        assert_eq!(
+            attrs("GET", "/pods/").unwrap().subresources,
+            vec![Pods, Proxy]
+        );
     }
 
     #[test]
@@ -472,7 +480,10 @@ mod tests {
         let a = attrs("GET", "/healthz/../configz").unwrap();
         assert_eq!(a.path, "/configz");
         assert_eq!(a.subresources, vec![Configz, Proxy]);
-        assert_eq!(endpoint("GET", "/healthz/../configz"), Some(Endpoint::Configz));
+        assert_eq!(
+            endpoint("GET", "/healthz/../configz"),
+            Some(Endpoint::Configz)
+        );
 
         for (target, path) in [
             ("/metrics/%2e%2e/exec/ns/p/c", "/exec/ns/p/c"),
@@ -541,7 +552,11 @@ mod tests {
         assert_eq!(a.query.as_deref(), Some("follow=true&tailLines=10"));
         let r = a.route.unwrap();
         assert_eq!(
-            (r.namespace.as_deref(), r.pod.as_deref(), r.container.as_deref()),
+            (
+                r.namespace.as_deref(),
+                r.pod.as_deref(),
+                r.container.as_deref()
+            ),
             (Some("ns"), Some("p"), Some("c"))
         );
         // A `..` in the query is not a path segment.
@@ -560,7 +575,11 @@ mod tests {
             ("GET", None),
             ("POST", None),
         ] {
-            for target in ["/exec/ns/p/c?command=sh", "/attach/ns/p/c", "/portForward/ns/p"] {
+            for target in [
+                "/exec/ns/p/c?command=sh",
+                "/attach/ns/p/c",
+                "/portForward/ns/p",
+            ] {
                 let a = request_attributes(method, target, upgrade).unwrap();
                 assert_eq!(a.verb, Some(Verb::Create), "{method} {target} {upgrade:?}");
                 assert_eq!(a.subresources, vec![Proxy]);

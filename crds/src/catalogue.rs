@@ -471,18 +471,12 @@ impl Endpoint {
 
     /// Endpoints the unauthenticated read-only port serves.
     pub fn read_only() -> impl Iterator<Item = Endpoint> {
-        CATALOGUE
-            .iter()
-            .filter(|s| s.read_only)
-            .map(|s| s.endpoint)
+        CATALOGUE.iter().filter(|s| s.read_only).map(|s| s.endpoint)
     }
 
     /// Streaming endpoints (exec, attach, portForward, run).
     pub fn streaming() -> impl Iterator<Item = Endpoint> {
-        CATALOGUE
-            .iter()
-            .filter(|s| s.streaming)
-            .map(|s| s.endpoint)
+        CATALOGUE.iter().filter(|s| s.streaming).map(|s| s.endpoint)
     }
 }
 
@@ -530,7 +524,11 @@ mod tests {
     fn read_only_endpoints_are_reads() {
         for e in Endpoint::read_only() {
             assert!(e.spec().scope != Scope::Path, "{e}");
-            assert!(e.verbs().iter().all(|v| *v == Verb::Get || e == Endpoint::Stats));
+            assert!(
+                e.verbs()
+                    .iter()
+                    .all(|v| *v == Verb::Get || e == Endpoint::Stats)
+            );
         }
     }
 

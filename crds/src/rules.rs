@@ -14,8 +14,11 @@ const DNS_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// A DNS-1123 subdomain (service account names).
 const DNS_SUBDOMAIN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
+/// Builds one rule.
+pub type RuleFn = fn() -> Rule;
+
 /// Every rule by the name its invalid sample carries.
-pub const ALL: &[(&str, fn() -> Rule)] = &[
+pub const ALL: &[(&str, RuleFn)] = &[
     ("has-subject", has_subject),
     ("node-wide-needs-all", node_wide_needs_all),
     (

@@ -1,6 +1,8 @@
 //! The committed CRD YAML (crate, Helm chart, kustomize base) must equal a fresh generation
 //! from the types; `cargo xtask generate` rewrites them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use std::path::Path;
 
 #[test]
@@ -42,11 +44,24 @@ fn every_field_has_a_description() {
     for (name, yaml) in nodegate_crds::crd::generated().unwrap() {
         let crd: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
         let version = &crd["spec"]["versions"][0];
-        assert_eq!(version["subresources"]["status"], serde_json::json!({}), "{name}");
-        assert!(version["additionalPrinterColumns"].as_array().unwrap().len() >= 3);
+        assert_eq!(
+            version["subresources"]["status"],
+            serde_json::json!({}),
+            "{name}"
+        );
+        assert!(
+            version["additionalPrinterColumns"]
+                .as_array()
+                .unwrap()
+                .len()
+                >= 3
+        );
         let mut missing = Vec::new();
         walk(&version["schema"]["openAPIV3Schema"], "", &mut missing);
-        assert!(missing.is_empty(), "{name}: fields without description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{name}: fields without description: {missing:?}"
+        );
     }
 }
 
@@ -84,6 +99,9 @@ fn every_list_is_bounded() {
             ".spec",
             &mut unbounded,
         );
-        assert!(unbounded.is_empty(), "{name}: unbounded lists: {unbounded:?}");
+        assert!(
+            unbounded.is_empty(),
+            "{name}: unbounded lists: {unbounded:?}"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! feature): valid samples pass, and each invalid sample fails with exactly its rule's message.
 //! `nodegate-tests` checks the same samples against a real API server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use kube::CustomResourceExt;
 use kube::core::Message;
 use kube::core::cel::Validator;
@@ -45,7 +47,10 @@ fn message(rule: &kube::core::Rule) -> String {
 fn valid_samples_pass_every_rule_and_parse() {
     let schema = schema();
     let files = yaml_files(&samples_dir());
-    assert!(files.len() >= 5, "expected the sample policies, found {files:?}");
+    assert!(
+        files.len() >= 5,
+        "expected the sample policies, found {files:?}"
+    );
     for file in files {
         let object = load(&file);
         let result = Validator::new().validate(&schema, &object, None);
@@ -76,7 +81,10 @@ fn each_invalid_sample_fails_with_its_rules_message_only() {
         seen.push(name.to_string());
     }
     for (name, _) in rules::ALL {
-        assert!(seen.iter().any(|s| s == name), "rule {name} has no invalid sample");
+        assert!(
+            seen.iter().any(|s| s == name),
+            "rule {name} has no invalid sample"
+        );
     }
 }
 

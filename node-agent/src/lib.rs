@@ -1,1 +1,1 @@
-
+//! nodegate-agent: the kubelet API front (pipeline arrives with the agent issue).

@@ -1,1 +1,4 @@
+//! nodegate-operator: turns NodeApiPolicies into RBAC, service accounts and per-node agent
+//! configuration. [`compiler`] decides; the controller (next) reads the cluster and applies.
 
+pub mod compiler;

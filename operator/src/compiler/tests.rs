@@ -1,0 +1,742 @@
+use super::*;
+use nodegate_crds::policy::{MetricsTransform, NamespaceScope, NodeApiPolicySpec};
+use nodegate_crds::selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
+use proptest::prelude::*;
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn node(name: &str, pairs: &[(&str, &str)]) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        labels: labels(pairs),
+    }
+}
+
+fn ns(name: &str, pairs: &[(&str, &str)]) -> NamespaceInfo {
+    NamespaceInfo {
+        name: name.into(),
+        labels: labels(pairs),
+    }
+}
+
+fn policy(name: &str, spec: NodeApiPolicySpec) -> NodeApiPolicy {
+    let mut p = NodeApiPolicy::new(name, spec);
+    p.metadata.uid = Some(format!("uid-{name}"));
+    p
+}
+
+fn sample(file: &str) -> NodeApiPolicy {
+    let path = format!("{}/../config/samples/{file}", env!("CARGO_MANIFEST_DIR"));
+    let mut p: NodeApiPolicy =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    p.metadata.uid = Some("uid-sample".into());
+    p
+}
+
+fn group(name: &str) -> Subject {
+    Subject {
+        kind: SubjectKind::Group,
+        name: name.into(),
+        namespace: None,
+    }
+}
+
+fn spec(access: &[Endpoint], namespaces: NamespaceScope) -> NodeApiPolicySpec {
+    NodeApiPolicySpec {
+        subjects: vec![group("g")],
+        service_accounts: vec![],
+        node_selector: None,
+        access: access.to_vec(),
+        namespaces,
+        ports: vec![Port::Secure],
+        metrics: None,
+    }
+}
+
+fn names(list: &[&str]) -> NamespaceScope {
+    NamespaceScope {
+        names: Some(list.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    }
+}
+
+fn all() -> NamespaceScope {
+    NamespaceScope {
+        all: Some(true),
+        ..Default::default()
+    }
+}
+
+fn select(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: labels(pairs),
+        ..Default::default()
+    }
+}
+
+fn rule_tuples(role: &ClusterRole) -> Vec<(String, Vec<String>, Option<Vec<String>>)> {
+    role.rules
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.resources.as_ref().unwrap().join(","),
+                r.verbs.clone(),
+                r.resource_names.clone(),
+            )
+        })
+        .collect()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[test]
+fn monitoring_sample_compiles_to_least_privilege() {
+    let p = sample("monitoring-team-a.yaml");
+    let nodes = [node("n2", &[]), node("n1", &[])];
+    let d = compile(&[p], &nodes, &[ns("team-a", &[]), ns("team-b", &[])]);
+
+    assert_eq!(d.cluster_roles.len(), 1);
+    let role = &d.cluster_roles[0];
+    assert_eq!(
+        role.metadata.name.as_deref(),
+        Some("nodegate:team-a-monitoring")
+    );
+    // cadvisor + resource share nodes/metrics; pods is the fine-grained nodes/pods, not proxy.
+    assert_eq!(
+        rule_tuples(role),
+        vec![
+            ("nodes/metrics".into(), s(&["get"]), None),
+            ("nodes/pods".into(), s(&["get"]), None),
+        ]
+    );
+    let owner = &role.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("NodeApiPolicy", "uid-sample")
+    );
+    assert_eq!(owner.controller, Some(true));
+
+    let binding = &d.cluster_role_bindings[0];
+    assert_eq!(binding.role_ref.name, "nodegate:team-a-monitoring");
+    let subjects = binding.subjects.as_ref().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (
+            subjects[0].kind.as_str(),
+            subjects[0].name.as_str(),
+            subjects[0].namespace.as_deref()
+        ),
+        ("ServiceAccount", "mymonitoring", Some("monitoring"))
+    );
+
+    assert_eq!(d.service_accounts.len(), 1);
+    let sa = &d.service_accounts[0].metadata;
+    assert_eq!(
+        (sa.namespace.as_deref(), sa.name.as_deref()),
+        (Some("monitoring"), Some("mymonitoring"))
+    );
+    assert_eq!(
+        sa.labels.as_ref().unwrap()[POLICY_LABEL],
+        "team-a-monitoring"
+    );
+
+    let configs: Vec<_> = d
+        .node_agent_configs
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(configs, vec!["n1", "n2"]);
+    for config in &d.node_agent_configs {
+        assert_eq!(config.spec.rules.len(), 1);
+        let rule = &config.spec.rules[0];
+        assert_eq!(
+            rule.endpoints,
+            vec![Endpoint::Pods, Endpoint::Cadvisor, Endpoint::Resource]
+        );
+        assert_eq!(
+            rule.namespaces,
+            ResolvedNamespaces {
+                all: false,
+                names: s(&["team-a"])
+            }
+        );
+        assert_eq!(
+            config.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "Node"
+        );
+        assert_eq!(config.spec.hash, rules_hash(&config.spec.rules));
+    }
+}
+
+#[test]
+fn node_selector_names_nodes_and_configures_only_them() {
+    let mut sp = spec(&[Endpoint::Cadvisor], names(&["a"]));
+    sp.node_selector = Some(select(&[("pool", "gpu")]));
+    let nodes = [
+        node("gpu-2", &[("pool", "gpu")]),
+        node("cpu-1", &[("pool", "cpu")]),
+        node("gpu-1", &[("pool", "gpu")]),
+    ];
+    let d = compile(&[policy("p", sp)], &nodes, &[]);
+    assert_eq!(
+        rule_tuples(&d.cluster_roles[0]),
+        vec![(
+            "nodes/metrics".into(),
+            s(&["get"]),
+            Some(s(&["gpu-1", "gpu-2"]))
+        )]
+    );
+    let rules: BTreeMap<_, _> = d
+        .node_agent_configs
+        .iter()
+        .map(|c| (c.metadata.name.clone().unwrap(), c.spec.rules.len()))
+        .collect();
+    assert_eq!(
+        rules,
+        BTreeMap::from([
+            ("cpu-1".into(), 0),
+            ("gpu-1".into(), 1),
+            ("gpu-2".into(), 1)
+        ])
+    );
+    assert_eq!(d.outcomes[0].nodes, s(&["gpu-1", "gpu-2"]));
+    assert!(!d.outcomes[0].all_nodes);
+}
+
+#[test]
+fn a_selector_matching_no_node_grants_nothing_rather_than_every_node() {
+    let mut sp = spec(&[Endpoint::Pods], names(&["a"]));
+    sp.node_selector = Some(select(&[("pool", "none")]));
+    let d = compile(&[policy("p", sp)], &[node("n1", &[])], &[]);
+    assert_eq!(d.cluster_roles[0].rules, Some(vec![]));
+    assert!(d.node_agent_configs[0].spec.rules.is_empty());
+}
+
+#[test]
+fn an_invalid_selector_fails_closed_and_is_reported() {
+    let mut sp = spec(&[Endpoint::Pods], names(&["a"]));
+    sp.node_selector = Some(LabelSelector {
+        match_expressions: vec![LabelSelectorRequirement {
+            key: "pool".into(),
+            operator: SelectorOperator::NotIn,
+            values: vec![],
+        }],
+        ..Default::default()
+    });
+    let d = compile(&[policy("p", sp)], &[node("n1", &[("pool", "x")])], &[]);
+    assert_eq!(d.cluster_roles[0].rules, Some(vec![]));
+    assert!(d.node_agent_configs[0].spec.rules.is_empty());
+    assert!(!d.outcomes[0].all_nodes);
+    assert!(
+        d.outcomes[0].problems[0].contains("nodeSelector"),
+        "{:?}",
+        d.outcomes[0].problems
+    );
+
+    let mut sp = spec(&[Endpoint::Pods], NamespaceScope::default());
+    sp.namespaces.all = Some(false);
+    let d = compile(&[policy("p", sp)], &[node("n1", &[])], &[ns("a", &[])]);
+    assert_eq!(d.outcomes[0].namespaces, ResolvedNamespaces::default());
+    assert_eq!(d.outcomes[0].problems.len(), 1);
+}
+
+#[test]
+fn namespace_selector_resolves_to_sorted_names() {
+    let sp = spec(
+        &[Endpoint::Pods],
+        NamespaceScope {
+            selector: Some(select(&[("team", "payments")])),
+            ..Default::default()
+        },
+    );
+    let namespaces = [
+        ns("pay-b", &[("team", "payments")]),
+        ns("other", &[]),
+        ns("pay-a", &[("team", "payments")]),
+    ];
+    let d = compile(&[policy("p", sp)], &[node("n1", &[])], &namespaces);
+    assert_eq!(
+        d.node_agent_configs[0].spec.rules[0].namespaces,
+        ResolvedNamespaces {
+            all: false,
+            names: s(&["pay-a", "pay-b"])
+        }
+    );
+}
+
+#[test]
+fn streaming_is_create_and_logs_are_get_on_proxy() {
+    let d = compile(
+        &[policy(
+            "p",
+            spec(
+                &[
+                    Endpoint::Exec,
+                    Endpoint::PortForward,
+                    Endpoint::ContainerLogs,
+                ],
+                names(&["a"]),
+            ),
+        )],
+        &[],
+        &[],
+    );
+    assert_eq!(
+        rule_tuples(&d.cluster_roles[0]),
+        vec![("nodes/proxy".into(), s(&["get", "create"]), None)]
+    );
+    let d = compile(
+        &[policy("p", spec(&[Endpoint::Exec], names(&["a"])))],
+        &[],
+        &[],
+    );
+    assert_eq!(
+        rule_tuples(&d.cluster_roles[0]),
+        vec![("nodes/proxy".into(), s(&["create"]), None)]
+    );
+    let d = compile(
+        &[policy("p", spec(&[Endpoint::Stats, Endpoint::Logs], all()))],
+        &[],
+        &[],
+    );
+    assert_eq!(
+        rule_tuples(&d.cluster_roles[0]),
+        vec![
+            ("nodes/stats".into(), s(&["get", "create"]), None),
+            ("nodes/log".into(), s(&["get"]), None)
+        ]
+    );
+}
+
+#[test]
+fn read_only_port_grants_make_no_rbac() {
+    let p = sample("anonymous-read-only.yaml");
+    let d = compile(&[p], &[node("n1", &[])], &[]);
+    assert!(d.cluster_roles.is_empty() && d.cluster_role_bindings.is_empty());
+    assert_eq!(
+        d.node_agent_configs[0].spec.rules[0].ports,
+        vec![Port::ReadOnly]
+    );
+    assert_eq!(d.outcomes[0].rbac_name, None);
+}
+
+#[test]
+fn shared_service_accounts_are_owned_by_every_policy() {
+    let sa = ServiceAccountRef {
+        name: "prom".into(),
+        namespace: "mon".into(),
+    };
+    let mut a = spec(&[Endpoint::Pods], names(&["a"]));
+    a.service_accounts = vec![sa.clone()];
+    let mut b = spec(&[Endpoint::Cadvisor], names(&["b"]));
+    b.service_accounts = vec![sa];
+    let d = compile(&[policy("b", b.clone()), policy("a", a)], &[], &[]);
+    assert_eq!(d.service_accounts.len(), 1);
+    let owners: Vec<_> = d.service_accounts[0]
+        .metadata
+        .owner_references
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
+    assert_eq!(owners, s(&["a", "b"]));
+    assert!(
+        d.service_accounts[0]
+            .metadata
+            .owner_references
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|o| o.controller.is_none())
+    );
+    let d = compile(&[policy("b", b)], &[], &[]);
+    assert_eq!(
+        d.service_accounts[0]
+            .metadata
+            .owner_references
+            .as_ref()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn hash_follows_the_rules() {
+    let mut sp = spec(&[Endpoint::Cadvisor], names(&["a"]));
+    let one = compile(&[policy("p", sp.clone())], &[node("n", &[])], &[]);
+    sp.metrics = Some(MetricsTransform {
+        drop: s(&["x"]),
+        ..Default::default()
+    });
+    let two = compile(&[policy("p", sp)], &[node("n", &[])], &[]);
+    assert_ne!(
+        one.node_agent_configs[0].spec.hash,
+        two.node_agent_configs[0].spec.hash
+    );
+    let empty = compile(&[], &[node("n", &[])], &[]);
+    assert_eq!(empty.node_agent_configs[0].spec.hash, rules_hash(&[]));
+    assert_eq!(empty.node_agent_configs[0].spec.hash.len(), 64);
+}
+
+// ---- properties ----
+
+const LABEL_KEYS: &[&str] = &["pool", "zone", "team"];
+const LABEL_VALUES: &[&str] = &["a", "b", "c"];
+const NAMESPACES: &[&str] = &["ns-a", "ns-b", "ns-c", "ns-d"];
+
+fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(
+        prop::sample::select(LABEL_KEYS).prop_map(String::from),
+        prop::sample::select(LABEL_VALUES).prop_map(String::from),
+        0..3,
+    )
+}
+
+fn arb_selector() -> impl Strategy<Value = LabelSelector> {
+    let requirement = (
+        prop::sample::select(LABEL_KEYS),
+        prop::sample::select(vec![
+            SelectorOperator::In,
+            SelectorOperator::NotIn,
+            SelectorOperator::Exists,
+            SelectorOperator::DoesNotExist,
+        ]),
+        prop::collection::vec(
+            prop::sample::select(LABEL_VALUES).prop_map(String::from),
+            0..3,
+        ),
+    )
+        .prop_map(|(key, operator, values)| LabelSelectorRequirement {
+            key: key.into(),
+            operator,
+            values,
+        });
+    (arb_labels(), prop::collection::vec(requirement, 0..2)).prop_map(
+        |(match_labels, match_expressions)| LabelSelector {
+            match_labels,
+            match_expressions,
+        },
+    )
+}
+
+fn arb_scope() -> impl Strategy<Value = NamespaceScope> {
+    prop_oneof![
+        prop::collection::vec(
+            prop::sample::select(NAMESPACES).prop_map(String::from),
+            1..3
+        )
+        .prop_map(|n| NamespaceScope {
+            names: Some(n),
+            ..Default::default()
+        }),
+        arb_selector().prop_map(|s| NamespaceScope {
+            selector: Some(s),
+            ..Default::default()
+        }),
+        Just(all()),
+    ]
+}
+
+fn arb_subject() -> impl Strategy<Value = Subject> {
+    prop_oneof![
+        prop::sample::select(vec!["alice", "bob"]).prop_map(|n| Subject {
+            kind: SubjectKind::User,
+            name: n.into(),
+            namespace: None
+        }),
+        prop::sample::select(vec!["ops", "dev"]).prop_map(group),
+        prop::sample::select(vec!["prom", "agent"]).prop_map(|n| Subject {
+            kind: SubjectKind::ServiceAccount,
+            name: n.into(),
+            namespace: Some("mon".into())
+        }),
+    ]
+}
+
+fn arb_policy(name: String) -> impl Strategy<Value = NodeApiPolicy> {
+    let endpoints: Vec<Endpoint> = Endpoint::all().collect();
+    (
+        prop::collection::vec(arb_subject(), 0..3),
+        prop::collection::vec(
+            prop::sample::select(vec!["prom", "scraper"]).prop_map(|n| ServiceAccountRef {
+                name: n.into(),
+                namespace: "mon".into(),
+            }),
+            0..3,
+        ),
+        prop::option::of(arb_selector()),
+        prop::sample::subsequence(endpoints, 1..5),
+        arb_scope(),
+        prop::sample::subsequence(vec![Port::Secure, Port::ReadOnly], 1..=2),
+    )
+        .prop_map(
+            move |(subjects, service_accounts, node_selector, access, namespaces, ports)| {
+                policy(
+                    &name,
+                    NodeApiPolicySpec {
+                        subjects,
+                        service_accounts,
+                        node_selector,
+                        access,
+                        namespaces,
+                        ports,
+                        metrics: None,
+                    },
+                )
+            },
+        )
+}
+
+fn arb_world() -> impl Strategy<Value = (Vec<NodeApiPolicy>, Vec<NodeInfo>, Vec<NamespaceInfo>)> {
+    let policies = prop::collection::btree_set("[a-e]{1,2}", 0..5)
+        .prop_flat_map(|names| names.into_iter().map(arb_policy).collect::<Vec<_>>());
+    let nodes = prop::collection::btree_map("n[0-9]", arb_labels(), 0..6).prop_map(|m| {
+        m.into_iter()
+            .map(|(name, labels)| NodeInfo {
+                uid: format!("uid-{name}"),
+                name,
+                labels,
+            })
+            .collect::<Vec<_>>()
+    });
+    let namespaces = prop::collection::vec(arb_labels(), NAMESPACES.len()).prop_map(|ls| {
+        NAMESPACES
+            .iter()
+            .zip(ls)
+            .map(|(n, labels)| NamespaceInfo {
+                name: n.to_string(),
+                labels,
+            })
+            .collect::<Vec<_>>()
+    });
+    (policies, nodes, namespaces)
+}
+
+fn bytes(d: &Desired) -> Vec<u8> {
+    serde_json::to_vec(d).unwrap()
+}
+
+/// What a policy's selector selects, computed independently of the compiler.
+fn selected(p: &NodeApiPolicy, n: &NodeInfo) -> bool {
+    match &p.spec.node_selector {
+        None => true,
+        Some(s) => s.to_selector().is_ok() && s.matches(&n.labels),
+    }
+}
+
+fn allowed_namespaces(p: &NodeApiPolicy, namespaces: &[NamespaceInfo]) -> Option<BTreeSet<String>> {
+    let scope = &p.spec.namespaces;
+    if scope.all == Some(true) {
+        return None;
+    }
+    let mut set: BTreeSet<String> = scope
+        .names
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    if let Some(sel) = &scope.selector {
+        set.extend(
+            namespaces
+                .iter()
+                .filter(|n| sel.matches(&n.labels))
+                .map(|n| n.name.clone()),
+        );
+    }
+    Some(set)
+}
+
+/// compile(P) minus everything policy `name` contributed.
+fn without(mut d: Desired, name: &str) -> Desired {
+    let rbac = rbac_name(name);
+    d.cluster_roles
+        .retain(|r| r.metadata.name.as_deref() != Some(rbac.as_str()));
+    d.cluster_role_bindings
+        .retain(|r| r.metadata.name.as_deref() != Some(rbac.as_str()));
+    d.outcomes.retain(|o| o.policy != name);
+    for sa in &mut d.service_accounts {
+        let owners = sa.metadata.owner_references.as_mut().unwrap();
+        owners.retain(|o| o.name != name);
+        let first = owners.first().map(|o| o.name.clone());
+        sa.metadata.labels = Some(object_labels(first.as_deref()));
+    }
+    d.service_accounts
+        .retain(|sa| !sa.metadata.owner_references.as_ref().unwrap().is_empty());
+    for c in &mut d.node_agent_configs {
+        c.spec.rules.retain(|r| r.policy != name);
+        c.spec.hash = rules_hash(&c.spec.rules);
+    }
+    d
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn deterministic_under_input_reordering(
+        (policies, nodes, namespaces) in arb_world(),
+        seed in any::<u64>(),
+    ) {
+        let want = bytes(&compile(&policies, &nodes, &namespaces));
+        let shuffle = |len: usize| {
+            let mut idx: Vec<usize> = (0..len).collect();
+            idx.sort_by_key(|i| (*i as u64).wrapping_mul(seed | 1).rotate_left(17) ^ seed);
+            idx
+        };
+        let p: Vec<_> = shuffle(policies.len()).into_iter().map(|i| policies[i].clone()).collect();
+        let n: Vec<_> = shuffle(nodes.len()).into_iter().map(|i| nodes[i].clone()).collect();
+        let ns: Vec<_> = namespaces.iter().rev().cloned().collect();
+        prop_assert_eq!(bytes(&compile(&p, &n, &ns)), want);
+    }
+
+    #[test]
+    fn never_grants_what_no_policy_asked_for((policies, nodes, namespaces) in arb_world()) {
+        let d = compile(&policies, &nodes, &namespaces);
+        let by_name: BTreeMap<String, &NodeApiPolicy> =
+            policies.iter().map(|p| (p.metadata.name.clone().unwrap(), p)).collect();
+        for role in &d.cluster_roles {
+            let name = role.metadata.labels.as_ref().unwrap()[POLICY_LABEL].clone();
+            let p = by_name[&name];
+            prop_assert!(p.spec.ports.contains(&Port::Secure));
+            for rule in role.rules.as_ref().unwrap() {
+                for resource in rule.resources.as_ref().unwrap() {
+                    for verb in &rule.verbs {
+                        let asked = p.spec.access.iter().any(|e| {
+                            format!("nodes/{}", e.rbac_subresource()) == *resource
+                                && e.verbs().iter().any(|v| v.as_str() == verb)
+                        });
+                        prop_assert!(asked, "{} grants {} {} unasked", name, verb, resource);
+                    }
+                }
+                match &rule.resource_names {
+                    None => prop_assert!(p.spec.node_selector.as_ref().is_none_or(|s| s.selects_all())),
+                    Some(names) => {
+                        prop_assert!(!names.is_empty(), "empty resourceNames would mean every node");
+                        for n in names {
+                            let node = nodes.iter().find(|x| &x.name == n).unwrap();
+                            prop_assert!(selected(p, node));
+                        }
+                    }
+                }
+            }
+        }
+        for binding in &d.cluster_role_bindings {
+            let name = binding.metadata.labels.as_ref().unwrap()[POLICY_LABEL].clone();
+            let p = by_name[&name];
+            for s in binding.subjects.as_ref().unwrap() {
+                let asked = p.spec.subjects.iter().any(|x| x.kind.as_str() == s.kind && x.name == s.name && x.namespace == s.namespace)
+                    || p.spec.service_accounts.iter().any(|x| s.kind == "ServiceAccount" && x.name == s.name && Some(&x.namespace) == s.namespace.as_ref());
+                prop_assert!(asked);
+            }
+        }
+        for sa in &d.service_accounts {
+            for owner in sa.metadata.owner_references.as_ref().unwrap() {
+                let p = by_name[&owner.name];
+                prop_assert!(p.spec.service_accounts.iter().any(|x| Some(&x.name) == sa.metadata.name.as_ref()
+                    && Some(&x.namespace) == sa.metadata.namespace.as_ref()));
+            }
+        }
+        for config in &d.node_agent_configs {
+            let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
+            for rule in &config.spec.rules {
+                let p = by_name[&rule.policy];
+                prop_assert!(selected(p, node));
+                prop_assert!(rule.endpoints.iter().all(|e| p.spec.access.contains(e)));
+                prop_assert!(rule.ports.iter().all(|x| p.spec.ports.contains(x)));
+                match allowed_namespaces(p, &namespaces) {
+                    None => prop_assert!(rule.namespaces.all),
+                    Some(allowed) => {
+                        prop_assert!(!rule.namespaces.all);
+                        prop_assert!(rule.namespaces.names.iter().all(|n| allowed.contains(n)));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grants_everything_each_policy_asked_for((policies, nodes, namespaces) in arb_world()) {
+        let d = compile(&policies, &nodes, &namespaces);
+        for p in &policies {
+            let name = p.metadata.name.clone().unwrap();
+            for sa in &p.spec.service_accounts {
+                let found = d.service_accounts.iter().find(|x| x.metadata.name.as_ref() == Some(&sa.name)
+                    && x.metadata.namespace.as_ref() == Some(&sa.namespace));
+                prop_assert!(found.is_some_and(|x| x.metadata.owner_references.as_ref().unwrap().iter().any(|o| o.name == name)));
+            }
+            let any_node = nodes.iter().any(|n| selected(p, n));
+            let role = d.cluster_roles.iter().find(|r| r.metadata.name.as_deref() == Some(rbac_name(&name).as_str()));
+            prop_assert_eq!(role.is_some(), p.spec.ports.contains(&Port::Secure));
+            if let Some(role) = role {
+                let all_nodes = p.spec.node_selector.as_ref().is_none_or(|s| s.selects_all());
+                for e in &p.spec.access {
+                    let resource = format!("nodes/{}", e.rbac_subresource());
+                    let granted = role.rules.as_ref().unwrap().iter().any(|r| r.resources.as_ref().unwrap().contains(&resource)
+                        && e.verbs().iter().all(|v| r.verbs.iter().any(|x| x == v.as_str())));
+                    prop_assert_eq!(granted, all_nodes || any_node, "{} {}", name, e);
+                }
+                let binding = d.cluster_role_bindings.iter().find(|b| b.metadata.name == role.metadata.name).unwrap();
+                let bound = binding.subjects.as_ref().unwrap();
+                prop_assert_eq!(bound.len(), p.spec.subjects.iter().cloned().chain(p.spec.service_accounts.iter().map(service_account_subject)).collect::<BTreeSet<_>>().len());
+            }
+            for config in &d.node_agent_configs {
+                if let Some(rule) = config.spec.rules.iter().find(|r| r.policy == name) {
+                    prop_assert!(p.spec.access.iter().all(|e| rule.endpoints.contains(e)));
+                    prop_assert!(p.spec.ports.iter().all(|x| rule.ports.contains(x)));
+                    if let Some(allowed) = allowed_namespaces(p, &namespaces) {
+                        prop_assert_eq!(rule.namespaces.names.iter().cloned().collect::<BTreeSet<_>>(), allowed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_node_gets_exactly_the_matching_rules((policies, nodes, namespaces) in arb_world()) {
+        let d = compile(&policies, &nodes, &namespaces);
+        prop_assert_eq!(d.node_agent_configs.len(), nodes.len());
+        for config in &d.node_agent_configs {
+            let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
+            let got: Vec<&str> = config.spec.rules.iter().map(|r| r.policy.as_str()).collect();
+            let mut want: Vec<&str> = policies.iter().filter(|p| selected(p, node)).map(|p| p.metadata.name.as_deref().unwrap()).collect();
+            want.sort();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(&config.spec.hash, &rules_hash(&config.spec.rules));
+        }
+    }
+
+    #[test]
+    fn removing_a_policy_removes_exactly_its_outputs(
+        (policies, nodes, namespaces) in arb_world(),
+        pick in any::<prop::sample::Index>(),
+    ) {
+        prop_assume!(!policies.is_empty());
+        let removed = pick.get(&policies).metadata.name.clone().unwrap();
+        let rest: Vec<_> = policies.iter().filter(|p| p.metadata.name.as_deref() != Some(removed.as_str())).cloned().collect();
+        let after = compile(&rest, &nodes, &namespaces);
+        let expected = without(compile(&policies, &nodes, &namespaces), &removed);
+        prop_assert_eq!(bytes(&after), bytes(&expected));
+    }
+}
+
+trait MetadataName {
+    fn metadata_name(&self) -> Option<&str>;
+}
+
+impl MetadataName for NodeInfo {
+    fn metadata_name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+}
