@@ -480,6 +480,42 @@ impl Endpoint {
     }
 }
 
+/// The catalogue as a Markdown table, for `docs/endpoints.md` (written by `cargo xtask generate`).
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| endpoint | paths | methods | kubelet subresources (in order) | RBAC grant | read-only port | namespace scope |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for spec in CATALOGUE {
+        let join = |items: Vec<String>| items.join(", ");
+        let scope = match spec.scope {
+            Scope::Unscoped => "none (no namespaced data)".to_string(),
+            Scope::NodeWide => "node-wide: needs `all`".to_string(),
+            Scope::JsonItems(path) => format!("JSON `{path}`"),
+            Scope::MetricsLabel => "`namespace` label".to_string(),
+            Scope::Path => "`{namespace}` in the path".to_string(),
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | `nodes/{}`: {} | {} | {} |\n",
+            spec.endpoint,
+            join(spec.patterns.iter().map(|p| format!("`{p}`")).collect()),
+            spec.methods.join(", "),
+            join(spec.subresources.iter().map(|s| s.to_string()).collect()),
+            spec.endpoint.rbac_subresource(),
+            join(
+                spec.endpoint
+                    .verbs()
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect()
+            ),
+            if spec.read_only { "yes" } else { "no" },
+            scope,
+        ));
+    }
+    out
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -23,6 +23,16 @@ fn committed_crds_are_fresh() {
 }
 
 #[test]
+fn committed_endpoint_doc_is_fresh() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/endpoints.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == nodegate_crds::crd::endpoints_doc(),
+        "docs/endpoints.md is stale: run `cargo xtask generate` and commit the result"
+    );
+}
+
+#[test]
 fn every_field_has_a_description() {
     fn walk(node: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
         if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {

@@ -27,6 +27,17 @@ pub fn run(check: bool) -> Result<()> {
             }
         }
     }
+    let doc = root.join("docs/endpoints.md");
+    let current = fs::read_to_string(&doc).unwrap_or_default();
+    let fresh = nodegate_crds::crd::endpoints_doc();
+    if current != fresh {
+        if check {
+            stale.push(doc.display().to_string());
+        } else {
+            fs::write(&doc, fresh).with_context(|| format!("writing {}", doc.display()))?;
+            println!("wrote {}", doc.display());
+        }
+    }
     if !stale.is_empty() {
         bail!(
             "generated files are stale (run `cargo xtask generate` and commit):\n  {}",

@@ -1,0 +1,186 @@
+//! The generated CRDs on a real API server: they install (CEL rules within the cost budget),
+//! `kubectl apply` admits every valid sample and refuses each invalid one with its rule's
+//! message, printer columns and `kubectl explain` work, and status is a subresource.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use kube::core::Message;
+use nodegate_crds::rules;
+use nodegate_tests::Cluster;
+use nodegate_tests::cluster::unique_name;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Installs the CRDs once per test process and waits until they are served.
+async fn cluster_with_crds() -> Result<Option<Cluster>, Box<dyn std::error::Error + Send + Sync>> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(None);
+    };
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*installed {
+        let policies = repo("crds/nodeapipolicies.yaml");
+        let configs = repo("crds/nodeagentconfigs.yaml");
+        let out = cluster.kubectl().args(["apply", "--server-side", "--force-conflicts"])
+            .arg("-f").arg(&policies).arg("-f").arg(&configs).output()?;
+        assert!(out.status.success(), "installing the CRDs failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = cluster.kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s"])
+            .args(["crd/nodeapipolicies.nodegate.io", "crd/nodeagentconfigs.nodegate.io"])
+            .output()?;
+        assert!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+        *installed = true;
+    }
+    Ok(Some(cluster))
+}
+
+/// `kubectl apply --dry-run=server`: the API server runs the full admission (schema + CEL)
+/// without storing anything, so tests never collide on cluster-scoped names.
+fn dry_run_apply(cluster: &Cluster, file: &Path) -> std::process::Output {
+    cluster.kubectl().args(["apply", "--dry-run=server", "-f"]).arg(file).output().unwrap()
+}
+
+#[tokio::test]
+async fn valid_samples_are_admitted() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else { return Ok(()) };
+    let files = yaml_files(&repo("config/samples"));
+    assert!(files.len() >= 5);
+    for file in files {
+        let out = dry_run_apply(&cluster, &file);
+        assert!(
+            out.status.success(),
+            "{} refused: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_invalid_sample_is_refused_with_its_rules_message() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else { return Ok(()) };
+    let files = yaml_files(&repo("config/samples/invalid"));
+    assert_eq!(files.len(), rules::ALL.len());
+    for file in files {
+        let name = file.file_stem().unwrap().to_str().unwrap().to_string();
+        let (_, rule) = rules::ALL.iter().find(|(n, _)| *n == name).unwrap();
+        let Some(Message::Message(message)) = rule().message else { panic!("{name}: no message") };
+        let out = dry_run_apply(&cluster, &file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was admitted");
+        assert!(stderr.contains(&message), "{name}: want {message:?} in:\n{stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn printer_columns_and_status_subresource() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else { return Ok(()) };
+    let policy = unique_name("e2e-columns");
+    let manifest = format!(
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata:\n  name: {policy}\nspec:\n  \
+         subjects: [{{kind: Group, name: g}}]\n  access: [pods]\n  namespaces: {{names: [a]}}\n"
+    );
+    let dir = std::env::temp_dir().join(&policy);
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, manifest)?;
+    let created = cluster.kubectl().args(["create", "-f"]).arg(&file).output()?;
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let result = async {
+        // Defaulting: ports defaults to [Secure] on the server.
+        let ports = cluster.run_kubectl(&["get", "nap", &policy, "-o", "jsonpath={.spec.ports}"]).await?;
+        assert_eq!(ports, r#"["Secure"]"#);
+        // Status is a subresource: a status patch through it shows in the printer columns.
+        let status = r#"{"status":{"matchedNodes":3,"subjectCount":1,"agentsInSync":"2/3","conditions":[{"type":"Ready","status":"True","reason":"Synced","message":"ok","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+        cluster
+            .run_kubectl(&["patch", "nap", &policy, "--subresource=status", "--type=merge", "-p", status])
+            .await?;
+        let table = cluster.run_kubectl(&["get", "nap", &policy, "-o", "wide"]).await?;
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["NAME", "READY", "NODES", "SUBJECTS", "AGENTS", "AGE"], "{table}");
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(&row[..5], [policy.as_str(), "True", "3", "1", "2/3"], "{table}");
+        // A spec change through the main resource cannot write status.
+        let out = cluster
+            .run_kubectl(&["patch", "nap", &policy, "--type=merge", "-p", r#"{"status":{"matchedNodes":9}}"#])
+            .await;
+        let nodes = cluster.run_kubectl(&["get", "nap", &policy, "-o", "jsonpath={.status.matchedNodes}"]).await?;
+        assert_eq!(nodes, "3", "status written through the main resource: {out:?}");
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    let _ = cluster.run_kubectl(&["delete", "nap", &policy, "--wait=false"]).await;
+    result
+}
+
+#[tokio::test]
+async fn node_agent_config_columns_list_policies() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else { return Ok(()) };
+    let name = unique_name("e2e-nac");
+    let rule = |policy: &str| {
+        format!(
+            "{{policy: {policy}, subjects: [{{kind: Group, name: g}}], endpoints: [pods], \
+             namespaces: {{names: [a]}}, ports: [Secure]}}"
+        )
+    };
+    let manifest = format!(
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  \
+         hash: abc\n  rules: [{}, {}]\n",
+        rule("alpha"),
+        rule("beta")
+    );
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("nac.yaml");
+    std::fs::write(&file, manifest)?;
+    let created = cluster.kubectl().args(["create", "-f"]).arg(&file).output()?;
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let table = cluster.run_kubectl(&["get", "nac", &name]).await;
+    let _ = cluster.run_kubectl(&["delete", "nac", &name, "--wait=false"]).await;
+    let table = table?;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "POLICIES", "IN-SYNC", "AGE"], "{table}");
+    assert!(lines.next().unwrap().contains("alpha,beta"), "{table}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubectl_explain_teaches_the_api() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else { return Ok(()) };
+    // Discovery may lag the CRD becoming established by a moment.
+    let mut last = String::new();
+    for _ in 0..20 {
+        match cluster.run_kubectl(&["explain", "nodeapipolicy.spec.namespaces"]).await {
+            Ok(out) => {
+                assert!(out.contains("exactly one of `names`, `selector` or"), "{out}");
+                assert!(out.contains("all\t<boolean>") || out.contains("all <boolean>") || out.contains("all\t"), "{out}");
+                let out = cluster.run_kubectl(&["explain", "nap.spec.access"]).await?;
+                assert!(out.contains("portForward"), "{out}");
+                return Ok(());
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    panic!("kubectl explain never worked: {last}");
+}
