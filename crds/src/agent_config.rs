@@ -21,12 +21,16 @@ use serde::{Deserialize, Serialize};
     category = "nodegate",
     status = "NodeAgentConfigStatus",
     doc = "The compiled access rules one node's nodegate agent enforces. Written by nodegate-operator; do not edit.",
-    printcolumn = r#"{"name":"Policies","type":"string","description":"Policies that apply to this node","jsonPath":".spec.rules[*].policy"}"#,
+    printcolumn = r#"{"name":"Policies","type":"string","description":"Policies that apply to this node","jsonPath":".spec.policies"}"#,
     printcolumn = r#"{"name":"In-Sync","type":"string","description":"Whether the node's agent enforces this version","jsonPath":".status.conditions[?(@.type==\"InSync\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeAgentConfigSpec {
+    /// The names of the policies in `rules`, comma-separated, for `kubectl get` (a printer
+    /// column shows only the first value of a list).
+    #[serde(default)]
+    pub policies: String,
     /// SHA-256 of the rules; the agent reports the hash it enforces in status.observedHash.
     #[schemars(length(max = 64))]
     pub hash: String,

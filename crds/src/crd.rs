@@ -2,13 +2,15 @@
 
 use crate::{NodeAgentConfig, NodeApiPolicy};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps,
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
 use kube::CustomResourceExt;
 
 /// The NodeApiPolicy CRD, with its CEL rules.
 pub fn node_api_policy() -> CustomResourceDefinition {
-    NodeApiPolicy::crd()
+    let mut crd = NodeApiPolicy::crd();
+    for_each_schema(&mut crd, unwrap_description);
+    crd
 }
 
 /// The NodeAgentConfig CRD, without CEL rules.
@@ -19,32 +21,47 @@ pub fn node_api_policy() -> CustomResourceDefinition {
 /// objects, from policies the API server already validated, so the rules would guard nothing.
 pub fn node_agent_config() -> CustomResourceDefinition {
     let mut crd = NodeAgentConfig::crd();
+    for_each_schema(&mut crd, |schema| {
+        schema.x_kubernetes_validations = None;
+        unwrap_description(schema);
+    });
+    crd
+}
+
+/// Applies `f` to every schema node of every version.
+fn for_each_schema(crd: &mut CustomResourceDefinition, f: impl Fn(&mut JSONSchemaProps) + Copy) {
+    fn walk(schema: &mut JSONSchemaProps, f: impl Fn(&mut JSONSchemaProps) + Copy) {
+        f(schema);
+        for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+            walk(child, f);
+        }
+        if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+            walk(items, f);
+        }
+        if let Some(JSONSchemaPropsOrBool::Schema(values)) = schema.additional_properties.as_mut() {
+            walk(values, f);
+        }
+    }
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
-            strip_validations(schema);
+            walk(schema, f);
         }
     }
-    crd
 }
 
-fn strip_validations(schema: &mut JSONSchemaProps) {
-    schema.x_kubernetes_validations = None;
-    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
-        strip_validations(child);
-    }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
-        schema.items.as_mut()
-    {
-        strip_validations(items);
-    }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(values)) =
-        schema.additional_properties.as_mut()
-    {
-        strip_validations(values);
+/// Joins the lines of each paragraph of a doc comment, so `kubectl explain` wraps the text to
+/// the terminal instead of breaking it where the source did.
+fn unwrap_description(schema: &mut JSONSchemaProps) {
+    if let Some(description) = schema.description.as_mut() {
+        *description = description
+            .split("\n\n")
+            .map(|p| p.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n\n");
     }
 }
 

@@ -326,6 +326,7 @@ fn node_agent_config(
     let mut config = NodeAgentConfig::new(
         &node.name,
         NodeAgentConfigSpec {
+            policies: policy_list(&rules),
             hash: rules_hash(&rules),
             rules,
         },
@@ -353,6 +354,15 @@ fn agent_rule(policy: &NodeApiPolicy, outcome: &PolicyOutcome) -> AgentRule {
         ports: ports.into_iter().collect(),
         metrics: policy.spec.metrics.clone(),
     }
+}
+
+/// The comma-separated policy names of the rules, for the `Policies` printer column.
+pub fn policy_list(rules: &[AgentRule]) -> String {
+    rules
+        .iter()
+        .map(|r| r.policy.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// SHA-256 (hex) of the rules' JSON, which the agent echoes in status once it enforces them.

@@ -156,6 +156,7 @@ fn monitoring_sample_compiles_to_least_privilege() {
         .map(|c| c.metadata.name.clone().unwrap())
         .collect();
     assert_eq!(configs, vec!["n1", "n2"]);
+    assert_eq!(d.node_agent_configs[0].spec.policies, "team-a-monitoring");
     for config in &d.node_agent_configs {
         assert_eq!(config.spec.rules.len(), 1);
         let rule = &config.spec.rules[0];
@@ -577,6 +578,7 @@ fn without(mut d: Desired, name: &str) -> Desired {
     for c in &mut d.node_agent_configs {
         c.spec.rules.retain(|r| r.policy != name);
         c.spec.hash = rules_hash(&c.spec.rules);
+        c.spec.policies = policy_list(&c.spec.rules);
     }
     d
 }
@@ -712,6 +714,7 @@ proptest! {
             let got: Vec<&str> = config.spec.rules.iter().map(|r| r.policy.as_str()).collect();
             let mut want: Vec<&str> = policies.iter().filter(|p| selected(p, node)).map(|p| p.metadata.name.as_deref().unwrap()).collect();
             want.sort();
+            prop_assert_eq!(&config.spec.policies, &want.join(","));
             prop_assert_eq!(got, want);
             prop_assert_eq!(&config.spec.hash, &rules_hash(&config.spec.rules));
         }
