@@ -6,6 +6,7 @@
 //! rejected before any decision is made.
 
 use crate::catalogue::{CATALOGUE, Endpoint, EndpointSpec, Subresource, Verb};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 /// Longest request target (path and query) accepted, in bytes.
 pub const MAX_TARGET_LEN: usize = 4096;
@@ -90,6 +91,44 @@ pub struct RequestAttributes {
     /// `None` when no catalogue endpoint serves the path.
     pub route: Option<Route>,
     pub upgrade: Option<Upgrade>,
+}
+
+/// Bytes re-encoded in a path segment sent upstream: everything a server could read as
+/// structure (`/`, `?`, `#`, `;`, `%`, `\\`) or that is not a plain visible ASCII character.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b';')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+impl RequestAttributes {
+    /// The request target to send upstream: the normalised path, re-encoded, and the query.
+    /// Parsing it again yields these same attributes, so the kubelet is asked for exactly what
+    /// was authorized.
+    pub fn upstream_target(&self) -> String {
+        let mut target = String::with_capacity(self.path.len() + 16);
+        let segments: Vec<&str> = self.path[1..].split('/').collect();
+        for segment in segments {
+            target.push('/');
+            target.extend(utf8_percent_encode(segment, SEGMENT));
+        }
+        if let Some(query) = &self.query {
+            target.push('?');
+            target.push_str(query);
+        }
+        target
+    }
 }
 
 /// Derives the attributes of a request from its method, raw request target and `Upgrade`
@@ -618,5 +657,89 @@ mod tests {
         assert_eq!(a.verb, None);
         let a = attrs("TRACE", "/unknown").unwrap();
         assert_eq!(a.verb, None);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Targets built from pieces that matter: real route names, dot segments, encodings,
+        /// separators and odd bytes.
+        fn arb_target() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("pods".to_string()),
+                Just("metrics".to_string()),
+                Just("exec".to_string()),
+                Just("logs".to_string()),
+                Just("healthz".to_string()),
+                Just("configz".to_string()),
+                Just("cadvisor".to_string()),
+                Just("..".to_string()),
+                Just(".".to_string()),
+                Just("%2e%2e".to_string()),
+                Just("%2E".to_string()),
+                Just("%2f".to_string()),
+                Just("%25".to_string()),
+                Just("%3F".to_string()),
+                Just("%23".to_string()),
+                Just("%c3%a9".to_string()),
+                Just("%20".to_string()),
+                Just(";".to_string()),
+                Just("".to_string()),
+                "[a-z0-9._~-]{1,6}",
+            ];
+            (
+                prop::collection::vec(piece, 0..7),
+                prop::option::of("[a-z=&/.%0-9]{0,12}"),
+                any::<bool>(),
+            )
+                .prop_map(|(pieces, query, slash)| {
+                    let mut t = format!("/{}", pieces.join("/"));
+                    if slash {
+                        t.push('/');
+                    }
+                    if let Some(q) = query {
+                        t.push('?');
+                        t.push_str(&q);
+                    }
+                    t
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            /// What goes upstream parses to exactly the attributes that were authorized.
+            #[test]
+            fn upstream_target_round_trips(target in arb_target()) {
+                if let Ok(a) = request_attributes("GET", &target, None) {
+                    let upstream = a.upstream_target();
+                    let b = request_attributes("GET", &upstream, None).unwrap();
+                    prop_assert_eq!(&a, &b, "{} -> {}", target, upstream);
+                    prop_assert_eq!(upstream, b.upstream_target());
+                }
+            }
+
+            /// A normalised path has no dot segments or empty segments left.
+            #[test]
+            fn normalised_paths_are_clean(target in arb_target()) {
+                if let Ok((path, _)) = normalise_target(&target) {
+                    prop_assert!(path.starts_with('/'));
+                    prop_assert!(!path.contains("//"), "{}", path);
+                    for segment in path.split('/') {
+                        prop_assert!(segment != "." && segment != "..", "{}", path);
+                    }
+                }
+            }
+
+            /// Arbitrary input never panics and long input is refused.
+            #[test]
+            fn arbitrary_input_never_panics(method in "[A-Z]{0,8}", target in any::<String>(), upgrade in prop::option::of(any::<String>())) {
+                let result = request_attributes(&method, &target, upgrade.as_deref());
+                if target.len() > MAX_TARGET_LEN {
+                    prop_assert_eq!(result, Err(Rejection::TooLong));
+                }
+            }
+        }
     }
 }
