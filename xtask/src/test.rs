@@ -20,7 +20,14 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     step("cargo clippy", || {
         cargo(
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
             &[],
         )
     })?;
@@ -31,13 +38,19 @@ pub fn run(args: Args) -> Result<()> {
         step("local cluster", crate::cluster::ensure_up)?
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    step("cargo test", || {
-        cargo(&["test", "--workspace", "--no-fail-fast"], &env)
+    let counts = step("cargo test", || {
+        cargo_test(&["test", "--workspace", "--no-fail-fast"], &env)
     })?;
     println!(
         "xtask test: all steps passed in {:.0?} ({})",
         started.elapsed(),
         root.display()
+    );
+    // One closing line with the whole count, rather than the last crate's (often a doc-test
+    // run with 0 tests).
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
     );
     Ok(())
 }
@@ -48,6 +61,54 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let out = f().with_context(|| format!("step `{name}` failed"))?;
     println!("<== {name} ({:.1?})", started.elapsed());
     Ok(out)
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up libtest's `test result:` lines.
+fn cargo_test(args: &[&str], env: &[(&str, &str)]) -> Result<Counts> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(crate::workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let mut counts = Counts::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let number = |label: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(label))
+                        .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                counts.passed += number(" passed");
+                counts.failed += number(" failed");
+                counts.ignored += number(" ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "cargo {} exited with {status} ({} passed, {} failed)",
+            args.join(" "),
+            counts.passed,
+            counts.failed
+        );
+    }
+    Ok(counts)
 }
 
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Which cluster the tests run against.
 //!
+//! 0. `NODEGATE_SKIP_CLUSTER=1` (`cargo xtask test --no-cluster`): skip, as asked.
 //! 1. `NODEGATE_CLUSTER_DIR` set (by `cargo xtask test` or `eval "$(cargo xtask cluster env)"`):
 //!    the local cluster in that state dir, admin kubeconfig and kubectl from there.
 //! 2. Else `KUBECONFIG` set: that cluster (a real one, e.g. a CI cluster), kubectl from PATH.
@@ -29,14 +30,25 @@ pub fn locate() -> Result<Option<Location>> {
 }
 
 fn locate_uncached() -> Result<Option<Location>> {
+    if std::env::var_os("NODEGATE_SKIP_CLUSTER").is_some_and(|v| v == "1") {
+        eprintln!("SKIPPED: NODEGATE_SKIP_CLUSTER=1 (cargo xtask test --no-cluster)");
+        return Ok(None);
+    }
     if let Some(dir) = env_path("NODEGATE_CLUSTER_DIR") {
         return Ok(Some(local(dir)));
     }
     if let Some(kubeconfig) = env_path("KUBECONFIG") {
         // Like kubectl, a list of files; the first one is taken here.
-        let first = kubeconfig.to_string_lossy().split(':').next().map(PathBuf::from);
+        let first = kubeconfig
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .map(PathBuf::from);
         let kubeconfig = first.unwrap_or(kubeconfig);
-        return Ok(Some(Location { kubeconfig, state_dir: None }));
+        return Ok(Some(Location {
+            kubeconfig,
+            state_dir: None,
+        }));
     }
     let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
     if !in_ci && Command::new("go").arg("version").output().is_err() {
@@ -51,7 +63,10 @@ fn locate_uncached() -> Result<Option<Location>> {
 }
 
 fn local(dir: PathBuf) -> Location {
-    Location { kubeconfig: dir.join("admin.kubeconfig"), state_dir: Some(dir) }
+    Location {
+        kubeconfig: dir.join("admin.kubeconfig"),
+        state_dir: Some(dir),
+    }
 }
 
 /// Runs `cargo xtask cluster up`, then reads the state dir from `cargo xtask cluster env`.
@@ -63,12 +78,18 @@ fn start_local() -> Result<Location> {
         .lines()
         .find_map(|l| l.strip_prefix("export NODEGATE_CLUSTER_DIR="))
         .map(|v| PathBuf::from(v.trim_matches('\'')))
-        .ok_or_else(|| Error::Unexpected(format!("`cargo xtask cluster env` printed no state dir:\n{env}")))?;
+        .ok_or_else(|| {
+            Error::Unexpected(format!(
+                "`cargo xtask cluster env` printed no state dir:\n{env}"
+            ))
+        })?;
     Ok(local(dir))
 }
 
 fn xtask(args: &[&str]) -> Result<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // A target dir of its own: the outer `cargo test` may hold the workspace's build lock.
     let out = Command::new(cargo)
@@ -80,12 +101,18 @@ fn xtask(args: &[&str]) -> Result<String> {
     if !out.status.success() {
         return Err(Error::Command {
             command: format!("cargo xtask {}", args.join(" ")),
-            detail: format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            detail: format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn env_path(key: &str) -> Option<PathBuf> {
-    std::env::var_os(key).filter(|v| !v.is_empty()).map(PathBuf::from)
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }

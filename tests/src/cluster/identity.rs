@@ -22,13 +22,25 @@ use std::time::Duration;
 
 /// Client credentials (`AuthInfo`) for user `name` in `groups`, certified by the cluster.
 pub async fn user_auth(admin: &Client, name: &str, groups: &[&str]) -> Result<AuthInfo> {
-    let key = openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], None)?;
+    let key = openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+        None,
+    )?;
     let subject: String = groups
         .iter()
         .map(|g| format!("/O={g}"))
         .chain(std::iter::once(format!("/CN={name}")))
         .collect();
-    let csr_pem = openssl(&["req", "-new", "-key", "/dev/stdin", "-subj", &subject], Some(&key))?;
+    let csr_pem = openssl(
+        &["req", "-new", "-key", "/dev/stdin", "-subj", &subject],
+        Some(&key),
+    )?;
     let cert = sign(admin, &csr_pem).await?;
     Ok(serde_json::from_value(json!({
         "client-certificate-data": BASE64.encode(cert),
@@ -41,7 +53,10 @@ async fn sign(admin: &Client, csr_pem: &[u8]) -> Result<Vec<u8>> {
     let api: Api<CertificateSigningRequest> = Api::all(admin.clone());
     let name = super::unique_name("nodegate-test-user");
     let csr = CertificateSigningRequest {
-        metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
         spec: CertificateSigningRequestSpec {
             request: k8s_openapi::ByteString(csr_pem.to_vec()),
             signer_name: "kubernetes.io/kube-apiserver-client".into(),
@@ -59,8 +74,12 @@ async fn sign(admin: &Client, csr_pem: &[u8]) -> Result<Vec<u8>> {
         message: Some("approved by the nodegate test harness".into()),
         ..Default::default()
     };
-    created.status.get_or_insert_with(Default::default).conditions = Some(vec![approved]);
-    api.replace_subresource("approval", &name, &PostParams::default(), &created).await?;
+    created
+        .status
+        .get_or_insert_with(Default::default)
+        .conditions = Some(vec![approved]);
+    api.replace_subresource("approval", &name, &PostParams::default(), &created)
+        .await?;
     let result = wait_for_certificate(&api, &name).await;
     let _ = api.delete(&name, &DeleteParams::default()).await;
     result
@@ -75,14 +94,17 @@ async fn wait_for_certificate(api: &Api<CertificateSigningRequest>, name: &str) 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(Error::Timeout {
-        what: format!("CSR {name} to be signed (is the controller manager's csrsigning controller running?)"),
+        what: format!(
+            "CSR {name} to be signed (is the controller manager's csrsigning controller running?)"
+        ),
         secs: 10,
     })
 }
 
 /// A bearer token for service account `namespace/name` (TokenRequest API).
 pub async fn service_account_auth(admin: &Client, namespace: &str, name: &str) -> Result<AuthInfo> {
-    let api: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    let api: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(admin.clone(), namespace);
     let request = TokenRequest {
         spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
             expiration_seconds: Some(3600),
@@ -90,7 +112,9 @@ pub async fn service_account_auth(admin: &Client, namespace: &str, name: &str) -
         }),
         ..Default::default()
     };
-    let issued: TokenRequest = api.create_subresource("token", name, &PostParams::default(), &request).await?;
+    let issued: TokenRequest = api
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await?;
     let token = issued
         .status
         .and_then(|s| s.token)
@@ -109,17 +133,27 @@ fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>> {
     let command = || format!("openssl {}", args.join(" "));
     let mut child = Command::new("openssl")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Command { command: command(), detail: format!("{e} (install openssl)") })?;
+        .map_err(|e| Error::Command {
+            command: command(),
+            detail: format!("{e} (install openssl)"),
+        })?;
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(data)?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        return Err(Error::Command { command: command(), detail: String::from_utf8_lossy(&out.stderr).into_owned() });
+        return Err(Error::Command {
+            command: command(),
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     Ok(out.stdout)
 }

@@ -45,12 +45,22 @@ impl Cluster {
         else {
             return Ok(None);
         };
-        let kubeconfig = Kubeconfig::read_from(&location.kubeconfig)
-            .map_err(|source| Error::Kubeconfig { path: location.kubeconfig.clone(), source })?;
-        let admin_config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|source| Error::Kubeconfig { path: location.kubeconfig.clone(), source })?;
-        Ok(Some(Self { location, admin_config }))
+        let kubeconfig =
+            Kubeconfig::read_from(&location.kubeconfig).map_err(|source| Error::Kubeconfig {
+                path: location.kubeconfig.clone(),
+                source,
+            })?;
+        let admin_config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig {
+                    path: location.kubeconfig.clone(),
+                    source,
+                })?;
+        Ok(Some(Self {
+            location,
+            admin_config,
+        }))
     }
 
     pub fn location(&self) -> &Location {
@@ -86,8 +96,20 @@ impl Cluster {
 
     /// `count` Node objects without a kubelet (for scale tests), labelled with `labels` and
     /// [`TEST_LABEL`], deleted when the guard drops.
-    pub async fn fake_nodes(&self, prefix: &str, count: usize, labels: &[(&str, &str)]) -> Result<FakeNodes> {
-        FakeNodes::create(self.admin()?, self.admin_config.clone(), prefix, count, labels).await
+    pub async fn fake_nodes(
+        &self,
+        prefix: &str,
+        count: usize,
+        labels: &[(&str, &str)],
+    ) -> Result<FakeNodes> {
+        FakeNodes::create(
+            self.admin()?,
+            self.admin_config.clone(),
+            prefix,
+            count,
+            labels,
+        )
+        .await
     }
 
     /// kubectl as admin: the one built with the local cluster when there is one (its version

@@ -6,7 +6,9 @@
 
 use super::error::{Error, Result};
 use super::{BUSYBOX_IMAGE, NODE_NAME, TEST_LABEL, unique_name};
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, NodeAddress, NodeStatus, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, Node, NodeAddress, NodeStatus, Pod, PodSpec,
+};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Config};
 use std::collections::BTreeMap;
@@ -30,8 +32,14 @@ impl TestNamespace {
             },
             ..Default::default()
         };
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        Ok(Self { name, client, config })
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(Self {
+            name,
+            client,
+            config,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -64,7 +72,10 @@ impl Drop for TestNamespace {
         let (name, config) = (self.name.clone(), self.config.clone());
         in_helper_runtime(async move {
             let client = Client::try_from(config)?;
-            match Api::<Namespace>::all(client).delete(&name, &DeleteParams::default()).await {
+            match Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await
+            {
                 Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
                 other => other.map(|_| ()),
             }
@@ -77,11 +88,18 @@ pub async fn wait_pod_running(pods: &Api<Pod>, name: &str, timeout: Duration) ->
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let pod = pods.get(name).await?;
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         match phase.as_str() {
             "Running" => return Ok(pod),
             "Failed" | "Succeeded" => {
-                return Err(Error::Unexpected(format!("pod {name} ended ({phase}): {:?}", pod.status)));
+                return Err(Error::Unexpected(format!(
+                    "pod {name} ended ({phase}): {:?}",
+                    pod.status
+                )));
             }
             _ => {}
         }
@@ -99,7 +117,10 @@ pub async fn wait_pod_running(pods: &Api<Pod>, name: &str, timeout: Duration) ->
 /// pulled).
 pub fn busybox_pod(name: &str, command: &[&str]) -> Pod {
     Pod {
-        metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
         spec: Some(PodSpec {
             node_name: Some(NODE_NAME.to_string()),
             termination_grace_period_seconds: Some(0),
@@ -133,29 +154,46 @@ impl FakeNodes {
     ) -> Result<Self> {
         let run = unique_name(prefix);
         let api: Api<Node> = Api::all(client);
-        let mut guard = Self { names: Vec::with_capacity(count), run: run.clone(), config };
+        let mut guard = Self {
+            names: Vec::with_capacity(count),
+            run: run.clone(),
+            config,
+        };
         for i in 0..count {
             let name = format!("{run}-{i}");
-            let mut node_labels: BTreeMap<String, String> =
-                labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let mut node_labels: BTreeMap<String, String> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             node_labels.insert(TEST_LABEL.into(), run.clone());
             node_labels.insert("kubernetes.io/hostname".into(), name.clone());
             let status = NodeStatus {
                 addresses: Some(vec![
-                    NodeAddress { type_: "InternalIP".into(), address: fake_ip(i) },
-                    NodeAddress { type_: "Hostname".into(), address: name.clone() },
+                    NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: fake_ip(i),
+                    },
+                    NodeAddress {
+                        type_: "Hostname".into(),
+                        address: name.clone(),
+                    },
                 ]),
                 ..Default::default()
             };
             let node = Node {
-                metadata: ObjectMeta { name: Some(name.clone()), labels: Some(node_labels), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(node_labels),
+                    ..Default::default()
+                },
                 spec: None,
                 status: Some(status.clone()),
             };
             api.create(&PostParams::default(), &node).await?;
             guard.names.push(name.clone());
             let patch = serde_json::json!({ "status": status });
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
         }
         Ok(guard)
     }
@@ -176,7 +214,10 @@ impl Drop for FakeNodes {
         in_helper_runtime(async move {
             let client = Client::try_from(config)?;
             let lp = ListParams::default().labels(&selector);
-            Api::<Node>::all(client).delete_collection(&DeleteParams::default(), &lp).await.map(|_| ())
+            Api::<Node>::all(client)
+                .delete_collection(&DeleteParams::default(), &lp)
+                .await
+                .map(|_| ())
         });
     }
 }
@@ -188,7 +229,9 @@ fn fake_ip(i: usize) -> String {
 
 fn in_helper_runtime(work: impl std::future::Future<Output = kube::Result<()>> + Send + 'static) {
     let outcome = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(work).map_err(std::io::Error::other)
     })
     .join();

@@ -7,7 +7,12 @@ use anyhow::Result;
 use std::net::TcpStream;
 use std::time::Duration;
 
-pub const COMPONENTS: [&str; 4] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"];
+pub const COMPONENTS: [&str; 4] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
 
 pub fn start(layout: &Layout) -> Result<()> {
     start_etcd(layout)?;
@@ -29,7 +34,10 @@ fn start_etcd(layout: &Layout) -> Result<()> {
         format!("--listen-peer-urls={peer}"),
         format!("--initial-advertise-peer-urls={peer}"),
         format!("--initial-cluster=default={peer}"),
-        format!("--listen-metrics-urls=http://127.0.0.1:{}", ports::ETCD_METRICS),
+        format!(
+            "--listen-metrics-urls=http://127.0.0.1:{}",
+            ports::ETCD_METRICS
+        ),
         format!("--cert-file={}", pki("etcd.crt")),
         format!("--key-file={}", pki("etcd.key")),
         format!("--trusted-ca-file={}", pki("ca.crt")),
@@ -43,9 +51,13 @@ fn start_etcd(layout: &Layout) -> Result<()> {
         "--quota-backend-bytes=2147483648".to_string(),
     ];
     process::start(layout, "etcd", &layout.bin("etcd"), &args)?;
-    process::wait_ready(layout, "etcd", "its client port accepts connections", Duration::from_secs(30), || {
-        port_open(ports::ETCD_CLIENT)
-    })
+    process::wait_ready(
+        layout,
+        "etcd",
+        "its client port accepts connections",
+        Duration::from_secs(30),
+        || port_open(ports::ETCD_CLIENT),
+    )
 }
 
 fn start_apiserver(layout: &Layout) -> Result<()> {
@@ -53,6 +65,9 @@ fn start_apiserver(layout: &Layout) -> Result<()> {
     let args = [
         "--bind-address=127.0.0.1".to_string(),
         "--advertise-address=127.0.0.1".to_string(),
+        // The endpoint reconciler refuses a loopback advertise address; nothing in the cluster
+        // needs the `kubernetes` Service's endpoints (no kube-proxy), so none is kept.
+        "--endpoint-reconciler-type=none".to_string(),
         format!("--secure-port={}", ports::APISERVER),
         format!("--etcd-servers=https://127.0.0.1:{}", ports::ETCD_CLIENT),
         format!("--etcd-cafile={}", pki("ca.crt")),
@@ -69,20 +84,38 @@ fn start_apiserver(layout: &Layout) -> Result<()> {
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
         format!("--service-account-key-file={}", pki("sa.pub")),
         format!("--service-account-signing-key-file={}", pki("sa.key")),
-        format!("--kubelet-client-certificate={}", pki("apiserver-kubelet-client.crt")),
-        format!("--kubelet-client-key={}", pki("apiserver-kubelet-client.key")),
+        format!(
+            "--kubelet-client-certificate={}",
+            pki("apiserver-kubelet-client.crt")
+        ),
+        format!(
+            "--kubelet-client-key={}",
+            pki("apiserver-kubelet-client.key")
+        ),
         "--kubelet-preferred-address-types=InternalIP,Hostname".to_string(),
         "--profiling=false".to_string(),
     ];
-    process::start(layout, "kube-apiserver", &layout.bin("kube-apiserver"), &args)?;
-    process::wait_ready(layout, "kube-apiserver", "/readyz says ok", Duration::from_secs(120), || {
-        kubectl(layout, &["get", "--raw", "/readyz"]).is_ok_and(|out| out.trim() == "ok")
-    })
+    process::start(
+        layout,
+        "kube-apiserver",
+        &layout.bin("kube-apiserver"),
+        &args,
+    )?;
+    process::wait_ready(
+        layout,
+        "kube-apiserver",
+        "/readyz says ok",
+        Duration::from_secs(120),
+        || kubectl(layout, &["get", "--raw", "/readyz"]).is_ok_and(|out| out.trim() == "ok"),
+    )
 }
 
 fn start_controller_manager(layout: &Layout) -> Result<()> {
     let pki = |f: &str| layout.pki_file(f).display().to_string();
-    let kubeconfig = layout.kubeconfig("controller-manager").display().to_string();
+    let kubeconfig = layout
+        .kubeconfig("controller-manager")
+        .display()
+        .to_string();
     let args = [
         format!("--kubeconfig={kubeconfig}"),
         format!("--authentication-kubeconfig={kubeconfig}"),
@@ -100,7 +133,12 @@ fn start_controller_manager(layout: &Layout) -> Result<()> {
         "--leader-elect=false".to_string(),
         "--profiling=false".to_string(),
     ];
-    process::start(layout, "kube-controller-manager", &layout.bin("kube-controller-manager"), &args)?;
+    process::start(
+        layout,
+        "kube-controller-manager",
+        &layout.bin("kube-controller-manager"),
+        &args,
+    )?;
     process::wait_ready(
         layout,
         "kube-controller-manager",
@@ -121,10 +159,19 @@ fn start_scheduler(layout: &Layout) -> Result<()> {
         "--leader-elect=false".to_string(),
         "--profiling=false".to_string(),
     ];
-    process::start(layout, "kube-scheduler", &layout.bin("kube-scheduler"), &args)?;
-    process::wait_ready(layout, "kube-scheduler", "its secure port accepts connections", Duration::from_secs(60), || {
-        port_open(ports::SCHEDULER)
-    })
+    process::start(
+        layout,
+        "kube-scheduler",
+        &layout.bin("kube-scheduler"),
+        &args,
+    )?;
+    process::wait_ready(
+        layout,
+        "kube-scheduler",
+        "its secure port accepts connections",
+        Duration::from_secs(60),
+        || port_open(ports::SCHEDULER),
+    )
 }
 
 pub fn port_open(port: u16) -> bool {

@@ -23,8 +23,18 @@ struct Image {
 
 fn images() -> [Image; 2] {
     [
-        Image { name: PAUSE_IMAGE, file: "pause.tar", entrypoint: vec!["/bin/sleep", "infinity"], cmd: vec![] },
-        Image { name: BUSYBOX_IMAGE, file: "busybox.tar", entrypoint: vec![], cmd: vec!["/bin/sh"] },
+        Image {
+            name: PAUSE_IMAGE,
+            file: "pause.tar",
+            entrypoint: vec!["/bin/sleep", "infinity"],
+            cmd: vec![],
+        },
+        Image {
+            name: BUSYBOX_IMAGE,
+            file: "busybox.tar",
+            entrypoint: vec![],
+            cmd: vec!["/bin/sh"],
+        },
     ]
 }
 
@@ -72,15 +82,21 @@ fn write_archive(path: &Path, image: &Image) -> Result<()> {
     append(&mut out, "manifest.json", &manifest, 0o644)?;
     append(&mut out, &config_name, &config, 0o644)?;
     append(&mut out, "layer/layer.tar", &layer, 0o644)?;
-    let bytes = out.into_inner().context("cannot finish the image archive")?;
+    let bytes = out
+        .into_inner()
+        .context("cannot finish the image archive")?;
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `/bin/busybox` plus a symlink per applet, and the few dirs programs expect.
 fn busybox_layer() -> Result<Vec<u8>> {
-    let binary = std::fs::read(BUSYBOX)
-        .with_context(|| format!("cannot read {BUSYBOX}; install busybox-static (bash .ci/install-deps)"))?;
-    let list = Command::new(BUSYBOX).arg("--list").output().context("cannot run busybox --list")?;
+    let binary = std::fs::read(BUSYBOX).with_context(|| {
+        format!("cannot read {BUSYBOX}; install busybox-static (bash .ci/install-deps)")
+    })?;
+    let list = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .context("cannot run busybox --list")?;
     if !list.status.success() {
         bail!("{BUSYBOX} --list failed; is it Debian's busybox-static?");
     }
@@ -105,8 +121,18 @@ fn busybox_layer() -> Result<Vec<u8>> {
         header.set_mtime(0);
         layer.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
     }
-    append(&mut layer, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644)?;
-    append(&mut layer, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    append(
+        &mut layer,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        0o644,
+    )?;
+    append(
+        &mut layer,
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n",
+        0o644,
+    )?;
     layer.into_inner().context("cannot finish the image layer")
 }
 
@@ -130,11 +156,64 @@ pub fn ctr(layout: &Layout, args: &[&str]) -> Result<String> {
         .output()
         .context("cannot run `ctr`; install containerd (bash .ci/install-deps)")?;
     if !out.status.success() {
-        bail!("ctr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ctr {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The archive is what `ctr images import` expects: a manifest naming the config and the
+    /// layer, a config whose diff_id is the layer's digest, a layer with the busybox applets.
+    #[test]
+    fn archive_has_manifest_config_and_layer() {
+        let dir = std::env::temp_dir().join(format!("nodegate-image-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("busybox.tar");
+        let [_, busybox] = images();
+        write_archive(&path, &busybox).unwrap();
+
+        let mut entries = std::collections::BTreeMap::new();
+        let mut archive = tar::Archive::new(std::fs::File::open(&path).unwrap());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            entries.insert(name, data);
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&entries["manifest.json"]).unwrap();
+        assert_eq!(manifest[0]["RepoTags"][0], BUSYBOX_IMAGE);
+        let config_name = manifest[0]["Config"].as_str().unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&entries[config_name]).unwrap();
+        let layer = &entries["layer/layer.tar"];
+        assert_eq!(
+            config["rootfs"]["diff_ids"][0],
+            format!("sha256:{}", hex(&Sha256::digest(layer)))
+        );
+        assert_eq!(config["config"]["Cmd"][0], "/bin/sh");
+
+        let mut names = Vec::new();
+        for entry in tar::Archive::new(layer.as_slice()).entries().unwrap() {
+            names.push(entry.unwrap().path().unwrap().display().to_string());
+        }
+        for expected in ["bin/busybox", "bin/sh", "bin/sleep", "bin/httpd", "tmp/"] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} missing from the layer"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -64,7 +64,11 @@ pub fn kubectl(layout: &Layout, args: &[&str]) -> Result<String> {
         .output()
         .context("cannot run the cached kubectl")?;
     if !out.status.success() {
-        bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -17,6 +17,7 @@ mod process;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use layout::{Layout, NODE_NAME, ports};
+use nix::fcntl::{Flock, FlockArg};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -75,9 +76,10 @@ pub fn ensure_up() -> Result<Vec<(String, String)>> {
 
 fn up(layout: &Layout, with_node: bool) -> Result<()> {
     let started = Instant::now();
-    build::ensure_built(layout)?;
     std::fs::create_dir_all(&layout.state)
         .with_context(|| format!("cannot create the state dir {}", layout.state.display()))?;
+    let _lock = lock(layout)?;
+    build::ensure_built(layout)?;
     link_kubectl(layout)?;
     pki::ensure(layout)?;
     kubeconfig::ensure(layout)?;
@@ -85,7 +87,11 @@ fn up(layout: &Layout, with_node: bool) -> Result<()> {
     if with_node {
         step(&format!("node {NODE_NAME}"), || node::start(layout))?;
     }
-    println!("up in {} (state: {})", build::human(started.elapsed()), layout.state.display());
+    println!(
+        "up in {} (state: {})",
+        build::human(started.elapsed()),
+        layout.state.display()
+    );
     Ok(())
 }
 
@@ -97,6 +103,7 @@ fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn down(layout: &Layout, purge: bool) -> Result<()> {
+    let _lock = layout.state.exists().then(|| lock(layout)).transpose()?;
     node::stop(layout)?;
     for name in control_plane::COMPONENTS.iter().rev() {
         if process::stop(layout, name, Duration::from_secs(15))? {
@@ -114,11 +121,27 @@ fn down(layout: &Layout, purge: bool) -> Result<()> {
 
 fn status(layout: &Layout) -> Result<()> {
     let where_ = [
-        ("etcd", format!("https://127.0.0.1:{} (metrics http://127.0.0.1:{})", ports::ETCD_CLIENT, ports::ETCD_METRICS)),
+        (
+            "etcd",
+            format!(
+                "https://127.0.0.1:{} (metrics http://127.0.0.1:{})",
+                ports::ETCD_CLIENT,
+                ports::ETCD_METRICS
+            ),
+        ),
         ("kube-apiserver", kubeconfig::server_url()),
-        ("kube-controller-manager", format!("https://127.0.0.1:{}", ports::CONTROLLER_MANAGER)),
-        ("kube-scheduler", format!("https://127.0.0.1:{}", ports::SCHEDULER)),
-        ("containerd", format!("unix://{}", layout.containerd_socket().display())),
+        (
+            "kube-controller-manager",
+            format!("https://127.0.0.1:{}", ports::CONTROLLER_MANAGER),
+        ),
+        (
+            "kube-scheduler",
+            format!("https://127.0.0.1:{}", ports::SCHEDULER),
+        ),
+        (
+            "containerd",
+            format!("unix://{}", layout.containerd_socket().display()),
+        ),
         (
             "kubelet",
             format!(
@@ -131,7 +154,17 @@ fn status(layout: &Layout) -> Result<()> {
         ),
     ];
     println!("state dir: {}", layout.state.display());
-    println!("binaries:  {}{}", layout.bin_dir().display(), if build::is_built(layout) { "" } else { " (not built yet)" });
+    println!(
+        "binaries:  {} (Kubernetes {}, etcd {}){}",
+        layout.bin_dir().display(),
+        layout::K8S_VERSION,
+        layout::ETCD_VERSION,
+        if build::is_built(layout) {
+            ""
+        } else {
+            " — not built yet"
+        }
+    );
     for (name, at) in where_ {
         match process::find(layout, name) {
             Some(running) => println!("  {name:<24} running  pid {:<7} {at}", running.pid),
@@ -145,12 +178,38 @@ fn status(layout: &Layout) -> Result<()> {
 fn env_vars(layout: &Layout) -> Vec<(String, String)> {
     let path = std::env::var("PATH").unwrap_or_default();
     vec![
-        ("NODEGATE_CLUSTER_DIR".into(), layout.state.display().to_string()),
-        ("KUBECONFIG".into(), layout.admin_kubeconfig().display().to_string()),
-        ("PATH".into(), format!("{}:{path}", layout.bin_dir().display())),
-        ("CONTAINERD_ADDRESS".into(), layout.containerd_socket().display().to_string()),
+        (
+            "NODEGATE_CLUSTER_DIR".into(),
+            layout.state.display().to_string(),
+        ),
+        (
+            "KUBECONFIG".into(),
+            layout.admin_kubeconfig().display().to_string(),
+        ),
+        (
+            "PATH".into(),
+            format!("{}:{path}", layout.bin_dir().display()),
+        ),
+        (
+            "CONTAINERD_ADDRESS".into(),
+            layout.containerd_socket().display().to_string(),
+        ),
         ("CONTAINERD_NAMESPACE".into(), "k8s.io".into()),
     ]
+}
+
+/// Serializes `up` and `down` on one state dir: test binaries running in parallel may each
+/// start the cluster, and two `up`s must not both start etcd.
+fn lock(layout: &Layout) -> Result<Flock<std::fs::File>> {
+    let path = layout.state.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::anyhow!("cannot lock {}: {errno}", path.display()))
 }
 
 fn link_kubectl(layout: &Layout) -> Result<()> {

@@ -13,8 +13,6 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::time::Duration;
 
-pub const COMPONENTS: [&str; 2] = ["containerd", "kubelet"];
-
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
 pub fn start(layout: &Layout) -> Result<()> {
@@ -29,14 +27,24 @@ fn start_containerd(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_cni_config(layout)?;
     let config = dir.join("config.toml");
-    std::fs::write(&config, containerd_config(layout)).context("cannot write containerd's config")?;
+    std::fs::write(&config, containerd_config(layout))
+        .context("cannot write containerd's config")?;
     let args = vec!["--config".to_string(), config.display().to_string()];
-    process::start(layout, "containerd", Path::new("/usr/bin/containerd"), &args)
-        .context("cannot start containerd; install it (bash .ci/install-deps)")?;
+    process::start(
+        layout,
+        "containerd",
+        Path::new("/usr/bin/containerd"),
+        &args,
+    )
+    .context("cannot start containerd; install it (bash .ci/install-deps)")?;
     let socket = layout.containerd_socket();
-    process::wait_ready(layout, "containerd", "its socket answers", Duration::from_secs(30), || {
-        socket.exists() && images::ctr(layout, &["version"]).is_ok()
-    })
+    process::wait_ready(
+        layout,
+        "containerd",
+        "its socket answers",
+        Duration::from_secs(30),
+        || socket.exists() && images::ctr(layout, &["version"]).is_ok(),
+    )
 }
 
 fn containerd_config(layout: &Layout) -> String {
@@ -62,6 +70,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # Keep pod network namespaces under our state dir (default /var/run/netns), so `down` finds them.
   netns_mounts_under_state_dir = true
   enable_cdi = false
+  # Lowering a process's oom_score_adj needs CAP_SYS_RESOURCE, which this VM does not grant even
+  # to root: runc's nsexec then dies ("failed to update /proc/self/oom_score_adj: Permission
+  # denied"). Clamp pods' oom_score_adj to containerd's own instead (the rootless setting).
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -106,13 +118,17 @@ fn write_cni_config(layout: &Layout) -> Result<()> {
             { "type": "portmap", "capabilities": { "portMappings": true } },
         ],
     });
-    std::fs::write(dir.join("10-nodegate.conflist"), serde_json::to_vec_pretty(&conflist)?)
-        .context("cannot write the CNI config")
+    std::fs::write(
+        dir.join("10-nodegate.conflist"),
+        serde_json::to_vec_pretty(&conflist)?,
+    )
+    .context("cannot write the CNI config")
 }
 
 fn start_kubelet(layout: &Layout) -> Result<()> {
     let dir = layout.kubelet();
-    std::fs::create_dir_all(dir.join("root")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("root"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let config = dir.join("config.yaml");
     std::fs::write(&config, kubelet_config(layout)).context("cannot write the kubelet config")?;
     let mut args = vec![
@@ -127,10 +143,21 @@ fn start_kubelet(layout: &Layout) -> Result<()> {
     if let Some(ip) = node_ip() {
         args.push(format!("--node-ip={ip}"));
     }
+    // A Node object left from an earlier run still says Ready for a while: wait for a heartbeat
+    // newer than the one seen before this kubelet started.
+    let stale_heartbeat = if process::find(layout, "kubelet").is_none() {
+        ready_heartbeat(layout)
+    } else {
+        None
+    };
     process::start(layout, "kubelet", &layout.bin("kubelet"), &args)?;
-    process::wait_ready(layout, "kubelet", &format!("node {NODE_NAME} is Ready"), Duration::from_secs(120), || {
-        node_ready(layout)
-    })
+    process::wait_ready(
+        layout,
+        "kubelet",
+        &format!("node {NODE_NAME} is Ready"),
+        Duration::from_secs(120),
+        || ready_heartbeat(layout).is_some_and(|beat| Some(&beat) != stale_heartbeat.as_ref()),
+    )
 }
 
 fn kubelet_config(layout: &Layout) -> String {
@@ -183,12 +210,21 @@ evictionHard:
     )
 }
 
-fn node_ready(layout: &Layout) -> bool {
-    kubectl(
+/// The Ready condition's last heartbeat, if the node is Ready.
+fn ready_heartbeat(layout: &Layout) -> Option<String> {
+    let out = kubectl(
         layout,
-        &["get", "node", NODE_NAME, "-o", r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#],
+        &[
+            "get",
+            "node",
+            NODE_NAME,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}"#,
+        ],
     )
-    .is_ok_and(|s| s.trim() == "True")
+    .ok()?;
+    let (status, heartbeat) = out.trim().split_once(' ')?;
+    (status == "True").then(|| heartbeat.to_string())
 }
 
 /// The local address the kernel would use towards the outside (no packet is sent).
@@ -203,23 +239,35 @@ pub fn node_ip() -> Option<String> {
 /// shims, which daemonize out of containerd's process group), containerd, then the mounts the
 /// kubelet and containerd left under the state dir (pod volumes, rootfs, netns, shm).
 pub fn stop(layout: &Layout) -> Result<()> {
-    process::stop(layout, "kubelet", Duration::from_secs(10))?;
+    if process::stop(layout, "kubelet", Duration::from_secs(10))? {
+        println!("stopped kubelet");
+    }
     let socket = layout.containerd_socket().display().to_string();
     let shims = pids_with_cmdline(&socket)
         .into_iter()
         .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("containerd-shim"))
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("containerd-shim"))
         })
         .collect::<Vec<_>>();
+    if !shims.is_empty() {
+        println!(
+            "stopped {} containerd shims and their containers",
+            shims.len()
+        );
+    }
     kill_trees(&shims)?;
-    process::stop(layout, "containerd", Duration::from_secs(10))?;
+    if process::stop(layout, "containerd", Duration::from_secs(10))? {
+        println!("stopped containerd");
+    }
     unmount_under(&layout.state)
 }
 
 /// Unmounts every mount point under `dir`, deepest first.
 fn unmount_under(dir: &Path) -> Result<()> {
     let prefix = format!("{}/", dir.display());
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
     let mut points: Vec<String> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))

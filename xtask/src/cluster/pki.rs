@@ -27,8 +27,22 @@ pub fn ensure(layout: &Layout) -> Result<()> {
         make_ca(&dir)?;
     }
     if !dir.join("sa.key").is_file() || !dir.join("sa.pub").is_file() {
-        openssl(&dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "sa.key"])?;
-        openssl(&dir, &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+        openssl(
+            &dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "sa.key",
+            ],
+        )?;
+        openssl(
+            &dir,
+            &["pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub"],
+        )?;
     }
     for leaf in leaves() {
         if !dir.join(format!("{}.crt", leaf.stem)).is_file() {
@@ -59,15 +73,43 @@ fn leaves() -> Vec<Leaf> {
         sans: vec![],
     };
     vec![
-        Leaf { stem: "apiserver", cn: "kube-apiserver".into(), groups: vec![], server: true, sans: apiserver_sans },
-        Leaf { stem: "etcd", cn: "etcd".into(), groups: vec![], server: true, sans: loopback },
-        client("apiserver-etcd-client", "kube-apiserver-etcd-client", vec![]),
+        Leaf {
+            stem: "apiserver",
+            cn: "kube-apiserver".into(),
+            groups: vec![],
+            server: true,
+            sans: apiserver_sans,
+        },
+        Leaf {
+            stem: "etcd",
+            cn: "etcd".into(),
+            groups: vec![],
+            server: true,
+            sans: loopback,
+        },
+        client(
+            "apiserver-etcd-client",
+            "kube-apiserver-etcd-client",
+            vec![],
+        ),
         // system:masters: the API server's identity towards kubelets (logs, exec, proxy).
-        client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", vec!["system:masters"]),
+        client(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            vec!["system:masters"],
+        ),
         client("admin", "nodegate-admin", vec!["system:masters"]),
-        client("controller-manager", "system:kube-controller-manager", vec![]),
+        client(
+            "controller-manager",
+            "system:kube-controller-manager",
+            vec![],
+        ),
         client("scheduler", "system:kube-scheduler", vec![]),
-        client("kubelet", &format!("system:node:{NODE_NAME}"), vec!["system:nodes"]),
+        client(
+            "kubelet",
+            &format!("system:node:{NODE_NAME}"),
+            vec!["system:nodes"],
+        ),
     ]
 }
 
@@ -75,10 +117,26 @@ fn make_ca(dir: &Path) -> Result<()> {
     openssl(
         dir,
         &[
-            "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=nodegate-local-ca",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=nodegate-local-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         ],
     )
 }
@@ -94,31 +152,70 @@ fn make_leaf(dir: &Path, leaf: &Leaf) -> Result<()> {
     let mut ext = String::from(
         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
     );
-    ext.push_str(if leaf.server { "extendedKeyUsage=serverAuth,clientAuth\n" } else { "extendedKeyUsage=clientAuth\n" });
+    ext.push_str(if leaf.server {
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    } else {
+        "extendedKeyUsage=clientAuth\n"
+    });
     if !leaf.sans.is_empty() {
         let sans: Vec<String> = leaf
             .sans
             .iter()
-            .map(|s| if s.parse::<std::net::IpAddr>().is_ok() { format!("IP:{s}") } else { format!("DNS:{s}") })
+            .map(|s| {
+                if s.parse::<std::net::IpAddr>().is_ok() {
+                    format!("IP:{s}")
+                } else {
+                    format!("DNS:{s}")
+                }
+            })
             .collect();
         ext.push_str(&format!("subjectAltName={}\n", sans.join(",")));
     }
     let ext_file = format!("{stem}.ext");
     std::fs::write(dir.join(&ext_file), ext).context("cannot write an openssl extension file")?;
-    let (key, csr, crt) = (format!("{stem}.key"), format!("{stem}.csr"), format!("{stem}.crt"));
+    let (key, csr, crt) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.crt"),
+    );
     openssl(
         dir,
         &[
-            "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", &key, "-out", &csr, "-subj", &subject,
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subject,
         ],
     )?;
     let serial = random_serial()?;
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", &serial,
-            "-days", "3650", "-extfile", &ext_file, "-out", &crt,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            &serial,
+            "-days",
+            "3650",
+            "-extfile",
+            &ext_file,
+            "-out",
+            &crt,
         ],
     )?;
     let _ = std::fs::remove_file(dir.join(&csr));
@@ -132,7 +229,10 @@ fn random_serial() -> Result<String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("cannot read /dev/urandom")?;
     bytes[0] &= 0x7f; // positive
-    Ok(format!("0x{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+    Ok(format!(
+        "0x{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {

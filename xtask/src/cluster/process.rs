@@ -72,6 +72,9 @@ pub fn stop(layout: &Layout, name: &str, grace: Duration) -> Result<bool> {
         wait_gone(|| group_alive(running.pid), Duration::from_secs(5))
             .with_context(|| format!("{name} (pgid {}) survived SIGKILL", running.pid))?;
     }
+    // Dead now, but until its parent (init, once xtask has exited) reaps it, it still shows up
+    // in `ps` as a zombie; give init a moment so `down` really leaves nothing listed.
+    let _ = wait_gone(|| start_time(running.pid).is_some(), Duration::from_secs(3));
     let _ = std::fs::remove_file(pid_file(layout, name));
     Ok(true)
 }
@@ -87,8 +90,14 @@ pub fn kill_trees(roots: &[i32]) -> Result<()> {
     for &pid in &all {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    wait_gone(|| all.iter().any(|&p| start_time(p).is_some() && !is_zombie(p)), Duration::from_secs(10))
-        .context("container processes survived SIGKILL")
+    wait_gone(
+        || {
+            all.iter()
+                .any(|&p| start_time(p).is_some() && !is_zombie(p))
+        },
+        Duration::from_secs(10),
+    )
+    .context("container processes survived SIGKILL")
 }
 
 /// Pids whose command line contains `needle` (e.g. our containerd socket path).
