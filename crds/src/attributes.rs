@@ -174,32 +174,36 @@ pub fn request_attributes(
     })
 }
 
-/// The kubelet's subresources for a path (`auth.go`, with KubeletFineGrainedAuthz on, as it
-/// is by default since 1.33): a fine-grained subresource first where one exists, then `stats`,
-/// `metrics`, `log` or `checkpoint` for their subtrees, else `proxy`.
+/// The kubelet's subresources for a path, as kubelet 1.37 checks them (`auth.go`, with
+/// KubeletFineGrainedAuthz on by default): `pods`, `healthz` and `configz` first with `proxy` as
+/// the fallback; `statusz` and `flagz` (as `configz`) without fallback; `stats`, `metrics`,
+/// `log` and `checkpoint` for their subtrees; else `proxy`. `nodegate-tests`' `kubelet_attributes`
+/// test checks this against a real kubelet's 403 answers.
 pub fn kubelet_subresources(path: &str) -> Vec<Subresource> {
-    let mut subresources = Vec::with_capacity(2);
-    let fine_grained = [
+    let fine_grained_with_fallback = [
         ("/pods", Subresource::Pods),
         ("/healthz", Subresource::Healthz),
         ("/configz", Subresource::Configz),
-        ("/statusz", Subresource::Statusz),
         ("/runningpods/", Subresource::Pods),
     ];
-    if let Some((_, s)) = fine_grained.iter().find(|(p, _)| is_subpath(path, p)) {
-        subresources.push(*s);
+    if let Some((_, s)) = fine_grained_with_fallback
+        .iter()
+        .find(|(p, _)| is_subpath(path, p))
+    {
+        return vec![*s, Subresource::Proxy];
     }
-    let coarse = [
+    let single = [
+        ("/statusz", Subresource::Statusz),
+        ("/flagz", Subresource::Configz),
         ("/stats", Subresource::Stats),
         ("/metrics", Subresource::Metrics),
         ("/logs", Subresource::Log),
         ("/checkpoint", Subresource::Checkpoint),
     ];
-    match coarse.iter().find(|(p, _)| is_subpath(path, p)) {
-        Some((_, s)) => subresources.push(*s),
-        None => subresources.push(Subresource::Proxy),
+    match single.iter().find(|(p, _)| is_subpath(path, p)) {
+        Some((_, s)) => vec![*s],
+        None => vec![Subresource::Proxy],
     }
-    subresources
 }
 
 /// The kubelet's `isSubpath`: `path` itself, or below it at a `/` boundary (`/podsx` is not
@@ -459,7 +463,9 @@ mod tests {
             ("/healthz/syncloop", &[Healthz, Proxy]),
             ("/healthzx", &[Proxy]),
             ("/configz", &[Configz, Proxy]),
-            ("/statusz", &[Statusz, Proxy]),
+            ("/statusz", &[Statusz]),
+            ("/flagz", &[Configz]),
+            ("/flagzx", &[Proxy]),
             ("/stats/summary", &[Stats]),
             ("/stats", &[Stats]),
             ("/statsx", &[Proxy]),

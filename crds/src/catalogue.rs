@@ -273,7 +273,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         endpoint: Endpoint::Statusz,
         patterns: &["/statusz"],
         methods: &["GET"],
-        subresources: &[S::Statusz, S::Proxy],
+        subresources: &[S::Statusz],
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
@@ -282,7 +282,8 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         endpoint: Endpoint::Flagz,
         patterns: &["/flagz"],
         methods: &["GET"],
-        subresources: &[S::Proxy],
+        // Kubelet 1.37 checks /flagz as `configz`, with no fallback.
+        subresources: &[S::Configz],
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
@@ -390,6 +391,20 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         streaming: false,
     },
 ];
+
+/// Paths nodegate serves that current kubelets no longer do, and the kubelet path that answers
+/// them. Kubelet 1.37 answers 404 for `/metrics/resource/v1alpha1`, which kube-prometheus-stack
+/// still scrapes by default.
+pub static KUBELET_ALIASES: &[(&str, &str)] =
+    &[("/metrics/resource/v1alpha1", "/metrics/resource")];
+
+/// The path to ask the kubelet for, given a normalised request path.
+pub fn kubelet_path(path: &str) -> &str {
+    KUBELET_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == path)
+        .map_or(path, |(_, canonical)| canonical)
+}
 
 impl Endpoint {
     /// Every endpoint, in catalogue order.
@@ -565,6 +580,20 @@ mod tests {
                     .iter()
                     .all(|v| *v == Verb::Get || e == Endpoint::Stats)
             );
+        }
+    }
+
+    #[test]
+    fn aliases_map_to_served_paths_of_the_same_endpoint() {
+        assert_eq!(
+            kubelet_path("/metrics/resource/v1alpha1"),
+            "/metrics/resource"
+        );
+        assert_eq!(kubelet_path("/metrics/cadvisor"), "/metrics/cadvisor");
+        for (alias, canonical) in KUBELET_ALIASES {
+            let a = crate::attributes::match_route(alias).unwrap();
+            let c = crate::attributes::match_route(canonical).unwrap();
+            assert_eq!(a.endpoint, c.endpoint);
         }
     }
 

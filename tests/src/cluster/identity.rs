@@ -20,8 +20,25 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Client credentials (`AuthInfo`) for user `name` in `groups`, certified by the cluster.
-pub async fn user_auth(admin: &Client, name: &str, groups: &[&str]) -> Result<AuthInfo> {
+/// A user's client certificate and key (PEM), certified by the cluster's client CA.
+#[derive(Clone)]
+pub struct UserCredentials {
+    pub certificate_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for UserCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCredentials").finish_non_exhaustive()
+    }
+}
+
+/// A key and a certificate for user `name` in `groups`, certified by the cluster.
+pub async fn user_credentials(
+    admin: &Client,
+    name: &str,
+    groups: &[&str],
+) -> Result<UserCredentials> {
     let key = openssl(
         &[
             "genpkey",
@@ -42,9 +59,18 @@ pub async fn user_auth(admin: &Client, name: &str, groups: &[&str]) -> Result<Au
         Some(&key),
     )?;
     let cert = sign(admin, &csr_pem).await?;
+    Ok(UserCredentials {
+        certificate_pem: cert,
+        key_pem: key,
+    })
+}
+
+/// Client credentials (`AuthInfo`) for user `name` in `groups`, certified by the cluster.
+pub async fn user_auth(admin: &Client, name: &str, groups: &[&str]) -> Result<AuthInfo> {
+    let credentials = user_credentials(admin, name, groups).await?;
     Ok(serde_json::from_value(json!({
-        "client-certificate-data": BASE64.encode(cert),
-        "client-key-data": BASE64.encode(key),
+        "client-certificate-data": BASE64.encode(credentials.certificate_pem),
+        "client-key-data": BASE64.encode(credentials.key_pem),
     }))?)
 }
 

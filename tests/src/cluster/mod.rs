@@ -13,6 +13,7 @@ mod objects;
 
 pub use discovery::Location;
 pub use error::{Error, Result};
+pub use identity::UserCredentials;
 pub use objects::{FakeNodes, TestNamespace, busybox_pod};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -81,6 +82,12 @@ impl Cluster {
     pub async fn user(&self, name: &str, groups: &[&str]) -> Result<Client> {
         let auth = identity::user_auth(&self.admin()?, name, groups).await?;
         identity::client_with(&self.admin_config, auth)
+    }
+
+    /// The key and certificate of user `name` in `groups`, for clients other than kube (curl
+    /// straight to a kubelet, which trusts the same client CA).
+    pub async fn user_credentials(&self, name: &str, groups: &[&str]) -> Result<UserCredentials> {
+        identity::user_credentials(&self.admin()?, name, groups).await
     }
 
     /// A client authenticated as service account `namespace/name` by a TokenRequest token.
