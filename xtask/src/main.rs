@@ -9,7 +9,12 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "nodegate project automation", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "nodegate project automation",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write the generated files (CRD YAML and the Helm chart's copies) from the Rust API types.
+    /// Write the generated files from the Rust API types: the CRD YAML (crds/, the Helm chart's and
+    /// config/crd/ copies) and docs/endpoints.md.
     Generate {
         /// Do not write; fail if a committed generated file differs from a fresh generation.
         #[arg(long)]
