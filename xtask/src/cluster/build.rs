@@ -55,7 +55,7 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
         layout.cache.display()
     );
     println!(
-        "  a cold build takes about 17 minutes on 2 cores, plus the module download; full log: {}",
+        "  a cold build takes 12 to 17 minutes on 2 cores, module download included; full log: {}",
         log_path.display()
     );
     let started = Instant::now();
