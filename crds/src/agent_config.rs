@@ -108,3 +108,23 @@ pub struct NodeAgentConfigStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_listed_namespaces_or_all() {
+        let some = ResolvedNamespaces {
+            all: false,
+            names: vec!["a".into(), "c".into()],
+        };
+        assert!(some.allows("a") && some.allows("c"));
+        assert!(!some.allows("b") && !some.allows("") && !some.allows("ab"));
+        let all = ResolvedNamespaces {
+            all: true,
+            names: vec![],
+        };
+        assert!(all.allows("anything") && all.allows(""));
+    }
+}

@@ -49,6 +49,18 @@ pub enum SelectorOperator {
     DoesNotExist,
 }
 
+impl SelectorOperator {
+    /// The operator as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SelectorOperator::In => "In",
+            SelectorOperator::NotIn => "NotIn",
+            SelectorOperator::Exists => "Exists",
+            SelectorOperator::DoesNotExist => "DoesNotExist",
+        }
+    }
+}
+
 impl LabelSelector {
     /// Whether the selector selects every object (no requirement at all).
     pub fn selects_all(&self) -> bool {
@@ -65,7 +77,7 @@ impl LabelSelector {
                     .iter()
                     .map(|r| meta::LabelSelectorRequirement {
                         key: r.key.clone(),
-                        operator: format!("{:?}", r.operator),
+                        operator: r.operator.as_str().to_string(),
                         values: Some(r.values.clone()),
                     })
                     .collect(),
@@ -75,8 +87,8 @@ impl LabelSelector {
             let needs_values = matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
             if needs_values == r.values.is_empty() {
                 return Err(kube::core::ParseExpressionError(format!(
-                    "operator {:?} of key {:?} {} values",
-                    r.operator,
+                    "operator {} of key {:?} {} values",
+                    r.operator.as_str(),
                     r.key,
                     if needs_values { "needs" } else { "takes no" }
                 )));

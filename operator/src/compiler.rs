@@ -128,22 +128,17 @@ fn resolve(
     let name = policy.metadata.name.clone().unwrap_or_default();
     let mut problems = Vec::new();
 
+    // An invalid selector matches no node (`LabelSelector::matches` fails closed); say why.
+    if let Some(Err(e)) = spec.node_selector.as_ref().map(|s| s.to_selector()) {
+        problems.push(format!("nodeSelector matches no node: {}", e.0));
+    }
     let all_nodes = spec.node_selector.as_ref().is_none_or(|s| s.selects_all());
-    let node_selector_ok = match &spec.node_selector {
-        Some(s) => s
-            .to_selector()
-            .map_err(|e| problems.push(format!("nodeSelector matches no node: {}", e.0)))
-            .is_ok(),
-        None => true,
-    };
     let matched_nodes = nodes
         .iter()
         .filter(|n| {
-            node_selector_ok
-                && spec
-                    .node_selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&n.labels))
+            spec.node_selector
+                .as_ref()
+                .is_none_or(|s| s.matches(&n.labels))
         })
         .map(|n| n.name.clone())
         .collect();
@@ -187,7 +182,7 @@ fn resolve(
         rbac_name: spec.ports.contains(&Port::Secure).then(|| rbac_name(&name)),
         policy: name,
         nodes: matched_nodes,
-        all_nodes: all_nodes && node_selector_ok,
+        all_nodes,
         namespaces,
         subjects: subjects.into_iter().collect(),
         problems,

@@ -3,40 +3,24 @@
 use anyhow::{Context, Result, bail};
 use std::fs;
 
-/// Where each generated CRD is written: the crate's copy (what tests and kubectl use), the Helm
-/// chart's `crds/`, and the kustomize base.
-const TARGET_DIRS: &[&str] = &["crds", "charts/nodegate/crds", "config/crd"];
-
 pub fn run(check: bool) -> Result<()> {
     let root = crate::workspace_root();
-    let files = nodegate_crds::crd::generated().context("rendering the CRDs")?;
+    let files = nodegate_crds::crd::generated_files().context("rendering the generated files")?;
     let mut stale = Vec::new();
-    for dir in TARGET_DIRS {
-        for (name, yaml) in &files {
-            let path = root.join(dir).join(name);
-            let current = fs::read_to_string(&path).unwrap_or_default();
-            if current == *yaml {
-                continue;
-            }
-            if check {
-                stale.push(path.display().to_string());
-            } else {
-                fs::create_dir_all(root.join(dir))?;
-                fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-                println!("wrote {}", path.display());
-            }
+    for (relative, content) in &files {
+        let path = root.join(relative);
+        if fs::read_to_string(&path).unwrap_or_default() == *content {
+            continue;
         }
-    }
-    let doc = root.join("docs/endpoints.md");
-    let current = fs::read_to_string(&doc).unwrap_or_default();
-    let fresh = nodegate_crds::crd::endpoints_doc();
-    if current != fresh {
         if check {
-            stale.push(doc.display().to_string());
-        } else {
-            fs::write(&doc, fresh).with_context(|| format!("writing {}", doc.display()))?;
-            println!("wrote {}", doc.display());
+            stale.push(path.display().to_string());
+            continue;
         }
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     if !stale.is_empty() {
         bail!(
@@ -45,7 +29,7 @@ pub fn run(check: bool) -> Result<()> {
         );
     }
     if check {
-        println!("generated files are up to date");
+        println!("{} generated files are up to date", files.len());
     }
     Ok(())
 }
