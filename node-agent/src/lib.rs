@@ -1,1 +1,4 @@
-//! nodegate-agent: the kubelet API front (pipeline arrives with the agent issue).
+//! nodegate-agent: serves the kubelet API on a node, authorizes by the node's compiled
+//! NodeAgentConfig, proxies to the real kubelet and filters responses to the caller's namespaces.
+
+pub mod prometheus;

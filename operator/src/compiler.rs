@@ -7,7 +7,9 @@
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::Subject as RbacSubject;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding, RoleRef,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use nodegate_crds::policy::ServiceAccountRef;
@@ -39,6 +41,8 @@ pub struct NamespaceInfo {
 pub struct Desired {
     pub cluster_roles: Vec<ClusterRole>,
     pub cluster_role_bindings: Vec<ClusterRoleBinding>,
+    /// Per-namespace bindings of a policy's ClusterRole, so RBAC answers per namespace.
+    pub role_bindings: Vec<RoleBinding>,
     pub service_accounts: Vec<ServiceAccount>,
     /// One per node, policies or not, so every agent knows it is configured.
     pub node_agent_configs: Vec<NodeAgentConfig>,

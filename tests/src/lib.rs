@@ -4,5 +4,6 @@
 //! cluster `KUBECONFIG` points at, and gives tests clients and self-cleaning test objects.
 
 pub mod cluster;
+pub mod sim;
 
 pub use cluster::{Cluster, Error, FakeNodes, TestNamespace};

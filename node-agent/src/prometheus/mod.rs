@@ -1,0 +1,1 @@
+//! Namespace scoping of Prometheus text exposition, on the stream.

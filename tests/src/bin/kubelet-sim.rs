@@ -1,0 +1,3 @@
+//! `kubelet-sim`: serves the kubelet API with generated payloads (see `nodegate_tests::sim`).
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! A kubelet simulator for deterministic agent tests and benchmarks.
