@@ -131,6 +131,9 @@ impl RequestAttributes {
     }
 }
 
+/// Path prefixes the kubelet serves streaming handlers under.
+pub const STREAMING_PREFIXES: [&str; 4] = ["/exec", "/attach", "/portForward", "/run"];
+
 /// Derives the attributes of a request from its method, raw request target and `Upgrade`
 /// header (pass it only when `Connection` names `upgrade`).
 ///
@@ -154,7 +157,11 @@ pub fn request_attributes(
             });
         }
     }
-    let streaming = route.as_ref().is_some_and(|r| r.endpoint.spec().streaming);
+    // Streaming is decided by the path prefix, not by the exact route: anything under
+    // `/exec`, `/attach`, `/portForward` or `/run` (extra segments, a trailing slash) is `create`
+    // even when no route matches, so no future fallback can turn a WebSocket GET into `get`.
+    let streaming = route.as_ref().is_some_and(|r| r.endpoint.spec().streaming)
+        || STREAMING_PREFIXES.iter().any(|p| is_subpath(&path, p));
     if upgrade.is_some() && !streaming {
         return Err(Rejection::UpgradeNotAllowed(path));
     }
@@ -638,6 +645,42 @@ mod tests {
     }
 
     #[test]
+    fn anything_under_a_streaming_prefix_is_create_or_refused() {
+        let targets = [
+            "/exec/ns/p/c/",
+            "/exec/ns/p/uid/c/extra",
+            "/exec/ns",
+            "/exec",
+            "/exec/",
+            "/attach/ns/p/c/x/y",
+            "/portForward/ns/p/uid/extra",
+            "/portForward/",
+            "/run/ns/p/c/",
+            "/run/ns/p/uid/c/more/segments",
+            "/metrics/../exec/ns/p/c/",
+            "/exec/./ns/p/c",
+        ];
+        for target in targets {
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] {
+                for upgrade in [None, Some("websocket"), Some("SPDY/3.1")] {
+                    match request_attributes(method, target, upgrade) {
+                        Ok(a) => assert_eq!(
+                            a.verb,
+                            Some(Verb::Create),
+                            "{method} {target} {upgrade:?} -> {a:?}"
+                        ),
+                        Err(e) => assert!(e.status() >= 400, "{e}"),
+                    }
+                }
+            }
+        }
+        // `/execute` is not under `/exec`: no streaming, no upgrade.
+        let a = request_attributes("GET", "/execute/x", None).unwrap();
+        assert_eq!(a.verb, Some(Verb::Get));
+        assert!(a.route.is_none());
+    }
+
+    #[test]
     fn upgrades_only_on_streaming_endpoints_and_known_protocols() {
         assert_eq!(
             request_attributes("GET", "/pods", Some("websocket")),
@@ -734,6 +777,23 @@ mod tests {
                     prop_assert!(!path.contains("//"), "{}", path);
                     for segment in path.split('/') {
                         prop_assert!(segment != "." && segment != "..", "{}", path);
+                    }
+                }
+            }
+
+            /// Whatever follows a streaming prefix, and whatever the method and upgrade, the
+            /// request is `create` or refused.
+            #[test]
+            fn streaming_prefixes_are_create_or_refused(
+                prefix in prop::sample::select(STREAMING_PREFIXES.to_vec()),
+                rest in arb_target(),
+                method in prop::sample::select(vec!["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "X"]),
+                upgrade in prop::option::of(prop::sample::select(vec!["websocket", "SPDY/3.1"])),
+            ) {
+                let target = format!("{prefix}{rest}");
+                if let Ok(a) = request_attributes(method, &target, upgrade) {
+                    if STREAMING_PREFIXES.iter().any(|p| is_subpath(&a.path, p)) {
+                        prop_assert_eq!(a.verb, Some(Verb::Create), "{} {}", method, target);
                     }
                 }
             }

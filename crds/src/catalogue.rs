@@ -2,7 +2,10 @@
 //!
 //! Policies name endpoints ([`Endpoint`]), never raw paths. The operator derives RBAC from this
 //! table, the CRD's CEL rules are generated from it, and the agent routes, authorizes and filters
-//! by it. Reference: kubelet `pkg/kubelet/server/{server,auth}.go` (Kubernetes 1.33–1.37).
+//! by it. Reference: kubelet `pkg/kubelet/server/{server,auth}.go`. The subresources match
+//! kubelets 1.36 and later (fine-grained authorization on by default; `statusz` and `flagz`
+//! without a `proxy` fallback), checked against a real kubelet 1.37 by `nodegate-tests`'
+//! `kubelet_attributes`; older kubelets check some of these paths as `proxy` only.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -30,7 +33,8 @@ pub enum Endpoint {
     Resource,
     /// `/metrics/probes`: probe results (filtered).
     Probes,
-    /// `/metrics/slis`: the kubelet's service level indicators (filtered).
+    /// `/metrics/slis`: the kubelet's service level indicators (node-wide: its series carry no
+    /// namespace, needs `all`).
     Slis,
     /// `/configz`: the kubelet's configuration (node-wide, needs `all`).
     Configz,
@@ -138,19 +142,57 @@ impl fmt::Display for Verb {
 }
 
 /// How an endpoint's data relates to namespaces, which decides how the agent scopes it.
+///
+/// One rule for data that belongs to no namespace, whatever the endpoint: it is node-level data
+/// (cAdvisor and resource series without a `namespace` label, the `node` and `systemContainers`
+/// sections of `/stats/summary`) and is returned only to callers whose grant has
+/// `namespaces.all`; [`Scope::node_level_data`] names it for each endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     /// Holds no namespaced data (health, machine info): allowed with any namespace scope.
     Unscoped,
     /// Node-wide data that cannot be split by namespace: allowed only with `namespaces.all`.
     NodeWide,
-    /// A JSON document whose items carry a namespace at this JSON path (items outside scope
-    /// are removed).
-    JsonItems(&'static str),
-    /// Prometheus text whose samples carry a `namespace` label.
+    /// A JSON document whose items carry a namespace: items outside scope are removed, and the
+    /// top-level sections in `node_level` (data of no namespace) are removed unless `all`.
+    JsonItems {
+        /// Where each item's namespace is, e.g. `items[].metadata.namespace`.
+        items: &'static str,
+        /// Top-level fields holding node-level data.
+        node_level: &'static [&'static str],
+    },
+    /// Prometheus text whose samples carry a `namespace` label; samples without one (or with an
+    /// empty one) are node-level.
     MetricsLabel,
     /// The namespace is the `{namespace}` segment of the path, checked before going upstream.
     Path,
+}
+
+impl Scope {
+    /// Whether responses carry data of several namespaces that the agent filters per caller.
+    pub fn is_filtered(self) -> bool {
+        matches!(self, Scope::JsonItems { .. } | Scope::MetricsLabel)
+    }
+
+    /// Whether the endpoint's data belongs to namespaces, so RBAC answers for it per namespace
+    /// (bound by RoleBindings) rather than at cluster scope.
+    pub fn is_namespaced(self) -> bool {
+        matches!(
+            self,
+            Scope::JsonItems { .. } | Scope::MetricsLabel | Scope::Path
+        )
+    }
+
+    /// What happens to the endpoint's data that belongs to no namespace.
+    pub fn node_level_data(self) -> &'static str {
+        match self {
+            Scope::Unscoped => "all of it is node-level: served with any namespace scope",
+            Scope::NodeWide => "all of it: the endpoint needs `all`",
+            Scope::JsonItems { .. } => "the node-level sections are kept only for `all`",
+            Scope::MetricsLabel => "series without a `namespace` label are kept only for `all`",
+            Scope::Path => "none: every request names its namespace",
+        }
+    }
 }
 
 /// One endpoint's row of the catalogue.
@@ -193,7 +235,10 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         methods: &["GET"],
         subresources: &[S::Pods, S::Proxy],
         read_only: true,
-        scope: Scope::JsonItems("items[].metadata.namespace"),
+        scope: Scope::JsonItems {
+            items: "items[].metadata.namespace",
+            node_level: &[],
+        },
         streaming: false,
     },
     EndpointSpec {
@@ -202,7 +247,10 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         methods: &["GET"],
         subresources: &[S::Pods, S::Proxy],
         read_only: false,
-        scope: Scope::JsonItems("items[].metadata.namespace"),
+        scope: Scope::JsonItems {
+            items: "items[].metadata.namespace",
+            node_level: &[],
+        },
         streaming: false,
     },
     EndpointSpec {
@@ -211,7 +259,10 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         methods: &["GET", "POST"],
         subresources: &[S::Stats],
         read_only: true,
-        scope: Scope::JsonItems("pods[].podRef.namespace"),
+        scope: Scope::JsonItems {
+            items: "pods[].podRef.namespace",
+            node_level: &["node", "systemContainers"],
+        },
         streaming: false,
     },
     EndpointSpec {
@@ -257,7 +308,8 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         methods: &["GET"],
         subresources: &[S::Metrics],
         read_only: true,
-        scope: Scope::MetricsLabel,
+        // Its series (`kubernetes_healthcheck{name,type}`, …) carry no namespace at all.
+        scope: Scope::NodeWide,
         streaming: false,
     },
     EndpointSpec {
@@ -392,6 +444,12 @@ pub static CATALOGUE: &[EndpointSpec] = &[
     },
 ];
 
+/// The API group of nodegate's RBAC resource for through-agent grants.
+pub const AGENT_API_GROUP: &str = "nodegate.io";
+/// The resource whose subresources (one per endpoint name) carry through-agent grants: the
+/// NodeAgentConfig, which API discovery knows, so `kubectl auth can-i` can resolve it.
+pub const AGENT_RESOURCE: &str = "nodeagentconfigs";
+
 /// Paths nodegate serves that current kubelets no longer do, and the kubelet path that answers
 /// them. Kubelet 1.37 answers 404 for `/metrics/resource/v1alpha1`, which kube-prometheus-stack
 /// still scrapes by default.
@@ -467,7 +525,15 @@ impl Endpoint {
         verbs
     }
 
-    /// The subresource RBAC grants for this endpoint: the most specific one the kubelet checks.
+    /// The resource of nodegate's own RBAC that grants this endpoint through the agent:
+    /// `nodeagentconfigs/<endpoint>` in `nodegate.io`. The kubelet and the API server's node
+    /// proxy never consult it, so such a grant cannot bypass the agent's filters.
+    pub fn agent_resource(self) -> String {
+        format!("{AGENT_RESOURCE}/{}", self.name())
+    }
+
+    /// The core `nodes/<subresource>` RBAC the real kubelet checks for this endpoint: the most
+    /// specific one. Written only for policies that opt into direct kubelet access.
     pub fn rbac_subresource(self) -> Subresource {
         self.spec()
             .subresources
@@ -493,39 +559,63 @@ impl Endpoint {
     pub fn streaming() -> impl Iterator<Item = Endpoint> {
         CATALOGUE.iter().filter(|s| s.streaming).map(|s| s.endpoint)
     }
+
+    /// Whether a policy may grant this endpoint by core `nodes/*` RBAC (`directKubeletAccess`).
+    /// Not for endpoints the agent serves itself (`spec`): the kubelet has nothing to answer.
+    pub fn direct_access_allowed(self) -> bool {
+        self != Endpoint::Spec
+    }
+
+    /// Endpoints whose direct grant is `nodes/proxy`: the kubelet also accepts `get nodes/proxy`
+    /// for exec, attach and portForward over a WebSocket GET, so such a grant is only honest
+    /// when the policy lists those too.
+    pub fn direct_proxy() -> impl Iterator<Item = Endpoint> {
+        Endpoint::all()
+            .filter(|e| e.direct_access_allowed() && e.rbac_subresource() == Subresource::Proxy)
+    }
+
+    /// What a `get nodes/proxy` grant already allows on a kubelet (WebSocket GET upgrades).
+    pub const PROXY_IMPLIES: [Endpoint; 3] =
+        [Endpoint::Exec, Endpoint::Attach, Endpoint::PortForward];
 }
 
 /// The catalogue as a Markdown table, for `docs/endpoints.md` (written by `cargo xtask generate`).
 pub fn markdown_table() -> String {
     let mut out = String::from(
-        "| endpoint | paths | methods | kubelet subresources (in order) | RBAC grant | read-only port | namespace scope |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| endpoint | paths | methods | kubelet subresources (in order) | nodegate RBAC (through the agent) | core RBAC (`directKubeletAccess` only) | read-only port | namespace scope | data of no namespace |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for spec in CATALOGUE {
         let join = |items: Vec<String>| items.join(", ");
         let scope = match spec.scope {
             Scope::Unscoped => "none (no namespaced data)".to_string(),
             Scope::NodeWide => "node-wide: needs `all`".to_string(),
-            Scope::JsonItems(path) => format!("JSON `{path}`"),
+            Scope::JsonItems { items, .. } => format!("JSON `{items}`"),
             Scope::MetricsLabel => "`namespace` label".to_string(),
             Scope::Path => "`{namespace}` in the path".to_string(),
         };
+        let verbs = join(
+            spec.endpoint
+                .verbs()
+                .iter()
+                .map(|v| v.to_string())
+                .collect(),
+        );
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | `nodes/{}`: {} | {} | {} |\n",
+            "| `{}` | {} | {} | {} | `{}`: {verbs} | {} | {} | {} | {} |\n",
             spec.endpoint,
             join(spec.patterns.iter().map(|p| format!("`{p}`")).collect()),
             spec.methods.join(", "),
             join(spec.subresources.iter().map(|s| s.to_string()).collect()),
-            spec.endpoint.rbac_subresource(),
-            join(
-                spec.endpoint
-                    .verbs()
-                    .iter()
-                    .map(|v| v.to_string())
-                    .collect()
-            ),
+            spec.endpoint.agent_resource(),
+            if spec.endpoint.direct_access_allowed() {
+                format!("`nodes/{}`: {verbs}", spec.endpoint.rbac_subresource())
+            } else {
+                "never (served by the agent)".to_string()
+            },
             if spec.read_only { "yes" } else { "no" },
             scope,
+            spec.scope.node_level_data(),
         ));
     }
     out

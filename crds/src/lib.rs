@@ -8,6 +8,7 @@ pub mod crd;
 pub mod policy;
 pub mod rules;
 pub mod selector;
+pub mod validation;
 
 pub use agent_config::{AgentRule, NodeAgentConfig, NodeAgentConfigSpec, ResolvedNamespaces};
 pub use catalogue::{Endpoint, Subresource, Verb};

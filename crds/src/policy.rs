@@ -35,10 +35,14 @@ use std::collections::BTreeMap;
 #[x_kube(validation = rules::no_streaming_on_read_only_port())]
 #[x_kube(validation = rules::read_only_port_serves_reads_only())]
 #[x_kube(validation = rules::read_only_port_is_anonymous())]
+#[x_kube(validation = rules::anonymous_only_on_read_only_port())]
+#[x_kube(validation = rules::direct_access_needs_all())]
+#[x_kube(validation = rules::direct_proxy_lists_streaming())]
+#[x_kube(validation = rules::direct_access_not_for_agent_endpoints())]
 pub struct NodeApiPolicySpec {
     /// Who the policy grants access to: users, groups and service accounts, as in an RBAC
-    /// binding. On the read-only port only the anonymous user (`system:anonymous`) or group
-    /// (`system:unauthenticated`) may be named.
+    /// binding. The anonymous user (`system:anonymous`) and group (`system:unauthenticated`)
+    /// belong to the read-only port only, and are the only subjects allowed there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub subjects: Vec<Subject>,
@@ -77,6 +81,22 @@ pub struct NodeApiPolicySpec {
     /// series by metric name, add labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsTransform>,
+
+    /// Also grant the core `nodes/<subresource>` RBAC that the real kubelet and the API
+    /// server's node proxy honour, for clients that must call the kubelet themselves (e.g.
+    /// metrics-server). Those grants bypass the agent: nothing is filtered, so this needs
+    /// `namespaces.all: true`; a grant that becomes `nodes/proxy` must also list exec, attach
+    /// and portForward, which the kubelet allows with it anyway; `spec` (served by the agent)
+    /// cannot be granted this way. Off by default: through-agent grants never touch core RBAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_kubelet_access: Option<bool>,
+}
+
+impl NodeApiPolicySpec {
+    /// Whether the policy opted into core `nodes/*` RBAC.
+    pub fn direct(&self) -> bool {
+        self.direct_kubelet_access == Some(true)
+    }
 }
 
 fn default_ports() -> Vec<Port> {

@@ -30,6 +30,16 @@ pub const ALL: &[(&str, RuleFn)] = &[
         read_only_port_serves_reads_only,
     ),
     ("read-only-port-is-anonymous", read_only_port_is_anonymous),
+    (
+        "anonymous-only-on-read-only-port",
+        anonymous_only_on_read_only_port,
+    ),
+    ("direct-access-needs-all", direct_access_needs_all),
+    ("direct-proxy-lists-streaming", direct_proxy_lists_streaming),
+    (
+        "direct-access-not-for-agent-endpoints",
+        direct_access_not_for_agent_endpoints,
+    ),
     ("subject-namespace", subject_namespace),
     ("service-account-subject-name", service_account_subject_name),
     ("service-account-names", service_account_names),
@@ -51,6 +61,12 @@ fn names(endpoints: impl Iterator<Item = Endpoint>) -> String {
 }
 
 const READ_ONLY_PORT: &str = "has(self.ports) && 'ReadOnly' in self.ports";
+/// `ports` defaults to `[Secure]` when absent.
+const SECURE_PORT: &str = "(!has(self.ports) || 'Secure' in self.ports)";
+const DIRECT: &str = "has(self.directKubeletAccess) && self.directKubeletAccess";
+/// The subjects RBAC would bind to everyone: the anonymous user and the unauthenticated group.
+const ANONYMOUS_SUBJECT: &str = "(s.kind == 'User' && s.name == 'system:anonymous') || \
+                                 (s.kind == 'Group' && s.name == 'system:unauthenticated')";
 
 pub fn has_subject() -> Rule {
     Rule::new(
@@ -176,4 +192,51 @@ pub fn metric_names_valid() -> Rule {
          (!has(self.keep) || self.keep.all(n, n.matches('^[a-zA-Z_:][a-zA-Z0-9_:]*$')))",
     )
     .message("metrics.drop and metrics.keep must be Prometheus metric names")
+}
+
+pub fn anonymous_only_on_read_only_port() -> Rule {
+    Rule::new(format!(
+        "!({SECURE_PORT}) || !has(self.subjects) || !self.subjects.exists(s, {ANONYMOUS_SUBJECT})"
+    ))
+    .message(
+        "system:anonymous and system:unauthenticated may only be granted the ReadOnly port: on \
+         the Secure port they would be bound in RBAC to every caller",
+    )
+}
+
+pub fn direct_access_needs_all() -> Rule {
+    Rule::new(format!(
+        "!({DIRECT}) || (has(self.namespaces.all) && self.namespaces.all)"
+    ))
+    .message(
+        "directKubeletAccess grants core nodes/* RBAC, which the kubelet and the API server's \
+         node proxy honour unfiltered: it needs namespaces.all: true",
+    )
+}
+
+pub fn direct_proxy_lists_streaming() -> Rule {
+    Rule::new(format!(
+        "!({DIRECT}) || !self.access.exists(a, a in {}) || {}.all(e, e in self.access)",
+        cel_list(Endpoint::direct_proxy()),
+        cel_list(Endpoint::PROXY_IMPLIES.into_iter()),
+    ))
+    .message(Message::Message(format!(
+        "with directKubeletAccess, {} become get nodes/proxy, which the kubelet also accepts for \
+         {} over a WebSocket GET: list {} in access too, or drop directKubeletAccess",
+        names(Endpoint::direct_proxy()),
+        names(Endpoint::PROXY_IMPLIES.into_iter()),
+        names(Endpoint::PROXY_IMPLIES.into_iter()),
+    )))
+}
+
+pub fn direct_access_not_for_agent_endpoints() -> Rule {
+    let served_by_agent = || Endpoint::all().filter(|e| !e.direct_access_allowed());
+    Rule::new(format!(
+        "!({DIRECT}) || !self.access.exists(a, a in {})",
+        cel_list(served_by_agent())
+    ))
+    .message(Message::Message(format!(
+        "{} served by the agent itself: it cannot be granted with directKubeletAccess",
+        names(served_by_agent()) + if served_by_agent().count() == 1 { " is" } else { " are" }
+    )))
 }
