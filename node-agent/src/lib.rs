@@ -2,3 +2,6 @@
 //! NodeAgentConfig, proxies to the real kubelet and filters responses to the caller's namespaces.
 
 pub mod prometheus;
+pub mod authn;
+pub mod config;
+pub mod tls;

@@ -1,0 +1,513 @@
+//! Authentication as the kubelet does it: a verified client certificate (user = CN, groups = O),
+//! else a bearer token reviewed by the API server (TokenReview), else anonymous.
+//!
+//! The rule that matters most: a caller who *presents* a credential that does not check out is
+//! refused (401), never downgraded to `system:anonymous`, and neither is a caller whose token
+//! could not be reviewed because the API server is unreachable. Anonymous is only for callers
+//! who presented nothing.
+//!
+//! Token reviews are cached by the SHA-256 of the token (the token itself is never kept or
+//! logged) with the kubelet's TTLs. Concurrent misses for one token share one review; reviews
+//! are capped by a semaphore so a flood of junk tokens cannot flood the API server, and
+//! refused tokens go to a small cache of their own so they never evict good entries.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::HeaderMap;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use moka::future::Cache;
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// The user of unauthenticated requests.
+pub const ANONYMOUS_USER: &str = "system:anonymous";
+/// The group of unauthenticated requests.
+pub const UNAUTHENTICATED_GROUP: &str = "system:unauthenticated";
+/// The group every authenticated user gets.
+pub const AUTHENTICATED_GROUP: &str = "system:authenticated";
+/// Prefix of the WebSocket subprotocol that carries a bearer token (browsers cannot set
+/// headers on a WebSocket).
+pub const WEBSOCKET_TOKEN_PROTOCOL_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
+/// How a caller was authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthMethod {
+    Anonymous,
+    X509,
+    Token,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Anonymous => "anonymous",
+            AuthMethod::X509 => "x509",
+            AuthMethod::Token => "token",
+        }
+    }
+}
+
+/// Who the caller is. `groups` include `system:authenticated` (or `system:unauthenticated`
+/// for anonymous callers), so authorization can match groups without knowing the method.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInfo {
+    pub name: String,
+    /// The user's UID from the TokenReview (service accounts have one), for
+    /// SubjectAccessReviews.
+    pub uid: Option<String>,
+    pub groups: Vec<String>,
+    /// Extra attributes from the TokenReview (e.g. the service account's pod), for
+    /// SubjectAccessReviews.
+    pub extra: BTreeMap<String, Vec<String>>,
+    pub method: AuthMethod,
+}
+
+impl UserInfo {
+    /// The caller who presented no credential.
+    pub fn anonymous() -> Self {
+        UserInfo {
+            name: ANONYMOUS_USER.into(),
+            uid: None,
+            groups: vec![UNAUTHENTICATED_GROUP.into()],
+            extra: BTreeMap::new(),
+            method: AuthMethod::Anonymous,
+        }
+    }
+
+    /// Whether the user is in `group`.
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+}
+
+/// Why a caller is refused. Both variants answer 401 Unauthorized; neither ever becomes
+/// anonymous.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthnError {
+    /// A credential was presented and is not valid (bad token, unreadable certificate,
+    /// ambiguous credentials).
+    #[error("invalid credentials")]
+    Invalid,
+    /// The credential could not be checked (the TokenReview failed: API server down, timeout,
+    /// too many reviews in flight).
+    #[error("credentials could not be verified: {0}")]
+    Unavailable(String),
+}
+
+/// The API server's verdict on a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReviewOutcome {
+    Authenticated {
+        name: String,
+        uid: Option<String>,
+        groups: Vec<String>,
+        extra: BTreeMap<String, Vec<String>>,
+        /// The audiences the token is valid for (as the API server reports them).
+        audiences: Vec<String>,
+    },
+    Refused,
+}
+
+/// A boxed future, so reviewers can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Reviews tokens: the API server in production, a counting fake in tests.
+pub trait TokenReviewer: Send + Sync + 'static {
+    /// `Ok(outcome)` when the reviewer answered, `Err(reason)` when it could not.
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>>;
+}
+
+/// TokenReview against the API server with the agent's own credentials (which need
+/// `create tokenreviews`).
+#[derive(Clone)]
+pub struct KubeTokenReviewer {
+    client: kube::Client,
+}
+
+impl KubeTokenReviewer {
+    pub fn new(client: kube::Client) -> Self {
+        KubeTokenReviewer { client }
+    }
+}
+
+impl TokenReviewer for KubeTokenReviewer {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+        Box::pin(async move {
+            let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: token.to_string(),
+                    audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
+                },
+                ..Default::default()
+            };
+            let answer = api
+                .create(&kube::api::PostParams::default(), &review)
+                .await
+                .map_err(|e| format!("TokenReview failed: {e}"))?;
+            let Some(status) = answer.status else {
+                return Err("TokenReview returned no status".into());
+            };
+            if status.authenticated != Some(true) {
+                return Ok(ReviewOutcome::Refused);
+            }
+            let user = status.user.unwrap_or_default();
+            let Some(name) = user.username.filter(|n| !n.is_empty()) else {
+                return Ok(ReviewOutcome::Refused);
+            };
+            Ok(ReviewOutcome::Authenticated {
+                name,
+                uid: user.uid.filter(|u| !u.is_empty()),
+                groups: user.groups.unwrap_or_default(),
+                extra: user.extra.unwrap_or_default(),
+                audiences: status.audiences.unwrap_or_default(),
+            })
+        })
+    }
+}
+
+/// Cache and concurrency settings. Defaults follow the kubelet
+/// (`--authentication-token-webhook-cache-ttl` 2 min).
+#[derive(Clone, Debug)]
+pub struct AuthnSettings {
+    /// `--authentication-token-audiences`: the audiences a token must be valid for; empty
+    /// means the API server's own audience.
+    pub audiences: Vec<String>,
+    /// Whether client certificates are trusted (only when a client CA is configured).
+    pub x509_enabled: bool,
+    pub success_ttl: Duration,
+    pub failure_ttl: Duration,
+    /// Authenticated tokens kept.
+    pub success_capacity: u64,
+    /// Refused tokens kept (separately, so junk never evicts good entries).
+    pub failure_capacity: u64,
+    /// Reviews in flight at once; further misses wait for a slot up to `review_timeout`.
+    pub max_concurrent_reviews: usize,
+    /// Time for one review, waiting for a slot included.
+    pub review_timeout: Duration,
+}
+
+impl Default for AuthnSettings {
+    fn default() -> Self {
+        AuthnSettings {
+            audiences: Vec::new(),
+            x509_enabled: false,
+            success_ttl: Duration::from_secs(120),
+            failure_ttl: Duration::from_secs(10),
+            success_capacity: 10_000,
+            failure_capacity: 1_000,
+            max_concurrent_reviews: 16,
+            review_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parses `--authentication-token-audiences` (comma-separated, blanks ignored).
+pub fn parse_audiences(flag: &str) -> Vec<String> {
+    flag.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+type TokenKey = [u8; 32];
+
+/// Why a review did not produce a user; shared between the callers of one collapsed review.
+#[derive(Clone, Debug)]
+enum Miss {
+    Refused,
+    Unavailable(String),
+}
+
+struct Inner {
+    reviewer: Arc<dyn TokenReviewer>,
+    settings: AuthnSettings,
+    authenticated: Cache<TokenKey, Arc<UserInfo>>,
+    refused: Cache<TokenKey, ()>,
+    reviews: Semaphore,
+}
+
+/// Authenticates requests; cheap to clone (one cache shared by all clones).
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    pub fn new(reviewer: Arc<dyn TokenReviewer>, settings: AuthnSettings) -> Self {
+        let authenticated = Cache::builder()
+            .max_capacity(settings.success_capacity)
+            .time_to_live(settings.success_ttl)
+            .build();
+        let refused = Cache::builder()
+            .max_capacity(settings.failure_capacity)
+            .time_to_live(settings.failure_ttl)
+            .build();
+        let reviews = Semaphore::new(settings.max_concurrent_reviews.max(1));
+        Authenticator {
+            inner: Arc::new(Inner {
+                reviewer,
+                settings,
+                authenticated,
+                refused,
+                reviews,
+            }),
+        }
+    }
+
+    /// An authenticator reviewing tokens with the API server.
+    pub fn with_client(client: kube::Client, settings: AuthnSettings) -> Self {
+        Self::new(Arc::new(KubeTokenReviewer::new(client)), settings)
+    }
+
+    pub fn settings(&self) -> &AuthnSettings {
+        &self.inner.settings
+    }
+
+    /// Authenticates a request on the secure port. `peer_certs` is the client's certificate
+    /// chain as rustls verified it against the client CA (rustls refuses the handshake for a
+    /// chain that does not verify, so a chain here is trusted). A token in the query string
+    /// is never looked at.
+    pub async fn authenticate(
+        &self,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+        headers: &HeaderMap,
+    ) -> Result<UserInfo, AuthnError> {
+        // As the kubelet's union authenticator: a verified certificate wins over a token.
+        if self.inner.settings.x509_enabled
+            && let Some(leaf) = peer_certs.and_then(|c| c.first())
+        {
+            let user = user_from_certificate(leaf)?;
+            tracing::debug!(user = %user.name, "authenticated by client certificate");
+            return Ok(user);
+        }
+        match bearer_token(headers)? {
+            Some(token) => self.authenticate_token(&token).await,
+            None => Ok(UserInfo::anonymous()),
+        }
+    }
+
+    /// Authenticates a bearer token: cache, else one review shared by concurrent callers.
+    pub async fn authenticate_token(&self, token: &str) -> Result<UserInfo, AuthnError> {
+        let key: TokenKey = Sha256::digest(token.as_bytes()).into();
+        let hash = hash_prefix(&key);
+        if let Some(user) = self.inner.authenticated.get(&key).await {
+            return Ok((*user).clone());
+        }
+        if self.inner.refused.contains_key(&key) {
+            tracing::debug!(token_sha256 = %hash, "token refused (cached)");
+            return Err(AuthnError::Invalid);
+        }
+        let inner = self.inner.clone();
+        let review = async move { inner.review(token, &hash_prefix(&key)).await };
+        match self.inner.authenticated.try_get_with(key, review).await {
+            Ok(user) => Ok((*user).clone()),
+            Err(miss) => match &*miss {
+                Miss::Refused => {
+                    self.inner.refused.insert(key, ()).await;
+                    Err(AuthnError::Invalid)
+                }
+                Miss::Unavailable(reason) => Err(AuthnError::Unavailable(reason.clone())),
+            },
+        }
+    }
+}
+
+impl Inner {
+    /// One TokenReview, within a review slot and the timeout.
+    async fn review(&self, token: &str, hash: &str) -> Result<Arc<UserInfo>, Miss> {
+        let outcome = tokio::time::timeout(self.settings.review_timeout, async {
+            let _slot = self
+                .reviews
+                .acquire()
+                .await
+                .map_err(|_| "review slots closed".to_string())?;
+            self.reviewer.review(token, &self.settings.audiences).await
+        })
+        .await;
+        let outcome = match outcome {
+            Err(_) => {
+                tracing::warn!(token_sha256 = %hash, "token review timed out");
+                return Err(Miss::Unavailable("token review timed out".into()));
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(token_sha256 = %hash, %reason, "token review failed");
+                return Err(Miss::Unavailable(reason));
+            }
+            Ok(Ok(outcome)) => outcome,
+        };
+        match outcome {
+            ReviewOutcome::Refused => {
+                tracing::info!(token_sha256 = %hash, "token refused by TokenReview");
+                Err(Miss::Refused)
+            }
+            ReviewOutcome::Authenticated {
+                name,
+                uid,
+                groups,
+                extra,
+                audiences,
+            } => {
+                // As the API server's audience-agnostic check: when we asked for audiences,
+                // the token must be valid for at least one of them.
+                let wanted = &self.settings.audiences;
+                if !wanted.is_empty() && !audiences.iter().any(|a| wanted.contains(a)) {
+                    tracing::info!(token_sha256 = %hash, ?audiences, "token not valid for our audiences");
+                    return Err(Miss::Refused);
+                }
+                tracing::debug!(token_sha256 = %hash, user = %name, "token authenticated");
+                Ok(Arc::new(UserInfo {
+                    name,
+                    uid,
+                    groups: with_authenticated(groups),
+                    extra,
+                    method: AuthMethod::Token,
+                }))
+            }
+        }
+    }
+}
+
+/// The first 8 hex digits of a token's SHA-256: enough to correlate log lines, useless to
+/// an attacker.
+fn hash_prefix(key: &TokenKey) -> String {
+    key.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+fn with_authenticated(mut groups: Vec<String>) -> Vec<String> {
+    if !groups.iter().any(|g| g == AUTHENTICATED_GROUP) {
+        groups.push(AUTHENTICATED_GROUP.into());
+    }
+    groups
+}
+
+/// User = CN, groups = every O, of a verified client certificate. A certificate with no CN
+/// is refused (the kubelet would fall through to anonymous; we do not downgrade).
+pub fn user_from_certificate(leaf: &CertificateDer<'_>) -> Result<UserInfo, AuthnError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| {
+        tracing::info!(error = %e, "unreadable client certificate");
+        AuthnError::Invalid
+    })?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .filter(|cn| !cn.is_empty())
+        .ok_or_else(|| {
+            tracing::info!("client certificate has no common name");
+            AuthnError::Invalid
+        })?
+        .to_string();
+    let groups = subject
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok())
+        .map(String::from)
+        .collect();
+    Ok(UserInfo {
+        name,
+        uid: None,
+        groups: with_authenticated(groups),
+        extra: BTreeMap::new(),
+        method: AuthMethod::X509,
+    })
+}
+
+/// The bearer token of a request: the `Authorization: Bearer` header, or for a WebSocket
+/// upgrade the `base64url.bearer.authorization.k8s.io.<token>` subprotocol. `Ok(None)` when
+/// the request carries no credential; `Invalid` when it carries one we cannot use (another
+/// scheme, an empty or undecodable token, several tokens that differ). This is stricter than
+/// the kubelet, which ignores unusable headers: a caller who sent a credential meant to be
+/// someone, and must not silently become anonymous.
+pub fn bearer_token(headers: &HeaderMap) -> Result<Option<String>, AuthnError> {
+    let mut header_token = None;
+    for value in headers.get_all(http::header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| AuthnError::Invalid)?.trim();
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        let token = token.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return Err(AuthnError::Invalid);
+        }
+        if header_token.replace(token.to_string()).is_some() {
+            return Err(AuthnError::Invalid);
+        }
+    }
+    let protocol_token = websocket_protocol_token(headers)?;
+    match (header_token, protocol_token) {
+        (Some(a), Some(b)) if a != b => Err(AuthnError::Invalid),
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
+    }
+}
+
+/// The token in the WebSocket subprotocol list, as the API server's websocket authenticator
+/// reads it: only on a WebSocket upgrade, exactly one such protocol, base64url without
+/// padding.
+fn websocket_protocol_token(headers: &HeaderMap) -> Result<Option<String>, AuthnError> {
+    let is_websocket = headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        });
+    if !is_websocket {
+        return Ok(None);
+    }
+    let mut found = None;
+    for value in headers.get_all(http::header::SEC_WEBSOCKET_PROTOCOL) {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for protocol in value.split(',').map(str::trim) {
+            let Some(encoded) = protocol.strip_prefix(WEBSOCKET_TOKEN_PROTOCOL_PREFIX) else {
+                continue;
+            };
+            let decoded = URL_SAFE_NO_PAD
+                .decode(encoded)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|t| !t.is_empty())
+                .ok_or(AuthnError::Invalid)?;
+            if found.replace(decoded).is_some() {
+                return Err(AuthnError::Invalid);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The `Sec-WebSocket-Protocol` value with the token protocol removed, so the token is never
+/// forwarded upstream. `None` when nothing is left.
+pub fn strip_token_protocol(value: &str) -> Option<String> {
+    let kept: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.starts_with(WEBSOCKET_TOKEN_PROTOCOL_PREFIX))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", "))
+}

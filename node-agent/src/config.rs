@@ -1,0 +1,1047 @@
+//! Where the agent's rules come from, and how a new version replaces the old one.
+//!
+//! `--config-source=api` watches this node's own `NodeAgentConfig` (and nothing else: the
+//! operator has already resolved selectors, so the agent needs no list access);
+//! `--config-source=file:PATH` reads a `NodeAgentConfig`, or `NodeApiPolicy` documents that are
+//! compiled for this node with the operator's own compiler (clusters without the operator).
+//!
+//! Every new version is validated before it is used; an invalid one never replaces the last
+//! good one (the agent keeps enforcing what it enforced, and says why in status and logs).
+//! The swap is atomic: a request in flight keeps the `Arc` it started with. Before the first
+//! good version the agent is not ready and denies everything.
+
+use arc_swap::ArcSwapOption;
+use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use nodegate_crds::agent_config::NodeAgentConfigStatus;
+use nodegate_crds::policy::{NamespaceScope, NodeApiPolicySpec};
+use nodegate_crds::selector::{LabelSelector, SelectorOperator};
+use nodegate_crds::{
+    AgentRule, Endpoint, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, Port, SubjectKind,
+    rules,
+};
+use nodegate_operator::compiler::{self, NodeInfo};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Field manager of the status the agent writes.
+pub const STATUS_FIELD_MANAGER: &str = "nodegate-agent";
+
+/// Where the configuration comes from.
+#[derive(Clone)]
+pub enum ConfigSource {
+    /// This node's NodeAgentConfig, watched through the API server.
+    Api { client: kube::Client },
+    /// A local file, polled for changes.
+    File(PathBuf),
+}
+
+/// The `--config-source` flag: `api` or `file:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSourceFlag {
+    Api,
+    File(PathBuf),
+}
+
+impl FromStr for ConfigSourceFlag {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "api" => Ok(ConfigSourceFlag::Api),
+            Some(("file", path)) if !path.is_empty() => Ok(ConfigSourceFlag::File(path.into())),
+            _ => Err(format!(
+                "--config-source must be `api` or `file:PATH`, not `{s}`"
+            )),
+        }
+    }
+}
+
+/// One validated configuration, as enforced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// The compiled rules (namespace names sorted, so `ResolvedNamespaces::allows` works).
+    pub spec: NodeAgentConfigSpec,
+    /// Increases with every swap (0: nothing loaded yet), for logs and metrics.
+    pub generation: u64,
+}
+
+impl AgentConfig {
+    /// The configuration in force before anything loads: no rules, so every request is
+    /// denied.
+    pub fn deny_all() -> Self {
+        AgentConfig {
+            spec: NodeAgentConfigSpec {
+                policies: String::new(),
+                hash: String::new(),
+                rules: Vec::new(),
+            },
+            generation: 0,
+        }
+    }
+}
+
+struct StoreInner {
+    current: ArcSwapOption<AgentConfig>,
+    deny_all: Arc<AgentConfig>,
+    generation: AtomicU64,
+    last_error: ArcSwapOption<String>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// The configuration in force; cheap to clone, shared by the loader and every request.
+#[derive(Clone)]
+pub struct ConfigStore {
+    inner: Arc<StoreInner>,
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for ConfigStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigStore")
+            .field("loaded", &self.is_loaded())
+            .field("generation", &self.current().generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigStore {
+    pub fn new() -> Self {
+        let (changed, _) = tokio::sync::watch::channel(0);
+        ConfigStore {
+            inner: Arc::new(StoreInner {
+                current: ArcSwapOption::empty(),
+                deny_all: Arc::new(AgentConfig::deny_all()),
+                generation: AtomicU64::new(0),
+                last_error: ArcSwapOption::empty(),
+                changed,
+            }),
+        }
+    }
+
+    /// The configuration to decide a request by; deny-all until one loads. Hold the `Arc`
+    /// for the whole request, so a swap in the middle cannot mix two versions.
+    pub fn current(&self) -> Arc<AgentConfig> {
+        self.inner
+            .current
+            .load_full()
+            .unwrap_or_else(|| self.inner.deny_all.clone())
+    }
+
+    /// Whether a valid configuration has loaded (readiness).
+    pub fn is_loaded(&self) -> bool {
+        self.inner.current.load().is_some()
+    }
+
+    /// Why the latest version was not used, until a valid one arrives.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.load_full().map(|e| (*e).clone())
+    }
+
+    /// Notified with the generation after every swap.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Swaps in a validated spec; returns its generation. Unchanged specs are not swapped.
+    pub fn publish(&self, spec: NodeAgentConfigSpec) -> u64 {
+        self.inner.last_error.store(None);
+        if let Some(current) = self.inner.current.load_full()
+            && current.spec == spec
+        {
+            return current.generation;
+        }
+        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(generation, hash = %spec.hash, rules = spec.rules.len(), policies = %spec.policies, "configuration in force");
+        self.inner
+            .current
+            .store(Some(Arc::new(AgentConfig { spec, generation })));
+        self.inner.changed.send_replace(generation);
+        generation
+    }
+
+    /// Records a refused version; the configuration in force stays.
+    pub fn reject(&self, error: String) {
+        tracing::error!(%error, loaded = self.is_loaded(), "configuration refused: keeping the last good one");
+        self.inner.last_error.store(Some(Arc::new(error)));
+    }
+
+    /// Back to deny-all (this node's configuration was deleted).
+    pub fn clear(&self, reason: &str) {
+        tracing::warn!(%reason, "configuration removed: denying everything");
+        self.inner.current.store(None);
+        let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.inner.changed.send_replace(generation);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("not valid YAML: {0}")]
+    Yaml(String),
+    #[error("{0}")]
+    Document(String),
+    #[error("{object} is invalid: {}", .errors.join("; "))]
+    Invalid { object: String, errors: Vec<String> },
+}
+
+fn invalid(object: impl Into<String>, errors: Vec<String>) -> ConfigError {
+    ConfigError::Invalid {
+        object: object.into(),
+        errors,
+    }
+}
+
+/// Checks `value` against a structural schema the way the API server does: unknown fields,
+/// enum values, list and string bounds. Errors name the field path.
+pub fn schema_errors(
+    schema: &JSONSchemaProps,
+    value: &Value,
+    path: &str,
+    errors: &mut Vec<String>,
+) {
+    if value.is_null() {
+        return;
+    }
+    if let Some(allowed) = &schema.enum_
+        && !allowed.iter().any(|a| a.0 == *value)
+    {
+        errors.push(format!("{path}: Unsupported value: {value}"));
+    }
+    match value {
+        Value::Object(map) => {
+            if let Some(max) = schema.max_properties
+                && map.len() as i64 > max
+            {
+                errors.push(format!("{path}: Too many: {} (at most {max})", map.len()));
+            }
+            for required in schema.required.iter().flatten() {
+                if !map.contains_key(required) {
+                    errors.push(format!("{path}.{required}: Required value"));
+                }
+            }
+            let preserve = schema.x_kubernetes_preserve_unknown_fields == Some(true);
+            for (key, child) in map {
+                let child_path = format!("{path}.{key}");
+                if let Some(props) = schema.properties.as_ref().and_then(|p| p.get(key)) {
+                    schema_errors(props, child, &child_path, errors);
+                } else {
+                    match &schema.additional_properties {
+                        Some(JSONSchemaPropsOrBool::Schema(values)) => {
+                            schema_errors(values, child, &child_path, errors)
+                        }
+                        Some(JSONSchemaPropsOrBool::Bool(true)) => {}
+                        _ if preserve => {}
+                        _ => errors.push(format!("{path}: unknown field \"{key}\"")),
+                    }
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(max) = schema.max_items
+                && items.len() as i64 > max
+            {
+                errors.push(format!("{path}: Too many: {} (at most {max})", items.len()));
+            }
+            if let Some(min) = schema.min_items
+                && (items.len() as i64) < min
+            {
+                errors.push(format!("{path}: at least {min} item(s) required"));
+            }
+            if let Some(JSONSchemaPropsOrArray::Schema(item)) = &schema.items {
+                for (i, child) in items.iter().enumerate() {
+                    schema_errors(item, child, &format!("{path}[{i}]"), errors);
+                }
+            }
+            if schema.x_kubernetes_list_type.as_deref() == Some("set") {
+                let mut seen = BTreeSet::new();
+                for item in items {
+                    if !seen.insert(item.to_string()) {
+                        errors.push(format!("{path}: Duplicate value: {item}"));
+                    }
+                }
+            }
+        }
+        Value::String(s) => {
+            let chars = s.chars().count() as i64;
+            if let Some(max) = schema.max_length
+                && chars > max
+            {
+                errors.push(format!(
+                    "{path}: Too long: may not be more than {max} characters"
+                ));
+            }
+            if let Some(min) = schema.min_length
+                && chars < min
+            {
+                errors.push(format!("{path}: at least {min} character(s) required"));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The schema of `spec` in a CRD.
+fn spec_schema(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Option<JSONSchemaProps> {
+    crd.spec
+        .versions
+        .first()?
+        .schema
+        .as_ref()?
+        .open_api_v3_schema
+        .as_ref()?
+        .properties
+        .as_ref()?
+        .get("spec")
+        .cloned()
+}
+
+fn node_agent_config_schema() -> &'static Option<JSONSchemaProps> {
+    static SCHEMA: std::sync::OnceLock<Option<JSONSchemaProps>> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| spec_schema(&nodegate_crds::crd::node_agent_config()))
+}
+
+fn node_api_policy_schema() -> &'static Option<JSONSchemaProps> {
+    static SCHEMA: std::sync::OnceLock<Option<JSONSchemaProps>> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| spec_schema(&nodegate_crds::crd::node_api_policy()))
+}
+
+/// A NodeAgentConfig `spec` as JSON → validated spec, ready to enforce. Refuses what the
+/// schema refuses (unknown fields or endpoints, bounds, duplicates in sets) and what the
+/// policy rules would have refused (the NodeAgentConfig CRD carries no CEL, so a hand-written
+/// object could hold anything).
+pub fn validate_agent_spec(object: &str, spec: &Value) -> Result<NodeAgentConfigSpec, ConfigError> {
+    let mut errors = Vec::new();
+    if let Some(schema) = node_agent_config_schema() {
+        schema_errors(schema, spec, "spec", &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(invalid(object, errors));
+    }
+    let mut parsed: NodeAgentConfigSpec = serde_json::from_value(spec.clone())
+        .map_err(|e| invalid(object, vec![format!("spec: {e}")]))?;
+    let errors = agent_spec_violations(&parsed);
+    if !errors.is_empty() {
+        return Err(invalid(object, errors));
+    }
+    for rule in &mut parsed.rules {
+        rule.namespaces.names.sort();
+    }
+    Ok(parsed)
+}
+
+fn message(rule: rules::RuleFn) -> String {
+    match rule().message {
+        Some(kube::core::Message::Message(m)) => m,
+        Some(kube::core::Message::Expression(e)) => e,
+        None => rule().rule,
+    }
+}
+
+/// A DNS-1123 label (namespace names).
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1123 subdomain (service account names).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| !l.is_empty() && is_dns_label(l))
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn is_anonymous_subject(s: &nodegate_crds::Subject) -> bool {
+    (s.kind == SubjectKind::User && s.name == crate::authn::ANONYMOUS_USER)
+        || (s.kind == SubjectKind::Group && s.name == crate::authn::UNAUTHENTICATED_GROUP)
+}
+
+/// The rules shared by policies and compiled agent rules, given their parts.
+struct GrantParts<'a> {
+    subjects: &'a [nodegate_crds::Subject],
+    creates_service_accounts: bool,
+    endpoints: &'a [Endpoint],
+    all_namespaces: bool,
+    ports: &'a [Port],
+    metrics: Option<&'a nodegate_crds::policy::MetricsTransform>,
+}
+
+fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
+    let node_wide: BTreeSet<Endpoint> = Endpoint::node_wide().collect();
+    let streaming: BTreeSet<Endpoint> = Endpoint::streaming().collect();
+    let read_only: BTreeSet<Endpoint> = Endpoint::read_only().collect();
+    if g.endpoints.iter().any(|e| node_wide.contains(e)) && !g.all_namespaces {
+        errors.push(message(rules::node_wide_needs_all));
+    }
+    if g.ports.contains(&Port::ReadOnly) {
+        if g.endpoints.iter().any(|e| streaming.contains(e)) {
+            errors.push(message(rules::no_streaming_on_read_only_port));
+        }
+        if !g
+            .endpoints
+            .iter()
+            .all(|e| read_only.contains(e) || streaming.contains(e))
+        {
+            errors.push(message(rules::read_only_port_serves_reads_only));
+        }
+        if !g.subjects.iter().all(is_anonymous_subject) || g.creates_service_accounts {
+            errors.push(message(rules::read_only_port_is_anonymous));
+        }
+    }
+    for s in g.subjects {
+        if (s.kind == SubjectKind::ServiceAccount) != s.namespace.is_some() {
+            errors.push(message(rules::subject_namespace));
+        }
+        if s.kind == SubjectKind::ServiceAccount
+            && (!is_dns_subdomain(&s.name)
+                || s.namespace.as_deref().is_some_and(|n| !is_dns_label(n)))
+        {
+            errors.push(message(rules::service_account_subject_name));
+        }
+    }
+    if let Some(m) = g.metrics {
+        if m.add_labels
+            .keys()
+            .any(|k| k == "namespace" || !is_label_name(k) || k.starts_with("__"))
+        {
+            errors.push(message(rules::add_labels_valid));
+        }
+        if !m.drop.iter().chain(&m.keep).all(|n| is_metric_name(n)) {
+            errors.push(message(rules::metric_names_valid));
+        }
+    }
+}
+
+fn selector_violations(selector: Option<&LabelSelector>, errors: &mut Vec<String>) {
+    for r in selector.iter().flat_map(|s| &s.match_expressions) {
+        let needs_values = matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
+        if needs_values == r.values.is_empty() {
+            errors.push(message(rules::selector_values));
+        }
+    }
+}
+
+/// The CEL rules of the NodeApiPolicy CRD (`crds/src/rules.rs`), re-implemented: every rule
+/// that fails, with its message, as `kubectl apply` would report them.
+pub fn policy_violations(spec: &NodeApiPolicySpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    if spec.subjects.is_empty() && spec.service_accounts.is_empty() {
+        errors.push(message(rules::has_subject));
+    }
+    let scope: &NamespaceScope = &spec.namespaces;
+    grant_violations(
+        &GrantParts {
+            subjects: &spec.subjects,
+            creates_service_accounts: !spec.service_accounts.is_empty(),
+            endpoints: &spec.access,
+            all_namespaces: scope.all == Some(true),
+            ports: &spec.ports,
+            metrics: spec.metrics.as_ref(),
+        },
+        &mut errors,
+    );
+    for sa in &spec.service_accounts {
+        if !is_dns_subdomain(&sa.name) || !is_dns_label(&sa.namespace) {
+            errors.push(message(rules::service_account_names));
+        }
+    }
+    let scopes = usize::from(scope.names.is_some())
+        + usize::from(scope.selector.is_some())
+        + usize::from(scope.all == Some(true));
+    if scopes != 1 {
+        errors.push(message(rules::exactly_one_namespace_scope));
+    }
+    if scope.names.iter().flatten().any(|n| !is_dns_label(n)) {
+        errors.push(message(rules::namespace_names_valid));
+    }
+    selector_violations(spec.node_selector.as_ref(), &mut errors);
+    selector_violations(scope.selector.as_ref(), &mut errors);
+    errors.dedup();
+    errors
+}
+
+/// What makes compiled rules unsafe or ambiguous to enforce.
+pub fn agent_spec_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut policies = BTreeSet::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = |what: &str| format!("spec.rules[{i}] ({}): {what}", rule.policy);
+        if !policies.insert(rule.policy.as_str()) {
+            errors.push(at("duplicate policy"));
+        }
+        let mut rule_errors = Vec::new();
+        check_rule(rule, &mut rule_errors);
+        errors.extend(rule_errors.iter().map(|e| at(e)));
+    }
+    errors
+}
+
+fn check_rule(rule: &AgentRule, errors: &mut Vec<String>) {
+    if rule.subjects.is_empty() {
+        errors.push(message(rules::has_subject));
+    }
+    if rule.endpoints.is_empty() {
+        errors.push("no endpoints".into());
+    }
+    if rule.ports.is_empty() {
+        errors.push("no ports".into());
+    }
+    let unique = |n: usize, m: usize| n == m;
+    if !unique(
+        rule.endpoints.iter().collect::<BTreeSet<_>>().len(),
+        rule.endpoints.len(),
+    ) {
+        errors.push("duplicate endpoint".into());
+    }
+    if !unique(
+        rule.ports.iter().collect::<BTreeSet<_>>().len(),
+        rule.ports.len(),
+    ) {
+        errors.push("duplicate port".into());
+    }
+    if !unique(
+        rule.subjects.iter().collect::<BTreeSet<_>>().len(),
+        rule.subjects.len(),
+    ) {
+        errors.push("duplicate subject".into());
+    }
+    let names = &rule.namespaces.names;
+    if names.iter().any(|n| !is_dns_label(n)) {
+        errors.push(message(rules::namespace_names_valid));
+    }
+    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+        errors.push("duplicate namespace".into());
+    }
+    if rule.namespaces.all && !names.is_empty() {
+        errors.push(message(rules::exactly_one_namespace_scope));
+    }
+    grant_violations(
+        &GrantParts {
+            subjects: &rule.subjects,
+            creates_service_accounts: false,
+            endpoints: &rule.endpoints,
+            all_namespaces: rule.namespaces.all,
+            ports: &rule.ports,
+            metrics: rule.metrics.as_ref(),
+        },
+        errors,
+    );
+}
+
+/// A NodeApiPolicy document (JSON) → the policy, or every schema and rule error.
+pub fn validate_policy(doc: &Value) -> Result<NodeApiPolicy, ConfigError> {
+    let name = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let object = format!("NodeApiPolicy {name:?}");
+    if name.is_empty() {
+        return Err(invalid(
+            object,
+            vec!["metadata.name: Required value".into()],
+        ));
+    }
+    let mut errors = Vec::new();
+    let spec = doc.get("spec").cloned().unwrap_or(Value::Null);
+    if spec.is_null() {
+        return Err(invalid(object, vec!["spec: Required value".into()]));
+    }
+    if let Some(schema) = node_api_policy_schema() {
+        schema_errors(schema, &spec, "spec", &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(invalid(object, errors));
+    }
+    let policy: NodeApiPolicy =
+        serde_json::from_value(doc.clone()).map_err(|e| invalid(&object, vec![e.to_string()]))?;
+    let errors = policy_violations(&policy.spec);
+    if !errors.is_empty() {
+        return Err(invalid(object, errors));
+    }
+    Ok(policy)
+}
+
+// ---------------------------------------------------------------------------------------------
+// File source
+
+/// This node, as the file source compiles policies for it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub uid: String,
+    /// Node labels, for policies' node selectors.
+    pub labels: BTreeMap<String, String>,
+}
+
+const API_VERSION: &str = "nodegate.io/v1alpha1";
+
+/// Parses a config file: one NodeAgentConfig (for this node), or NodeApiPolicy documents
+/// compiled for this node. Namespace selectors resolve to no namespace (the file source has
+/// no namespace list); use `names` or `all` in files.
+pub fn parse_config_file(
+    text: &str,
+    node: &NodeIdentity,
+) -> Result<NodeAgentConfigSpec, ConfigError> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize_any_doc(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        let json = serde_json::to_value(&value).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        docs.push(json);
+    }
+    if docs.is_empty() {
+        return Err(ConfigError::Document("the file holds no document".into()));
+    }
+    let kinds: BTreeSet<&str> = docs
+        .iter()
+        .map(|d| d.get("kind").and_then(Value::as_str).unwrap_or(""))
+        .collect();
+    for doc in &docs {
+        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        if api_version != API_VERSION {
+            return Err(ConfigError::Document(format!(
+                "apiVersion must be {API_VERSION}, not {api_version:?}"
+            )));
+        }
+    }
+    match kinds.iter().copied().collect::<Vec<_>>().as_slice() {
+        ["NodeAgentConfig"] => {
+            let [doc] = docs.as_slice() else {
+                return Err(ConfigError::Document(
+                    "a file holds one NodeAgentConfig".into(),
+                ));
+            };
+            let name = doc.pointer("/metadata/name").and_then(Value::as_str);
+            if let Some(name) = name
+                && name != node.name
+            {
+                return Err(ConfigError::Document(format!(
+                    "the NodeAgentConfig is for node {name:?}, this is node {:?}",
+                    node.name
+                )));
+            }
+            validate_agent_spec(
+                &format!("NodeAgentConfig {:?}", node.name),
+                doc.get("spec").unwrap_or(&Value::Null),
+            )
+        }
+        ["NodeApiPolicy"] => {
+            let mut policies = Vec::new();
+            let mut errors = Vec::new();
+            let mut names = BTreeSet::new();
+            for doc in &docs {
+                match validate_policy(doc) {
+                    Ok(policy) => {
+                        if !names.insert(policy.metadata.name.clone()) {
+                            errors.push(format!(
+                                "NodeApiPolicy {:?} appears twice",
+                                policy.metadata.name.as_deref().unwrap_or_default()
+                            ));
+                        }
+                        policies.push(policy);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(ConfigError::Document(errors.join("; ")));
+            }
+            compile_for_node(&policies, node)
+        }
+        other => Err(ConfigError::Document(format!(
+            "a config file holds one NodeAgentConfig or NodeApiPolicy documents, not {other:?}"
+        ))),
+    }
+}
+
+/// Compiles policies for this node with the operator's compiler.
+pub fn compile_for_node(
+    policies: &[NodeApiPolicy],
+    node: &NodeIdentity,
+) -> Result<NodeAgentConfigSpec, ConfigError> {
+    let info = NodeInfo {
+        name: node.name.clone(),
+        uid: node.uid.clone(),
+        labels: node.labels.clone(),
+    };
+    let desired = compiler::compile(policies, &[info], &[]);
+    for outcome in &desired.outcomes {
+        for problem in &outcome.problems {
+            tracing::warn!(policy = %outcome.policy, %problem, "policy compiled with a problem");
+        }
+    }
+    let config = desired
+        .node_agent_configs
+        .into_iter()
+        .next()
+        .ok_or_else(|| ConfigError::Document("the compiler produced no configuration".into()))?;
+    let spec =
+        serde_json::to_value(&config.spec).map_err(|e| ConfigError::Document(e.to_string()))?;
+    validate_agent_spec(
+        &format!("compiled configuration of node {:?}", node.name),
+        &spec,
+    )
+}
+
+/// Helper so the YAML stream yields values without naming serde's `Deserialize` at the call.
+trait DeserializeDoc: Sized {
+    fn deserialize_any_doc(doc: serde_yaml::Deserializer<'_>) -> Result<Self, ConfigError>;
+}
+
+impl DeserializeDoc for serde_yaml::Value {
+    fn deserialize_any_doc(doc: serde_yaml::Deserializer<'_>) -> Result<Self, ConfigError> {
+        use serde::Deserialize;
+        serde_yaml::Value::deserialize(doc).map_err(|e| ConfigError::Yaml(e.to_string()))
+    }
+}
+
+/// Loads the file once into the store; `Ok(true)` when the content was new.
+pub fn load_file_once(
+    path: &std::path::Path,
+    node: &NodeIdentity,
+    store: &ConfigStore,
+    last: &mut Option<Vec<u8>>,
+) -> bool {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            let error = ConfigError::Read {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
+            if store.last_error().as_deref() != Some(&error.to_string()) {
+                store.reject(error.to_string());
+            }
+            *last = None;
+            return false;
+        }
+    };
+    if last.as_deref() == Some(bytes.as_slice()) {
+        return false;
+    }
+    *last = Some(bytes.clone());
+    let text = String::from_utf8_lossy(&bytes);
+    match parse_config_file(&text, node) {
+        Ok(spec) => {
+            store.publish(spec);
+            true
+        }
+        Err(e) => {
+            store.reject(format!("{}: {e}", path.display()));
+            false
+        }
+    }
+}
+
+/// Polls the file every `interval`, forever.
+pub async fn run_file(path: PathBuf, node: NodeIdentity, store: ConfigStore, interval: Duration) {
+    let mut last = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        load_file_once(&path, &node, &store, &mut last);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// API source
+
+/// What the API source needs besides the client.
+#[derive(Clone)]
+pub struct ApiSourceSettings {
+    pub node_name: String,
+    /// The serving certificate's expiry, reported in status.
+    pub serving_cert_expiry: Option<Arc<dyn Fn() -> Option<SystemTime> + Send + Sync>>,
+    /// How often status is re-checked (certificate rotations, readiness).
+    pub status_interval: Duration,
+}
+
+impl std::fmt::Debug for ApiSourceSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSourceSettings")
+            .field("node_name", &self.node_name)
+            .field("status_interval", &self.status_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the configured source forever.
+pub async fn run(
+    source: ConfigSource,
+    store: ConfigStore,
+    node: NodeIdentity,
+    settings: ApiSourceSettings,
+    file_poll: Duration,
+) {
+    match source {
+        ConfigSource::File(path) => run_file(path, node, store, file_poll).await,
+        ConfigSource::Api { client } => run_api(client, store, settings).await,
+    }
+}
+
+/// What was last seen of this node's object.
+#[derive(Default)]
+struct Observed {
+    /// The object exists (as far as the watch knows).
+    exists: bool,
+    spec_hash: Option<String>,
+    status: Option<NodeAgentConfigStatus>,
+}
+
+/// Watches this node's NodeAgentConfig (field selector on its name), swaps valid versions
+/// in, and writes status back. The watcher re-lists and resumes after API server restarts.
+pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSourceSettings) {
+    let resource = ApiResource::erase::<NodeAgentConfig>(&());
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let config =
+        watcher::Config::default().fields(&format!("metadata.name={}", settings.node_name));
+    let mut events = watcher(api.clone(), config).default_backoff().boxed();
+    let mut observed = Observed::default();
+    let mut seen_in_init = false;
+    let mut ticker = tokio::time::interval(settings.status_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return };
+                match event {
+                    Ok(watcher::Event::Init) => seen_in_init = false,
+                    Ok(watcher::Event::InitApply(obj)) => {
+                        seen_in_init = true;
+                        apply_object(&store, &settings, &mut observed, &obj);
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if !seen_in_init && observed.exists {
+                            observed = Observed::default();
+                            store.clear("this node's NodeAgentConfig is gone");
+                        } else if !seen_in_init {
+                            tracing::warn!(node = %settings.node_name, "no NodeAgentConfig for this node yet: denying everything");
+                        }
+                    }
+                    Ok(watcher::Event::Apply(obj)) => apply_object(&store, &settings, &mut observed, &obj),
+                    Ok(watcher::Event::Delete(_)) => {
+                        observed = Observed::default();
+                        store.clear("this node's NodeAgentConfig was deleted");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "NodeAgentConfig watch failed; retrying");
+                        continue;
+                    }
+                }
+            }
+            _ = ticker.tick() => {}
+        }
+        if observed.exists {
+            write_status(&api, &store, &settings, &mut observed).await;
+        }
+    }
+}
+
+fn apply_object(
+    store: &ConfigStore,
+    settings: &ApiSourceSettings,
+    observed: &mut Observed,
+    obj: &DynamicObject,
+) {
+    if obj.metadata.name.as_deref() != Some(settings.node_name.as_str()) {
+        return;
+    }
+    observed.exists = true;
+    observed.status = obj
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok());
+    let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+    observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
+    match validate_agent_spec(&format!("NodeAgentConfig {:?}", settings.node_name), &spec) {
+        Ok(spec) => {
+            store.publish(spec);
+        }
+        Err(e) => store.reject(e.to_string()),
+    }
+}
+
+async fn write_status(
+    api: &Api<DynamicObject>,
+    store: &ConfigStore,
+    settings: &ApiSourceSettings,
+    observed: &mut Observed,
+) {
+    let expiry = settings.serving_cert_expiry.as_ref().and_then(|f| f());
+    let current = store.current();
+    let enforced = store.is_loaded().then_some(current.spec.hash.as_str());
+    let desired = desired_status(
+        &StatusInputs {
+            enforced_hash: enforced,
+            spec_hash: observed.spec_hash.as_deref(),
+            last_error: store.last_error().as_deref(),
+            serving_cert_expiry: expiry,
+        },
+        observed.status.as_ref(),
+        SystemTime::now(),
+    );
+    if observed.status.as_ref() == Some(&desired) {
+        return;
+    }
+    let patch = serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": "NodeAgentConfig",
+        "metadata": { "name": settings.node_name },
+        "status": desired,
+    });
+    let params = PatchParams::apply(STATUS_FIELD_MANAGER).force();
+    match api
+        .patch_status(&settings.node_name, &params, &Patch::Apply(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!("status written");
+            observed.status = Some(desired);
+        }
+        Err(error) => tracing::warn!(%error, "writing NodeAgentConfig status failed"),
+    }
+}
+
+/// What status reports.
+#[derive(Clone, Debug, Default)]
+pub struct StatusInputs<'a> {
+    /// The hash of the configuration in force (`None`: nothing loaded).
+    pub enforced_hash: Option<&'a str>,
+    /// The object's `spec.hash`.
+    pub spec_hash: Option<&'a str>,
+    pub last_error: Option<&'a str>,
+    pub serving_cert_expiry: Option<SystemTime>,
+}
+
+/// The status to write: conditions keep their transition time while their status holds, so
+/// an unchanged state yields an identical status and no write.
+pub fn desired_status(
+    inputs: &StatusInputs<'_>,
+    previous: Option<&NodeAgentConfigStatus>,
+    now: SystemTime,
+) -> NodeAgentConfigStatus {
+    let in_sync = inputs.enforced_hash.is_some() && inputs.enforced_hash == inputs.spec_hash;
+    let (sync_reason, sync_message) = if in_sync {
+        ("Enforced", "the agent enforces this version".to_string())
+    } else if let Some(error) = inputs.last_error {
+        ("InvalidConfig", truncate(error, 1024))
+    } else {
+        (
+            "Pending",
+            "the agent has not loaded this version yet".to_string(),
+        )
+    };
+    let ready = inputs.enforced_hash.is_some();
+    let (ready_reason, ready_message) = if ready {
+        (
+            "ConfigLoaded",
+            "the agent serves with a valid configuration",
+        )
+    } else {
+        (
+            "NoValidConfig",
+            "the agent has no valid configuration and denies every request",
+        )
+    };
+    let conditions = vec![
+        condition(previous, "InSync", in_sync, sync_reason, &sync_message, now),
+        condition(previous, "Ready", ready, ready_reason, ready_message, now),
+    ];
+    NodeAgentConfigStatus {
+        observed_hash: inputs.enforced_hash.map(String::from),
+        conditions,
+        serving_cert_expiry: inputs.serving_cert_expiry.and_then(to_time),
+        last_error: inputs.last_error.map(|e| truncate(e, 1024)),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
+    let ts = k8s_openapi::jiff::Timestamp::from_second(i64::try_from(secs).ok()?).ok()?;
+    Some(Time(ts))
+}
+
+fn condition(
+    previous: Option<&NodeAgentConfigStatus>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: SystemTime,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let previous = previous
+        .into_iter()
+        .flat_map(|p| &p.conditions)
+        .find(|c| c.type_ == type_);
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => to_time(now).unwrap_or(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+    };
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time,
+        observed_generation: None,
+    }
+}
