@@ -2,3 +2,4 @@
 //! configuration. [`compiler`] decides; the controller (next) reads the cluster and applies.
 
 pub mod compiler;
+pub mod controller;

@@ -1,18 +1,211 @@
-//! nodegate-operator binary. The controller that runs the compiler against a cluster is the
-//! next milestone; until then the binary only explains itself, so nobody deploys a no-op.
+//! nodegate-operator binary: flags and environment in, controller out.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nodegate_operator::controller::{self, LeaderSettings, Metrics, Settings};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
-/// Reconciles NodeApiPolicy objects into ClusterRoles, ClusterRoleBindings, ServiceAccounts and
-/// one NodeAgentConfig per node.
+/// Reconciles NodeApiPolicy objects into ClusterRoles, bindings, ServiceAccounts and one
+/// NodeAgentConfig per node.
+///
+/// `run` (the default) watches policies, nodes, namespaces and the objects it generated, and
+/// writes only what differs from the compiled policies, by server-side apply (field manager
+/// `nodegate`). It never overwrites an object it does not own (label
+/// app.kubernetes.io/managed-by=nodegate): the policy reports it in its RBACApplied condition.
+/// Run two replicas with leader election for failover. Every flag can be set by the
+/// environment variable shown.
 #[derive(Parser)]
 #[command(name = "nodegate-operator", version)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (the default).
+    Run(RunArgs),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "NODEGATE_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_bind_address: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "NODEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `nodegate_operator=debug`.
+    #[arg(long, env = "NODEGATE_LOG", default_value = "info")]
+    log: String,
+
+    /// Elect a leader among replicas with a Lease; without it this replica always reconciles
+    /// (run exactly one).
+    #[arg(long, env = "NODEGATE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "NODEGATE_LEASE_NAME", default_value = "nodegate-operator")]
+    lease_name: String,
+
+    /// Namespace of the Lease; defaults to the pod's namespace (POD_NAMESPACE) or
+    /// nodegate-system.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "nodegate-system")]
+    lease_namespace: String,
+
+    /// This replica's identity in the Lease and in Events; defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
+    /// Seconds a lease lasts without renewal: the longest failover after a crash.
+    #[arg(long, env = "NODEGATE_LEASE_DURATION", default_value_t = 15)]
+    lease_duration_seconds: u64,
+
+    /// The leader renews this many seconds before its lease expires.
+    #[arg(long, env = "NODEGATE_LEASE_GRACE", default_value_t = 5)]
+    lease_grace_seconds: u64,
+
+    /// Reconcile only NodeApiPolicies matching this label selector.
+    #[arg(long, env = "NODEGATE_POLICY_SELECTOR")]
+    policy_selector: Option<String>,
+
+    /// Only nodes matching this label selector get a NodeAgentConfig and count for policies.
+    #[arg(long, env = "NODEGATE_NODE_SELECTOR")]
+    node_selector: Option<String>,
+
+    /// Run as a named instance: outputs carry nodegate.io/instance=<name> and instances never
+    /// touch each other's objects (for canaries and tests; leave unset in production).
+    #[arg(long, env = "NODEGATE_INSTANCE")]
+    instance: Option<String>,
+
+    /// Milliseconds of quiet after a change before a reconcile round starts.
+    #[arg(long, env = "NODEGATE_DEBOUNCE_MS", default_value_t = 200)]
+    debounce_ms: u64,
+
+    /// Seconds between rounds when nothing changes (a round with nothing to do sends no
+    /// request).
+    #[arg(long, env = "NODEGATE_RESYNC_SECONDS", default_value_t = 600)]
+    resync_seconds: u64,
+
+    /// Write requests in flight at once.
+    #[arg(long, env = "NODEGATE_CONCURRENCY", default_value_t = 16)]
+    concurrency: usize,
+
+    /// First retry delay of an object whose write failed, in milliseconds; doubles per
+    /// failure.
+    #[arg(long, env = "NODEGATE_BACKOFF_BASE_MS", default_value_t = 500)]
+    backoff_base_ms: u64,
+
+    /// Longest retry delay, in seconds.
+    #[arg(long, env = "NODEGATE_BACKOFF_MAX_SECONDS", default_value_t = 300)]
+    backoff_max_seconds: u64,
+
+    /// Publish Events (events.k8s.io) for applies, conflicts and errors.
+    #[arg(long, env = "NODEGATE_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    events: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
 
 fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    anyhow::bail!(
-        "the nodegate-operator controller is not built yet: this release ships the API \
-         (CRDs) and the policy compiler only"
-    )
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Run(args)) => args,
+        None => cli.run,
+    };
+    init_logging(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("invalid --log filter {:?}", args.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("nodegate-operator-{}", std::process::id()));
+    let settings = Settings {
+        policy_selector: args.policy_selector.clone(),
+        node_selector: args.node_selector.clone(),
+        instance: args.instance.clone(),
+        debounce: Duration::from_millis(args.debounce_ms),
+        resync: Duration::from_secs(args.resync_seconds.max(1)),
+        concurrency: args.concurrency.max(1),
+        backoff_base: Duration::from_millis(args.backoff_base_ms.max(1)),
+        backoff_max: Duration::from_secs(args.backoff_max_seconds.max(1)),
+        events: args.events,
+        reporter: "nodegate-operator".into(),
+        reporter_instance: Some(identity.clone()),
+    };
+    let leader = args.leader_elect.then(|| LeaderSettings {
+        lease_name: args.lease_name.clone(),
+        lease_namespace: args.lease_namespace.clone(),
+        identity: identity.clone(),
+        duration_seconds: args.lease_duration_seconds.max(2),
+        grace_seconds: args
+            .lease_grace_seconds
+            .clamp(1, args.lease_duration_seconds.max(2) - 1),
+    });
+    let metrics = Metrics::new().context("registering metrics")?;
+    let shutdown = CancellationToken::new();
+    let (addr, server) =
+        controller::server::bind(args.metrics_bind_address, metrics.clone(), shutdown.clone())
+            .await?;
+    tracing::info!(%addr, identity = %identity, "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(server);
+    tokio::spawn(signals(shutdown.clone()));
+    let result = controller::run(client, settings, leader, metrics, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = server.await;
+    tracing::info!("stopped");
+    result.map_err(Into::into)
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; the controller finishes its round's requests,
+/// releases the lease and exits.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
 }

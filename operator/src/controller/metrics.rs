@@ -1,0 +1,241 @@
+//! Prometheus metrics and health state, shared by the controller and the HTTP endpoints.
+//! Tests read the counters directly (e.g. writes sent on a resync).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Cheap to clone; every clone updates the same series.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    reconciles: IntCounter,
+    reconcile_duration: Histogram,
+    errors: IntCounterVec,
+    requests: IntCounterVec,
+    reads: IntCounterVec,
+    unchanged: IntCounter,
+    policies: IntGauge,
+    nodes: IntGauge,
+    namespaces: IntGauge,
+    owned: IntGaugeVec,
+    foreign: IntGauge,
+    leader: IntGauge,
+    watch_errors: IntCounter,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Builds the metrics on a fresh registry. Only fails on a programming error (a bad or
+    /// duplicate metric name), so it is called once at startup.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("nodegate_operator");
+        let reconciles = IntCounter::with_opts(opts(
+            "reconciles_total",
+            "Reconcile rounds run (each compiles every policy and compares every output).",
+        ))?;
+        let reconcile_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "reconcile_duration_seconds",
+                "Duration of a reconcile round, writes included.",
+            )
+            .namespace("nodegate_operator")
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )?;
+        let errors = IntCounterVec::new(
+            opts(
+                "errors_total",
+                "Failed requests, by kind of object and operation.",
+            ),
+            &["kind", "op"],
+        )?;
+        let requests = IntCounterVec::new(
+            opts(
+                "write_requests_total",
+                "Write requests sent (apply, delete, status), by kind of object.",
+            ),
+            &["kind", "op"],
+        )?;
+        let reads = IntCounterVec::new(
+            opts(
+                "read_requests_total",
+                "GETs outside the watches (ownership checks of names not in the cache).",
+            ),
+            &["kind"],
+        )?;
+        let unchanged = IntCounter::with_opts(opts(
+            "skipped_unchanged_total",
+            "Desired objects not written because the cluster already holds them as desired.",
+        ))?;
+        let policies = IntGauge::with_opts(opts("policies", "NodeApiPolicies watched."))?;
+        let nodes = IntGauge::with_opts(opts("nodes", "Nodes watched."))?;
+        let namespaces = IntGauge::with_opts(opts("namespaces", "Namespaces watched."))?;
+        let owned = IntGaugeVec::new(
+            opts("objects_owned", "Objects nodegate owns, by kind."),
+            &["kind"],
+        )?;
+        let foreign = IntGauge::with_opts(opts(
+            "foreign_objects",
+            "Desired objects skipped because an object nodegate does not own holds the name.",
+        ))?;
+        let leader = IntGauge::with_opts(opts(
+            "leader",
+            "1 while this replica holds the lease and reconciles.",
+        ))?;
+        let watch_errors = IntCounter::with_opts(opts(
+            "watch_errors_total",
+            "Watch errors (the watch resumes with backoff).",
+        ))?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(reads.clone()))?;
+        registry.register(Box::new(unchanged.clone()))?;
+        registry.register(Box::new(policies.clone()))?;
+        registry.register(Box::new(nodes.clone()))?;
+        registry.register(Box::new(namespaces.clone()))?;
+        registry.register(Box::new(owned.clone()))?;
+        registry.register(Box::new(foreign.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(watch_errors.clone()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                registry,
+                reconciles,
+                reconcile_duration,
+                errors,
+                requests,
+                reads,
+                unchanged,
+                policies,
+                nodes,
+                namespaces,
+                owned,
+                foreign,
+                leader,
+                watch_errors,
+                ready: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
+        let _ = TextEncoder::new().encode(&self.inner.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub(crate) fn round(&self, seconds: f64) {
+        self.inner.reconciles.inc();
+        self.inner.reconcile_duration.observe(seconds);
+    }
+
+    pub(crate) fn write(&self, kind: &str, op: &str) {
+        self.inner.requests.with_label_values(&[kind, op]).inc();
+    }
+
+    pub(crate) fn read(&self, kind: &str) {
+        self.inner.reads.with_label_values(&[kind]).inc();
+    }
+
+    pub(crate) fn error(&self, kind: &str, op: &str) {
+        self.inner.errors.with_label_values(&[kind, op]).inc();
+    }
+
+    pub(crate) fn unchanged(&self, n: usize) {
+        self.inner.unchanged.inc_by(n as u64);
+    }
+
+    pub(crate) fn sizes(&self, policies: usize, nodes: usize, namespaces: usize) {
+        self.inner.policies.set(policies as i64);
+        self.inner.nodes.set(nodes as i64);
+        self.inner.namespaces.set(namespaces as i64);
+    }
+
+    pub(crate) fn owned(&self, kind: &str, n: usize) {
+        self.inner.owned.with_label_values(&[kind]).set(n as i64);
+    }
+
+    pub(crate) fn foreign(&self, n: usize) {
+        self.inner.foreign.set(n as i64);
+    }
+
+    pub(crate) fn set_leader(&self, leader: bool) {
+        self.inner.leader.set(i64::from(leader));
+    }
+
+    pub(crate) fn watch_error(&self) {
+        self.inner.watch_errors.inc();
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the replica is ready: caches synced while leading, or standing by.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    /// Write requests sent so far (applies, deletes, status patches), all kinds.
+    pub fn writes(&self) -> u64 {
+        sum(&self.inner.requests)
+    }
+
+    /// Failed requests so far.
+    pub fn errors(&self) -> u64 {
+        sum(&self.inner.errors)
+    }
+
+    /// Reconcile rounds so far.
+    pub fn reconciles(&self) -> u64 {
+        self.inner.reconciles.get()
+    }
+
+    /// Whether this replica currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.inner.leader.get() == 1
+    }
+}
+
+fn sum(vec: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    vec.collect()
+        .iter()
+        .flat_map(|mf| mf.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_writes_and_renders_prefixed_series() {
+        let m = Metrics::new().unwrap();
+        m.write("ClusterRole", "apply");
+        m.write("ClusterRole", "apply");
+        m.write("NodeApiPolicy", "status");
+        assert_eq!(m.writes(), 3);
+        let text = m.render();
+        assert!(text.contains(
+            "nodegate_operator_write_requests_total{kind=\"ClusterRole\",op=\"apply\"} 2"
+        ));
+        assert!(text.contains("nodegate_operator_reconciles_total 0"));
+    }
+}

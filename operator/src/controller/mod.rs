@@ -1,0 +1,292 @@
+//! The controller: watches policies, nodes, namespaces and nodegate's own outputs, and after any
+//! change runs one global reconcile (debounced) that compiles everything, compares the result
+//! with the watch caches and writes only the differences.
+//!
+//! One global loop rather than one reconcile per policy because `compile` is global: a node
+//! label or a namespace touches many policies at once, and one NodeAgentConfig holds the rules
+//! of many policies. The caches make a round cheap (no reads unless a name is missing), and the
+//! diff makes a round with nothing to do send no request.
+
+pub mod diff;
+pub mod leader;
+pub mod metrics;
+pub mod objects;
+pub mod ownership;
+mod reconcile;
+pub mod server;
+pub mod status;
+
+pub use leader::LeaderSettings;
+pub use metrics::Metrics;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use kube::Client;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How the controller runs. Every field has a command-line flag in the binary.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Only policies matching this label selector are reconciled (None: all).
+    pub policy_selector: Option<String>,
+    /// Only nodes matching this label selector get a NodeAgentConfig and count for policies.
+    pub node_selector: Option<String>,
+    /// A name for this controller instance: its outputs carry `nodegate.io/instance=<name>`
+    /// and it never touches outputs of another instance. None in production.
+    pub instance: Option<String>,
+    /// Quiet time after a watch event before a round starts, so bursts make one round.
+    pub debounce: Duration,
+    /// Rounds run at least this often, events or not.
+    pub resync: Duration,
+    /// Write requests in flight at once.
+    pub concurrency: usize,
+    /// First retry delay of a failed object; doubles per failure up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Publish Events (events.k8s.io) for applies, conflicts and errors.
+    pub events: bool,
+    /// The reporting controller and instance of Events.
+    pub reporter: String,
+    pub reporter_instance: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            policy_selector: None,
+            node_selector: None,
+            instance: None,
+            debounce: Duration::from_millis(200),
+            resync: Duration::from_secs(600),
+            concurrency: 16,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(300),
+            events: true,
+            reporter: "nodegate-operator".into(),
+            reporter_instance: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("a watch cache writer stopped before the cache was ready")]
+    CacheNotReady,
+    #[error("leader election: {0}")]
+    Leader(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("metrics and health endpoint on {addr}: {source}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs the controller until `shutdown` is cancelled: with leader election when `leader` is
+/// set (standing by while another replica leads), otherwise straight away.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    leader: Option<LeaderSettings>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    match leader {
+        Some(leader) => leader::run_elected(client, settings, leader, metrics, shutdown).await,
+        None => {
+            metrics.set_leader(true);
+            let result = run_active(client, settings, metrics.clone(), shutdown).await;
+            metrics.set_leader(false);
+            result
+        }
+    }
+}
+
+/// Watches and reconciles until `shutdown` is cancelled (this replica leads).
+pub async fn run_active(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let trigger = Arc::new(Notify::new());
+    let stop = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    let owned = objects::owned_selector(settings.instance.as_deref());
+    let cfg = |selector: Option<&str>| match selector {
+        Some(s) => watcher::Config::default().labels(s),
+        None => watcher::Config::default(),
+    };
+    let stores = reconcile::Stores {
+        policies: spawn_reflector::<NodeApiPolicy>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(settings.policy_selector.as_deref()),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        nodes: watch_meta(
+            &mut tasks,
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            cfg(settings.node_selector.as_deref()),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        namespaces: watch_meta(
+            &mut tasks,
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            cfg(None),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        cluster_roles: spawn_reflector::<ClusterRole>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        cluster_role_bindings: spawn_reflector::<ClusterRoleBinding>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        role_bindings: spawn_reflector::<RoleBinding>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        service_accounts: spawn_reflector::<ServiceAccount>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        node_agent_configs: spawn_reflector::<NodeAgentConfig>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+    };
+    let result = tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        ready = stores.wait_until_ready() => match ready {
+            Ok(()) => {
+                tracing::info!("watch caches synced; reconciling");
+                metrics.set_ready(true);
+                let mut reconciler = reconcile::Reconciler::new(client, settings, metrics.clone(), stores);
+                reconcile_loop(&mut reconciler, &trigger, &stop).await;
+                Ok(())
+            }
+            Err(()) => Err(Error::CacheNotReady),
+        },
+    };
+    stop.cancel();
+    tasks.shutdown().await;
+    result
+}
+
+async fn reconcile_loop(
+    reconciler: &mut reconcile::Reconciler,
+    trigger: &Notify,
+    stop: &CancellationToken,
+) {
+    let resync = reconciler.settings().resync;
+    let debounce = reconciler.settings().debounce;
+    let mut next_resync = Instant::now();
+    let mut next_retry: Option<Instant> = None;
+    loop {
+        let retry_at = next_retry.unwrap_or(next_resync);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = trigger.notified() => {
+                // Let a burst of events settle, then take the events that came meanwhile.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(debounce) => {}
+                }
+                let _ = trigger.notified().now_or_never();
+            }
+            _ = tokio::time::sleep_until(next_resync) => {}
+            _ = tokio::time::sleep_until(retry_at) => {}
+        }
+        let report = reconciler.round().await;
+        next_resync = Instant::now() + resync;
+        next_retry = report.next_retry;
+    }
+}
+
+fn spawn_reflector<K>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    api: Api<K>,
+    config: watcher::Config,
+    trigger: &Arc<Notify>,
+    stop: &CancellationToken,
+    metrics: &Metrics,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let (trigger, stop, metrics) = (trigger.clone(), stop.clone(), metrics.clone());
+    let kind = K::kind(&()).into_owned();
+    tasks.spawn(async move {
+        let events = stream.for_each(|event| {
+            match event {
+                Ok(_) => trigger.notify_one(),
+                Err(error) => {
+                    // The watcher resumes by itself (with backoff), also after an API server
+                    // restart; a round after it catches up with whatever was missed.
+                    metrics.watch_error();
+                    tracing::warn!(kind = %kind, %error, "watch failed; retrying");
+                }
+            }
+            futures::future::ready(())
+        });
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = events => {}
+        }
+    });
+    reader
+}
+
+fn watch_meta<K>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    api: Api<PartialObjectMeta<K>>,
+    config: watcher::Config,
+    trigger: &Arc<Notify>,
+    stop: &CancellationToken,
+    metrics: &Metrics,
+) -> Store<PartialObjectMeta<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    spawn_reflector(tasks, api, config, trigger, stop, metrics)
+}

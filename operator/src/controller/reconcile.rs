@@ -1,0 +1,665 @@
+//! One reconcile round: compile, exclude foreign names, diff against the caches, write the
+//! differences (each object on its own backoff), then status and events.
+
+use super::Settings;
+use super::diff::{self, Existing};
+use super::metrics::Metrics;
+use super::objects::{self, INSTANCE_LABEL, Key, Kind, Output};
+use super::ownership;
+use super::status::{self, Observed};
+use crate::compiler::{self, NamespaceInfo, NodeInfo};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{
+    Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
+};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use nodegate_crds::policy::{GeneratedObjects, NodeApiPolicyStatus};
+use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeApiPolicy};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The watch caches a round reads.
+pub(crate) struct Stores {
+    pub policies: Store<NodeApiPolicy>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub cluster_roles: Store<ClusterRole>,
+    pub cluster_role_bindings: Store<ClusterRoleBinding>,
+    pub role_bindings: Store<RoleBinding>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub node_agent_configs: Store<NodeAgentConfig>,
+}
+
+impl Stores {
+    pub async fn wait_until_ready(&self) -> Result<(), ()> {
+        let all = futures::future::try_join_all([
+            self.policies.wait_until_ready().boxed(),
+            self.nodes.wait_until_ready().boxed(),
+            self.namespaces.wait_until_ready().boxed(),
+            self.cluster_roles.wait_until_ready().boxed(),
+            self.cluster_role_bindings.wait_until_ready().boxed(),
+            self.role_bindings.wait_until_ready().boxed(),
+            self.service_accounts.wait_until_ready().boxed(),
+            self.node_agent_configs.wait_until_ready().boxed(),
+        ]);
+        all.await.map(|_| ()).map_err(|_| ())
+    }
+
+    /// Every owned output in the caches, as JSON.
+    fn existing(&self) -> BTreeMap<Key, Existing> {
+        let mut map = BTreeMap::new();
+        add(&mut map, Kind::ClusterRole, &self.cluster_roles);
+        add(
+            &mut map,
+            Kind::ClusterRoleBinding,
+            &self.cluster_role_bindings,
+        );
+        add(&mut map, Kind::RoleBinding, &self.role_bindings);
+        add(&mut map, Kind::ServiceAccount, &self.service_accounts);
+        add(&mut map, Kind::NodeAgentConfig, &self.node_agent_configs);
+        map
+    }
+}
+
+use futures::FutureExt;
+
+fn add<K>(map: &mut BTreeMap<Key, Existing>, kind: Kind, store: &Store<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + serde::Serialize + 'static,
+{
+    for object in store.state() {
+        let Ok(body) = serde_json::to_value(&*object) else {
+            continue;
+        };
+        let meta = object.meta();
+        map.insert(
+            Key::new(
+                kind,
+                meta.namespace.as_deref(),
+                meta.name.as_deref().unwrap_or_default(),
+            ),
+            Existing {
+                uid: meta.uid.clone(),
+                body,
+            },
+        );
+    }
+}
+
+/// What a round leaves for the loop.
+pub(crate) struct RoundReport {
+    /// When the earliest object waiting for a retry is due.
+    pub next_retry: Option<Instant>,
+}
+
+/// A status patch: the policy, the new and previous status, and how the patch went.
+type StatusWrite = (
+    NodeApiPolicy,
+    NodeApiPolicyStatus,
+    Option<NodeApiPolicyStatus>,
+    Result<(), kube::Error>,
+);
+
+/// A failing object and when it may be tried again.
+struct Failure {
+    count: u32,
+    until: Instant,
+    message: String,
+    policies: BTreeSet<String>,
+}
+
+pub(crate) struct Reconciler {
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    stores: Stores,
+    recorder: Option<Recorder>,
+    failures: HashMap<Key, Failure>,
+}
+
+impl Reconciler {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics, stores: Stores) -> Self {
+        let recorder = settings.events.then(|| {
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: settings.reporter.clone(),
+                    instance: settings.reporter_instance.clone(),
+                },
+            )
+        });
+        Self {
+            client,
+            settings,
+            metrics,
+            stores,
+            recorder,
+            failures: HashMap::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn api(&self, key: &Key) -> Api<DynamicObject> {
+        let ar = key.kind.api_resource();
+        match &key.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        }
+    }
+
+    pub async fn round(&mut self) -> RoundReport {
+        let started = std::time::Instant::now();
+        let policies: Vec<NodeApiPolicy> = self
+            .stores
+            .policies
+            .state()
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (**p).clone())
+            .collect();
+        let nodes: Vec<NodeInfo> = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .map(|n| NodeInfo {
+                name: n.name_any(),
+                uid: n.metadata.uid.clone().unwrap_or_default(),
+                labels: n.labels().clone(),
+            })
+            .collect();
+        // A terminating namespace refuses new objects; its bindings go with it.
+        let namespaces: Vec<NamespaceInfo> = self
+            .stores
+            .namespaces
+            .state()
+            .iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_none())
+            .map(|n| NamespaceInfo {
+                name: n.name_any(),
+                labels: n.labels().clone(),
+            })
+            .collect();
+        self.metrics
+            .sizes(policies.len(), nodes.len(), namespaces.len());
+
+        let mut desired = compiler::compile(&policies, &nodes, &namespaces);
+        if let Some(instance) = &self.settings.instance {
+            objects::label_all(&mut desired, INSTANCE_LABEL, instance);
+        }
+        let existing = self.stores.existing();
+        for kind in Kind::ALL {
+            let n = existing.keys().filter(|k| k.kind == kind).count();
+            self.metrics.owned(kind.as_str(), n);
+        }
+
+        // Names not in the owned caches may be held by someone else: look before writing.
+        let mut missing = Vec::new();
+        objects::for_each_meta(&mut desired, |kind, meta| {
+            let key = Key::new(
+                kind,
+                meta.namespace.as_deref(),
+                meta.name.as_deref().unwrap_or_default(),
+            );
+            if !existing.contains_key(&key) {
+                missing.push(key);
+            }
+        });
+        let (foreign, unknown) = self.check_ownership(missing).await;
+        let blocked: BTreeSet<Key> = foreign.union(&unknown).cloned().collect();
+        let skipped = ownership::exclude_foreign(&mut desired, &blocked);
+        let (really_foreign, unchecked): (Vec<_>, Vec<_>) = skipped
+            .into_iter()
+            .partition(|s| foreign.contains(&s.because_of));
+        self.metrics.foreign(really_foreign.len());
+        let foreign_messages = ownership::messages_by_policy(&really_foreign);
+        for s in &really_foreign {
+            tracing::debug!(object = %s.key, because_of = %s.because_of, "left alone: not managed by nodegate");
+        }
+
+        let outputs = objects::outputs(&desired);
+        let generated = generated_by_policy(&outputs);
+        let plan = diff::plan(outputs, &existing);
+        self.metrics.unchanged(plan.unchanged);
+
+        let now = Instant::now();
+        let (due, waiting): (Vec<Output>, Vec<Output>) = plan
+            .apply
+            .into_iter()
+            .partition(|o| self.failures.get(&o.key).is_none_or(|f| f.until <= now));
+        let wanted: BTreeSet<Key> = due
+            .iter()
+            .chain(waiting.iter())
+            .map(|o| o.key.clone())
+            .collect();
+        // Objects that are now as desired, or no longer desired, stop failing.
+        self.failures.retain(|k, _| wanted.contains(k));
+
+        let concurrency = self.settings.concurrency.max(1);
+        let applied: Vec<(Output, Result<(), kube::Error>)> = futures::stream::iter(due)
+            .map(|output| {
+                let api = self.api(&output.key);
+                let metrics = self.metrics.clone();
+                async move {
+                    metrics.write(output.key.kind.as_str(), "apply");
+                    let params = PatchParams::apply(FIELD_MANAGER).force();
+                    let result = api
+                        .patch(&output.key.name, &params, &Patch::Apply(&output.body))
+                        .await
+                        .map(|_| ());
+                    (output, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(plan.delete)
+            .map(|(key, uid)| {
+                let api = self.api(&key);
+                let metrics = self.metrics.clone();
+                async move {
+                    metrics.write(key.kind.as_str(), "delete");
+                    let params = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            uid,
+                            resource_version: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    let result = match api.delete(&key.name, &params).await {
+                        Ok(_) => Ok(()),
+                        // Gone already (garbage collected with its owner), or replaced.
+                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    (key, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+
+        let mut applied_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut failed_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (output, result) in applied {
+            match result {
+                Ok(()) => {
+                    tracing::info!(object = %output.key, "applied");
+                    self.failures.remove(&output.key);
+                    for p in &output.policies {
+                        applied_by_policy
+                            .entry(p.clone())
+                            .or_default()
+                            .push(output.key.to_string());
+                    }
+                }
+                Err(error) => {
+                    self.metrics.error(output.key.kind.as_str(), "apply");
+                    let message = format!("{}: {}", output.key, error_message(&error));
+                    tracing::warn!(object = %output.key, %error, "apply failed; will retry");
+                    for p in &output.policies {
+                        failed_by_policy
+                            .entry(p.clone())
+                            .or_default()
+                            .push(message.clone());
+                    }
+                    self.fail(output.key, message, output.policies);
+                }
+            }
+        }
+        for (key, result) in deleted {
+            match result {
+                Ok(()) => tracing::info!(object = %key, "deleted: no policy asks for it"),
+                Err(error) => {
+                    self.metrics.error(key.kind.as_str(), "delete");
+                    tracing::warn!(object = %key, %error, "delete failed; next round retries");
+                }
+            }
+        }
+        for s in &unchecked {
+            let message = format!("{}: could not check who owns it", s.key);
+            self.fail(s.key.clone(), message, s.policies.clone());
+        }
+
+        self.statuses(
+            &policies,
+            &desired,
+            &foreign_messages,
+            &generated,
+            &applied_by_policy,
+            &failed_by_policy,
+        )
+        .await;
+
+        let next_retry = self.failures.values().map(|f| f.until).min();
+        let elapsed = started.elapsed();
+        self.metrics.round(elapsed.as_secs_f64());
+        tracing::debug!(
+            policies = policies.len(),
+            nodes = nodes.len(),
+            namespaces = namespaces.len(),
+            unchanged = plan.unchanged,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "round done"
+        );
+        RoundReport { next_retry }
+    }
+
+    fn fail(&mut self, key: Key, message: String, policies: BTreeSet<String>) {
+        let (base, max) = (self.settings.backoff_base, self.settings.backoff_max);
+        let entry = self.failures.entry(key).or_insert(Failure {
+            count: 0,
+            until: Instant::now(),
+            message: String::new(),
+            policies: BTreeSet::new(),
+        });
+        entry.count = entry.count.saturating_add(1);
+        entry.until = Instant::now() + backoff(base, max, entry.count);
+        entry.message = message;
+        entry.policies = policies;
+    }
+
+    /// GETs each name: held by an object nodegate does not own → foreign; owned (the cache
+    /// lags) or absent → free. A failed check blocks the name for this round (unknown).
+    async fn check_ownership(&self, missing: Vec<Key>) -> (BTreeSet<Key>, BTreeSet<Key>) {
+        let instance = self.settings.instance.clone();
+        let checks: Vec<(Key, Result<bool, kube::Error>)> = futures::stream::iter(missing)
+            .map(|key| {
+                let api = self.api(&key);
+                let metrics = self.metrics.clone();
+                let instance = instance.clone();
+                async move {
+                    metrics.read(key.kind.as_str());
+                    let result = api.get_metadata_opt(&key.name).await.map(|found| {
+                        found.is_some_and(|o| {
+                            !objects::is_owned(o.metadata.labels.as_ref(), instance.as_deref())
+                        })
+                    });
+                    (key, result)
+                }
+            })
+            .buffer_unordered(self.settings.concurrency.max(1))
+            .collect()
+            .await;
+        let mut foreign = BTreeSet::new();
+        let mut unknown = BTreeSet::new();
+        for (key, result) in checks {
+            match result {
+                Ok(true) => {
+                    foreign.insert(key);
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    self.metrics.error(key.kind.as_str(), "get");
+                    tracing::warn!(object = %key, %error, "ownership check failed");
+                    unknown.insert(key);
+                }
+            }
+        }
+        (foreign, unknown)
+    }
+
+    async fn statuses(
+        &mut self,
+        policies: &[NodeApiPolicy],
+        desired: &compiler::Desired,
+        foreign: &BTreeMap<String, Vec<String>>,
+        generated: &BTreeMap<String, GeneratedObjects>,
+        applied: &BTreeMap<String, Vec<String>>,
+        failed: &BTreeMap<String, Vec<String>>,
+    ) {
+        let hashes: HashMap<&str, &str> = desired
+            .node_agent_configs
+            .iter()
+            .filter_map(|c| Some((c.metadata.name.as_deref()?, c.spec.hash.as_str())))
+            .collect();
+        let in_sync = |node: &str| -> bool {
+            let Some(want) = hashes.get(node) else {
+                return false;
+            };
+            let key = kube::runtime::reflector::ObjectRef::new(node);
+            self.stores
+                .node_agent_configs
+                .get(&key)
+                .and_then(|c| c.status.as_ref().and_then(|s| s.observed_hash.clone()))
+                .is_some_and(|h| h == *want)
+        };
+        let mut errors_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for failure in self.failures.values() {
+            for p in &failure.policies {
+                errors_by_policy
+                    .entry(p.clone())
+                    .or_default()
+                    .push(failure.message.clone());
+            }
+        }
+        let now = Time(
+            k8s_openapi::jiff::Timestamp::now()
+                .round(k8s_openapi::jiff::Unit::Second)
+                .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+        );
+        let by_name: HashMap<&str, &NodeApiPolicy> = policies
+            .iter()
+            .filter_map(|p| Some((p.metadata.name.as_deref()?, p)))
+            .collect();
+        let mut patches = Vec::new();
+        for outcome in &desired.outcomes {
+            let Some(policy) = by_name.get(outcome.policy.as_str()) else {
+                continue;
+            };
+            let (synced, behind): (Vec<&String>, Vec<&String>) =
+                outcome.nodes.iter().partition(|n| in_sync(n));
+            let mut errors = errors_by_policy
+                .get(&outcome.policy)
+                .cloned()
+                .unwrap_or_default();
+            errors.sort();
+            let observed = Observed {
+                generation: policy.metadata.generation,
+                foreign: foreign.get(&outcome.policy).cloned().unwrap_or_default(),
+                errors,
+                agents_in_sync: synced.len(),
+                agents_behind: behind.into_iter().cloned().collect(),
+                generated: generated.get(&outcome.policy).cloned().unwrap_or_default(),
+            };
+            let previous = policy.status.as_ref();
+            let new = status::compute(outcome, &observed, previous, &now);
+            let new_v = objects::strip_empty(serde_json::to_value(&new).unwrap_or(Value::Null));
+            let old_v = objects::strip_empty(
+                serde_json::to_value(previous.cloned().unwrap_or_default()).unwrap_or(Value::Null),
+            );
+            if new_v != old_v {
+                patches.push(((*policy).clone(), new, new_v, previous.cloned()));
+            }
+        }
+        let concurrency = self.settings.concurrency.max(1);
+        let api: Api<NodeApiPolicy> = Api::all(self.client.clone());
+        let metrics = self.metrics.clone();
+        let results: Vec<StatusWrite> = futures::stream::iter(patches)
+            .map(|(policy, new, new_v, previous)| {
+                let api = api.clone();
+                let metrics = metrics.clone();
+                async move {
+                    metrics.write("NodeApiPolicy", "status");
+                    let body = json!({
+                        "apiVersion": NodeApiPolicy::api_version(&()),
+                        "kind": NodeApiPolicy::kind(&()),
+                        "status": new_v,
+                    });
+                    let params = PatchParams::apply(FIELD_MANAGER).force();
+                    let result = api
+                        .patch_status(&policy.name_any(), &params, &Patch::Apply(&body))
+                        .await
+                        .map(|_| ());
+                    (policy, new, previous, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        for (policy, _, _, result) in &results {
+            if let Err(error) = result {
+                self.metrics.error("NodeApiPolicy", "status");
+                tracing::warn!(policy = %policy.name_any(), %error, "status update failed; next round retries");
+            }
+        }
+        self.events(policies, &results, applied, failed).await;
+    }
+
+    async fn events(
+        &self,
+        policies: &[NodeApiPolicy],
+        statuses: &[StatusWrite],
+        applied: &BTreeMap<String, Vec<String>>,
+        failed: &BTreeMap<String, Vec<String>>,
+    ) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let mut events: Vec<(&NodeApiPolicy, Event)> = Vec::new();
+        for policy in policies {
+            let name = policy.name_any();
+            if let Some(objects) = applied.get(&name) {
+                events.push((
+                    policy,
+                    Event {
+                        type_: EventType::Normal,
+                        reason: "Applied".into(),
+                        note: Some(truncate(format!(
+                            "applied {} object(s): {}",
+                            objects.len(),
+                            objects.join(", ")
+                        ))),
+                        action: "Apply".into(),
+                        secondary: None,
+                    },
+                ));
+            }
+            if let Some(errors) = failed.get(&name) {
+                events.push((
+                    policy,
+                    Event {
+                        type_: EventType::Warning,
+                        reason: "ApplyFailed".into(),
+                        note: Some(truncate(errors.join("; "))),
+                        action: "Apply".into(),
+                        secondary: None,
+                    },
+                ));
+            }
+        }
+        // Conflicts: only when the policy newly reports a foreign object.
+        for (policy, new, previous, _) in statuses {
+            let rbac = |s: &NodeApiPolicyStatus| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == status::RBAC_APPLIED)
+                    .map(|c| (c.reason.clone(), c.message.clone()))
+            };
+            let now = rbac(new);
+            if now.as_ref().is_some_and(|(r, _)| r == "ForeignObject")
+                && previous.as_ref().and_then(rbac) != now
+            {
+                events.push((
+                    policy,
+                    Event {
+                        type_: EventType::Warning,
+                        reason: "ForeignObject".into(),
+                        note: now.map(|(_, m)| truncate(m)),
+                        action: "Apply".into(),
+                        secondary: None,
+                    },
+                ));
+            }
+        }
+        for (policy, event) in events {
+            self.metrics.write("Event", "create");
+            if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
+                self.metrics.error("Event", "create");
+                tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
+            }
+        }
+    }
+}
+
+/// Delay before retry number `count` (1-based): base·2^(count-1), at most `max`.
+pub(crate) fn backoff(base: Duration, max: Duration, count: u32) -> Duration {
+    let factor = 2u32.saturating_pow(count.saturating_sub(1).min(20));
+    base.saturating_mul(factor).min(max)
+}
+
+fn truncate(mut s: String) -> String {
+    const MAX: usize = 1000;
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn error_message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
+        other => other.to_string(),
+    }
+}
+
+/// Per policy, the names of its generated objects for status.generated.
+fn generated_by_policy(outputs: &[Output]) -> BTreeMap<String, GeneratedObjects> {
+    let mut map: BTreeMap<String, GeneratedObjects> = BTreeMap::new();
+    for output in outputs {
+        for policy in &output.policies {
+            let g = map.entry(policy.clone()).or_default();
+            let name = output.key.name.clone();
+            match output.key.kind {
+                Kind::ClusterRole if g.cluster_role.is_none() => g.cluster_role = Some(name),
+                Kind::ClusterRoleBinding if g.cluster_role_binding.is_none() => {
+                    g.cluster_role_binding = Some(name)
+                }
+                Kind::ServiceAccount => g.service_accounts.push(format!(
+                    "{}/{name}",
+                    output.key.namespace.as_deref().unwrap_or_default()
+                )),
+                _ => {}
+            }
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let (b, m) = (Duration::from_millis(500), Duration::from_secs(5));
+        assert_eq!(backoff(b, m, 1), Duration::from_millis(500));
+        assert_eq!(backoff(b, m, 2), Duration::from_secs(1));
+        assert_eq!(backoff(b, m, 4), Duration::from_secs(4));
+        assert_eq!(backoff(b, m, 5), m);
+        assert_eq!(backoff(b, m, u32::MAX), m);
+    }
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        let s = "é".repeat(600);
+        let t = truncate(s);
+        assert!(t.len() <= 1003 && t.ends_with('…'));
+    }
+}
