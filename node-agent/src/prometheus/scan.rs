@@ -1,0 +1,724 @@
+//! A scanner for one line of Prometheus text exposition (format 0.0.4) or OpenMetrics text.
+//!
+//! Written by hand: no Rust crate parses the exposition format line by line on a stream, and the
+//! filter needs exact byte offsets (where the label set ends, where the `namespace` value lies) to
+//! pass kept lines through byte-for-byte. The grammar follows the Prometheus text parser
+//! (`expfmt.TextParser`): blanks are spaces and tabs, label values allow exactly the escapes `\\`,
+//! `\"` and `\n`. Anything else is an error, and the filter drops a line it cannot parse (fail
+//! closed), so this scanner may be stricter than Prometheus but never more lenient where that
+//! would change which namespace a line belongs to.
+
+use memchr::memchr2;
+
+/// Which text format a body is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`.
+    Text,
+    /// `application/openmetrics-text` (1.0.0 or 0.0.1).
+    OpenMetrics,
+}
+
+/// The type a `# TYPE` line declares; it decides which series names belong to the family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MetricType {
+    Counter,
+    Gauge,
+    Histogram,
+    GaugeHistogram,
+    Summary,
+    Info,
+    StateSet,
+    Untyped,
+}
+
+impl MetricType {
+    fn parse(token: &[u8], format: Format) -> Option<MetricType> {
+        let kind = match token {
+            b"counter" => MetricType::Counter,
+            b"gauge" => MetricType::Gauge,
+            b"histogram" => MetricType::Histogram,
+            b"summary" => MetricType::Summary,
+            b"untyped" if format == Format::Text => MetricType::Untyped,
+            b"unknown" if format == Format::OpenMetrics => MetricType::Untyped,
+            b"gaugehistogram" if format == Format::OpenMetrics => MetricType::GaugeHistogram,
+            b"info" if format == Format::OpenMetrics => MetricType::Info,
+            b"stateset" if format == Format::OpenMetrics => MetricType::StateSet,
+            _ => return None,
+        };
+        Some(kind)
+    }
+
+    /// The suffixes a series of a family of this type may add to the family name.
+    pub(crate) fn suffixes(self) -> &'static [&'static [u8]] {
+        match self {
+            MetricType::Counter => &[b"_total", b"_created"],
+            MetricType::Histogram => &[b"_bucket", b"_sum", b"_count", b"_created"],
+            MetricType::GaugeHistogram => &[b"_bucket", b"_gsum", b"_gcount"],
+            MetricType::Summary => &[b"_sum", b"_count", b"_created"],
+            MetricType::Info => &[b"_info"],
+            MetricType::Gauge | MetricType::StateSet | MetricType::Untyped => &[],
+        }
+    }
+}
+
+/// The kind of a metadata comment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MetaKind {
+    Help,
+    Type(MetricType),
+    Unit,
+}
+
+/// What a line is, as far as the filter cares.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Line<'a> {
+    /// Empty or only blanks.
+    Blank,
+    /// A comment that is not metadata: dropped.
+    Comment,
+    /// `# HELP`, `# TYPE` or (OpenMetrics) `# UNIT` for a family.
+    Meta { kind: MetaKind, family: &'a [u8] },
+    /// OpenMetrics `# EOF`.
+    Eof,
+    /// Anything else: a sample line, parsed on demand by [`scan_sample`].
+    Sample,
+    /// A comment line that looks like metadata but is malformed.
+    Invalid,
+}
+
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn skip_blanks(line: &[u8], mut i: usize) -> usize {
+    while i < line.len() && is_blank(line[i]) {
+        i += 1;
+    }
+    i
+}
+
+fn is_metric_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b == b':'
+}
+
+fn is_metric_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b':'
+}
+
+fn is_label_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_'
+}
+
+fn is_label_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// End of the metric name starting at `i` (== `i` when there is none).
+fn metric_name_end(line: &[u8], i: usize) -> usize {
+    if i >= line.len() || !is_metric_start(line[i]) {
+        return i;
+    }
+    let mut j = i + 1;
+    while j < line.len() && is_metric_char(line[j]) {
+        j += 1;
+    }
+    j
+}
+
+fn label_name_end(line: &[u8], i: usize) -> usize {
+    if i >= line.len() || !is_label_start(line[i]) {
+        return i;
+    }
+    let mut j = i + 1;
+    while j < line.len() && is_label_char(line[j]) {
+        j += 1;
+    }
+    j
+}
+
+/// Whether `name` is a valid label name (used to check configured labels).
+pub(crate) fn is_label_name(name: &[u8]) -> bool {
+    !name.is_empty() && label_name_end(name, 0) == name.len()
+}
+
+/// Classifies a line (without its line terminator).
+pub(crate) fn classify(line: &[u8], format: Format) -> Line<'_> {
+    let start = skip_blanks(line, 0);
+    if start == line.len() {
+        return Line::Blank;
+    }
+    if line[start] != b'#' {
+        return Line::Sample;
+    }
+    if format == Format::OpenMetrics && line == b"# EOF" {
+        return Line::Eof;
+    }
+    let kw_start = skip_blanks(line, start + 1);
+    let mut kw_end = kw_start;
+    while kw_end < line.len() && !is_blank(line[kw_end]) {
+        kw_end += 1;
+    }
+    let keyword = &line[kw_start..kw_end];
+    let is_meta = keyword == b"HELP"
+        || keyword == b"TYPE"
+        || (format == Format::OpenMetrics && keyword == b"UNIT");
+    if !is_meta {
+        return Line::Comment;
+    }
+    let name_start = skip_blanks(line, kw_end);
+    if name_start == kw_end {
+        return Line::Invalid;
+    }
+    let name_end = metric_name_end(line, name_start);
+    if name_end == name_start || (name_end < line.len() && !is_blank(line[name_end])) {
+        return Line::Invalid;
+    }
+    let family = &line[name_start..name_end];
+    let rest_start = skip_blanks(line, name_end);
+    let rest = &line[rest_start..];
+    let kind = match keyword {
+        b"HELP" => {
+            if !help_text_valid(rest, format) {
+                return Line::Invalid;
+            }
+            MetaKind::Help
+        }
+        b"TYPE" => {
+            let mut end = 0;
+            while end < rest.len() && !is_blank(rest[end]) {
+                end += 1;
+            }
+            if skip_blanks(rest, end) != rest.len() {
+                return Line::Invalid;
+            }
+            match MetricType::parse(&rest[..end], format) {
+                Some(t) => MetaKind::Type(t),
+                None => return Line::Invalid,
+            }
+        }
+        _ => {
+            // UNIT: a unit is a metric-name-like token (possibly empty).
+            let end = metric_name_end(rest, 0);
+            if skip_blanks(rest, end) != rest.len() {
+                return Line::Invalid;
+            }
+            MetaKind::Unit
+        }
+    };
+    Line::Meta { kind, family }
+}
+
+/// HELP text: valid UTF-8 with only the escapes the format defines.
+fn help_text_valid(text: &[u8], format: Format) -> bool {
+    if std::str::from_utf8(text).is_err() {
+        return false;
+    }
+    let mut i = 0;
+    while let Some(off) = memchr::memchr(b'\\', &text[i..]) {
+        let esc = i + off + 1;
+        match text.get(esc) {
+            Some(b'\\') | Some(b'n') => {}
+            Some(b'"') if format == Format::OpenMetrics => {}
+            _ => return false,
+        }
+        i = esc + 1;
+    }
+    true
+}
+
+/// A label's name and its raw (still escaped) value, as offsets into the line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LabelSpan {
+    pub name: (u32, u32),
+    pub value: (u32, u32),
+    pub escaped: bool,
+}
+
+/// The parts of a sample line the filter needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SampleScan {
+    /// The metric name's end (the name starts at `name_start`).
+    pub name_start: usize,
+    pub name_end: usize,
+    /// Offsets of `{` and `}` when the line has a label set.
+    pub braces: Option<(usize, usize)>,
+    /// Index into the label list of the `namespace` label, when present.
+    pub namespace: Option<usize>,
+    /// Where the value and what follows it begin (right after the name or the `}`).
+    pub tail_start: usize,
+}
+
+/// Why a line was rejected; only counted, never shown to a caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScanError {
+    Syntax,
+    DuplicateNamespace,
+}
+
+/// Scans a label set whose `{` is at `open`; fills `labels`; returns the index of `}`.
+/// A second `namespace` label is an error here already, because it decides scope.
+fn scan_labels(
+    line: &[u8],
+    open: usize,
+    labels: &mut Vec<LabelSpan>,
+    namespace: &mut Option<usize>,
+) -> Result<usize, ScanError> {
+    let mut j = open + 1;
+    loop {
+        j = skip_blanks(line, j);
+        match line.get(j) {
+            None => return Err(ScanError::Syntax),
+            Some(b'}') => return Ok(j),
+            Some(_) => {}
+        }
+        let name_start = j;
+        let name_end = label_name_end(line, j);
+        if name_end == name_start {
+            return Err(ScanError::Syntax);
+        }
+        j = skip_blanks(line, name_end);
+        if line.get(j) != Some(&b'=') {
+            return Err(ScanError::Syntax);
+        }
+        j = skip_blanks(line, j + 1);
+        if line.get(j) != Some(&b'"') {
+            return Err(ScanError::Syntax);
+        }
+        let value_start = j + 1;
+        let mut k = value_start;
+        let mut escaped = false;
+        let value_end = loop {
+            let Some(off) = memchr2(b'"', b'\\', &line[k..]) else {
+                return Err(ScanError::Syntax);
+            };
+            let at = k + off;
+            if line[at] == b'"' {
+                break at;
+            }
+            match line.get(at + 1) {
+                Some(b'\\') | Some(b'"') | Some(b'n') => {}
+                _ => return Err(ScanError::Syntax),
+            }
+            escaped = true;
+            k = at + 2;
+        };
+        if &line[name_start..name_end] == b"namespace" {
+            if namespace.is_some() {
+                return Err(ScanError::DuplicateNamespace);
+            }
+            *namespace = Some(labels.len());
+        }
+        labels.push(LabelSpan {
+            name: (name_start as u32, name_end as u32),
+            value: (value_start as u32, value_end as u32),
+            escaped,
+        });
+        j = skip_blanks(line, value_end + 1);
+        match line.get(j) {
+            Some(b',') => j += 1,
+            Some(b'}') => return Ok(j),
+            _ => return Err(ScanError::Syntax),
+        }
+    }
+}
+
+/// Scans a sample line up to the end of its label set. The value, timestamp and exemplar are
+/// checked separately by [`check_tail`], only for lines the filter keeps.
+pub(crate) fn scan_sample(
+    line: &[u8],
+    labels: &mut Vec<LabelSpan>,
+) -> Result<SampleScan, ScanError> {
+    labels.clear();
+    if line.len() > u32::MAX as usize {
+        return Err(ScanError::Syntax);
+    }
+    let name_start = skip_blanks(line, 0);
+    let name_end = metric_name_end(line, name_start);
+    if name_end == name_start {
+        return Err(ScanError::Syntax);
+    }
+    let j = skip_blanks(line, name_end);
+    let mut namespace = None;
+    if line.get(j) == Some(&b'{') {
+        let close = scan_labels(line, j, labels, &mut namespace)?;
+        Ok(SampleScan {
+            name_start,
+            name_end,
+            braces: Some((j, close)),
+            namespace,
+            tail_start: close + 1,
+        })
+    } else {
+        Ok(SampleScan {
+            name_start,
+            name_end,
+            braces: None,
+            namespace,
+            tail_start: name_end,
+        })
+    }
+}
+
+/// Whether no two labels share a name.
+pub(crate) fn labels_unique(line: &[u8], labels: &[LabelSpan]) -> bool {
+    for (i, a) in labels.iter().enumerate() {
+        let an = &line[a.name.0 as usize..a.name.1 as usize];
+        for b in &labels[i + 1..] {
+            if an == &line[b.name.0 as usize..b.name.1 as usize] {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The blank-delimited token starting at `i`.
+fn token(line: &[u8], i: usize) -> (usize, usize) {
+    let mut end = i;
+    while end < line.len() && !is_blank(line[end]) {
+        end += 1;
+    }
+    (i, end)
+}
+
+/// Checks what follows the label set: blanks, a value, optionally a timestamp and (OpenMetrics)
+/// an exemplar ` # {labels} value [timestamp]`. `namespace` is the sample's raw namespace value:
+/// an exemplar naming a different namespace is refused.
+pub(crate) fn check_tail(
+    line: &[u8],
+    tail_start: usize,
+    format: Format,
+    namespace: Option<&[u8]>,
+    scratch: &mut Vec<LabelSpan>,
+) -> bool {
+    // Blanks are required before the value, and trailing blanks are an error in Go's parser.
+    let i = skip_blanks(line, tail_start);
+    if i == tail_start || i == line.len() {
+        return false;
+    }
+    let (_, ve) = token(line, i);
+    if !is_float(&line[i..ve]) {
+        return false;
+    }
+    if ve == line.len() {
+        return true;
+    }
+    let mut i = skip_blanks(line, ve);
+    if i == line.len() {
+        return false;
+    }
+    if line[i] != b'#' {
+        let (ts, te) = token(line, i);
+        let ok = match format {
+            Format::Text => is_int(&line[ts..te]),
+            Format::OpenMetrics => is_float(&line[ts..te]),
+        };
+        if !ok {
+            return false;
+        }
+        if te == line.len() {
+            return true;
+        }
+        i = skip_blanks(line, te);
+        if i == line.len() {
+            return false;
+        }
+    }
+    if format != Format::OpenMetrics || line[i] != b'#' {
+        return false;
+    }
+    check_exemplar(line, i + 1, namespace, scratch)
+}
+
+fn check_exemplar(
+    line: &[u8],
+    after_hash: usize,
+    namespace: Option<&[u8]>,
+    scratch: &mut Vec<LabelSpan>,
+) -> bool {
+    let open = skip_blanks(line, after_hash);
+    if open == after_hash || line.get(open) != Some(&b'{') {
+        return false;
+    }
+    scratch.clear();
+    let mut ns = None;
+    let Ok(close) = scan_labels(line, open, scratch, &mut ns) else {
+        return false;
+    };
+    if !labels_unique(line, scratch) {
+        return false;
+    }
+    if let Some(idx) = ns {
+        let span = scratch[idx].value;
+        if namespace != Some(&line[span.0 as usize..span.1 as usize]) {
+            return false;
+        }
+    }
+    let i = skip_blanks(line, close + 1);
+    if i == close + 1 || i == line.len() {
+        return false;
+    }
+    let (_, ve) = token(line, i);
+    if !is_float(&line[i..ve]) {
+        return false;
+    }
+    if ve == line.len() {
+        return true;
+    }
+    let i = skip_blanks(line, ve);
+    if i == line.len() {
+        return false;
+    }
+    let (_, te) = token(line, i);
+    is_float(&line[i..te]) && te == line.len()
+}
+
+/// A float as Go's `strconv.ParseFloat` reads it in decimal: sign, digits, point, exponent,
+/// or `Inf`/`Infinity` (signed) and `NaN` (unsigned), case-insensitively.
+pub(crate) fn is_float(tok: &[u8]) -> bool {
+    let (signed, body) = match tok.first() {
+        Some(b'+') | Some(b'-') => (true, &tok[1..]),
+        _ => (false, tok),
+    };
+    if body.eq_ignore_ascii_case(b"inf") || body.eq_ignore_ascii_case(b"infinity") {
+        return true;
+    }
+    if body.eq_ignore_ascii_case(b"nan") {
+        return !signed;
+    }
+    let mut i = 0;
+    let mut digits = 0;
+    while i < body.len() && body[i].is_ascii_digit() {
+        i += 1;
+        digits += 1;
+    }
+    if i < body.len() && body[i] == b'.' {
+        i += 1;
+        while i < body.len() && body[i].is_ascii_digit() {
+            i += 1;
+            digits += 1;
+        }
+    }
+    if digits == 0 {
+        return false;
+    }
+    if i < body.len() && (body[i] == b'e' || body[i] == b'E') {
+        i += 1;
+        if i < body.len() && (body[i] == b'+' || body[i] == b'-') {
+            i += 1;
+        }
+        let exp_start = i;
+        while i < body.len() && body[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == exp_start {
+            return false;
+        }
+    }
+    i == body.len()
+}
+
+/// A 64-bit signed decimal integer (text format timestamps).
+pub(crate) fn is_int(tok: &[u8]) -> bool {
+    std::str::from_utf8(tok)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .is_some()
+}
+
+/// Unescapes a label value (`\\`, `\"`, `\n`) into `buf`.
+pub(crate) fn unescape_into(raw: &[u8], buf: &mut Vec<u8>) {
+    buf.clear();
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'\\' && i + 1 < raw.len() {
+            buf.push(match raw[i + 1] {
+                b'n' => b'\n',
+                other => other,
+            });
+            i += 2;
+        } else {
+            buf.push(raw[i]);
+            i += 1;
+        }
+    }
+}
+
+/// Escapes a label value for the exposition format.
+pub(crate) fn escape_label_value(value: &str, out: &mut Vec<u8>) {
+    for &b in value.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            _ => out.push(b),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn scan(line: &str) -> Result<(SampleScan, Vec<LabelSpan>), ScanError> {
+        let mut labels = Vec::new();
+        scan_sample(line.as_bytes(), &mut labels).map(|s| (s, labels))
+    }
+
+    fn ns_of(line: &str) -> Option<String> {
+        let (s, labels) = scan(line).unwrap();
+        s.namespace.map(|i| {
+            let v = labels[i].value;
+            line[v.0 as usize..v.1 as usize].to_string()
+        })
+    }
+
+    #[test]
+    fn finds_the_namespace_label_not_look_alikes() {
+        assert_eq!(ns_of(r#"m{namespace="a"} 1"#).as_deref(), Some("a"));
+        assert_eq!(
+            ns_of(r#"m{x="namespace=\"a\"",namespace="b"} 1"#).as_deref(),
+            Some("b")
+        );
+        assert_eq!(ns_of(r#"m{x="namespace=\"a\""} 1"#), None);
+        assert_eq!(ns_of(r#"m{x="}, namespace=\"a\"", y="\\"} 1"#), None);
+        assert_eq!(ns_of(r#"m{my_namespace="a",namespaces="b"} 1"#), None);
+        assert_eq!(ns_of(r#"m { namespace = "a" , } 1"#).as_deref(), Some("a"));
+        assert_eq!(ns_of("m 1"), None);
+    }
+
+    #[test]
+    fn rejects_malformed_label_sets() {
+        for bad in [
+            r#"m{namespace="a" 1"#,
+            r#"m{namespace="a} 1"#,
+            r#"m{namespace=a} 1"#,
+            r#"m{namespace} 1"#,
+            r#"m{="a"} 1"#,
+            r#"m{,} 1"#,
+            r#"m{a="b"c="d"} 1"#,
+            r#"m{a="\x"} 1"#,
+            r#"m{a="\"} 1"#,
+            r#"m{"quoted.name"} 1"#,
+            r#"{namespace="a"} 1"#,
+            r#"m{1a="b"} 1"#,
+        ] {
+            assert_eq!(scan(bad).err(), Some(ScanError::Syntax), "{bad}");
+        }
+        assert_eq!(
+            scan(r#"m{namespace="a",namespace="b"} 1"#).err(),
+            Some(ScanError::DuplicateNamespace)
+        );
+    }
+
+    #[test]
+    fn checks_values_timestamps_and_exemplars() {
+        let mut s = Vec::new();
+        let tail = |line: &str, f: Format, s: &mut Vec<LabelSpan>| {
+            let (scan, _) = scan(line).unwrap();
+            check_tail(line.as_bytes(), scan.tail_start, f, Some(b"a"), s)
+        };
+        for ok in ["m 1", "m{} 1.5e3 -12", "m +Inf", "m NaN", "m\t-0.5\t1"] {
+            assert!(tail(ok, Format::Text, &mut s), "{ok}");
+        }
+        for bad in [
+            "m",
+            "m ",
+            "m 1 ",
+            "m 1 2 ",
+            "m{}1",
+            "m 1 2 3",
+            "m x",
+            "m 1 1.5",
+            "m -NaN",
+            "m 1e",
+            "m .",
+            "m 1 # {a=\"b\"} 1",
+        ] {
+            assert!(!tail(bad, Format::Text, &mut s), "{bad}");
+        }
+        for ok in [
+            "m 1 1.5",
+            r#"m_bucket{le="1"} 1 # {trace_id="x"} 0.5"#,
+            r#"m_bucket{le="1"} 1 1 # {trace_id="x"} 0.5 1.25"#,
+            r#"m{namespace="a"} 1 # {namespace="a"} 0.5"#,
+        ] {
+            assert!(tail(ok, Format::OpenMetrics, &mut s), "{ok}");
+        }
+        for bad in [
+            r#"m 1 # {trace_id="x"}"#,
+            r#"m 1 # trace"#,
+            r#"m{namespace="a"} 1 # {namespace="b"} 0.5"#,
+            r#"m 1 # {a="x",a="y"} 0.5"#,
+        ] {
+            assert!(!tail(bad, Format::OpenMetrics, &mut s), "{bad}");
+        }
+    }
+
+    #[test]
+    fn classifies_comments() {
+        let t = Format::Text;
+        assert_eq!(classify(b"", t), Line::Blank);
+        assert_eq!(classify(b" \t", t), Line::Blank);
+        assert_eq!(classify(b"# just a comment", t), Line::Comment);
+        assert_eq!(classify(b"#", t), Line::Comment);
+        assert_eq!(
+            classify(b"# HELP foo Some \\\\ help\\n", t),
+            Line::Meta {
+                kind: MetaKind::Help,
+                family: b"foo"
+            }
+        );
+        assert_eq!(
+            classify(b"# TYPE foo histogram", t),
+            Line::Meta {
+                kind: MetaKind::Type(MetricType::Histogram),
+                family: b"foo"
+            }
+        );
+        assert_eq!(classify(b"# TYPE foo info", t), Line::Invalid);
+        assert_eq!(classify(b"# TYPE foo", t), Line::Invalid);
+        assert_eq!(classify(b"# HELP foo bad \\x escape", t), Line::Invalid);
+        assert_eq!(classify(b"# HELP", t), Line::Invalid);
+        assert_eq!(classify(b"# EOF", t), Line::Comment);
+        assert_eq!(classify(b"# UNIT foo seconds", t), Line::Comment);
+        let om = Format::OpenMetrics;
+        assert_eq!(classify(b"# EOF", om), Line::Eof);
+        assert_eq!(
+            classify(b"# UNIT foo seconds", om),
+            Line::Meta {
+                kind: MetaKind::Unit,
+                family: b"foo"
+            }
+        );
+        assert_eq!(classify(b"foo 1", t), Line::Sample);
+    }
+
+    #[test]
+    fn floats_as_go_reads_them() {
+        for ok in [
+            "1", "-1", "+1.5", ".5", "5.", "1e10", "1E-3", "+Inf", "-inf", "Infinity", "NaN", "nan",
+        ] {
+            assert!(is_float(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "", "+", ".", "e5", "1e", "1e+", "+NaN", "0x10", "1_000", "1,5", "--1",
+        ] {
+            assert!(!is_float(bad.as_bytes()), "{bad}");
+        }
+        assert!(is_int(b"-1633253812125") && is_int(b"+1"));
+        assert!(!is_int(b"1.5") && !is_int(b"99999999999999999999"));
+    }
+
+    #[test]
+    fn escapes_round_trip() {
+        let mut out = Vec::new();
+        escape_label_value("a\\b\"c\nd", &mut out);
+        assert_eq!(out, br#"a\\b\"c\nd"#);
+        let mut back = Vec::new();
+        unescape_into(&out, &mut back);
+        assert_eq!(back, b"a\\b\"c\nd");
+    }
+}
