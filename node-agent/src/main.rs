@@ -1,15 +1,387 @@
-//! nodegate-agent binary. The request pipeline (listeners, authentication, authorization,
-//! upstream proxy, filters) is the next milestone; until then the binary only explains itself.
+//! nodegate-agent: serves the kubelet API on a node (see `docs/agent.md`), or explains what it
+//! would decide for a request (`nodegate-agent explain`).
 
-use clap::Parser;
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nodegate_agent::authn::{
+    Authenticator, AuthnSettings, BoxFuture, ReviewOutcome, TokenReviewer, parse_audiences,
+};
+use nodegate_agent::config::{
+    self, ApiSourceSettings, ConfigSource, ConfigSourceFlag, ConfigStore, NodeIdentity,
+};
+use nodegate_agent::explain::{Question, explain};
+use nodegate_agent::metrics::Metrics;
+use nodegate_agent::server::{self, AuthorizationMode, Components, Settings};
+use nodegate_agent::tls::{ReloadingTls, TlsSettings};
+use nodegate_agent::upstream::{Upstream, UpstreamSettings};
+use nodegate_agent::webhook::{CachedReviewer, KubeAccessReviewer};
+use nodegate_crds::{NodeAgentConfig, Port};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Serves the kubelet API on a node: authenticates, authorizes by NodeApiPolicy, proxies to the
 /// kubelet and filters responses to the caller's namespaces.
 #[derive(Parser)]
-#[command(name = "nodegate-agent", version)]
-struct Cli {}
+#[command(
+    name = "nodegate-agent",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints, as JSON, what the agent would decide for a request: its attributes, the
+    /// decision, the rule that decided and the namespaces the answer would be filtered to.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// This node's name (the NodeAgentConfig of the same name is enforced).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's IP: the default kubelet address and a name in the self-signed certificate.
+    #[arg(long, env = "NODE_IP")]
+    node_ip: Option<IpAddr>,
+    /// Kubeconfig for the API server; in-cluster configuration when absent.
+    #[arg(long, env = "NODEGATE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address of the secure (TLS) listener.
+    #[arg(long, env = "NODEGATE_BIND_ADDRESS", default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    #[arg(long, env = "NODEGATE_SECURE_PORT", default_value_t = 10350)]
+    secure_port: u16,
+    /// Plain-HTTP anonymous read-only port (GET only, read-only endpoints); 0 disables it.
+    #[arg(long, env = "NODEGATE_READ_ONLY_PORT", default_value_t = 10355)]
+    read_only_port: u16,
+    /// Port of /healthz, /livez, /readyz and /metrics; 0 disables it.
+    #[arg(long, env = "NODEGATE_HEALTHZ_PORT", default_value_t = 10348)]
+    healthz_port: u16,
+    #[arg(long, env = "NODEGATE_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0")]
+    healthz_bind_address: IpAddr,
+    /// The kubelet; default `https://$NODE_IP:10250`.
+    #[arg(long, env = "NODEGATE_UPSTREAM")]
+    upstream: Option<http::Uri>,
+    /// CA bundle verifying the kubelet's serving certificate.
+    #[arg(long, env = "NODEGATE_UPSTREAM_CA_FILE")]
+    upstream_ca_file: Option<PathBuf>,
+    /// Do not verify the kubelet's serving certificate (logged at startup).
+    #[arg(long, env = "NODEGATE_UPSTREAM_INSECURE_SKIP_TLS_VERIFY")]
+    upstream_insecure_skip_tls_verify: bool,
+    /// Name checked in the kubelet's certificate when it differs from the upstream host (a
+    /// self-signed kubelet certificate names the host, not its IP).
+    #[arg(long, env = "NODEGATE_UPSTREAM_SERVER_NAME")]
+    upstream_server_name: Option<String>,
+    /// Bearer token file for the kubelet (re-read when it rotates).
+    #[arg(
+        long,
+        env = "NODEGATE_UPSTREAM_TOKEN_FILE",
+        conflicts_with = "upstream_client_cert_file"
+    )]
+    upstream_token_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "NODEGATE_UPSTREAM_CLIENT_CERT_FILE",
+        requires = "upstream_client_key_file"
+    )]
+    upstream_client_cert_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "NODEGATE_UPSTREAM_CLIENT_KEY_FILE",
+        requires = "upstream_client_cert_file"
+    )]
+    upstream_client_key_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "NODEGATE_AUTHORIZATION_MODE",
+        value_enum,
+        default_value = "Policy"
+    )]
+    authorization_mode: AuthorizationMode,
+    /// Serving certificate (PEM chain); a self-signed one is made when absent.
+    #[arg(
+        long,
+        env = "NODEGATE_TLS_CERT_FILE",
+        requires = "tls_private_key_file"
+    )]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "NODEGATE_TLS_PRIVATE_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    tls_private_key_file: Option<PathBuf>,
+    /// CA that client certificates must chain to; without it, client certificates are not
+    /// used for authentication.
+    #[arg(long, env = "NODEGATE_CLIENT_CA_FILE")]
+    client_ca_file: Option<PathBuf>,
+    /// Audiences bearer tokens must be valid for (comma-separated); empty: the API server's.
+    #[arg(
+        long,
+        env = "NODEGATE_AUTHENTICATION_TOKEN_AUDIENCES",
+        default_value = ""
+    )]
+    authentication_token_audiences: String,
+    /// Where the rules come from: `api` (this node's NodeAgentConfig) or `file:PATH`.
+    #[arg(long, env = "NODEGATE_CONFIG_SOURCE", default_value = "api")]
+    config_source: ConfigSourceFlag,
+    /// Largest kubelet JSON document (pods, stats) the agent filters.
+    #[arg(long, env = "NODEGATE_MAX_JSON_BYTES", default_value_t = nodegate_agent::json_filter::DEFAULT_MAX_JSON_BYTES)]
+    max_json_bytes: usize,
+    /// Log lines as JSON (the audit line included).
+    #[arg(long, env = "NODEGATE_LOG_JSON", default_value_t = true, action = clap::ArgAction::Set)]
+    log_json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PortArg {
+    Secure,
+    ReadOnly,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// A NodeAgentConfig or NodeApiPolicy YAML file; without it, the node's NodeAgentConfig is
+    /// read from the cluster (`--kubeconfig`, `--node-name`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, env = "NODEGATE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    #[arg(long, default_value = "system:anonymous")]
+    user: String,
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, value_enum, default_value = "secure")]
+    port: PortArg,
+    /// `websocket` or `SPDY/3.1` for streaming requests.
+    #[arg(long)]
+    upgrade: Option<String>,
+    /// The request target, e.g. `/containerLogs/team-a/web/nginx?tailLines=10`.
+    target: String,
+}
+
+/// Refuses every token: used when the agent has no API server to review them with.
+struct NoReviews;
+
+impl TokenReviewer for NoReviews {
+    fn review<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+        Box::pin(async { Err("no API server configured to review tokens".to_string()) })
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
 
 fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    anyhow::bail!("the nodegate-agent request pipeline is not built yet")
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Some(Command::Explain(args)) => runtime.block_on(run_explain(args)),
+        None => {
+            init_logging(cli.serve.log_json);
+            runtime.block_on(serve(cli.serve))
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let spec = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let node = NodeIdentity {
+                name: args.node_name.clone(),
+                ..Default::default()
+            };
+            config::parse_config_file(&text, &node)?
+        }
+        None => {
+            if args.node_name.is_empty() {
+                bail!("give --config FILE, or --node-name to read the node's NodeAgentConfig");
+            }
+            let client = kube_client(args.kubeconfig.as_ref()).await?;
+            let api: kube::Api<NodeAgentConfig> = kube::Api::all(client);
+            api.get(&args.node_name).await?.spec
+        }
+    };
+    let question = Question {
+        user: args.user,
+        groups: args.groups,
+        method: args.method,
+        port: match args.port {
+            PortArg::Secure => Port::Secure,
+            PortArg::ReadOnly => Port::ReadOnly,
+        },
+        target: args.target,
+        upgrade: args.upgrade,
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&explain(&spec, &question))?
+    );
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(node_name) = args.node_name.clone().filter(|n| !n.is_empty()) else {
+        bail!("--node-name (or NODE_NAME) is required");
+    };
+    let upstream_url = match (&args.upstream, args.node_ip) {
+        (Some(url), _) => url.clone(),
+        (None, Some(ip)) => {
+            let host = if ip.is_ipv6() {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            };
+            format!("https://{host}:10250").parse()?
+        }
+        (None, None) => bail!("give --upstream or --node-ip (NODE_IP)"),
+    };
+    let mut upstream = UpstreamSettings::new(upstream_url);
+    upstream.ca_file = args.upstream_ca_file.clone();
+    upstream.insecure_skip_tls_verify = args.upstream_insecure_skip_tls_verify;
+    upstream.server_name = args.upstream_server_name.clone();
+    upstream.token_file = args.upstream_token_file.clone();
+    upstream.client_cert_file = args.upstream_client_cert_file.clone();
+    upstream.client_key_file = args.upstream_client_key_file.clone();
+    let upstream = Upstream::new(&upstream)?;
+
+    let tls = ReloadingTls::new(TlsSettings {
+        cert_file: args.tls_cert_file.clone(),
+        key_file: args.tls_private_key_file.clone(),
+        client_ca_file: args.client_ca_file.clone(),
+        node_name: node_name.clone(),
+        node_ips: args.node_ip.into_iter().collect(),
+        alpn_protocols: TlsSettings::default_alpn(),
+    })?;
+
+    let client = match kube_client(args.kubeconfig.as_ref()).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no API server client: tokens cannot be reviewed");
+            None
+        }
+    };
+    let authn_settings = AuthnSettings {
+        audiences: parse_audiences(&args.authentication_token_audiences),
+        x509_enabled: tls.client_ca_configured(),
+        ..Default::default()
+    };
+    let authenticator = match &client {
+        Some(c) => Authenticator::with_client(c.clone(), authn_settings),
+        None => Authenticator::new(Arc::new(NoReviews), authn_settings),
+    };
+    let access_reviewer = match (&client, args.authorization_mode) {
+        (_, AuthorizationMode::Policy) => None,
+        (Some(c), _) => Some(
+            Arc::new(CachedReviewer::new(Arc::new(KubeAccessReviewer::new(
+                c.clone(),
+            )))) as Arc<dyn nodegate_agent::webhook::AccessReviewer>,
+        ),
+        (None, mode) => bail!("--authorization-mode {mode:?} needs an API server"),
+    };
+
+    let store = ConfigStore::new();
+    let source = match &args.config_source {
+        ConfigSourceFlag::File(path) => ConfigSource::File(path.clone()),
+        ConfigSourceFlag::Api => match &client {
+            Some(c) => ConfigSource::Api { client: c.clone() },
+            None => bail!("--config-source api needs an API server"),
+        },
+    };
+    let expiry_tls = tls.clone();
+    let source_settings = ApiSourceSettings {
+        node_name: node_name.clone(),
+        serving_cert_expiry: Some(Arc::new(move || expiry_tls.serving_cert_expiry())),
+        status_interval: Duration::from_secs(60),
+    };
+    let node = NodeIdentity {
+        name: node_name.clone(),
+        ..Default::default()
+    };
+    tokio::spawn(config::run(
+        source,
+        store.clone(),
+        node,
+        source_settings,
+        Duration::from_secs(5),
+    ));
+    tokio::spawn(tls.clone().run_reload_loop(Duration::from_secs(60)));
+
+    let port = |p: u16, ip: IpAddr| (p != 0).then(|| SocketAddr::new(ip, p));
+    let settings = Settings {
+        node_name,
+        secure_addr: SocketAddr::new(args.bind_address, args.secure_port),
+        read_only_addr: port(args.read_only_port, args.bind_address),
+        healthz_addr: port(args.healthz_port, args.healthz_bind_address),
+        authorization_mode: args.authorization_mode,
+        max_json_bytes: args.max_json_bytes,
+        spec_roots: Default::default(),
+    };
+    let running = server::start(
+        settings,
+        Components {
+            tls,
+            authenticator,
+            config: store,
+            upstream,
+            access_reviewer,
+            metrics: Metrics::new(),
+        },
+    )
+    .await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = running.wait() => bail!("a listener stopped"),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: shutting down");
+            Ok(())
+        }
+        _ = terminate.recv() => {
+            tracing::info!("terminated: shutting down");
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,799 @@
+//! The listeners and the request pipeline, top to bottom: accept → authenticate → request
+//! attributes → authorize → local answer or upstream → filter → respond (and audit).
+//!
+//! [`start`] runs an agent in-process (the binary and the tests use it alike).
+
+use crate::audit::{AuditRecord, AuditedBody};
+use crate::authn::{AuthMethod, Authenticator, UserInfo};
+use crate::authz::{self, Decision, FilterScope, Requester};
+use crate::config::ConfigStore;
+use crate::json_filter;
+use crate::metrics::Metrics;
+use crate::spec;
+use crate::tls::ReloadingTls;
+use crate::upgrade;
+use crate::upstream::{
+    BoxError, ProxyBody, Upstream, UpstreamError, forward_headers, response_headers,
+};
+use crate::webhook::{AccessQuestion, AccessReviewer};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use nodegate_crds::attributes::{RequestAttributes, request_attributes};
+use nodegate_crds::catalogue::{Scope, kubelet_path};
+use nodegate_crds::{Endpoint, Port};
+use rustls_pki_types::CertificateDer;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// How requests are authorized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthorizationMode {
+    /// The node's compiled NodeAgentConfig rules only (no API call on the hot path).
+    #[value(name = "Policy")]
+    Policy,
+    /// SubjectAccessReview on nodegate's RBAC resource only.
+    #[value(name = "Webhook")]
+    Webhook,
+    /// Both must allow.
+    #[value(name = "PolicyAndWebhook")]
+    PolicyAndWebhook,
+}
+
+/// What an agent needs besides its collaborators.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    /// The secure (TLS) listener; port 0 picks one.
+    pub secure_addr: SocketAddr,
+    /// The read-only (plain HTTP, anonymous) listener; `None` disables it.
+    pub read_only_addr: Option<SocketAddr>,
+    /// `/healthz`, `/livez`, `/readyz`, `/metrics`; `None` disables it.
+    pub healthz_addr: Option<SocketAddr>,
+    pub authorization_mode: AuthorizationMode,
+    /// Largest JSON document filtered (see [`json_filter::DEFAULT_MAX_JSON_BYTES`]).
+    pub max_json_bytes: usize,
+    /// Where `/spec/` reads the machine's facts.
+    pub spec_roots: spec::Roots,
+}
+
+impl Settings {
+    /// Loopback listeners on free ports, for tests.
+    pub fn loopback(node_name: &str) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Settings {
+            node_name: node_name.into(),
+            secure_addr: any,
+            read_only_addr: Some(any),
+            healthz_addr: Some(any),
+            authorization_mode: AuthorizationMode::Policy,
+            max_json_bytes: json_filter::DEFAULT_MAX_JSON_BYTES,
+            spec_roots: spec::Roots::default(),
+        }
+    }
+}
+
+/// The agent's collaborators, built by the caller (the binary from flags, tests from fakes).
+#[derive(Clone)]
+pub struct Components {
+    pub tls: ReloadingTls,
+    pub authenticator: Authenticator,
+    pub config: ConfigStore,
+    pub upstream: Upstream,
+    /// Required in the Webhook modes.
+    pub access_reviewer: Option<Arc<dyn AccessReviewer>>,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--authorization-mode {0:?} needs a SubjectAccessReview client")]
+    NoAccessReviewer(AuthorizationMode),
+}
+
+/// A running agent. Dropping it stops its listeners (open connections finish on their own).
+pub struct Running {
+    pub secure_addr: SocketAddr,
+    pub read_only_addr: Option<SocketAddr>,
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics: Metrics,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until a listener stops (they run until the process ends or `Running` drops).
+    pub async fn wait(mut self) {
+        if let Some(task) = self.tasks.pop() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+struct State {
+    settings: Settings,
+    parts: Components,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}
+
+/// Binds the listeners and serves until the returned handle drops.
+pub async fn start(settings: Settings, parts: Components) -> Result<Running, StartError> {
+    if settings.authorization_mode != AuthorizationMode::Policy && parts.access_reviewer.is_none() {
+        return Err(StartError::NoAccessReviewer(settings.authorization_mode));
+    }
+    let secure = bind(settings.secure_addr).await?;
+    let secure_addr = local(&secure, settings.secure_addr);
+    let read_only = match settings.read_only_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let healthz = match settings.healthz_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let read_only_addr = read_only.as_ref().map(|l| local(l, secure_addr));
+    let healthz_addr = healthz.as_ref().map(|l| local(l, secure_addr));
+    let metrics = parts.metrics.clone();
+    let state = Arc::new(State { settings, parts });
+    let mut tasks = vec![tokio::spawn(serve_secure(secure, state.clone()))];
+    if let Some(l) = read_only {
+        tasks.push(tokio::spawn(serve_plain(
+            l,
+            state.clone(),
+            Listener::ReadOnly,
+        )));
+    }
+    if let Some(l) = healthz {
+        tasks.push(tokio::spawn(serve_plain(
+            l,
+            state.clone(),
+            Listener::Healthz,
+        )));
+    }
+    tracing::info!(%secure_addr, ?read_only_addr, ?healthz_addr, "nodegate-agent serving");
+    Ok(Running {
+        secure_addr,
+        read_only_addr,
+        healthz_addr,
+        metrics,
+        tasks,
+    })
+}
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_secure(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let acceptor = state.parts.tls.acceptor();
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certs: Option<Arc<Vec<CertificateDer<'static>>>> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                let certs = certs.clone();
+                async move { Ok::<_, Infallible>(handle(state, Port::Secure, certs, req).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Listener {
+    ReadOnly,
+    Healthz,
+}
+
+async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    Ok::<_, Infallible>(match which {
+                        Listener::ReadOnly => handle(state, Port::ReadOnly, None, req).await,
+                        Listener::Healthz => health(state, req).await,
+                    })
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+async fn health(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok"),
+        "/readyz" => {
+            let loaded = state.parts.config.is_loaded();
+            let reachable = state.parts.upstream.reachable().await;
+            if loaded && reachable {
+                text(StatusCode::OK, "ok")
+            } else {
+                let mut why = String::new();
+                if !loaded {
+                    why.push_str("configuration not loaded\n");
+                }
+                if !reachable {
+                    why.push_str("kubelet not reachable\n");
+                }
+                text(StatusCode::SERVICE_UNAVAILABLE, why)
+            }
+        }
+        "/metrics" => {
+            state
+                .parts
+                .metrics
+                .config_generation
+                .set(state.parts.config.current().generation as i64);
+            let mut resp = Response::new(full(state.parts.metrics.render()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
+    }
+}
+
+/// The `Upgrade` header, when `Connection` asks for an upgrade.
+fn upgrade_header(req: &Request<Incoming>) -> Option<&HeaderValue> {
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if asks {
+        req.headers().get(header::UPGRADE)
+    } else {
+        None
+    }
+}
+
+/// Paths the kubelet's read-only port answers 405 for ("debugging handlers disabled").
+fn read_only_disabled(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::Exec
+            | Endpoint::Attach
+            | Endpoint::PortForward
+            | Endpoint::Run
+            | Endpoint::ContainerLogs
+            | Endpoint::RunningPods
+            | Endpoint::Logs
+            | Endpoint::Pprof
+            | Endpoint::DebugFlags
+            | Endpoint::Checkpoint
+    )
+}
+
+async fn handle(
+    state: Arc<State>,
+    port: Port,
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let mut record = AuditRecord {
+        port: match port {
+            Port::Secure => "secure",
+            Port::ReadOnly => "read-only",
+        },
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        decision: "deny",
+        ..Default::default()
+    };
+    let resp = pipeline(&state, port, certs, req, &mut record).await;
+    record.status = resp.status().as_u16();
+    let metrics = state.parts.metrics.clone();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        AuditedBody::new(body, record, started, metrics).boxed(),
+    )
+}
+
+async fn pipeline(
+    state: &State,
+    port: Port,
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    req: Request<Incoming>,
+    record: &mut AuditRecord,
+) -> Response<ProxyBody> {
+    // Authenticate (the read-only port is anonymous, as the kubelet's).
+    let user = match port {
+        Port::ReadOnly => UserInfo::anonymous(),
+        Port::Secure => {
+            match state
+                .parts
+                .authenticator
+                .authenticate(certs.as_deref().map(Vec::as_slice), req.headers())
+                .await
+            {
+                Ok(user) => {
+                    state
+                        .parts
+                        .metrics
+                        .authentications
+                        .with_label_values(&[method_name(user.method), "ok"])
+                        .inc();
+                    user
+                }
+                Err(e) => {
+                    state
+                        .parts
+                        .metrics
+                        .authentications
+                        .with_label_values(&["any", "refused"])
+                        .inc();
+                    record.reason = e.to_string();
+                    record.decision = "unauthenticated";
+                    return text(StatusCode::UNAUTHORIZED, "Unauthorized\n");
+                }
+            }
+        }
+    };
+    record.user = user.name.clone();
+    record.groups = user.groups.clone();
+    record.auth_method = method_name(user.method);
+
+    // Attributes: the path normalised once; what is authorized is what is forwarded.
+    let raw_target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_string();
+    let upgrade = upgrade_header(&req).cloned();
+    let upgrade_str = upgrade.as_ref().and_then(|v| v.to_str().ok());
+    if upgrade.is_some() && upgrade_str.is_none() {
+        record.reason = "unreadable Upgrade header".into();
+        return text(StatusCode::BAD_REQUEST, "unreadable Upgrade header\n");
+    }
+    if port == Port::ReadOnly {
+        // The read-only port serves reads only; the kubelet's disabled debugging handlers
+        // answer 405 whatever the method.
+        let route = nodegate_crds::attributes::normalise_target(&raw_target)
+            .ok()
+            .and_then(|(path, _)| nodegate_crds::attributes::match_route(&path));
+        if let Some(route) = &route
+            && read_only_disabled(route.endpoint)
+        {
+            record.endpoint = route.endpoint.name().into();
+            record.reason = "not served on the read-only port".into();
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Debug endpoints are disabled.\n",
+            );
+        }
+        if req.method() != Method::GET || upgrade.is_some() {
+            record.reason = "the read-only port serves GET only".into();
+            return text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
+        }
+    }
+    let attrs = match request_attributes(req.method().as_str(), &raw_target, upgrade_str) {
+        Ok(a) => a,
+        Err(rejection) => {
+            record.reason = rejection.to_string();
+            let status =
+                StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return text(status, format!("{rejection}\n"));
+        }
+    };
+    record.path = attrs.path.clone();
+    record.verb = attrs
+        .verb
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    record.subresources = attrs
+        .subresources
+        .iter()
+        .map(|s| s.as_str().to_string())
+        .collect();
+    if let Some(route) = &attrs.route {
+        record.endpoint = route.endpoint.name().into();
+    }
+
+    // Authorize.
+    let decision = match decide(state, &user, port, &attrs).await {
+        Ok(d) => d,
+        Err(e) => {
+            record.reason = e.clone();
+            record.decision = "error";
+            tracing::warn!(error = %e, "authorization failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error: authorization failed\n",
+            );
+        }
+    };
+    record.policy = decision.policy.clone().unwrap_or_default();
+    record.reason = decision.reason.clone();
+    if !decision.allowed() {
+        return text(
+            StatusCode::FORBIDDEN,
+            authz::forbidden_body(&user.name, &attrs),
+        );
+    }
+    record.decision = "allow";
+    let Some(route) = attrs.route.clone() else {
+        // authorize never allows a request without a route.
+        return text(
+            StatusCode::FORBIDDEN,
+            authz::forbidden_body(&user.name, &attrs),
+        );
+    };
+
+    // Local answers.
+    if route.endpoint == Endpoint::Spec {
+        let roots = state.settings.spec_roots.clone();
+        let info = tokio::task::spawn_blocking(move || spec::machine_info(&roots)).await;
+        return match info.ok().and_then(|i| serde_json::to_vec(&i).ok()) {
+            Some(body) => json_response(body),
+            None => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "machine info unavailable\n",
+            ),
+        };
+    }
+
+    // Upstream.
+    let mut upstream_attrs = attrs.clone();
+    upstream_attrs.path = kubelet_path(&attrs.path).to_string();
+    let target = match state.parts.upstream.uri(&upstream_attrs.upstream_target()) {
+        Ok(t) => t,
+        Err(e) => return bad_gateway(state, "request", &e),
+    };
+    let scope = route.endpoint.spec().scope;
+    let filter = decision.filter.clone().filter(|f| !f.unrestricted());
+    let mut headers = forward_headers(req.headers(), upgrade.as_ref());
+    if filter.is_some() {
+        // The filter reads the body: ask for it uncompressed.
+        headers.remove(header::ACCEPT_ENCODING);
+    }
+    if attrs.upgrade.is_some() {
+        return match upgrade::proxy_upgrade(&state.parts.upstream, req, target, headers).await {
+            Ok(resp) => resp,
+            Err(e) => bad_gateway(state, "connect", &e),
+        };
+    }
+    let (parts, body) = req.into_parts();
+    let mut upstream_req = Request::new(body.map_err(BoxError::from).boxed());
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = target;
+    *upstream_req.headers_mut() = headers;
+    let resp = match state.parts.upstream.send(upstream_req).await {
+        Ok(r) => r,
+        Err(e) => return bad_gateway(state, "connect", &e),
+    };
+    if resp.status().is_redirection() {
+        state
+            .parts
+            .metrics
+            .upstream_errors
+            .with_label_values(&["redirect"])
+            .inc();
+        record.reason = "upstream redirect refused".into();
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "the kubelet answered with a redirect, which the agent does not follow\n",
+        );
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.headers = response_headers(&parts.headers, false);
+    let Some(filter) = filter else {
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+    };
+    if !parts.status.is_success() {
+        // Errors carry no pod data; relay them as the kubelet wrote them.
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+    }
+    match scope {
+        Scope::JsonItems { .. } => filter_json(state, route.endpoint, parts, body, &filter).await,
+        Scope::MetricsLabel => filter_metrics(state, parts, body, &filter),
+        // authorize gives a filter only for the two scopes above.
+        _ => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no filter for this endpoint\n",
+        ),
+    }
+}
+
+fn method_name(m: AuthMethod) -> &'static str {
+    m.as_str()
+}
+
+fn json_response(body: Vec<u8>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn bad_gateway(state: &State, kind: &str, e: &UpstreamError) -> Response<ProxyBody> {
+    state
+        .parts
+        .metrics
+        .upstream_errors
+        .with_label_values(&[kind])
+        .inc();
+    tracing::warn!(error = %e, "kubelet request failed");
+    text(
+        StatusCode::BAD_GATEWAY,
+        "Bad Gateway: the kubelet could not be reached\n",
+    )
+}
+
+async fn filter_json(
+    state: &State,
+    endpoint: Endpoint,
+    mut parts: http::response::Parts,
+    body: Incoming,
+    filter: &FilterScope,
+) -> Response<ProxyBody> {
+    let max = state.settings.max_json_bytes;
+    let declared_too_large = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > max);
+    if declared_too_large || parts.headers.contains_key(header::CONTENT_ENCODING) {
+        let kind = if declared_too_large {
+            "too_large"
+        } else {
+            "encoding"
+        };
+        state
+            .parts
+            .metrics
+            .upstream_errors
+            .with_label_values(&[kind])
+            .inc();
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "the kubelet's answer cannot be filtered\n",
+        );
+    }
+    let bytes = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let kind = if e.is::<http_body_util::LengthLimitError>() {
+                "too_large"
+            } else {
+                "body"
+            };
+            state
+                .parts
+                .metrics
+                .upstream_errors
+                .with_label_values(&[kind])
+                .inc();
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the kubelet's answer could not be read or is too large to filter\n",
+            );
+        }
+    };
+    match json_filter::filter(endpoint, &bytes, filter) {
+        Ok(out) => {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Response::from_parts(parts, full(out))
+        }
+        Err(e) => {
+            state
+                .parts
+                .metrics
+                .upstream_errors
+                .with_label_values(&["filter"])
+                .inc();
+            tracing::warn!(error = %e, %endpoint, "JSON filter refused the kubelet's answer");
+            text(
+                StatusCode::BAD_GATEWAY,
+                "the kubelet's answer could not be filtered\n",
+            )
+        }
+    }
+}
+
+/// Prometheus text scoped to the caller's namespaces.
+fn filter_metrics(
+    state: &State,
+    _parts: http::response::Parts,
+    _body: Incoming,
+    _filter: &FilterScope,
+) -> Response<ProxyBody> {
+    state
+        .parts
+        .metrics
+        .upstream_errors
+        .with_label_values(&["filter"])
+        .inc();
+    text(
+        StatusCode::NOT_IMPLEMENTED,
+        "namespace-scoped metrics need the Prometheus filter, which this build lacks; only callers granted all namespaces are served\n",
+    )
+}
+
+/// Authorizes by the configured mode.
+async fn decide(
+    state: &State,
+    user: &UserInfo,
+    port: Port,
+    attrs: &RequestAttributes,
+) -> Result<Decision, String> {
+    let config = state.parts.config.current();
+    let who = Requester {
+        name: &user.name,
+        groups: &user.groups,
+    };
+    let policy = authz::authorize(who, port, attrs, &config.spec.rules);
+    let mode = state.settings.authorization_mode;
+    if mode == AuthorizationMode::Policy || port == Port::ReadOnly {
+        // The read-only port is anonymous: RBAC has nothing to say about it.
+        return Ok(policy);
+    }
+    if mode == AuthorizationMode::PolicyAndWebhook && !policy.allowed() {
+        return Ok(policy);
+    }
+    let (Some(route), Some(verb)) = (&attrs.route, attrs.verb) else {
+        return Ok(policy);
+    };
+    if port == Port::ReadOnly && !route.endpoint.spec().read_only {
+        return Ok(policy);
+    }
+    let namespace = match route.endpoint.spec().scope {
+        Scope::Path => route.namespace.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let Some(reviewer) = &state.parts.access_reviewer else {
+        return Err("no SubjectAccessReview client".into());
+    };
+    let question = AccessQuestion::new(
+        user,
+        verb.as_str(),
+        route.endpoint.name(),
+        &state.settings.node_name,
+        &namespace,
+    );
+    let allowed = reviewer.allowed(&question).await?;
+    let webhook = Decision {
+        verdict: if allowed {
+            authz::Verdict::Allow
+        } else {
+            authz::Verdict::Deny
+        },
+        policy: None,
+        policies: vec![],
+        reason: format!(
+            "SubjectAccessReview {} {verb} nodeagentconfigs/{} in namespace {namespace:?}",
+            if allowed { "allows" } else { "denies" },
+            route.endpoint.name()
+        ),
+        // RBAC at cluster scope means every namespace: unfiltered.
+        filter: None,
+    };
+    Ok(match mode {
+        AuthorizationMode::Webhook => webhook,
+        // Both allowed: the policy's (narrower or equal) filter applies.
+        _ if allowed => Decision {
+            reason: format!("{}; {}", policy.reason, webhook.reason),
+            ..policy
+        },
+        _ => webhook,
+    })
+}
