@@ -889,11 +889,11 @@ async fn static_auth_answers_like_a_kubelet() -> TestResult {
         (r.status.as_u16(), r.text()),
         (
             403,
-            "Forbidden (user=bob, verb=get, resource=nodes, subresource(s)=[pods proxy])"
+            "Forbidden (user=bob, verb=get, resource=nodes, subresource(s)=[pods proxy])\n"
                 .to_string()
         )
     );
-    // The kubelet's verb for a POST exec is create; for HEAD there is none.
+    // HEAD gets no verb from the kubelet: refused even for a granted resource.
     let r = call_with(&sim, "HEAD", "/metrics", &[], "", cert).await;
     assert_eq!(r.status, 403);
     let r = call(&sim, "GET", "/pods", &[], "").await;
@@ -977,12 +977,12 @@ async fn cluster_auth_like_a_kubelet() -> TestResult {
     assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(
         r.text(),
-        format!("Forbidden (user={user}, verb=get, resource=nodes, subresource(s)=[metrics])")
+        format!("Forbidden (user={user}, verb=get, resource=nodes, subresource(s)=[metrics])\n")
     );
     let r = call_with(&sim, "GET", "/pods", &[], "", cert).await;
     assert_eq!(
         r.text(),
-        format!("Forbidden (user={user}, verb=get, resource=nodes, subresource(s)=[pods proxy])")
+        format!("Forbidden (user={user}, verb=get, resource=nodes, subresource(s)=[pods proxy])\n")
     );
 
     let role = ClusterRole {
@@ -1061,7 +1061,7 @@ async fn cluster_auth_like_a_kubelet() -> TestResult {
         assert_eq!(
             r.text(),
             format!(
-                "Forbidden (user=system:serviceaccount:{}:scraper, verb=get, resource=nodes, subresource(s)=[stats])",
+                "Forbidden (user=system:serviceaccount:{}:scraper, verb=get, resource=nodes, subresource(s)=[stats])\n",
                 ns.name()
             )
         );
@@ -1075,6 +1075,154 @@ async fn cluster_auth_like_a_kubelet() -> TestResult {
     let _ = bindings.delete(&user, &DeleteParams::default()).await;
     let _ = roles.delete(&user, &DeleteParams::default()).await;
     result
+}
+
+/// (status, headers and body) of a curl call; `-k`: both serving certificates are self-signed,
+/// what is compared is authentication, authorization and routing.
+async fn curl(url: &str, method: &str, cert_dir: Option<&std::path::Path>) -> (u16, String) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--path-as-is",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(dir) = cert_dir {
+        cmd.arg("--cert")
+            .arg(dir.join("tls.crt"))
+            .arg("--key")
+            .arg(dir.join("tls.key"));
+    }
+    if method == "HEAD" {
+        cmd.arg("--head");
+    } else {
+        cmd.args(["-X", method]);
+    }
+    let out = cmd.arg(url).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The simulator and node-1's real kubelet answer a caller without grants (and one without
+/// credentials) with the same statuses and bodies, on every route.
+#[tokio::test]
+async fn refusals_match_the_real_kubelet() -> TestResult {
+    use k8s_openapi::api::core::v1::Node;
+    let Some(cluster) = nodegate_tests::Cluster::get().await? else {
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let node = kube::api::Api::<Node>::all(admin.clone())
+        .get(nodegate_tests::cluster::NODE_NAME)
+        .await?;
+    let status = node.status.unwrap();
+    let ip = status
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .unwrap()
+        .address;
+    let port = status
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    let kubelet = format!("https://{ip}:{port}");
+    let client_ca_pem = match cluster
+        .location()
+        .state_dir
+        .as_ref()
+        .map(|d| d.join("pki/ca.crt"))
+    {
+        Some(p) if p.exists() => std::fs::read(p)?,
+        _ => cluster
+            .admin_config()
+            .root_cert
+            .iter()
+            .flatten()
+            .map(|der| pem(der))
+            .collect::<String>()
+            .into_bytes(),
+    };
+    let sim = start(SimOptions {
+        tls: true,
+        node_name: nodegate_tests::cluster::NODE_NAME.into(),
+        auth: SimAuth::Cluster {
+            client: admin.clone(),
+            client_ca_pem,
+        },
+        ..SimOptions::default()
+    })
+    .await;
+    let user = nodegate_tests::cluster::unique_name("sim-conformance");
+    let creds = cluster.user_credentials(&user, &["nodegate-e2e"]).await?;
+    let dir = std::env::temp_dir().join(&user);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("tls.crt"), &creds.certificate_pem)?;
+    std::fs::write(dir.join("tls.key"), &creds.key_pem)?;
+
+    let requests: &[(&str, &str)] = &[
+        ("GET", "/pods"),
+        ("POST", "/pods"),
+        ("HEAD", "/pods"),
+        ("GET", "/runningpods/"),
+        ("GET", "/healthz"),
+        ("GET", "/healthz/ping"),
+        ("GET", "/configz"),
+        ("GET", "/statusz"),
+        ("GET", "/flagz"),
+        ("GET", "/stats/summary"),
+        ("POST", "/stats/summary"),
+        ("GET", "/metrics"),
+        ("GET", "/metrics/cadvisor"),
+        ("GET", "/metrics/resource"),
+        ("GET", "/metrics/probes"),
+        ("GET", "/metrics/slis"),
+        ("GET", "/logs/"),
+        ("GET", "/logs/syslog"),
+        ("GET", "/containerLogs/ns/pod/ctr"),
+        ("GET", "/exec/ns/pod/ctr"),
+        ("POST", "/exec/ns/pod/uid/ctr"),
+        ("POST", "/attach/ns/pod/ctr"),
+        ("GET", "/portForward/ns/pod"),
+        ("POST", "/run/ns/pod/ctr"),
+        ("POST", "/checkpoint/ns/pod/ctr"),
+        ("GET", "/debug/pprof/"),
+        ("GET", "/debug/pprof/heap"),
+        ("PUT", "/debug/flags/v"),
+        ("GET", "/spec/"),
+        ("GET", "/metrics/resource/v1alpha1"),
+        ("GET", "/podsx"),
+        ("GET", "/"),
+        ("GET", "/metrics/../exec/ns/pod/ctr"),
+    ];
+    let mut mismatches = Vec::new();
+    for (method, path) in requests {
+        for cert in [Some(dir.as_path()), None] {
+            let real = curl(&format!("{kubelet}{path}"), method, cert).await;
+            let ours = curl(&format!("{}{path}", sim.url()), method, cert).await;
+            let comparable = |r: &(u16, String)| match r.0 {
+                // Redirect bodies are Go's HTML; HEAD has no body.
+                307 => (r.0, String::new()),
+                _ if *method == "HEAD" => (r.0, String::new()),
+                _ => r.clone(),
+            };
+            if comparable(&real) != comparable(&ours) {
+                mismatches.push(format!(
+                    "{method} {path} cert={}: kubelet {real:?}, sim {ours:?}",
+                    cert.is_some()
+                ));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    Ok(())
 }
 
 async fn sa_token(

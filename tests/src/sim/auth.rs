@@ -156,10 +156,12 @@ impl Denial {
         }
     }
 
+    /// The kubelet's body: `Unauthorized` as is, the others with Go's `http.Error` newline
+    /// (checked against a real kubelet by `refusals_match_the_real_kubelet`).
     pub fn body(&self) -> String {
         match self {
             Denial::Unauthorized => "Unauthorized".into(),
-            Denial::Forbidden(m) | Denial::AuthorizationError(m) => m.clone(),
+            Denial::Forbidden(m) | Denial::AuthorizationError(m) => format!("{m}\n"),
         }
     }
 }

@@ -70,7 +70,8 @@ pub fn serving_cert(node_name: &str, names: &[String]) -> Result<ServingCert, Tl
     })
 }
 
-/// The rustls server configuration: ALPN h2 and http/1.1 like the kubelet; with a client CA,
+/// The rustls server configuration: ALPN http/1.1 only, like the kubelet (it serves no HTTP/2
+/// on its port, so clients fall back as they would with a real node); with a client CA,
 /// client certificates are verified when presented (an invalid one fails the handshake).
 pub fn server_config(
     cert: &ServingCert,
@@ -97,7 +98,7 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
