@@ -511,3 +511,453 @@ pub fn strip_token_protocol(value: &str) -> Option<String> {
         .collect();
     (!kept.is_empty()).then(|| kept.join(", "))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::tls::test_pki::Ca;
+    use http::HeaderValue;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A reviewer that knows some tokens, counts reviews, can be slow or down.
+    #[derive(Default)]
+    struct FakeReviewer {
+        users: HashMap<String, (String, Vec<String>, Vec<String>)>,
+        reviews: AtomicUsize,
+        per_token: Mutex<HashMap<String, usize>>,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
+        delay: Duration,
+        down: AtomicBool,
+    }
+
+    impl FakeReviewer {
+        fn with(tokens: &[(&str, &str, &[&str])]) -> Self {
+            FakeReviewer {
+                users: tokens
+                    .iter()
+                    .map(|(t, u, g)| {
+                        (
+                            t.to_string(),
+                            (
+                                u.to_string(),
+                                g.iter().map(|g| g.to_string()).collect(),
+                                vec!["https://kubernetes.default.svc".to_string()],
+                            ),
+                        )
+                    })
+                    .collect(),
+                ..Default::default()
+            }
+        }
+        fn count(&self, token: &str) -> usize {
+            self.per_token
+                .lock()
+                .unwrap()
+                .get(token)
+                .copied()
+                .unwrap_or(0)
+        }
+    }
+
+    impl TokenReviewer for FakeReviewer {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+            _audiences: &'a [String],
+        ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+            Box::pin(async move {
+                self.reviews.fetch_add(1, Ordering::SeqCst);
+                *self
+                    .per_token
+                    .lock()
+                    .unwrap()
+                    .entry(token.to_string())
+                    .or_default() += 1;
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if self.down.load(Ordering::SeqCst) {
+                    return Err("connection refused".into());
+                }
+                Ok(match self.users.get(token) {
+                    Some((name, groups, audiences)) => ReviewOutcome::Authenticated {
+                        name: name.clone(),
+                        uid: Some("uid-1".into()),
+                        groups: groups.clone(),
+                        extra: BTreeMap::new(),
+                        audiences: audiences.clone(),
+                    },
+                    None => ReviewOutcome::Refused,
+                })
+            })
+        }
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        h
+    }
+
+    fn authenticator(reviewer: Arc<FakeReviewer>, settings: AuthnSettings) -> Authenticator {
+        Authenticator::new(reviewer, settings)
+    }
+
+    const SA: &str = "system:serviceaccount:monitoring:prom";
+
+    #[tokio::test]
+    async fn token_user_gets_authenticated_group_and_is_cached() {
+        let reviewer = Arc::new(FakeReviewer::with(&[(
+            "good",
+            SA,
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:monitoring",
+            ],
+        )]));
+        let a = authenticator(reviewer.clone(), AuthnSettings::default());
+        let user = a.authenticate(None, &bearer("good")).await.unwrap();
+        assert_eq!(user.name, SA);
+        assert_eq!(user.method, AuthMethod::Token);
+        assert_eq!(user.uid.as_deref(), Some("uid-1"));
+        assert_eq!(
+            user.groups,
+            [
+                "system:serviceaccounts",
+                "system:serviceaccounts:monitoring",
+                AUTHENTICATED_GROUP
+            ]
+        );
+        a.authenticate(None, &bearer("good")).await.unwrap();
+        assert_eq!(
+            reviewer.count("good"),
+            1,
+            "the second request is served from cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_token_is_invalid_and_negatively_cached() {
+        let reviewer = Arc::new(FakeReviewer::default());
+        let a = authenticator(reviewer.clone(), AuthnSettings::default());
+        for _ in 0..3 {
+            assert_eq!(
+                a.authenticate(None, &bearer("junk")).await,
+                Err(AuthnError::Invalid)
+            );
+        }
+        assert_eq!(reviewer.count("junk"), 1);
+    }
+
+    #[tokio::test]
+    async fn failure_ttl_expires() {
+        let reviewer = Arc::new(FakeReviewer::default());
+        let settings = AuthnSettings {
+            failure_ttl: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let a = authenticator(reviewer.clone(), settings);
+        assert!(a.authenticate_token("junk").await.is_err());
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(a.authenticate_token("junk").await.is_err());
+        assert_eq!(reviewer.count("junk"), 2);
+    }
+
+    #[tokio::test]
+    async fn api_down_is_unavailable_never_anonymous_and_not_cached() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("good", SA, &[])]));
+        reviewer.down.store(true, Ordering::SeqCst);
+        let a = authenticator(reviewer.clone(), AuthnSettings::default());
+        let result = a.authenticate(None, &bearer("good")).await;
+        assert!(
+            matches!(result, Err(AuthnError::Unavailable(_))),
+            "{result:?}"
+        );
+        reviewer.down.store(false, Ordering::SeqCst);
+        let user = a.authenticate(None, &bearer("good")).await.unwrap();
+        assert_eq!(user.name, SA, "a failed review is not cached");
+        assert_eq!(reviewer.count("good"), 2);
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_stay_valid_while_the_api_is_down() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("good", SA, &[])]));
+        let a = authenticator(reviewer.clone(), AuthnSettings::default());
+        a.authenticate_token("good").await.unwrap();
+        reviewer.down.store(true, Ordering::SeqCst);
+        assert_eq!(a.authenticate_token("good").await.unwrap().name, SA);
+    }
+
+    #[tokio::test]
+    async fn review_timeout_is_unavailable() {
+        let reviewer = Arc::new(FakeReviewer {
+            delay: Duration::from_millis(500),
+            ..FakeReviewer::with(&[("good", SA, &[])])
+        });
+        let settings = AuthnSettings {
+            review_timeout: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let a = authenticator(reviewer, settings);
+        assert!(matches!(
+            a.authenticate_token("good").await,
+            Err(AuthnError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_review() {
+        let reviewer = Arc::new(FakeReviewer {
+            delay: Duration::from_millis(100),
+            ..FakeReviewer::with(&[("good", SA, &[])])
+        });
+        let a = authenticator(reviewer.clone(), AuthnSettings::default());
+        let results = futures::future::join_all((0..50).map(|_| {
+            let a = a.clone();
+            async move { a.authenticate(None, &bearer("good")).await }
+        }))
+        .await;
+        assert!(results.iter().all(|r| r.as_ref().unwrap().name == SA));
+        assert_eq!(reviewer.count("good"), 1);
+        // Same for a refused token.
+        let results = futures::future::join_all((0..50).map(|_| {
+            let a = a.clone();
+            async move { a.authenticate_token("junk").await }
+        }))
+        .await;
+        assert!(results.iter().all(|r| *r == Err(AuthnError::Invalid)));
+        assert_eq!(reviewer.count("junk"), 1);
+    }
+
+    #[tokio::test]
+    async fn reviews_in_flight_are_capped() {
+        let reviewer = Arc::new(FakeReviewer {
+            delay: Duration::from_millis(20),
+            ..FakeReviewer::default()
+        });
+        let settings = AuthnSettings {
+            max_concurrent_reviews: 3,
+            ..Default::default()
+        };
+        let a = authenticator(reviewer.clone(), settings);
+        futures::future::join_all((0..40).map(|i| {
+            let a = a.clone();
+            async move { a.authenticate_token(&format!("junk-{i}")).await }
+        }))
+        .await;
+        assert_eq!(reviewer.reviews.load(Ordering::SeqCst), 40);
+        assert_eq!(reviewer.max_in_flight.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn junk_flood_does_not_evict_good_tokens() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("good", SA, &[])]));
+        let settings = AuthnSettings {
+            success_capacity: 8,
+            failure_capacity: 8,
+            ..Default::default()
+        };
+        let a = authenticator(reviewer.clone(), settings);
+        a.authenticate_token("good").await.unwrap();
+        for i in 0..2000 {
+            let _ = a.authenticate_token(&format!("junk-{i}")).await;
+        }
+        a.inner.authenticated.run_pending_tasks().await;
+        reviewer.down.store(true, Ordering::SeqCst);
+        assert_eq!(a.authenticate_token("good").await.unwrap().name, SA);
+        assert_eq!(reviewer.count("good"), 1);
+    }
+
+    #[tokio::test]
+    async fn audiences_must_match() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("good", SA, &[])]));
+        let settings = AuthnSettings {
+            audiences: parse_audiences(" nodegate , other,"),
+            ..Default::default()
+        };
+        assert_eq!(settings.audiences, ["nodegate", "other"]);
+        let a = authenticator(reviewer, settings);
+        assert_eq!(
+            a.authenticate_token("good").await,
+            Err(AuthnError::Invalid),
+            "the fake's token is for the API server's audience only"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_credential_is_anonymous() {
+        let a = authenticator(Arc::new(FakeReviewer::default()), AuthnSettings::default());
+        let user = a.authenticate(None, &HeaderMap::new()).await.unwrap();
+        assert_eq!(user, UserInfo::anonymous());
+        assert_eq!(user.groups, [UNAUTHENTICATED_GROUP]);
+        assert!(!user.in_group(AUTHENTICATED_GROUP));
+    }
+
+    #[test]
+    fn token_extraction() {
+        assert_eq!(bearer_token(&HeaderMap::new()), Ok(None));
+        assert_eq!(bearer_token(&bearer("abc")), Ok(Some("abc".into())));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("bearer   abc "),
+        );
+        assert_eq!(
+            bearer_token(&h),
+            Ok(Some("abc".into())),
+            "scheme is case-insensitive"
+        );
+        for bad in [
+            "Basic YWxhZGRpbjpvcGVuc2VzYW1l",
+            "Bearer",
+            "Bearer  ",
+            "abc",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, HeaderValue::from_static(bad));
+            assert_eq!(bearer_token(&h), Err(AuthnError::Invalid), "{bad:?}");
+        }
+        let mut two = bearer("a");
+        two.append(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer b"),
+        );
+        assert_eq!(bearer_token(&two), Err(AuthnError::Invalid));
+    }
+
+    fn websocket(protocols: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("Upgrade"),
+        );
+        h.insert(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(protocols).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn websocket_subprotocol_token() {
+        let encoded = URL_SAFE_NO_PAD.encode("my.jwt.token");
+        let protocols = format!("v5.channel.k8s.io, {WEBSOCKET_TOKEN_PROTOCOL_PREFIX}{encoded}");
+        assert_eq!(
+            bearer_token(&websocket(&protocols)),
+            Ok(Some("my.jwt.token".into()))
+        );
+        assert_eq!(
+            strip_token_protocol(&protocols).as_deref(),
+            Some("v5.channel.k8s.io")
+        );
+        // Not an upgrade: the protocol header means nothing.
+        let mut plain = websocket(&protocols);
+        plain.remove(http::header::UPGRADE);
+        assert_eq!(bearer_token(&plain), Ok(None));
+        // Undecodable or empty: invalid, not anonymous.
+        for bad in ["!!!", ""] {
+            let p = format!("{WEBSOCKET_TOKEN_PROTOCOL_PREFIX}{bad}");
+            assert_eq!(
+                bearer_token(&websocket(&p)),
+                Err(AuthnError::Invalid),
+                "{bad:?}"
+            );
+        }
+        // Two tokens: ambiguous.
+        let other = URL_SAFE_NO_PAD.encode("other");
+        let p = format!(
+            "{WEBSOCKET_TOKEN_PROTOCOL_PREFIX}{encoded},{WEBSOCKET_TOKEN_PROTOCOL_PREFIX}{other}"
+        );
+        assert_eq!(bearer_token(&websocket(&p)), Err(AuthnError::Invalid));
+        // Header and protocol disagree: ambiguous; agree: fine.
+        let mut both = websocket(&protocols);
+        both.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer something-else"),
+        );
+        assert_eq!(bearer_token(&both), Err(AuthnError::Invalid));
+        both.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer my.jwt.token"),
+        );
+        assert_eq!(bearer_token(&both), Ok(Some("my.jwt.token".into())));
+    }
+
+    #[tokio::test]
+    async fn websocket_token_is_reviewed() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("ws-token", SA, &[])]));
+        let a = authenticator(reviewer, AuthnSettings::default());
+        let p = format!(
+            "{WEBSOCKET_TOKEN_PROTOCOL_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode("ws-token")
+        );
+        assert_eq!(a.authenticate(None, &websocket(&p)).await.unwrap().name, SA);
+    }
+
+    #[tokio::test]
+    async fn x509_maps_cn_and_o_and_wins_over_a_token() {
+        let ca = Ca::new("ca");
+        let leaf = ca.client("alice", &["team-a"]);
+        let reviewer = Arc::new(FakeReviewer::default());
+        let settings = AuthnSettings {
+            x509_enabled: true,
+            ..Default::default()
+        };
+        let a = authenticator(reviewer.clone(), settings);
+        let chain = [leaf.der.clone()];
+        let user = a.authenticate(Some(&chain), &bearer("junk")).await.unwrap();
+        assert_eq!(user.name, "alice");
+        assert_eq!(user.method, AuthMethod::X509);
+        assert_eq!(user.groups, ["team-a", AUTHENTICATED_GROUP]);
+        assert_eq!(reviewer.reviews.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn certificate_without_cn_is_invalid() {
+        let leaf = Ca::new("ca").client("", &["team-a"]);
+        let settings = AuthnSettings {
+            x509_enabled: true,
+            ..Default::default()
+        };
+        let a = authenticator(Arc::new(FakeReviewer::default()), settings);
+        let chain = [leaf.der.clone()];
+        assert_eq!(
+            a.authenticate(Some(&chain), &HeaderMap::new()).await,
+            Err(AuthnError::Invalid)
+        );
+        let garbage = [CertificateDer::from(vec![1u8, 2, 3])];
+        assert_eq!(
+            a.authenticate(Some(&garbage), &HeaderMap::new()).await,
+            Err(AuthnError::Invalid)
+        );
+    }
+
+    #[tokio::test]
+    async fn certificates_are_ignored_without_a_client_ca() {
+        let leaf = Ca::new("ca").client("alice", &[]);
+        let a = authenticator(Arc::new(FakeReviewer::default()), AuthnSettings::default());
+        let chain = [leaf.der.clone()];
+        let user = a
+            .authenticate(Some(&chain), &HeaderMap::new())
+            .await
+            .unwrap();
+        assert_eq!(user.method, AuthMethod::Anonymous);
+    }
+
+    #[test]
+    fn hash_prefix_is_short_hex() {
+        let key: TokenKey = Sha256::digest(b"secret").into();
+        let p = hash_prefix(&key);
+        assert_eq!(p.len(), 8);
+        assert!(!p.contains("secret"));
+    }
+}

@@ -76,6 +76,7 @@ struct Sources {
 /// One loaded configuration.
 struct Loaded {
     config: Arc<ServerConfig>,
+    leaf: CertificateDer<'static>,
     /// `None` for the self-signed certificate (nothing to re-read).
     sources: Option<Sources>,
     expiry: Option<SystemTime>,
@@ -150,6 +151,11 @@ impl ReloadingTls {
     /// When the serving certificate in use expires (`notAfter`).
     pub fn serving_cert_expiry(&self) -> Option<SystemTime> {
         self.inner.current.load().expiry
+    }
+
+    /// The serving certificate in use (leaf).
+    pub fn serving_certificate(&self) -> CertificateDer<'static> {
+        self.inner.current.load().leaf.clone()
     }
 
     /// Whether client certificates are requested and verified (a client CA is configured).
@@ -280,13 +286,15 @@ fn build(
         path: settings.key_file.clone().unwrap_or_default(),
         reason: format!("bad PEM private key: {e}"),
     })?;
-    let expiry = not_after(&chain[0]);
+    let leaf = chain[0].clone();
+    let expiry = not_after(&leaf);
     if first && expiry.is_some_and(|e| e < SystemTime::now()) {
         tracing::warn!(?expiry, "the serving certificate has expired");
     }
     let config = server_config(provider, settings, chain, key, sources.client_ca.as_deref())?;
     Ok(Loaded {
         config,
+        leaf,
         sources: Some(sources.clone()),
         expiry,
         client_ca: sources.client_ca.is_some(),
@@ -338,9 +346,16 @@ fn self_signed(provider: &Arc<CryptoProvider>, settings: &TlsSettings) -> Result
         Some(path) => Some(read(path)?),
         None => None,
     };
-    let config = server_config(provider, settings, vec![cert], key, client_ca.as_deref())?;
+    let config = server_config(
+        provider,
+        settings,
+        vec![cert.clone()],
+        key,
+        client_ca.as_deref(),
+    )?;
     Ok(Loaded {
         config,
+        leaf: cert,
         sources: None,
         expiry,
         client_ca: client_ca.is_some(),
@@ -353,4 +368,399 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let secs = parsed.validity().not_after.timestamp();
     let secs = u64::try_from(secs).ok()?;
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// A throwaway PKI for tests: CAs, server and client certificates.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod test_pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    /// A certificate and its key, PEM and DER.
+    pub struct Leaf {
+        pub cert_pem: String,
+        pub key_pem: String,
+        pub der: rustls_pki_types::CertificateDer<'static>,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            Ca {
+                pem: cert.pem(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// A client certificate with CN `name` (none when empty) and O `groups` (rcgen keeps one
+        /// value per attribute type, so at most one group; several O values are tested with
+        /// openssl-made certificates in the cluster tests).
+        pub fn client(&self, name: &str, groups: &[&str]) -> Leaf {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            if !name.is_empty() {
+                params.distinguished_name.push(DnType::CommonName, name);
+            }
+            for g in groups {
+                params.distinguished_name.push(DnType::OrganizationName, *g);
+            }
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            self.sign(params)
+        }
+
+        /// A serving certificate for `names`, valid until 1 January of `until_year`.
+        pub fn server(&self, names: &[&str], until_year: i32) -> Leaf {
+            let mut params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            params.distinguished_name.push(DnType::CommonName, names[0]);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.not_after = rcgen::date_time_ymd(until_year, 1, 1);
+            self.sign(params)
+        }
+
+        fn sign(&self, params: CertificateParams) -> Leaf {
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Leaf {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                der: cert.der().clone(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::test_pki::{Ca, Leaf};
+    use super::*;
+    use rustls::ClientConfig;
+    use rustls_pki_types::ServerName;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> TempDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "nodegate-tls-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+        fn path(&self, name: &str) -> PathBuf {
+            self.0.join(name)
+        }
+        /// Writes `name` the way secret volumes do: a new file renamed over the old one.
+        fn replace(&self, name: &str, content: &str) {
+            let tmp = self.0.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, content).unwrap();
+            std::fs::rename(&tmp, self.path(name)).unwrap();
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn client_config(server_ca: &Ca, identity: Option<&Leaf>) -> ClientConfig {
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(server_ca.pem.as_bytes())
+                .map(|c| c.unwrap())
+                .collect();
+        client_config_trusting(roots, identity)
+    }
+
+    fn client_config_trusting(
+        anchors: Vec<CertificateDer<'static>>,
+        identity: Option<&Leaf>,
+    ) -> ClientConfig {
+        let mut roots = RootCertStore::empty();
+        for c in anchors {
+            roots.add(c).unwrap();
+        }
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        match identity {
+            Some(leaf) => builder
+                .with_client_auth_cert(
+                    vec![leaf.der.clone()],
+                    PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        }
+    }
+
+    /// Runs a handshake over an in-memory pipe; the server's view: the client's verified
+    /// chain, or why the handshake failed.
+    async fn handshake(
+        tls: &ReloadingTls,
+        client: ClientConfig,
+    ) -> Result<Option<Vec<CertificateDer<'static>>>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = tls.acceptor();
+        let server = async move {
+            let mut stream = acceptor
+                .accept(server_io)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Read one byte: in TLS 1.3 the client's certificate is checked after the
+            // client considers the handshake done.
+            let mut byte = [0u8; 1];
+            stream
+                .read_exact(&mut byte)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(stream.get_ref().1.peer_certificates().map(|c| c.to_vec()))
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let client = async move {
+            let name = ServerName::try_from("node-a").unwrap();
+            if let Ok(mut stream) = connector.connect(name, client_io).await {
+                let _ = stream.write_all(b"x").await;
+                let _ = stream.flush().await;
+                // Keep the stream open until the server has read.
+                let mut buf = [0u8; 1];
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
+            }
+        };
+        let (result, ()) = tokio::join!(server, client);
+        result
+    }
+
+    struct Setup {
+        dir: TempDir,
+        server_ca: Ca,
+        client_ca: Ca,
+        tls: ReloadingTls,
+    }
+
+    fn setup(with_client_ca: bool) -> Setup {
+        let dir = TempDir::new();
+        let server_ca = Ca::new("server-ca");
+        let client_ca = Ca::new("client-ca");
+        let serving = server_ca.server(&["node-a"], 2040);
+        dir.replace("tls.crt", &serving.cert_pem);
+        dir.replace("tls.key", &serving.key_pem);
+        dir.replace("ca.crt", &client_ca.pem);
+        let tls = ReloadingTls::new(TlsSettings {
+            cert_file: Some(dir.path("tls.crt")),
+            key_file: Some(dir.path("tls.key")),
+            client_ca_file: with_client_ca.then(|| dir.path("ca.crt")),
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        Setup {
+            dir,
+            server_ca,
+            client_ca,
+            tls,
+        }
+    }
+
+    fn year_of(t: SystemTime) -> u64 {
+        // Good enough to tell 2040 from 2041.
+        t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() / 31_556_952 + 1970
+    }
+
+    #[tokio::test]
+    async fn client_certificate_is_requested_not_required() {
+        let s = setup(true);
+        assert!(s.tls.client_ca_configured());
+        let anonymous = handshake(&s.tls, client_config(&s.server_ca, None)).await;
+        assert_eq!(
+            anonymous,
+            Ok(None),
+            "a client without a certificate connects"
+        );
+        let alice = s.client_ca.client("alice", &["team-a"]);
+        let chain = handshake(&s.tls, client_config(&s.server_ca, Some(&alice)))
+            .await
+            .unwrap()
+            .expect("the verified chain is available to the authenticator");
+        assert_eq!(chain[0], alice.der);
+    }
+
+    #[tokio::test]
+    async fn certificate_from_another_ca_fails_the_handshake() {
+        let s = setup(true);
+        let mallory = Ca::new("other-ca").client("mallory", &["system:masters"]);
+        let result = handshake(&s.tls, client_config(&s.server_ca, Some(&mallory))).await;
+        assert!(result.is_err(), "must not become anonymous: {result:?}");
+    }
+
+    #[tokio::test]
+    async fn without_client_ca_no_certificate_is_requested() {
+        let s = setup(false);
+        assert!(!s.tls.client_ca_configured());
+        let alice = s.client_ca.client("alice", &[]);
+        let result = handshake(&s.tls, client_config(&s.server_ca, Some(&alice))).await;
+        assert_eq!(result, Ok(None), "no x509 identity without a client CA");
+    }
+
+    #[tokio::test]
+    async fn rotation_by_atomic_rename_is_seen_and_broken_files_keep_the_old_config() {
+        let s = setup(true);
+        assert_eq!(year_of(s.tls.serving_cert_expiry().unwrap()), 2040);
+        assert!(!s.tls.reload().unwrap(), "unchanged files: no swap");
+
+        let renewed = s.server_ca.server(&["node-a"], 2041);
+        s.dir.replace("tls.crt", &renewed.cert_pem);
+        s.dir.replace("tls.key", &renewed.key_pem);
+        assert!(s.tls.reload().unwrap());
+        assert_eq!(year_of(s.tls.serving_cert_expiry().unwrap()), 2041);
+        assert!(
+            handshake(&s.tls, client_config(&s.server_ca, None))
+                .await
+                .is_ok()
+        );
+
+        // A key that does not match the certificate: refused, old config kept.
+        let other = s.server_ca.server(&["node-a"], 2042);
+        s.dir.replace("tls.crt", &other.cert_pem);
+        assert!(s.tls.reload().is_err());
+        s.tls.reload_logged();
+        assert!(s.tls.last_error().is_some());
+        assert_eq!(year_of(s.tls.serving_cert_expiry().unwrap()), 2041);
+        assert!(
+            handshake(&s.tls, client_config(&s.server_ca, None))
+                .await
+                .is_ok()
+        );
+        // Garbage: same.
+        s.dir.replace("tls.crt", "not a certificate");
+        assert!(s.tls.reload().is_err());
+        assert_eq!(year_of(s.tls.serving_cert_expiry().unwrap()), 2041);
+        // Fixed: picked up.
+        s.dir.replace("tls.crt", &other.cert_pem);
+        s.dir.replace("tls.key", &other.key_pem);
+        assert!(s.tls.reload().unwrap());
+        assert_eq!(year_of(s.tls.serving_cert_expiry().unwrap()), 2042);
+        assert!(s.tls.last_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn client_ca_rotation_is_seen() {
+        let s = setup(true);
+        let alice_old = s.client_ca.client("alice", &[]);
+        let new_ca = Ca::new("client-ca-2");
+        let alice_new = new_ca.client("alice", &[]);
+        assert!(
+            handshake(&s.tls, client_config(&s.server_ca, Some(&alice_new)))
+                .await
+                .is_err()
+        );
+        s.dir.replace("ca.crt", &new_ca.pem);
+        assert!(s.tls.reload().unwrap());
+        assert!(
+            handshake(&s.tls, client_config(&s.server_ca, Some(&alice_new)))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            handshake(&s.tls, client_config(&s.server_ca, Some(&alice_old)))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn reload_loop_polls() {
+        let s = setup(false);
+        let task = tokio::spawn(s.tls.clone().run_reload_loop(Duration::from_millis(20)));
+        let renewed = s.server_ca.server(&["node-a"], 2041);
+        s.dir.replace("tls.crt", &renewed.cert_pem);
+        s.dir.replace("tls.key", &renewed.key_pem);
+        let mut seen = false;
+        for _ in 0..100 {
+            if year_of(s.tls.serving_cert_expiry().unwrap()) == 2041 {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        assert!(
+            seen,
+            "the reload loop did not pick up the renewed certificate"
+        );
+    }
+
+    #[tokio::test]
+    async fn self_signed_when_no_certificate_is_given() {
+        let tls = ReloadingTls::new(TlsSettings {
+            node_name: "node-a".into(),
+            node_ips: vec!["10.0.0.7".parse().unwrap()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(tls.serving_cert_expiry().is_some());
+        assert!(!tls.client_ca_configured());
+        assert!(!tls.reload().unwrap(), "nothing to re-read");
+        // A client that trusts nothing but this certificate completes a handshake.
+        let trusted = vec![tls.serving_certificate()];
+        let result = handshake(&tls, client_config_trusting(trusted, None)).await;
+        assert_eq!(result, Ok(None));
+        let serving = tls.serving_certificate();
+        let (_, parsed) = x509_parser::parse_x509_certificate(serving.as_ref()).unwrap();
+        let sans = format!(
+            "{:?}",
+            parsed.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(
+            sans.contains("node-a")
+                && (sans.contains("10.0.0.7") || sans.contains("[10, 0, 0, 7]")),
+            "{sans}"
+        );
+    }
+
+    #[test]
+    fn certificate_without_key_is_refused() {
+        let dir = TempDir::new();
+        let result = ReloadingTls::new(TlsSettings {
+            cert_file: Some(dir.path("tls.crt")),
+            ..Default::default()
+        });
+        assert!(matches!(result, Err(TlsError::CertWithoutKey)));
+        let result = ReloadingTls::new(TlsSettings {
+            cert_file: Some(dir.path("missing.crt")),
+            key_file: Some(dir.path("missing.key")),
+            ..Default::default()
+        });
+        assert!(matches!(result, Err(TlsError::Read { .. })));
+    }
 }
