@@ -4,6 +4,15 @@
 //! property-tested here, and the controller around it only reads state and applies results.
 //! Output is deterministic (sorted, byte-identical for the same input in any order) so the
 //! controller can skip writes when nothing changed.
+//!
+//! The invariant everything here serves: **for every subject, endpoint, node and (existing)
+//! namespace, what the generated RBAC on nodegate's resource allows equals what that node's
+//! NodeAgentConfig allows** (property `rbac_and_agent_configs_agree`). Through-agent grants
+//! are rules on `nodegate.io` `nodeagentconfigs/<endpoint>`, which the kubelet and the API
+//! server's node proxy never consult, bound per namespace so that `kubectl auth can-i … -n ns`
+//! and any RBAC audit tool tell the truth. Core `nodes/*` RBAC (honoured by the kubelet,
+//! unfiltered) is written only for policies that opt into `directKubeletAccess` with
+//! `namespaces.all`.
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::Subject as RbacSubject;
@@ -12,6 +21,7 @@ use k8s_openapi::api::rbac::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
+use nodegate_crds::catalogue::{AGENT_API_GROUP, Scope};
 use nodegate_crds::policy::ServiceAccountRef;
 use nodegate_crds::{
     AgentRule, Endpoint, MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy,
@@ -51,7 +61,7 @@ pub struct Desired {
 }
 
 /// What one policy resolved to.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyOutcome {
     pub policy: String,
@@ -62,16 +72,52 @@ pub struct PolicyOutcome {
     pub namespaces: ResolvedNamespaces,
     /// Bound subjects, created service accounts included, sorted.
     pub subjects: Vec<Subject>,
-    /// Names of the generated RBAC objects; `None` when the policy grants nothing on the secure
-    /// port (the read-only port has no authorization to grant).
+    /// Name of the policy's main ClusterRole and of its bindings; `None` when the policy
+    /// grants nothing on the secure port (the read-only port has no authorization to grant)
+    /// or was refused.
     pub rbac_name: Option<String>,
-    /// Inputs that could not be honoured (an invalid selector matches nothing).
+    /// Every RBAC object generated for the policy, as `Kind/name` or `Kind/namespace/name`.
+    pub rbac_objects: Vec<String>,
+    /// Inputs that could not be honoured (an invalid selector matches nothing; a combination
+    /// the CRD's rules refuse is compiled to nothing rather than to a guess).
     pub problems: Vec<String>,
 }
 
-/// Name of the ClusterRole and ClusterRoleBinding generated for a policy.
+/// Name of the ClusterRole generated for a policy's grants of namespaced data, and of the
+/// bindings (one per namespace, or one ClusterRoleBinding for `namespaces.all`).
 pub fn rbac_name(policy: &str) -> String {
     format!("nodegate:{policy}")
+}
+
+/// Name of the ClusterRole and ClusterRoleBinding for a namespace-scoped policy's endpoints
+/// that hold no namespaced data (healthz, spec): RBAC answers for them at cluster scope.
+pub fn unscoped_rbac_name(policy: &str) -> String {
+    format!("nodegate:{policy}:unscoped")
+}
+
+/// The `nodegate.io/policy` label value for a policy name. Policy names may be 253 characters,
+/// label values only 63: a longer name becomes its first 50 characters and 12 hex digits of
+/// its SHA-256, so every write succeeds and distinct names keep distinct values.
+pub fn policy_label_value(policy: &str) -> String {
+    if policy.len() <= 63 {
+        return policy.to_string();
+    }
+    let digest: String = Sha256::digest(policy.as_bytes())
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // Names are DNS subdomains (ASCII); a label value must start and end alphanumeric.
+    let prefix = policy[..50].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{prefix}-{digest}")
+}
+
+/// The anonymous user and the unauthenticated group: bound in RBAC they would mean everyone.
+pub fn is_anonymous(subject: &Subject) -> bool {
+    matches!(
+        (subject.kind, subject.name.as_str()),
+        (SubjectKind::User, "system:anonymous") | (SubjectKind::Group, "system:unauthenticated")
+    )
 }
 
 /// Compiles policies against the cluster's nodes and namespaces.
@@ -80,29 +126,34 @@ pub fn compile(
     nodes: &[NodeInfo],
     namespaces: &[NamespaceInfo],
 ) -> Desired {
-    let mut policies: Vec<&NodeApiPolicy> = policies
+    // Same-named inputs (never from one cluster, but possible in files given to `render`) are
+    // reduced to one by a total order on their content, so the result never depends on the
+    // order they came in.
+    let mut policies: Vec<(&NodeApiPolicy, Vec<u8>)> = policies
         .iter()
         .filter(|p| p.metadata.name.is_some())
+        .map(|p| (p, serde_json::to_vec(p).unwrap_or_default()))
         .collect();
-    policies.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    policies.dedup_by(|a, b| a.metadata.name == b.metadata.name);
+    policies.sort_by(|(a, a_bytes), (b, b_bytes)| {
+        (&a.metadata.name, a_bytes).cmp(&(&b.metadata.name, b_bytes))
+    });
+    policies.dedup_by(|(a, _), (b, _)| a.metadata.name == b.metadata.name);
+    let policies: Vec<&NodeApiPolicy> = policies.into_iter().map(|(p, _)| p).collect();
     let mut nodes: Vec<&NodeInfo> = nodes.iter().collect();
-    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    nodes.sort_by(|a, b| (&a.name, &a.uid, &a.labels).cmp(&(&b.name, &b.uid, &b.labels)));
     nodes.dedup_by(|a, b| a.name == b.name);
     let mut namespaces: Vec<&NamespaceInfo> = namespaces.iter().collect();
-    namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+    namespaces.sort_by(|a, b| (&a.name, &a.labels).cmp(&(&b.name, &b.labels)));
+    namespaces.dedup_by(|a, b| a.name == b.name);
 
     let mut desired = Desired::default();
     let mut service_accounts: BTreeMap<(String, String), Vec<OwnerReference>> = BTreeMap::new();
     for policy in &policies {
-        let outcome = resolve(policy, &nodes, &namespaces);
-        if let Some(name) = &outcome.rbac_name {
-            desired
-                .cluster_roles
-                .push(cluster_role(policy, name, &outcome));
-            desired
-                .cluster_role_bindings
-                .push(cluster_role_binding(policy, name, &outcome));
+        let mut outcome = resolve(policy, &nodes, &namespaces);
+        rbac(policy, &mut outcome, &namespaces, &mut desired);
+        if outcome_refused(&outcome) {
+            desired.outcomes.push(outcome);
+            continue;
         }
         for sa in &policy.spec.service_accounts {
             service_accounts
@@ -182,15 +233,32 @@ fn resolve(
         .cloned()
         .chain(spec.service_accounts.iter().map(service_account_subject))
         .collect();
-    PolicyOutcome {
+    let mut outcome = PolicyOutcome {
         rbac_name: spec.ports.contains(&Port::Secure).then(|| rbac_name(&name)),
+        rbac_objects: vec![],
         policy: name,
         nodes: matched_nodes,
         all_nodes,
         namespaces,
         subjects: subjects.into_iter().collect(),
         problems,
+    };
+    // The CRD refuses anonymous subjects on the secure port; should such a policy reach the
+    // compiler anyway, it grants nothing at all rather than bind RBAC to everyone.
+    if spec.ports.contains(&Port::Secure) && outcome.subjects.iter().any(is_anonymous) {
+        outcome.problems.push(format!("{REFUSED}: system:anonymous and system:unauthenticated may only be granted the ReadOnly port"));
+        outcome.nodes.clear();
+        outcome.all_nodes = false;
+        outcome.rbac_name = None;
     }
+    outcome
+}
+
+/// Prefix of the problem that makes a policy compile to nothing.
+const REFUSED: &str = "policy refused";
+
+fn outcome_refused(outcome: &PolicyOutcome) -> bool {
+    outcome.problems.iter().any(|p| p.starts_with(REFUSED))
 }
 
 fn service_account_subject(sa: &ServiceAccountRef) -> Subject {
@@ -201,31 +269,190 @@ fn service_account_subject(sa: &ServiceAccountRef) -> Subject {
     }
 }
 
-/// The RBAC a policy needs: per subresource, the verbs of the endpoints that use it, on the
-/// matched nodes. A selector that matches no node yields no rule at all: an empty
+/// The RBAC of one policy, added to `desired`, its object names recorded in the outcome.
+///
+/// - `namespaces.all`: one ClusterRole (every granted endpoint, plus core `nodes/*` rules when
+///   the policy opted into direct kubelet access) and one ClusterRoleBinding.
+/// - otherwise: a ClusterRole for the endpoints whose data belongs to namespaces, bound by a
+///   RoleBinding in every existing namespace in scope (a namespace created later gets its
+///   binding when the controller compiles again), and, if the policy grants endpoints with no
+///   namespaced data (healthz, spec), a second ClusterRole bound cluster-wide. Node-wide
+///   endpoints without `all` (refused by the CRD) get no RBAC, as the agent refuses them too.
+///
+/// A node selector that matches no node yields roles with no rules at all: an empty
 /// `resourceNames` would mean every node.
-fn cluster_role(policy: &NodeApiPolicy, name: &str, outcome: &PolicyOutcome) -> ClusterRole {
+fn rbac(
+    policy: &NodeApiPolicy,
+    outcome: &mut PolicyOutcome,
+    namespaces: &[&NamespaceInfo],
+    desired: &mut Desired,
+) {
+    let Some(name) = outcome.rbac_name.clone() else {
+        return;
+    };
+    let subjects: Vec<RbacSubject> = outcome
+        .subjects
+        .iter()
+        .filter(|s| !is_anonymous(s))
+        .map(rbac_subject)
+        .collect();
+    if subjects.is_empty() {
+        outcome.rbac_name = None;
+        return;
+    }
+    let endpoints: BTreeSet<Endpoint> = policy.spec.access.iter().copied().collect();
+    let no_node = !outcome.all_nodes && outcome.nodes.is_empty();
+    let resource_names = (!outcome.all_nodes).then(|| outcome.nodes.clone());
+    let rules = |endpoints: &mut dyn Iterator<Item = Endpoint>, core: bool| -> Vec<PolicyRule> {
+        if no_node {
+            return vec![];
+        }
+        let endpoints: Vec<Endpoint> = endpoints.collect();
+        let mut rules = agent_rules(&endpoints, &resource_names);
+        if core {
+            rules.extend(core_rules(&endpoints, &resource_names));
+        }
+        rules
+    };
+
+    if outcome.namespaces.all {
+        let core = direct_grants_allowed(policy, outcome);
+        let role = rules(&mut endpoints.iter().copied(), core);
+        desired
+            .cluster_roles
+            .push(cluster_role(policy, &name, role));
+        desired
+            .cluster_role_bindings
+            .push(cluster_role_binding(policy, &name, subjects));
+        outcome.rbac_objects.push(format!("ClusterRole/{name}"));
+        outcome
+            .rbac_objects
+            .push(format!("ClusterRoleBinding/{name}"));
+        return;
+    }
+    if policy.spec.direct() {
+        outcome.problems.push(
+            "directKubeletAccess ignored: it needs namespaces.all: true (the kubelet cannot filter)"
+                .into(),
+        );
+    }
+    let namespaced: Vec<Endpoint> = endpoints
+        .iter()
+        .copied()
+        .filter(|e| e.spec().scope.is_namespaced())
+        .collect();
+    let unscoped: Vec<Endpoint> = endpoints
+        .iter()
+        .copied()
+        .filter(|e| e.spec().scope == Scope::Unscoped)
+        .collect();
+    if !namespaced.is_empty() {
+        let role = rules(&mut namespaced.into_iter(), false);
+        desired
+            .cluster_roles
+            .push(cluster_role(policy, &name, role));
+        outcome.rbac_objects.push(format!("ClusterRole/{name}"));
+        for ns in namespaces
+            .iter()
+            .filter(|ns| outcome.namespaces.allows(&ns.name))
+        {
+            desired
+                .role_bindings
+                .push(role_binding(policy, &name, &ns.name, subjects.clone()));
+            outcome
+                .rbac_objects
+                .push(format!("RoleBinding/{}/{name}", ns.name));
+        }
+    }
+    if !unscoped.is_empty() {
+        let unscoped_name = unscoped_rbac_name(&outcome.policy);
+        let role = rules(&mut unscoped.into_iter(), false);
+        desired
+            .cluster_roles
+            .push(cluster_role(policy, &unscoped_name, role));
+        desired
+            .cluster_role_bindings
+            .push(cluster_role_binding(policy, &unscoped_name, subjects));
+        outcome
+            .rbac_objects
+            .push(format!("ClusterRole/{unscoped_name}"));
+        outcome
+            .rbac_objects
+            .push(format!("ClusterRoleBinding/{unscoped_name}"));
+    }
+}
+
+/// Whether the policy's direct kubelet access may be written, reporting why not. Mirrors the
+/// CRD's rules, so a policy that slipped past them gets no core grant rather than a wide one.
+fn direct_grants_allowed(policy: &NodeApiPolicy, outcome: &mut PolicyOutcome) -> bool {
+    if !policy.spec.direct() {
+        return false;
+    }
+    let access = &policy.spec.access;
+    if let Some(e) = access.iter().find(|e| !e.direct_access_allowed()) {
+        outcome.problems.push(format!(
+            "directKubeletAccess ignored: {e} is served by the agent itself"
+        ));
+        return false;
+    }
+    let proxy = access
+        .iter()
+        .any(|e| Endpoint::direct_proxy().any(|p| p == *e));
+    if proxy && !Endpoint::PROXY_IMPLIES.iter().all(|e| access.contains(e)) {
+        outcome.problems.push(
+            "directKubeletAccess ignored: a nodes/proxy grant also allows exec, attach and \
+             portForward, which the policy does not list"
+                .into(),
+        );
+        return false;
+    }
+    true
+}
+
+/// Rules on nodegate's resource: one per set of verbs, naming the endpoints' subresources.
+fn agent_rules(endpoints: &[Endpoint], resource_names: &Option<Vec<String>>) -> Vec<PolicyRule> {
+    let mut by_verbs: BTreeMap<Vec<Verb>, Vec<String>> = BTreeMap::new();
+    for endpoint in endpoints {
+        by_verbs
+            .entry(endpoint.verbs())
+            .or_default()
+            .push(endpoint.agent_resource());
+    }
+    by_verbs
+        .into_iter()
+        .map(|(verbs, resources)| PolicyRule {
+            api_groups: Some(vec![AGENT_API_GROUP.to_string()]),
+            resources: Some(resources),
+            verbs: verbs.iter().map(|v| v.as_str().to_string()).collect(),
+            resource_names: resource_names.clone(),
+            non_resource_urls: None,
+        })
+        .collect()
+}
+
+/// Core `nodes/<subresource>` rules (direct kubelet access): per subresource, the verbs of the
+/// endpoints that use it.
+fn core_rules(endpoints: &[Endpoint], resource_names: &Option<Vec<String>>) -> Vec<PolicyRule> {
     let mut grants: BTreeMap<Subresource, BTreeSet<Verb>> = BTreeMap::new();
-    for endpoint in &policy.spec.access {
+    for endpoint in endpoints {
         grants
             .entry(endpoint.rbac_subresource())
             .or_default()
             .extend(endpoint.verbs());
     }
-    let rules = if !outcome.all_nodes && outcome.nodes.is_empty() {
-        vec![]
-    } else {
-        grants
-            .into_iter()
-            .map(|(subresource, verbs)| PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec![format!("nodes/{subresource}")]),
-                verbs: verbs.iter().map(|v| v.as_str().to_string()).collect(),
-                resource_names: (!outcome.all_nodes).then(|| outcome.nodes.clone()),
-                non_resource_urls: None,
-            })
-            .collect()
-    };
+    grants
+        .into_iter()
+        .map(|(subresource, verbs)| PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec![format!("nodes/{subresource}")]),
+            verbs: verbs.iter().map(|v| v.as_str().to_string()).collect(),
+            resource_names: resource_names.clone(),
+            non_resource_urls: None,
+        })
+        .collect()
+}
+
+fn cluster_role(policy: &NodeApiPolicy, name: &str, rules: Vec<PolicyRule>) -> ClusterRole {
     ClusterRole {
         metadata: metadata(policy, name, None),
         rules: Some(rules),
@@ -233,19 +460,36 @@ fn cluster_role(policy: &NodeApiPolicy, name: &str, outcome: &PolicyOutcome) -> 
     }
 }
 
+fn role_ref(name: &str) -> RoleRef {
+    RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: "ClusterRole".into(),
+        name: name.into(),
+    }
+}
+
 fn cluster_role_binding(
     policy: &NodeApiPolicy,
     name: &str,
-    outcome: &PolicyOutcome,
+    subjects: Vec<RbacSubject>,
 ) -> ClusterRoleBinding {
     ClusterRoleBinding {
         metadata: metadata(policy, name, None),
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "ClusterRole".into(),
-            name: name.into(),
-        },
-        subjects: Some(outcome.subjects.iter().map(rbac_subject).collect()),
+        role_ref: role_ref(name),
+        subjects: Some(subjects),
+    }
+}
+
+fn role_binding(
+    policy: &NodeApiPolicy,
+    name: &str,
+    namespace: &str,
+    subjects: Vec<RbacSubject>,
+) -> RoleBinding {
+    RoleBinding {
+        metadata: metadata(policy, name, Some(namespace.to_string())),
+        role_ref: role_ref(name),
+        subjects: Some(subjects),
     }
 }
 
@@ -279,7 +523,7 @@ pub(crate) fn object_labels(policy: Option<&str>) -> BTreeMap<String, String> {
         MANAGED_BY.to_string(),
     )]);
     if let Some(policy) = policy {
-        labels.insert(POLICY_LABEL.into(), policy.into());
+        labels.insert(POLICY_LABEL.into(), policy_label_value(policy));
     }
     labels
 }

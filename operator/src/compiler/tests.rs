@@ -56,6 +56,7 @@ fn spec(access: &[Endpoint], namespaces: NamespaceScope) -> NodeApiPolicySpec {
         namespaces,
         ports: vec![Port::Secure],
         metrics: None,
+        direct_kubelet_access: None,
     }
 }
 
@@ -111,13 +112,18 @@ fn monitoring_sample_compiles_to_least_privilege() {
         role.metadata.name.as_deref(),
         Some("nodegate:team-a-monitoring")
     );
-    // cadvisor + resource share nodes/metrics; pods is the fine-grained nodes/pods, not proxy.
+    // Grants on nodegate's own resource, which the kubelet never consults: no core nodes/* rule.
     assert_eq!(
         rule_tuples(role),
-        vec![
-            ("nodes/metrics".into(), s(&["get"]), None),
-            ("nodes/pods".into(), s(&["get"]), None),
-        ]
+        vec![(
+            "nodeagentconfigs/pods,nodeagentconfigs/cadvisor,nodeagentconfigs/resource".into(),
+            s(&["get"]),
+            None
+        )]
+    );
+    assert_eq!(
+        role.rules.as_ref().unwrap()[0].api_groups,
+        Some(s(&["nodegate.io"]))
     );
     let owner = &role.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -126,8 +132,13 @@ fn monitoring_sample_compiles_to_least_privilege() {
     );
     assert_eq!(owner.controller, Some(true));
 
-    let binding = &d.cluster_role_bindings[0];
+    // Bound in team-a only, so RBAC answers per namespace; no cluster-wide binding.
+    assert!(d.cluster_role_bindings.is_empty());
+    assert_eq!(d.role_bindings.len(), 1);
+    let binding = &d.role_bindings[0];
+    assert_eq!(binding.metadata.namespace.as_deref(), Some("team-a"));
     assert_eq!(binding.role_ref.name, "nodegate:team-a-monitoring");
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
     let subjects = binding.subjects.as_ref().unwrap();
     assert_eq!(subjects.len(), 1);
     assert_eq!(
@@ -192,7 +203,7 @@ fn node_selector_names_nodes_and_configures_only_them() {
     assert_eq!(
         rule_tuples(&d.cluster_roles[0]),
         vec![(
-            "nodes/metrics".into(),
+            "nodeagentconfigs/cadvisor".into(),
             s(&["get"]),
             Some(s(&["gpu-1", "gpu-2"]))
         )]
@@ -294,7 +305,14 @@ fn streaming_is_create_and_logs_are_get_on_proxy() {
     );
     assert_eq!(
         rule_tuples(&d.cluster_roles[0]),
-        vec![("nodes/proxy".into(), s(&["get", "create"]), None)]
+        vec![
+            ("nodeagentconfigs/containerLogs".into(), s(&["get"]), None),
+            (
+                "nodeagentconfigs/exec,nodeagentconfigs/portForward".into(),
+                s(&["create"]),
+                None
+            )
+        ]
     );
     let d = compile(
         &[policy("p", spec(&[Endpoint::Exec], names(&["a"])))],
@@ -303,7 +321,7 @@ fn streaming_is_create_and_logs_are_get_on_proxy() {
     );
     assert_eq!(
         rule_tuples(&d.cluster_roles[0]),
-        vec![("nodes/proxy".into(), s(&["create"]), None)]
+        vec![("nodeagentconfigs/exec".into(), s(&["create"]), None)]
     );
     let d = compile(
         &[policy("p", spec(&[Endpoint::Stats, Endpoint::Logs], all()))],
@@ -313,8 +331,8 @@ fn streaming_is_create_and_logs_are_get_on_proxy() {
     assert_eq!(
         rule_tuples(&d.cluster_roles[0]),
         vec![
-            ("nodes/stats".into(), s(&["get", "create"]), None),
-            ("nodes/log".into(), s(&["get"]), None)
+            ("nodeagentconfigs/logs".into(), s(&["get"]), None),
+            ("nodeagentconfigs/stats".into(), s(&["get", "create"]), None),
         ]
     );
 }
@@ -391,6 +409,177 @@ fn hash_follows_the_rules() {
     assert_eq!(empty.node_agent_configs[0].spec.hash.len(), 64);
 }
 
+#[test]
+fn endpoints_without_namespaced_data_are_bound_at_cluster_scope() {
+    let d = compile(
+        &[policy(
+            "p",
+            spec(
+                &[Endpoint::Healthz, Endpoint::Cadvisor],
+                names(&["a", "gone"]),
+            ),
+        )],
+        &[node("n1", &[])],
+        &[ns("a", &[]), ns("b", &[])],
+    );
+    let roles: Vec<_> = d
+        .cluster_roles
+        .iter()
+        .map(|r| (r.metadata.name.clone().unwrap(), rule_tuples(r)))
+        .collect();
+    assert_eq!(
+        roles,
+        vec![
+            (
+                "nodegate:p".into(),
+                vec![("nodeagentconfigs/cadvisor".into(), s(&["get"]), None)]
+            ),
+            (
+                "nodegate:p:unscoped".into(),
+                vec![("nodeagentconfigs/healthz".into(), s(&["get"]), None)]
+            ),
+        ]
+    );
+    assert_eq!(d.cluster_role_bindings.len(), 1);
+    assert_eq!(
+        d.cluster_role_bindings[0].role_ref.name,
+        "nodegate:p:unscoped"
+    );
+    // Only existing namespaces get a binding; `gone` gets one once it exists.
+    let bound: Vec<_> = d
+        .role_bindings
+        .iter()
+        .map(|b| b.metadata.namespace.clone().unwrap())
+        .collect();
+    assert_eq!(bound, s(&["a"]));
+    assert_eq!(
+        d.outcomes[0].rbac_objects,
+        s(&[
+            "ClusterRole/nodegate:p",
+            "RoleBinding/a/nodegate:p",
+            "ClusterRole/nodegate:p:unscoped",
+            "ClusterRoleBinding/nodegate:p:unscoped"
+        ])
+    );
+}
+
+#[test]
+fn direct_kubelet_access_writes_core_rules_only_with_all() {
+    let d = compile(&[sample("metrics-server.yaml")], &[node("n1", &[])], &[]);
+    let role = &d.cluster_roles[0];
+    assert_eq!(
+        rule_tuples(role),
+        vec![
+            ("nodeagentconfigs/resource".into(), s(&["get"]), None),
+            ("nodeagentconfigs/stats".into(), s(&["get", "create"]), None),
+            ("nodes/stats".into(), s(&["get", "create"]), None),
+            ("nodes/metrics".into(), s(&["get"]), None),
+        ]
+    );
+    assert_eq!(d.cluster_role_bindings.len(), 1);
+    assert!(d.outcomes[0].problems.is_empty());
+
+    // Without `all` (the CRD refuses it) no core rule is written, and the outcome says why.
+    let mut sp = spec(&[Endpoint::Cadvisor], names(&["a"]));
+    sp.direct_kubelet_access = Some(true);
+    let d = compile(&[policy("p", sp)], &[], &[ns("a", &[])]);
+    assert!(
+        d.cluster_roles
+            .iter()
+            .flat_map(|r| r.rules.as_ref().unwrap())
+            .all(|r| r.api_groups == Some(s(&["nodegate.io"])))
+    );
+    assert!(d.outcomes[0].problems[0].contains("namespaces.all"));
+
+    // A nodes/proxy grant without exec, attach and portForward would hide an exec grant.
+    let mut sp = spec(&[Endpoint::ContainerLogs], all());
+    sp.direct_kubelet_access = Some(true);
+    let d = compile(&[policy("p", sp)], &[], &[]);
+    assert_eq!(
+        rule_tuples(&d.cluster_roles[0]),
+        vec![("nodeagentconfigs/containerLogs".into(), s(&["get"]), None)]
+    );
+    assert!(d.outcomes[0].problems[0].contains("exec, attach and portForward"));
+    let mut sp = spec(
+        &[
+            Endpoint::ContainerLogs,
+            Endpoint::Exec,
+            Endpoint::Attach,
+            Endpoint::PortForward,
+        ],
+        all(),
+    );
+    sp.direct_kubelet_access = Some(true);
+    let d = compile(&[policy("p", sp)], &[], &[]);
+    assert!(rule_tuples(&d.cluster_roles[0]).contains(&(
+        "nodes/proxy".into(),
+        s(&["get", "create"]),
+        None
+    )));
+    // spec is served by the agent: never a core grant.
+    let mut sp = spec(&[Endpoint::Spec, Endpoint::Pods], all());
+    sp.direct_kubelet_access = Some(true);
+    let d = compile(&[policy("p", sp)], &[], &[]);
+    assert!(
+        d.cluster_roles[0]
+            .rules
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|r| r.api_groups == Some(s(&["nodegate.io"])))
+    );
+}
+
+#[test]
+fn anonymous_subjects_on_the_secure_port_compile_to_nothing() {
+    let mut sp = spec(&[Endpoint::Healthz], names(&["a"]));
+    sp.subjects.push(group("system:unauthenticated"));
+    sp.ports = vec![Port::ReadOnly, Port::Secure];
+    sp.service_accounts = vec![ServiceAccountRef {
+        name: "x".into(),
+        namespace: "a".into(),
+    }];
+    let d = compile(&[policy("p", sp)], &[node("n1", &[])], &[ns("a", &[])]);
+    assert!(d.cluster_roles.is_empty());
+    assert!(d.cluster_role_bindings.is_empty() && d.role_bindings.is_empty());
+    assert!(d.service_accounts.is_empty());
+    assert!(d.node_agent_configs[0].spec.rules.is_empty());
+    assert!(d.outcomes[0].problems[0].starts_with("policy refused"));
+}
+
+#[test]
+fn long_policy_names_get_label_values_that_fit() {
+    let long = format!("team-{}", "a".repeat(240));
+    let value = policy_label_value(&long);
+    assert!(value.len() <= 63, "{value}");
+    assert!(value.chars().next().unwrap().is_ascii_alphanumeric());
+    assert!(value.chars().last().unwrap().is_ascii_alphanumeric());
+    assert_ne!(value, policy_label_value(&format!("{long}b")));
+    assert_eq!(policy_label_value("short"), "short");
+    // A prefix that ends in a dot or dash at the cut is trimmed so the value stays valid.
+    let dotted = format!("{}.{}", "b".repeat(49), "c".repeat(100));
+    assert!(!policy_label_value(&dotted).contains(".-"));
+    let d = compile(&[policy(&long, spec(&[Endpoint::Pods], all()))], &[], &[]);
+    let labels = d.cluster_roles[0].metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[POLICY_LABEL], value);
+}
+
+#[test]
+fn same_named_inputs_reduce_to_one_whatever_their_order() {
+    let a = policy("p", spec(&[Endpoint::Pods], names(&["a"])));
+    let b = policy("p", spec(&[Endpoint::Cadvisor], names(&["b"])));
+    let one = compile(&[a.clone(), b.clone()], &[node("n", &[])], &[]);
+    let two = compile(&[b, a], &[node("n", &[])], &[]);
+    assert_eq!(bytes(&one), bytes(&two));
+    assert_eq!(one.outcomes.len(), 1);
+    let n1 = node("n", &[("pool", "x")]);
+    let n2 = node("n", &[("pool", "y")]);
+    assert_eq!(
+        bytes(&compile(&[], &[n1.clone(), n2.clone()], &[])),
+        bytes(&compile(&[], &[n2, n1], &[]))
+    );
+}
+
 // ---- properties ----
 
 const LABEL_KEYS: &[&str] = &["pool", "zone", "team"];
@@ -452,17 +641,24 @@ fn arb_scope() -> impl Strategy<Value = NamespaceScope> {
 
 fn arb_subject() -> impl Strategy<Value = Subject> {
     prop_oneof![
-        prop::sample::select(vec!["alice", "bob"]).prop_map(|n| Subject {
+        3 => prop::sample::select(vec!["alice", "bob"]).prop_map(|n| Subject {
             kind: SubjectKind::User,
             name: n.into(),
             namespace: None
         }),
-        prop::sample::select(vec!["ops", "dev"]).prop_map(group),
-        prop::sample::select(vec!["prom", "agent"]).prop_map(|n| Subject {
+        3 => prop::sample::select(vec!["ops", "dev"]).prop_map(group),
+        3 => prop::sample::select(vec!["prom", "agent"]).prop_map(|n| Subject {
             kind: SubjectKind::ServiceAccount,
             name: n.into(),
             namespace: Some("mon".into())
         }),
+        // Refused by the CRD with the Secure port; the compiler must still never bind them.
+        1 => Just(Subject {
+            kind: SubjectKind::User,
+            name: "system:anonymous".into(),
+            namespace: None
+        }),
+        1 => Just(group("system:unauthenticated")),
     ]
 }
 
@@ -481,9 +677,18 @@ fn arb_policy(name: String) -> impl Strategy<Value = NodeApiPolicy> {
         prop::sample::subsequence(endpoints, 1..5),
         arb_scope(),
         prop::sample::subsequence(vec![Port::Secure, Port::ReadOnly], 1..=2),
+        prop::option::of(any::<bool>()),
     )
         .prop_map(
-            move |(subjects, service_accounts, node_selector, access, namespaces, ports)| {
+            move |(
+                subjects,
+                service_accounts,
+                node_selector,
+                access,
+                namespaces,
+                ports,
+                direct,
+            )| {
                 policy(
                     &name,
                     NodeApiPolicySpec {
@@ -494,6 +699,7 @@ fn arb_policy(name: String) -> impl Strategy<Value = NodeApiPolicy> {
                         namespaces,
                         ports,
                         metrics: None,
+                        direct_kubelet_access: direct,
                     },
                 )
             },
@@ -523,6 +729,11 @@ fn arb_world() -> impl Strategy<Value = (Vec<NodeApiPolicy>, Vec<NodeInfo>, Vec<
             .collect::<Vec<_>>()
     });
     (policies, nodes, namespaces)
+}
+
+/// Whether the compiler must refuse the policy whole: anonymous subjects on the secure port.
+fn refused(p: &NodeApiPolicy) -> bool {
+    p.spec.ports.contains(&Port::Secure) && p.spec.subjects.iter().any(is_anonymous)
 }
 
 fn bytes(d: &Desired) -> Vec<u8> {
@@ -559,13 +770,20 @@ fn allowed_namespaces(p: &NodeApiPolicy, namespaces: &[NamespaceInfo]) -> Option
     Some(set)
 }
 
+/// Whether an object was generated for policy `name` (by its policy label).
+fn of_policy(meta: &ObjectMeta, name: &str) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(POLICY_LABEL))
+        .is_some_and(|v| *v == policy_label_value(name))
+}
+
 /// compile(P) minus everything policy `name` contributed.
 fn without(mut d: Desired, name: &str) -> Desired {
-    let rbac = rbac_name(name);
-    d.cluster_roles
-        .retain(|r| r.metadata.name.as_deref() != Some(rbac.as_str()));
+    d.cluster_roles.retain(|r| !of_policy(&r.metadata, name));
     d.cluster_role_bindings
-        .retain(|r| r.metadata.name.as_deref() != Some(rbac.as_str()));
+        .retain(|r| !of_policy(&r.metadata, name));
+    d.role_bindings.retain(|r| !of_policy(&r.metadata, name));
     d.outcomes.retain(|o| o.policy != name);
     for sa in &mut d.service_accounts {
         let owners = sa.metadata.owner_references.as_mut().unwrap();
@@ -613,11 +831,20 @@ proptest! {
             let p = by_name[&name];
             prop_assert!(p.spec.ports.contains(&Port::Secure));
             for rule in role.rules.as_ref().unwrap() {
+                let group = rule.api_groups.as_ref().unwrap();
+                prop_assert_eq!(group.len(), 1);
+                let core = group[0].is_empty();
+                if core {
+                    // Core nodes/* RBAC only for an explicit opt-in with all namespaces.
+                    prop_assert!(p.spec.direct() && p.spec.namespaces.all == Some(true), "{} has core RBAC", name);
+                } else {
+                    prop_assert_eq!(group[0].as_str(), "nodegate.io");
+                }
                 for resource in rule.resources.as_ref().unwrap() {
                     for verb in &rule.verbs {
                         let asked = p.spec.access.iter().any(|e| {
-                            format!("nodes/{}", e.rbac_subresource()) == *resource
-                                && e.verbs().iter().any(|v| v.as_str() == verb)
+                            let r = if core { format!("nodes/{}", e.rbac_subresource()) } else { e.agent_resource() };
+                            r == *resource && e.verbs().iter().any(|v| v.as_str() == verb)
                         });
                         prop_assert!(asked, "{} grants {} {} unasked", name, verb, resource);
                     }
@@ -634,10 +861,20 @@ proptest! {
                 }
             }
         }
-        for binding in &d.cluster_role_bindings {
-            let name = binding.metadata.labels.as_ref().unwrap()[POLICY_LABEL].clone();
+        let bindings = d.cluster_role_bindings.iter().map(|b| (&b.metadata, b.subjects.as_ref().unwrap()))
+            .chain(d.role_bindings.iter().map(|b| (&b.metadata, b.subjects.as_ref().unwrap())));
+        for (meta, subjects) in bindings {
+            let name = meta.labels.as_ref().unwrap()[POLICY_LABEL].clone();
             let p = by_name[&name];
-            for s in binding.subjects.as_ref().unwrap() {
+            prop_assert!(!subjects.is_empty(), "an empty subject list is never written");
+            if let Some(ns) = &meta.namespace {
+                // RoleBindings only in namespaces the policy scopes to, never for `all`.
+                let allowed = allowed_namespaces(p, &namespaces);
+                prop_assert!(allowed.is_some_and(|a| a.contains(ns)));
+            }
+            for s in subjects {
+                prop_assert!(!((s.kind == "User" && s.name == "system:anonymous") || (s.kind == "Group" && s.name == "system:unauthenticated")),
+                    "{} binds {} in RBAC", name, s.name);
                 let asked = p.spec.subjects.iter().any(|x| x.kind.as_str() == s.kind && x.name == s.name && x.namespace == s.namespace)
                     || p.spec.service_accounts.iter().any(|x| s.kind == "ServiceAccount" && x.name == s.name && Some(&x.namespace) == s.namespace.as_ref());
                 prop_assert!(asked);
@@ -673,27 +910,51 @@ proptest! {
         let d = compile(&policies, &nodes, &namespaces);
         for p in &policies {
             let name = p.metadata.name.clone().unwrap();
-            for sa in &p.spec.service_accounts {
+            // A refused policy (anonymous subjects on the secure port) creates nothing at all.
+            for sa in p.spec.service_accounts.iter().filter(|_| !refused(p)) {
                 let found = d.service_accounts.iter().find(|x| x.metadata.name.as_ref() == Some(&sa.name)
                     && x.metadata.namespace.as_ref() == Some(&sa.namespace));
                 prop_assert!(found.is_some_and(|x| x.metadata.owner_references.as_ref().unwrap().iter().any(|o| o.name == name)));
             }
             let any_node = nodes.iter().any(|n| selected(p, n));
-            let role = d.cluster_roles.iter().find(|r| r.metadata.name.as_deref() == Some(rbac_name(&name).as_str()));
-            prop_assert_eq!(role.is_some(), p.spec.ports.contains(&Port::Secure));
-            if let Some(role) = role {
-                let all_nodes = p.spec.node_selector.as_ref().is_none_or(|s| s.selects_all());
-                for e in &p.spec.access {
-                    let resource = format!("nodes/{}", e.rbac_subresource());
-                    let granted = role.rules.as_ref().unwrap().iter().any(|r| r.resources.as_ref().unwrap().contains(&resource)
-                        && e.verbs().iter().all(|v| r.verbs.iter().any(|x| x == v.as_str())));
-                    prop_assert_eq!(granted, all_nodes || any_node, "{} {}", name, e);
+            let all = p.spec.namespaces.all == Some(true);
+            let wanted: BTreeSet<Subject> = p.spec.subjects.iter().cloned()
+                .chain(p.spec.service_accounts.iter().map(service_account_subject)).collect();
+            let refused = p.spec.ports.contains(&Port::Secure) && wanted.iter().any(is_anonymous);
+            // No subject (refused by the CRD) means no RBAC at all: a binding never has empty subjects.
+            let secure = p.spec.ports.contains(&Port::Secure) && !refused && !wanted.is_empty();
+            let roles: Vec<&ClusterRole> = d.cluster_roles.iter().filter(|r| of_policy(&r.metadata, &name)).collect();
+            prop_assert_eq!(!roles.is_empty(), secure && p.spec.access.iter().any(|e| all || e.spec().scope != nodegate_crds::catalogue::Scope::NodeWide));
+            let all_nodes = p.spec.node_selector.as_ref().is_none_or(|s| s.selects_all());
+            for e in &p.spec.access {
+                if !secure || (!all && e.spec().scope == nodegate_crds::catalogue::Scope::NodeWide) {
+                    continue;
                 }
-                let binding = d.cluster_role_bindings.iter().find(|b| b.metadata.name == role.metadata.name).unwrap();
-                let bound = binding.subjects.as_ref().unwrap();
-                prop_assert_eq!(bound.len(), p.spec.subjects.iter().cloned().chain(p.spec.service_accounts.iter().map(service_account_subject)).collect::<BTreeSet<_>>().len());
+                let granted = roles.iter().flat_map(|r| r.rules.as_ref().unwrap()).any(|r| {
+                    r.api_groups.as_ref().unwrap()[0] == "nodegate.io"
+                        && r.resources.as_ref().unwrap().contains(&e.agent_resource())
+                        && e.verbs().iter().all(|v| r.verbs.iter().any(|x| x == v.as_str()))
+                });
+                prop_assert_eq!(granted, all_nodes || any_node, "{} {}", name, e);
+            }
+            for role in &roles {
+                let bound: Vec<_> = d.cluster_role_bindings.iter().filter(|b| b.role_ref.name == *role.metadata.name.as_ref().unwrap()).map(|b| b.subjects.as_ref().unwrap())
+                    .chain(d.role_bindings.iter().filter(|b| b.role_ref.name == *role.metadata.name.as_ref().unwrap()).map(|b| b.subjects.as_ref().unwrap()))
+                    .collect();
+                for subjects in bound {
+                    prop_assert_eq!(subjects.len(), wanted.len());
+                }
+            }
+            if secure && !all && p.spec.access.iter().any(|e| e.spec().scope.is_namespaced()) {
+                let bound_in: BTreeSet<String> = d.role_bindings.iter().filter(|b| of_policy(&b.metadata, &name))
+                    .map(|b| b.metadata.namespace.clone().unwrap()).collect();
+                let want: BTreeSet<String> = allowed_namespaces(p, &namespaces).unwrap().into_iter()
+                    .filter(|n| namespaces.iter().any(|x| &x.name == n)).collect();
+                prop_assert_eq!(bound_in, want, "{} binds in every existing namespace in scope", name);
             }
             for config in &d.node_agent_configs {
+                let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
+                prop_assert_eq!(config.spec.rules.iter().any(|r| r.policy == name), selected(p, node) && !refused);
                 if let Some(rule) = config.spec.rules.iter().find(|r| r.policy == name) {
                     prop_assert!(p.spec.access.iter().all(|e| rule.endpoints.contains(e)));
                     prop_assert!(p.spec.ports.iter().all(|x| rule.ports.contains(x)));
@@ -712,7 +973,7 @@ proptest! {
         for config in &d.node_agent_configs {
             let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
             let got: Vec<&str> = config.spec.rules.iter().map(|r| r.policy.as_str()).collect();
-            let mut want: Vec<&str> = policies.iter().filter(|p| selected(p, node)).map(|p| p.metadata.name.as_deref().unwrap()).collect();
+            let mut want: Vec<&str> = policies.iter().filter(|p| selected(p, node) && !refused(p)).map(|p| p.metadata.name.as_deref().unwrap()).collect();
             want.sort();
             prop_assert_eq!(&config.spec.policies, &want.join(","));
             prop_assert_eq!(got, want);
@@ -731,6 +992,107 @@ proptest! {
         let after = compile(&rest, &nodes, &namespaces);
         let expected = without(compile(&policies, &nodes, &namespaces), &removed);
         prop_assert_eq!(bytes(&after), bytes(&expected));
+    }
+}
+
+/// A small RBAC evaluator over the compiled objects: would a SubjectAccessReview for this
+/// subject, on nodegate's resource for `endpoint`, node `node`, in `namespace` (`None`: cluster
+/// scope), with `verb`, be allowed? ClusterRoleBindings answer in every namespace, RoleBindings
+/// only in their own — exactly the RBAC authorizer's rule.
+fn rbac_allows(
+    d: &Desired,
+    subject: &Subject,
+    endpoint: Endpoint,
+    verb: Verb,
+    node: &str,
+    namespace: Option<&str>,
+) -> bool {
+    let subject = rbac_subject(subject);
+    let role_allows = |role_name: &str| {
+        d.cluster_roles
+            .iter()
+            .filter(|r| r.metadata.name.as_deref() == Some(role_name))
+            .flat_map(|r| r.rules.iter().flatten())
+            .any(|rule| {
+                rule.api_groups
+                    .as_ref()
+                    .is_some_and(|g| g.iter().any(|g| g == "nodegate.io"))
+                    && rule
+                        .resources
+                        .as_ref()
+                        .is_some_and(|r| r.contains(&endpoint.agent_resource()))
+                    && rule.verbs.iter().any(|v| v == verb.as_str())
+                    && rule
+                        .resource_names
+                        .as_ref()
+                        .is_none_or(|names| names.iter().any(|n| n == node))
+            })
+    };
+    let cluster = d.cluster_role_bindings.iter().any(|b| {
+        b.subjects.iter().flatten().any(|s| *s == subject) && role_allows(&b.role_ref.name)
+    });
+    let namespaced = namespace.is_some_and(|ns| {
+        d.role_bindings.iter().any(|b| {
+            b.metadata.namespace.as_deref() == Some(ns)
+                && b.subjects.iter().flatten().any(|s| *s == subject)
+                && role_allows(&b.role_ref.name)
+        })
+    });
+    cluster || namespaced
+}
+
+/// What the node's agent allows on its secure port, read from its NodeAgentConfig alone.
+fn agent_allows(
+    config: &NodeAgentConfig,
+    subject: &Subject,
+    endpoint: Endpoint,
+    verb: Verb,
+    namespace: Option<&str>,
+) -> bool {
+    config.spec.rules.iter().any(|rule| {
+        rule.ports.contains(&Port::Secure)
+            && rule.subjects.contains(subject)
+            && rule.endpoints.contains(&endpoint)
+            && endpoint.verbs().contains(&verb)
+            && match endpoint.spec().scope {
+                nodegate_crds::catalogue::Scope::Unscoped => true,
+                nodegate_crds::catalogue::Scope::NodeWide => rule.namespaces.all,
+                _ => match namespace {
+                    None => rule.namespaces.all,
+                    Some(ns) => rule.namespaces.allows(ns),
+                },
+            }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The invariant of the compiler: for every subject, endpoint, verb, node and existing
+    /// namespace (and cluster scope), RBAC on nodegate's resource answers exactly as the node's
+    /// NodeAgentConfig does. So `kubectl auth can-i` and RBAC audit tools tell the truth.
+    #[test]
+    fn rbac_and_agent_configs_agree((policies, nodes, namespaces) in arb_world()) {
+        let d = compile(&policies, &nodes, &namespaces);
+        let mut subjects: BTreeSet<Subject> = policies.iter().flat_map(|p| p.spec.subjects.iter().cloned()
+            .chain(p.spec.service_accounts.iter().map(service_account_subject))).collect();
+        subjects.insert(group("stranger"));
+        let verbs = [Verb::Get, Verb::Create, Verb::Update, Verb::Patch, Verb::Delete];
+        let scopes: Vec<Option<&str>> = std::iter::once(None).chain(namespaces.iter().map(|n| Some(n.name.as_str()))).collect();
+        for config in &d.node_agent_configs {
+            let node = config.metadata.name.as_deref().unwrap();
+            for subject in &subjects {
+                for endpoint in Endpoint::all() {
+                    for verb in verbs {
+                        for namespace in &scopes {
+                            let rbac = rbac_allows(&d, subject, endpoint, verb, node, *namespace);
+                            let agent = agent_allows(config, subject, endpoint, verb, *namespace);
+                            prop_assert_eq!(rbac, agent, "{:?} {} {} on {} in {:?}", subject, verb, endpoint, node, namespace);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -137,6 +137,7 @@ mod tests {
             subjects: vec![],
             rbac_name: Some("nodegate:p".into()),
             problems: vec![],
+            ..PolicyOutcome::default()
         }
     }
 
