@@ -19,8 +19,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use nodegate_crds::agent_config::NodeAgentConfigStatus;
-use nodegate_crds::policy::{NamespaceScope, NodeApiPolicySpec};
-use nodegate_crds::selector::{LabelSelector, SelectorOperator};
 use nodegate_crds::{
     AgentRule, Endpoint, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, Port, SubjectKind,
     rules,
@@ -430,6 +428,9 @@ fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
             errors.push(message(rules::read_only_port_is_anonymous));
         }
     }
+    if g.ports.contains(&Port::Secure) && g.subjects.iter().any(is_anonymous_subject) {
+        errors.push(message(rules::anonymous_only_on_read_only_port));
+    }
     for s in g.subjects {
         if (s.kind == SubjectKind::ServiceAccount) != s.namespace.is_some() {
             errors.push(message(rules::subject_namespace));
@@ -452,54 +453,6 @@ fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
             errors.push(message(rules::metric_names_valid));
         }
     }
-}
-
-fn selector_violations(selector: Option<&LabelSelector>, errors: &mut Vec<String>) {
-    for r in selector.iter().flat_map(|s| &s.match_expressions) {
-        let needs_values = matches!(r.operator, SelectorOperator::In | SelectorOperator::NotIn);
-        if needs_values == r.values.is_empty() {
-            errors.push(message(rules::selector_values));
-        }
-    }
-}
-
-/// The CEL rules of the NodeApiPolicy CRD (`crds/src/rules.rs`), re-implemented: every rule
-/// that fails, with its message, as `kubectl apply` would report them.
-pub fn policy_violations(spec: &NodeApiPolicySpec) -> Vec<String> {
-    let mut errors = Vec::new();
-    if spec.subjects.is_empty() && spec.service_accounts.is_empty() {
-        errors.push(message(rules::has_subject));
-    }
-    let scope: &NamespaceScope = &spec.namespaces;
-    grant_violations(
-        &GrantParts {
-            subjects: &spec.subjects,
-            creates_service_accounts: !spec.service_accounts.is_empty(),
-            endpoints: &spec.access,
-            all_namespaces: scope.all == Some(true),
-            ports: &spec.ports,
-            metrics: spec.metrics.as_ref(),
-        },
-        &mut errors,
-    );
-    for sa in &spec.service_accounts {
-        if !is_dns_subdomain(&sa.name) || !is_dns_label(&sa.namespace) {
-            errors.push(message(rules::service_account_names));
-        }
-    }
-    let scopes = usize::from(scope.names.is_some())
-        + usize::from(scope.selector.is_some())
-        + usize::from(scope.all == Some(true));
-    if scopes != 1 {
-        errors.push(message(rules::exactly_one_namespace_scope));
-    }
-    if scope.names.iter().flatten().any(|n| !is_dns_label(n)) {
-        errors.push(message(rules::namespace_names_valid));
-    }
-    selector_violations(spec.node_selector.as_ref(), &mut errors);
-    selector_violations(scope.selector.as_ref(), &mut errors);
-    errors.dedup();
-    errors
 }
 
 /// What makes compiled rules unsafe or ambiguous to enforce.
@@ -570,7 +523,8 @@ fn check_rule(rule: &AgentRule, errors: &mut Vec<String>) {
     );
 }
 
-/// A NodeApiPolicy document (JSON) → the policy, or every schema and rule error.
+/// A NodeApiPolicy document (JSON) → the policy, or every schema and rule error: unknown
+/// fields and bounds by the CRD's structural schema, then the CRD's CEL rules.
 pub fn validate_policy(doc: &Value) -> Result<NodeApiPolicy, ConfigError> {
     let name = doc
         .pointer("/metadata/name")
@@ -595,13 +549,12 @@ pub fn validate_policy(doc: &Value) -> Result<NodeApiPolicy, ConfigError> {
     if !errors.is_empty() {
         return Err(invalid(object, errors));
     }
-    let policy: NodeApiPolicy =
-        serde_json::from_value(doc.clone()).map_err(|e| invalid(&object, vec![e.to_string()]))?;
-    let errors = policy_violations(&policy.spec);
-    if !errors.is_empty() {
-        return Err(invalid(object, errors));
-    }
-    Ok(policy)
+    // The CRD's own CEL rules, by kube's client-side evaluator: the same messages as
+    // `kubectl apply`, and no second copy of the rules to drift.
+    nodegate_crds::validation::validate_policy(doc).map_err(|e| match e {
+        nodegate_crds::validation::Invalid::Rules(errors) => invalid(&object, errors),
+        other => invalid(&object, vec![other.to_string()]),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1043,5 +996,401 @@ fn condition(
         message: message.into(),
         last_transition_time,
         observed_generation: None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn repo(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    }
+
+    fn node(labels: &[(&str, &str)]) -> NodeIdentity {
+        NodeIdentity {
+            name: "node-a".into(),
+            uid: "uid-a".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn rule(policy: &str) -> Value {
+        json!({
+            "policy": policy,
+            "subjects": [{"kind": "ServiceAccount", "name": "prom", "namespace": "monitoring"}],
+            "endpoints": ["cadvisor", "pods"],
+            "namespaces": {"names": ["team-b", "team-a"]},
+            "ports": ["Secure"],
+        })
+    }
+
+    fn spec(rules: Vec<Value>) -> Value {
+        json!({"policies": "p", "hash": "h1", "rules": rules})
+    }
+
+    fn refusal(spec: &Value) -> String {
+        validate_agent_spec("test", spec).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn config_source_flag() {
+        assert_eq!("api".parse(), Ok(ConfigSourceFlag::Api));
+        assert_eq!(
+            "file:/etc/nodegate/config.yaml".parse(),
+            Ok(ConfigSourceFlag::File("/etc/nodegate/config.yaml".into()))
+        );
+        for bad in ["", "file:", "files:/x", "API", "api:x"] {
+            assert!(bad.parse::<ConfigSourceFlag>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn valid_spec_is_accepted_with_sorted_namespaces() {
+        let parsed = validate_agent_spec("test", &spec(vec![rule("p")])).unwrap();
+        assert_eq!(parsed.rules[0].namespaces.names, ["team-a", "team-b"]);
+        assert!(parsed.rules[0].namespaces.allows("team-b"));
+        assert!(!parsed.rules[0].namespaces.allows("team-c"));
+    }
+
+    #[test]
+    fn invalid_specs_are_refused_with_a_reason() {
+        let mut unknown_field = rule("p");
+        unknown_field["verbs"] = json!(["get"]);
+        assert!(refusal(&spec(vec![unknown_field])).contains("unknown field \"verbs\""));
+
+        let mut top_unknown = spec(vec![rule("p")]);
+        top_unknown["extra"] = json!(1);
+        assert!(refusal(&top_unknown).contains("unknown field \"extra\""));
+
+        let mut unknown_endpoint = rule("p");
+        unknown_endpoint["endpoints"] = json!(["cadvisor", "shell"]);
+        assert!(refusal(&spec(vec![unknown_endpoint])).contains("shell"));
+
+        let mut duplicate_endpoint = rule("p");
+        duplicate_endpoint["endpoints"] = json!(["cadvisor", "cadvisor"]);
+        assert!(refusal(&spec(vec![duplicate_endpoint])).contains("duplicate endpoint"));
+
+        assert!(refusal(&spec(vec![rule("p"), rule("p")])).contains("duplicate policy"));
+
+        let mut bad_namespace = rule("p");
+        bad_namespace["namespaces"] = json!({"names": ["Team_A"]});
+        assert!(refusal(&spec(vec![bad_namespace])).contains("DNS-1123"));
+
+        let mut duplicate_namespace = rule("p");
+        duplicate_namespace["namespaces"] = json!({"names": ["a", "a"]});
+        assert!(refusal(&spec(vec![duplicate_namespace])).contains("duplicate namespace"));
+
+        let mut node_wide = rule("p");
+        node_wide["endpoints"] = json!(["metrics"]);
+        assert!(refusal(&spec(vec![node_wide])).contains("need namespaces.all: true"));
+
+        let mut anonymous_secure = rule("p");
+        anonymous_secure["subjects"] = json!([{"kind": "Group", "name": "system:unauthenticated"}]);
+        assert!(refusal(&spec(vec![anonymous_secure])).contains("ReadOnly port"));
+
+        let mut read_only_exec = rule("p");
+        read_only_exec["subjects"] = json!([{"kind": "User", "name": "system:anonymous"}]);
+        read_only_exec["ports"] = json!(["ReadOnly"]);
+        read_only_exec["endpoints"] = json!(["exec"]);
+        read_only_exec["namespaces"] = json!({"all": true});
+        assert!(
+            refusal(&spec(vec![read_only_exec])).contains("never served on the read-only port")
+        );
+
+        let mut user_with_namespace = rule("p");
+        user_with_namespace["subjects"] = json!([{"kind": "User", "name": "u", "namespace": "x"}]);
+        assert!(
+            refusal(&spec(vec![user_with_namespace])).contains("User and Group subjects have none")
+        );
+
+        let mut no_subjects = rule("p");
+        no_subjects["subjects"] = json!([]);
+        assert!(refusal(&spec(vec![no_subjects])).contains("at least one subject"));
+
+        let mut bad_label = rule("p");
+        bad_label["metrics"] = json!({"addLabels": {"namespace": "x"}});
+        assert!(refusal(&spec(vec![bad_label])).contains("metrics.addLabels"));
+    }
+
+    #[test]
+    fn store_denies_until_loaded_and_keeps_the_last_good_version() {
+        let store = ConfigStore::new();
+        assert!(!store.is_loaded());
+        assert!(
+            store.current().spec.rules.is_empty(),
+            "deny-all before loading"
+        );
+        let changes = store.subscribe();
+
+        let v1 = validate_agent_spec("t", &spec(vec![rule("p")])).unwrap();
+        assert_eq!(store.publish(v1.clone()), 1);
+        assert!(store.is_loaded());
+        assert!(changes.has_changed().unwrap());
+        let in_flight = store.current();
+
+        store.reject("bad update".into());
+        assert_eq!(
+            store.current().spec,
+            v1,
+            "an invalid version keeps the old one"
+        );
+        assert_eq!(store.last_error().as_deref(), Some("bad update"));
+
+        assert_eq!(
+            store.publish(v1.clone()),
+            1,
+            "an unchanged spec is not swapped"
+        );
+        assert!(store.last_error().is_none());
+
+        let mut v2 = v1.clone();
+        v2.hash = "h2".into();
+        assert_eq!(store.publish(v2.clone()), 2);
+        assert_eq!(store.current().spec.hash, "h2");
+        assert_eq!(
+            in_flight.spec.hash, "h1",
+            "a request in flight keeps its version"
+        );
+
+        store.clear("deleted");
+        assert!(!store.is_loaded());
+        assert!(store.current().spec.rules.is_empty());
+    }
+
+    fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn every_invalid_sample_is_refused_with_its_rules_message() {
+        let dir = repo("config/samples/invalid");
+        let files = yaml_files(&dir);
+        assert_eq!(files.len(), rules::ALL.len(), "one invalid sample per rule");
+        for file in files {
+            let stem = file.file_stem().unwrap().to_str().unwrap().to_string();
+            let rule = rules::ALL
+                .iter()
+                .find(|(name, _)| *name == stem)
+                .unwrap_or_else(|| panic!("{stem}: no rule of that name"))
+                .1;
+            let text = std::fs::read_to_string(&file).unwrap();
+            let err = parse_config_file(&text, &node(&[("pool", "gpu")]))
+                .expect_err(&stem)
+                .to_string();
+            assert!(
+                err.contains(&message(rule)),
+                "{stem}: refused with {err:?}, not its rule's message"
+            );
+        }
+    }
+
+    #[test]
+    fn every_valid_sample_is_accepted_alone_and_together() {
+        let mut all = String::new();
+        for file in yaml_files(&repo("config/samples")) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            parse_config_file(&text, &node(&[("pool", "gpu")]))
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            all.push_str("---\n");
+            all.push_str(&text);
+        }
+        let gpu = parse_config_file(&all, &node(&[("pool", "gpu")])).unwrap();
+        let plain = parse_config_file(&all, &node(&[])).unwrap();
+        let policies = |s: &NodeAgentConfigSpec| -> Vec<String> {
+            s.rules.iter().map(|r| r.policy.clone()).collect()
+        };
+        assert!(policies(&gpu).contains(&"team-a-gpu-metrics".to_string()));
+        assert!(
+            !policies(&plain).contains(&"team-a-gpu-metrics".to_string()),
+            "the node selector applies to this node's labels"
+        );
+        assert_eq!(gpu.hash, compiler::rules_hash(&gpu.rules));
+    }
+
+    #[test]
+    fn policy_files_are_checked_like_the_crd() {
+        let policy = |spec: &str| {
+            format!(
+                "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata:\n  name: p\nspec:\n{spec}"
+            )
+        };
+        let unknown = policy(
+            "  subjects: [{kind: Group, name: g}]\n  access: [pods]\n  namespaces: {names: [a]}\n  verbs: [get]\n",
+        );
+        let err = parse_config_file(&unknown, &node(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field \"verbs\""), "{err}");
+        let duplicate = format!(
+            "{}---\n{}",
+            policy(
+                "  subjects: [{kind: Group, name: g}]\n  access: [pods]\n  namespaces: {names: [a]}\n"
+            ),
+            policy(
+                "  subjects: [{kind: Group, name: h}]\n  access: [pods]\n  namespaces: {names: [a]}\n"
+            )
+        );
+        let err = parse_config_file(&duplicate, &node(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("appears twice"), "{err}");
+    }
+
+    fn agent_config_yaml(name: &str, hash: &str) -> String {
+        format!(
+            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  hash: {hash}\n  rules:\n  - policy: p\n    subjects: [{{kind: Group, name: team-a}}]\n    endpoints: [pods]\n    namespaces: {{names: [team-a]}}\n    ports: [Secure]\n"
+        )
+    }
+
+    #[test]
+    fn file_with_a_node_agent_config() {
+        let spec = parse_config_file(&agent_config_yaml("node-a", "h1"), &node(&[])).unwrap();
+        assert_eq!(spec.hash, "h1");
+        assert_eq!(spec.rules.len(), 1);
+        let err = parse_config_file(&agent_config_yaml("node-b", "h1"), &node(&[])).unwrap_err();
+        assert!(err.to_string().contains("node-b"), "{err}");
+        let mixed = format!(
+            "{}---\n{}",
+            agent_config_yaml("node-a", "h1"),
+            std::fs::read_to_string(repo("config/samples/monitoring-team-a.yaml")).unwrap()
+        );
+        assert!(parse_config_file(&mixed, &node(&[])).is_err());
+        assert!(parse_config_file("", &node(&[])).is_err());
+        assert!(parse_config_file("---\n", &node(&[])).is_err());
+        assert!(parse_config_file("{not yaml", &node(&[])).is_err());
+        let other_kind = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n";
+        assert!(parse_config_file(other_kind, &node(&[])).is_err());
+    }
+
+    #[tokio::test]
+    async fn file_source_sees_atomic_renames_and_keeps_the_last_good_version() {
+        let dir = std::env::temp_dir().join(format!("nodegate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.yaml");
+        let replace = |content: &str| {
+            let tmp = dir.join(".config.yaml.tmp");
+            std::fs::write(&tmp, content).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        let store = ConfigStore::new();
+        let task = tokio::spawn(run_file(
+            path.clone(),
+            node(&[]),
+            store.clone(),
+            Duration::from_millis(10),
+        ));
+        let wait_for = |hash: &'static str| {
+            let store = store.clone();
+            async move {
+                for _ in 0..300 {
+                    if store.is_loaded() && store.current().spec.hash == hash {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                false
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!store.is_loaded(), "no file: not ready");
+        assert!(store.last_error().is_some());
+
+        replace(&agent_config_yaml("node-a", "h1"));
+        assert!(wait_for("h1").await);
+        replace(
+            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nspec: {hash: h2, rules: [{policy: p, subjects: [], endpoints: [shell], namespaces: {}, ports: []}]}\n",
+        );
+        for _ in 0..300 {
+            if store.last_error().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(store.last_error().is_some());
+        assert_eq!(
+            store.current().spec.hash,
+            "h1",
+            "kept the last good version"
+        );
+        replace(&agent_config_yaml("node-a", "h3"));
+        assert!(wait_for("h3").await);
+        assert!(store.last_error().is_none());
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn status_reports_sync_readiness_and_errors() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let t1 = t0 + Duration::from_secs(60);
+        let expiry = t0 + Duration::from_secs(86_400);
+        let cond = |s: &NodeAgentConfigStatus, t: &str| {
+            s.conditions.iter().find(|c| c.type_ == t).unwrap().clone()
+        };
+
+        let pending = desired_status(&StatusInputs::default(), None, t0);
+        assert_eq!(cond(&pending, "Ready").status, "False");
+        assert_eq!(cond(&pending, "InSync").reason, "Pending");
+        assert_eq!(pending.observed_hash, None);
+
+        let inputs = StatusInputs {
+            enforced_hash: Some("h1"),
+            spec_hash: Some("h1"),
+            last_error: None,
+            serving_cert_expiry: Some(expiry),
+        };
+        let synced = desired_status(&inputs, Some(&pending), t0);
+        assert_eq!(synced.observed_hash.as_deref(), Some("h1"));
+        assert_eq!(cond(&synced, "InSync").status, "True");
+        assert_eq!(cond(&synced, "Ready").reason, "ConfigLoaded");
+        assert!(synced.serving_cert_expiry.is_some());
+        // Nothing changed: identical status (no write), transition times kept.
+        assert_eq!(desired_status(&inputs, Some(&synced), t1), synced);
+
+        let broken = StatusInputs {
+            enforced_hash: Some("h1"),
+            spec_hash: Some("h2"),
+            last_error: Some("NodeAgentConfig \"node-a\" is invalid: unknown endpoint"),
+            serving_cert_expiry: Some(expiry),
+        };
+        let invalid = desired_status(&broken, Some(&synced), t1);
+        assert_eq!(invalid.observed_hash.as_deref(), Some("h1"));
+        assert_eq!(cond(&invalid, "InSync").status, "False");
+        assert_eq!(cond(&invalid, "InSync").reason, "InvalidConfig");
+        assert_ne!(
+            cond(&invalid, "InSync").last_transition_time,
+            cond(&synced, "InSync").last_transition_time
+        );
+        assert_eq!(cond(&invalid, "Ready").status, "True", "still serving h1");
+        assert_eq!(
+            cond(&invalid, "Ready").last_transition_time,
+            cond(&synced, "Ready").last_transition_time
+        );
+        assert!(invalid.last_error.unwrap().contains("unknown endpoint"));
+    }
+
+    #[test]
+    fn dns_names() {
+        for ok in ["a", "team-a", "a1", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("a.b-c.d"));
+        assert!(!is_dns_subdomain("a..b") && !is_dns_subdomain(".a"));
     }
 }
