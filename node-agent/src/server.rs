@@ -278,13 +278,13 @@ async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) 
 pub fn empty() -> ProxyBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 fn full(body: impl Into<Bytes>) -> ProxyBody {
     Full::new(body.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
@@ -398,7 +398,7 @@ async fn handle(
     let (parts, body) = resp.into_parts();
     Response::from_parts(
         parts,
-        AuditedBody::new(body, record, started, metrics).boxed(),
+        AuditedBody::new(body, record, started, metrics).boxed_unsync(),
     )
 }
 
@@ -555,9 +555,27 @@ async fn pipeline(
     let scope = route.endpoint.spec().scope;
     let filter = decision.filter.clone().filter(|f| !f.unrestricted());
     let mut headers = forward_headers(req.headers(), upgrade.as_ref());
+    let client_gzip = crate::prometheus::negotiate::client_accepts_gzip(
+        req.headers()
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
     if filter.is_some() {
-        // The filter reads the body: ask for it uncompressed.
         headers.remove(header::ACCEPT_ENCODING);
+        if scope == Scope::MetricsLabel {
+            // Ask only for what the filter reads: text formats, gzip or identity.
+            let accept = crate::prometheus::negotiate::upstream_accept(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(crate::prometheus::negotiate::ACCEPT_ENCODING),
+            );
+        }
+        // JSON: no Accept-Encoding, so the kubelet answers uncompressed.
     }
     if attrs.upgrade.is_some() {
         return match upgrade::proxy_upgrade(&state.parts.upstream, req, target, headers).await {
@@ -566,7 +584,7 @@ async fn pipeline(
         };
     }
     let (parts, body) = req.into_parts();
-    let mut upstream_req = Request::new(body.map_err(BoxError::from).boxed());
+    let mut upstream_req = Request::new(body.map_err(BoxError::from).boxed_unsync());
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = target;
     *upstream_req.headers_mut() = headers;
@@ -590,15 +608,15 @@ async fn pipeline(
     let (mut parts, body) = resp.into_parts();
     parts.headers = response_headers(&parts.headers, false);
     let Some(filter) = filter else {
-        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     };
     if !parts.status.is_success() {
         // Errors carry no pod data; relay them as the kubelet wrote them.
-        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     }
     match scope {
         Scope::JsonItems { .. } => filter_json(state, route.endpoint, parts, body, &filter).await,
-        Scope::MetricsLabel => filter_metrics(state, parts, body, &filter),
+        Scope::MetricsLabel => filter_metrics(state, parts, body, &filter, client_gzip),
         // authorize gives a filter only for the two scopes above.
         _ => text(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -710,23 +728,73 @@ async fn filter_json(
     }
 }
 
-/// Prometheus text scoped to the caller's namespaces.
+/// Prometheus text scoped to the caller's namespaces, filtered on the stream (never held
+/// whole), gzip re-encoded when the caller takes it. An answer the filter cannot read
+/// (protobuf, an unknown coding) is refused, never relayed.
 fn filter_metrics(
     state: &State,
-    _parts: http::response::Parts,
-    _body: Incoming,
-    _filter: &FilterScope,
+    mut parts: http::response::Parts,
+    body: Incoming,
+    filter: &FilterScope,
+    client_gzip: bool,
 ) -> Response<ProxyBody> {
-    state
-        .parts
-        .metrics
-        .upstream_errors
-        .with_label_values(&["filter"])
-        .inc();
-    text(
-        StatusCode::NOT_IMPLEMENTED,
-        "namespace-scoped metrics need the Prometheus filter, which this build lacks; only callers granted all namespaces are served\n",
-    )
+    use crate::prometheus::{Filter, FilterConfig, FilterRules, Grant, filter_body, negotiate};
+    let upstream = match negotiate::check_upstream(&parts.headers) {
+        Ok(u) => u,
+        Err(refusal) => {
+            state
+                .parts
+                .metrics
+                .upstream_errors
+                .with_label_values(&["unfilterable"])
+                .inc();
+            tracing::warn!(%refusal, "metrics answer cannot be filtered");
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "the kubelet's metrics cannot be filtered\n",
+            );
+        }
+    };
+    let config = FilterConfig {
+        grants: filter
+            .grants
+            .iter()
+            .map(|g| Grant {
+                namespaces: g.namespaces.clone(),
+                metrics: g.metrics.clone(),
+            })
+            .collect(),
+    };
+    let rules = match FilterRules::new(&config) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "policy metrics transform cannot be applied");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the policy's metrics transform cannot be applied\n",
+            );
+        }
+    };
+    let (stream, _stats) = filter_body(
+        body.into_data_stream(),
+        upstream.decoding,
+        Filter::new(rules, upstream.format),
+        client_gzip,
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    if client_gzip {
+        parts
+            .headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    let body = http_body_util::StreamBody::new(futures::TryStreamExt::map_ok(
+        stream,
+        hyper::body::Frame::data,
+    ))
+    .map_err(BoxError::from)
+    .boxed_unsync();
+    Response::from_parts(parts, body)
 }
 
 /// Authorizes by the configured mode.

@@ -25,7 +25,7 @@ pub async fn proxy_upgrade(
     let mut upstream_req = Request::builder()
         .method(method)
         .uri(target)
-        .body(req.into_body().map_err(Into::into).boxed())
+        .body(req.into_body().map_err(Into::into).boxed_unsync())
         .map_err(|e| UpstreamError::Request(e.to_string()))?;
     *upstream_req.headers_mut() = headers;
     let mut resp = upstream.send(upstream_req).await?;
@@ -37,7 +37,7 @@ pub async fn proxy_upgrade(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Ok(Response::from_parts(
             parts,
-            body.map_err(Into::into).boxed(),
+            body.map_err(Into::into).boxed_unsync(),
         ));
     }
     let upstream_side = hyper::upgrade::on(&mut resp);

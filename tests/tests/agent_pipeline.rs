@@ -1,0 +1,839 @@
+//! nodegate-agent end to end, in-process, in front of the kubelet simulator: the authorization
+//! matrix (every catalogue route × method × port × kind of caller), filtering, streaming
+//! upgrades, upstream failures, and what the logs may contain.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "agent_support.rs"]
+mod support;
+
+use base64::Engine;
+use futures::StreamExt;
+use nodegate_agent::upstream::UpstreamSettings;
+use nodegate_crds::catalogue::Scope;
+use nodegate_crds::{Endpoint, Port};
+use nodegate_tests::sim::{Sim, SimOptions};
+use rustls_pki_types::ServerName;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const NODE: &str = "sim-node";
+const TEAM: &str = "team-a";
+const OTHER: &str = "team-b";
+
+async fn sim() -> Sim {
+    Sim::start(SimOptions {
+        node_name: NODE.into(),
+        pods: 12,
+        namespaces: vec![TEAM.into(), OTHER.into(), "kube-system".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn upstream_of(sim: &Sim) -> UpstreamSettings {
+    UpstreamSettings::new(sim.url().parse().unwrap())
+}
+
+fn tokens() -> BTreeMap<String, (String, Vec<String>)> {
+    let mut t = BTreeMap::new();
+    t.insert(
+        "tok-alice-1234567890".into(),
+        (
+            "alice".into(),
+            vec!["team-a".into(), "system:authenticated".into()],
+        ),
+    );
+    t.insert(
+        "tok-root-1234567890".into(),
+        ("root".into(), vec!["system:authenticated".into()]),
+    );
+    t.insert(
+        "tok-bob-1234567890".into(),
+        ("bob".into(), vec!["system:authenticated".into()]),
+    );
+    t.insert(
+        "tok-reader-1234567890".into(),
+        ("reader".into(), vec!["system:authenticated".into()]),
+    );
+    t
+}
+
+/// team-a may use every endpoint for its namespace; root everything everywhere; the reader
+/// only reads (no exec); anonymous callers read pods, stats, cadvisor, health and spec of
+/// team-a on the read-only port.
+fn rules() -> Vec<nodegate_crds::AgentRule> {
+    let every: Vec<Endpoint> = Endpoint::all().collect();
+    vec![
+        rule(
+            "team-a",
+            vec![group("team-a")],
+            &every,
+            namespaces(&[TEAM]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![user("root")],
+            &every,
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+        rule(
+            "reader",
+            vec![user("reader")],
+            &[Endpoint::Pods, Endpoint::ContainerLogs],
+            namespaces(&[TEAM]),
+            &[Port::Secure],
+        ),
+        rule(
+            "anonymous-read-only",
+            vec![group("system:unauthenticated")],
+            &[
+                Endpoint::Pods,
+                Endpoint::Stats,
+                Endpoint::Cadvisor,
+                Endpoint::Healthz,
+                Endpoint::Spec,
+            ],
+            namespaces(&[TEAM]),
+            &[Port::ReadOnly],
+        ),
+    ]
+}
+
+/// A request target for an endpoint, in namespace `ns` where the path names one.
+fn target(endpoint: Endpoint, ns: &str) -> String {
+    match endpoint {
+        Endpoint::Healthz => "/healthz".into(),
+        Endpoint::Pods => "/pods".into(),
+        Endpoint::RunningPods => "/runningpods/".into(),
+        Endpoint::Stats => "/stats/summary".into(),
+        Endpoint::Metrics => "/metrics".into(),
+        Endpoint::Cadvisor => "/metrics/cadvisor".into(),
+        Endpoint::Resource => "/metrics/resource".into(),
+        Endpoint::Probes => "/metrics/probes".into(),
+        Endpoint::Slis => "/metrics/slis".into(),
+        Endpoint::Configz => "/configz".into(),
+        Endpoint::Statusz => "/statusz".into(),
+        Endpoint::Flagz => "/flagz".into(),
+        Endpoint::Logs => "/logs/".into(),
+        Endpoint::ContainerLogs => format!("/containerLogs/{ns}/web-0/app?tailLines=5"),
+        Endpoint::Exec => format!("/exec/{ns}/web-0/app?command=ls&stdout=true"),
+        Endpoint::Attach => format!("/attach/{ns}/web-0/app?stdout=true"),
+        Endpoint::PortForward => format!("/portForward/{ns}/web-0?port=80"),
+        Endpoint::Run => format!("/run/{ns}/web-0/app?cmd=ls"),
+        Endpoint::Checkpoint => format!("/checkpoint/{ns}/web-0/app"),
+        Endpoint::Pprof => "/debug/pprof/".into(),
+        Endpoint::DebugFlags => "/debug/flags/v".into(),
+        Endpoint::Spec => "/spec/".into(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Caller {
+    /// Client certificate CN=alice O=team-a.
+    AliceCert,
+    /// Token of alice (group team-a).
+    AliceToken,
+    Root,
+    /// Authenticated, no rule.
+    Bob,
+    Anonymous,
+    BadToken,
+    ExpiredCert,
+    ForeignCert,
+}
+
+const CALLERS: &[Caller] = &[
+    Caller::AliceCert,
+    Caller::AliceToken,
+    Caller::Root,
+    Caller::Bob,
+    Caller::Anonymous,
+    Caller::BadToken,
+    Caller::ExpiredCert,
+    Caller::ForeignCert,
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// Passed to the kubelet (exactly one request reaches it), whatever it answers.
+    Upstream,
+    /// Answered by the agent itself with 200 (`/spec/`), nothing upstream.
+    Local,
+    /// Refused with this status, nothing upstream.
+    Refused(u16),
+    /// TLS handshake refused.
+    Handshake,
+}
+
+/// The expected outcome, from the catalogue's rules as docs/agent.md states them (not from the
+/// agent's code): authentication first, then method, then the read-only port's limits, then
+/// the rules by scope.
+fn expect(caller: Caller, port: Port, endpoint: Endpoint, other_ns: bool, method: &str) -> Expect {
+    let spec = endpoint.spec();
+    if port == Port::Secure {
+        match caller {
+            Caller::ExpiredCert | Caller::ForeignCert => return Expect::Handshake,
+            Caller::BadToken => return Expect::Refused(401),
+            _ => {}
+        }
+    }
+    let reach = if endpoint == Endpoint::Spec {
+        Expect::Local
+    } else {
+        Expect::Upstream
+    };
+    if port == Port::ReadOnly {
+        let disabled = matches!(
+            endpoint,
+            Endpoint::Exec
+                | Endpoint::Attach
+                | Endpoint::PortForward
+                | Endpoint::Run
+                | Endpoint::ContainerLogs
+                | Endpoint::RunningPods
+                | Endpoint::Logs
+                | Endpoint::Pprof
+                | Endpoint::DebugFlags
+                | Endpoint::Checkpoint
+        );
+        if disabled || method != "GET" {
+            return Expect::Refused(405);
+        }
+        if !spec.methods.contains(&method) {
+            return Expect::Refused(405);
+        }
+        let granted = matches!(
+            endpoint,
+            Endpoint::Pods
+                | Endpoint::Stats
+                | Endpoint::Cadvisor
+                | Endpoint::Healthz
+                | Endpoint::Spec
+        );
+        return if granted { reach } else { Expect::Refused(403) };
+    }
+    if !spec.methods.contains(&method) {
+        return Expect::Refused(405);
+    }
+    match caller {
+        Caller::Root => reach,
+        Caller::AliceCert | Caller::AliceToken => match spec.scope {
+            Scope::Unscoped => reach,
+            Scope::NodeWide => Expect::Refused(403),
+            Scope::Path if other_ns => Expect::Refused(403),
+            _ => reach,
+        },
+        _ => Expect::Refused(403),
+    }
+}
+
+#[tokio::test]
+async fn authorization_matrix_against_the_simulator() {
+    let sim = sim().await;
+    let pki = Pki::new("matrix");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let alice_cert = pki.client("alice", &["team-a"]);
+    let expired = pki.expired_client("alice", &["team-a"]);
+    let foreign = foreign_client("alice", &["team-a"]);
+    let cred = |c: Caller| match c {
+        Caller::AliceCert => Cred::Cert(alice_cert.clone()),
+        Caller::AliceToken => Cred::Token("tok-alice-1234567890".into()),
+        Caller::Root => Cred::Token("tok-root-1234567890".into()),
+        Caller::Bob => Cred::Token("tok-bob-1234567890".into()),
+        Caller::Anonymous => Cred::None,
+        Caller::BadToken => Cred::Token("not-a-known-token".into()),
+        Caller::ExpiredCert => Cred::Cert(expired.clone()),
+        Caller::ForeignCert => Cred::Cert(foreign.clone()),
+    };
+    let read_only = agent.running.read_only_addr.unwrap();
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for endpoint in Endpoint::all() {
+        let spec = endpoint.spec();
+        let mut methods: Vec<&str> = spec.methods.to_vec();
+        for extra in ["DELETE", "HEAD", "GET", "POST"] {
+            if !methods.contains(&extra) {
+                methods.push(extra);
+            }
+        }
+        let namespaced = spec.scope == Scope::Path;
+        for other_ns in if namespaced {
+            vec![false, true]
+        } else {
+            vec![false]
+        } {
+            let tgt = target(endpoint, if other_ns { OTHER } else { TEAM });
+            for port in [Port::Secure, Port::ReadOnly] {
+                // The read-only port has no authentication: one anonymous caller suffices.
+                let callers: &[Caller] = if port == Port::ReadOnly {
+                    &[Caller::Anonymous, Caller::Root]
+                } else {
+                    CALLERS
+                };
+                for &caller in callers {
+                    for method in &methods {
+                        cases += 1;
+                        let want = expect(caller, port, endpoint, other_ns, method);
+                        let before = sim.request_count();
+                        let (addr, tls) = match port {
+                            Port::Secure => (agent.running.secure_addr, true),
+                            Port::ReadOnly => (read_only, false),
+                        };
+                        let got = request(addr, tls, &cred(caller), method, &tgt, &[]).await;
+                        let reached = sim.request_count() - before;
+                        let ok = match (&want, &got) {
+                            (Expect::Handshake, Err(_)) => true,
+                            // TLS 1.3 reports a refused client certificate on the first read.
+                            (Expect::Handshake, Ok(r)) => r.status == 0,
+                            (Expect::Refused(s), Ok(r)) => r.status == *s && reached == 0,
+                            (Expect::Local, Ok(r)) => r.status == 200 && reached == 0,
+                            (Expect::Upstream, Ok(r)) => {
+                                reached == 1
+                                    && ![401, 403, 405].contains(&r.status)
+                                    && r.status != 502
+                            }
+                            _ => false,
+                        };
+                        *counts.entry(format!("{want:?}")).or_default() += 1;
+                        if !ok {
+                            failures.push(format!(
+                                "{caller:?} {port:?} {method} {tgt}: want {want:?}, got {:?} (reached upstream {reached}x)",
+                                got.as_ref().map(|r| (r.status, r.text().chars().take(120).collect::<String>()))
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cases} cases: {counts:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // Every outcome kind occurred, so the matrix cannot pass vacuously.
+    for kind in [
+        "Upstream",
+        "Local",
+        "Refused(401)",
+        "Refused(403)",
+        "Refused(405)",
+        "Handshake",
+    ] {
+        assert!(counts.get(kind).copied().unwrap_or(0) > 0, "no {kind} case");
+    }
+    // The agent used its own (absent) credentials upstream: no caller token ever reached it.
+    for r in sim.requests() {
+        assert!(r.authorization.is_none(), "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn forbidden_and_unauthorized_bodies_are_the_kubelets() {
+    let sim = sim().await;
+    let pki = Pki::new("bodies");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let addr = agent.running.secure_addr;
+    let r = request(
+        addr,
+        true,
+        &Cred::Token("tok-bob-1234567890".into()),
+        "GET",
+        "/pods",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.text(),
+        "Forbidden (user=bob, verb=get, resource=nodes, subresource(s)=[pods proxy])\n"
+    );
+    let r = request(addr, true, &Cred::Token("nope".into()), "GET", "/pods", &[])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (401, "Unauthorized\n"));
+    // Exec is `create`, also as a GET.
+    let r = request(
+        addr,
+        true,
+        &Cred::Token("tok-reader-1234567890".into()),
+        "GET",
+        "/exec/team-a/p/c?command=ls",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("verb=create"), "{}", r.text());
+    assert_eq!(sim.request_count(), 0);
+}
+
+fn items_namespaces(body: &[u8], list: &str, at: &[&str]) -> Vec<String> {
+    let doc: serde_json::Value = serde_json::from_slice(body).unwrap();
+    doc[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            at.iter()
+                .fold(i, |v, k| &v[*k])
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_stats_and_metrics_are_filtered_to_the_callers_namespaces() {
+    let sim = sim().await;
+    let pki = Pki::new("filter");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let addr = agent.running.secure_addr;
+    let alice = Cred::Cert(pki.client("alice", &["team-a"]));
+    let root = Cred::Token("tok-root-1234567890".into());
+    let team_pods = sim
+        .world()
+        .pods
+        .iter()
+        .filter(|p| p.namespace == TEAM)
+        .count();
+    assert!(team_pods > 0 && team_pods < sim.world().pods.len());
+
+    let r = request(addr, true, &alice, "GET", "/pods", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let ns = items_namespaces(&r.body, "items", &["metadata", "namespace"]);
+    assert_eq!(ns.len(), team_pods);
+    assert!(ns.iter().all(|n| n == TEAM), "{ns:?}");
+    let r = request(addr, true, &root, "GET", "/pods", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        items_namespaces(&r.body, "items", &["metadata", "namespace"]).len(),
+        sim.world().pods.len()
+    );
+
+    let r = request(addr, true, &alice, "GET", "/stats/summary", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        doc.get("node").is_none(),
+        "node-level section kept for a scoped caller"
+    );
+    let ns = items_namespaces(&r.body, "pods", &["podRef", "namespace"]);
+    assert!(!ns.is_empty() && ns.iter().all(|n| n == TEAM), "{ns:?}");
+    let r = request(addr, true, &root, "GET", "/stats/summary", &[])
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(doc.get("node").is_some());
+
+    // Metrics: every sample with a namespace label is team-a's; node-level samples are gone.
+    let r = request(addr, true, &alice, "GET", "/metrics/cadvisor", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert!(!samples.is_empty());
+    for line in &samples {
+        assert!(line.contains("namespace=\"team-a\""), "{line}");
+    }
+    let all = request(addr, true, &root, "GET", "/metrics/cadvisor", &[])
+        .await
+        .unwrap();
+    assert!(all.text().contains("namespace=\"team-b\""));
+    assert!(all.text().lines().count() > text.lines().count());
+
+    // The read-only port: anonymous, the same scoping.
+    let r = request(
+        agent.running.read_only_addr.unwrap(),
+        false,
+        &Cred::None,
+        "GET",
+        "/pods",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let ns = items_namespaces(&r.body, "items", &["metadata", "namespace"]);
+    assert!(!ns.is_empty() && ns.iter().all(|n| n == TEAM));
+
+    // /spec/ is the agent's own machine info, never asked upstream.
+    let before = sim.request_count();
+    let r = request(addr, true, &alice, "GET", "/spec/", &[])
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        doc["num_cores"].as_u64().unwrap() >= 1 && doc["memory_capacity"].as_u64().unwrap() > 0
+    );
+    assert_eq!(sim.request_count(), before);
+}
+
+#[tokio::test]
+async fn container_logs_of_another_namespace_never_reach_the_kubelet() {
+    let sim = sim().await;
+    let pki = Pki::new("logs");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let alice = Cred::Cert(pki.client("alice", &["team-a"]));
+    let addr = agent.running.secure_addr;
+    // Path tricks normalise to team-b, and are refused as team-b.
+    for target in [
+        "/containerLogs/team-b/web-0/app",
+        "/containerLogs/team-a/../team-b/web-0/app",
+        "/containerLogs/./team-b/web-0/app",
+        "/containerLogs/team-%62/web-0/app",
+    ] {
+        let r = request(addr, true, &alice, "GET", target, &[])
+            .await
+            .unwrap();
+        assert!(r.status == 403 || r.status == 400, "{target}: {}", r.status);
+    }
+    assert_eq!(sim.request_count(), 0, "{:?}", sim.requests());
+    let r = request(
+        addr,
+        true,
+        &alice,
+        "GET",
+        "/containerLogs/team-a/web-0/app?tailLines=3",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.status, 403);
+    let reqs = sim.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].path, "/containerLogs/team-a/web-0/app");
+    assert_eq!(reqs[0].query.as_deref(), Some("tailLines=3"));
+}
+
+async fn tls_stream(
+    addr: std::net::SocketAddr,
+    cred: &Cred,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client_tls(cred)
+        .connect(ServerName::try_from("agent").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn websocket_exec_works_with_create_and_is_refused_to_readers() {
+    let sim = sim().await;
+    let pki = Pki::new("ws");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let addr = agent.running.secure_addr;
+    let uri = format!("wss://agent/exec/{TEAM}/web-0/app?command=echo&command=hello&stdout=true");
+
+    // Allowed: client certificate, v5 channel protocol; `echo hello` answers on stdout (1).
+    let alice = Cred::Cert(pki.client("alice", &["team-a"]));
+    let mut req = uri.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v5.channel.k8s.io".parse().unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls_stream(addr, &alice).await)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut stdout = Vec::new();
+    while let Some(Ok(msg)) = ws.next().await {
+        if let Message::Binary(b) = msg
+            && b.first() == Some(&1)
+        {
+            stdout.extend_from_slice(&b[1..]);
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&stdout), "hello\n");
+
+    // Allowed: the token in the bearer subprotocol (browsers); the token never goes upstream.
+    let token = "tok-alice-1234567890";
+    let proto = format!(
+        "base64url.bearer.authorization.k8s.io.{}, v4.channel.k8s.io",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+    );
+    let mut req = uri.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", proto.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls_stream(addr, &Cred::None).await)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "v4.channel.k8s.io"
+    );
+    let _ = ws.close(None).await;
+    for r in sim.requests() {
+        let protocols = r.stream_protocols.unwrap_or_default();
+        assert!(!protocols.contains("bearer"), "{protocols}");
+        assert!(r.authorization.is_none());
+    }
+
+    // Refused: a reader (pods and logs only), the WebSocket GET included; nothing upstream.
+    sim.clear_requests();
+    let reader = Cred::Token("tok-reader-1234567890".into());
+    for method in ["GET", "POST"] {
+        let r = request(
+            addr,
+            true,
+            &reader,
+            method,
+            &format!("/exec/{TEAM}/web-0/app?command=ls"),
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 403, "{method}");
+    }
+    // And alice in another namespace.
+    let r = request(
+        addr,
+        true,
+        &Cred::Token(token.into()),
+        "GET",
+        &format!("/exec/{OTHER}/web-0/app?command=ls"),
+        &[("connection", "Upgrade"), ("upgrade", "websocket")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(sim.request_count(), 0);
+}
+
+#[tokio::test]
+async fn spdy_exec_is_spliced_only_after_the_kubelet_switches() {
+    let sim = sim().await;
+    let pki = Pki::new("spdy");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let alice = Cred::Cert(pki.client("alice", &["team-a"]));
+    let mut s = tls_stream(agent.running.secure_addr, &alice).await;
+    let head = format!(
+        "POST /exec/{TEAM}/web-0/app?command=sh&stdin=true&stdout=true HTTP/1.1\r\nHost: agent\r\n\
+         Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the response head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: spdy/3.1"),
+        "{head}"
+    );
+    // The simulator echoes raw bytes once switched.
+    s.write_all(b"ping-through-the-tunnel").await.unwrap();
+    let mut echoed = Vec::new();
+    while echoed.len() < 23 {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        echoed.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&echoed, b"ping-through-the-tunnel");
+
+    // A refused upgrade (the kubelet cannot negotiate the protocol) is relayed and the
+    // connection closed: no tunnel.
+    let mut s = tls_stream(agent.running.secure_addr, &alice).await;
+    let head = format!(
+        "POST /exec/{TEAM}/web-0/app?command=sh HTTP/1.1\r\nHost: agent\r\nConnection: Upgrade\r\n\
+         Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v99.unknown\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut all)).await;
+    let text = String::from_utf8_lossy(&all);
+    assert!(!text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_the_agent_stays_healthy() {
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let pki = Pki::new("down");
+    let agent = start_agent(
+        NODE,
+        UpstreamSettings::new(format!("http://{closed}").parse().unwrap()),
+        &pki,
+        tokens(),
+        rules(),
+    )
+    .await;
+    let root = Cred::Token("tok-root-1234567890".into());
+    let r = request(agent.running.secure_addr, true, &root, "GET", "/pods", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("kubelet"), "{}", r.text());
+    let health = agent.running.healthz_addr.unwrap();
+    let r = request(health, false, &Cred::None, "GET", "/healthz", &[])
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = request(health, false, &Cred::None, "GET", "/readyz", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("kubelet not reachable"));
+    let r = request(health, false, &Cred::None, "GET", "/metrics", &[])
+        .await
+        .unwrap();
+    let m = r.text();
+    assert!(
+        m.contains("nodegate_agent_upstream_errors_total{kind=\"connect\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "nodegate_agent_requests_total{code=\"502\",decision=\"allow\",endpoint=\"pods\"} 1"
+        ),
+        "{m}"
+    );
+}
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+// One thread, so the subscriber set for this test sees the agent's spawned tasks too.
+#[tokio::test(flavor = "current_thread")]
+async fn audit_lines_name_the_caller_and_never_hold_a_token() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(capture.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let sim = sim().await;
+    let pki = Pki::new("audit");
+    let agent = start_agent(NODE, upstream_of(&sim), &pki, tokens(), rules()).await;
+    let addr = agent.running.secure_addr;
+    let secret_tokens = [
+        "tok-alice-1234567890",
+        "tok-bob-1234567890",
+        "never-valid-token-42",
+    ];
+    for token in secret_tokens {
+        for target in ["/pods", "/configz", "/exec/team-a/web-0/app?command=ls"] {
+            let _ = request(addr, true, &Cred::Token(token.into()), "GET", target, &[]).await;
+        }
+        let proto = format!(
+            "base64url.bearer.authorization.k8s.io.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+        );
+        let _ = request(
+            addr,
+            true,
+            &Cred::None,
+            "GET",
+            "/exec/team-a/web-0/app?command=ls",
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-protocol", &proto),
+            ],
+        )
+        .await;
+    }
+    drop(agent);
+    // Connection tasks end on their own; give them a moment to write their last lines.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    for token in secret_tokens {
+        assert!(!logs.contains(token), "token {token} in the logs");
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
+        assert!(!logs.contains(&encoded), "encoded token in the logs");
+    }
+    let audit: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .collect();
+    assert_eq!(audit.len(), 12, "{logs}");
+    let alice_pods = audit
+        .iter()
+        .find(|v| v["user"] == "alice" && v["path"] == "/pods")
+        .expect("audit line of alice's /pods");
+    assert_eq!(alice_pods["decision"], "allow");
+    assert_eq!(alice_pods["policy"], "team-a");
+    assert_eq!(alice_pods["status"], 200);
+    assert_eq!(alice_pods["auth_method"], "token");
+    assert!(alice_pods["bytes"].as_u64().unwrap() > 0);
+    let bob_configz = audit
+        .iter()
+        .find(|v| v["user"] == "bob" && v["path"] == "/configz")
+        .unwrap();
+    assert_eq!(
+        (
+            bob_configz["decision"].as_str(),
+            bob_configz["status"].as_u64()
+        ),
+        (Some("deny"), Some(403))
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|v| v["decision"] == "unauthenticated" && v["status"] == 401)
+    );
+}

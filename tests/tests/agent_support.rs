@@ -1,0 +1,384 @@
+//! Shared by the agent's end-to-end tests (included with `#[path]`): a test PKI, a fake
+//! TokenReview, an in-process agent, and a small HTTPS client that can present a client
+//! certificate or a token.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use nodegate_agent::authn::{
+    Authenticator, AuthnSettings, BoxFuture, ReviewOutcome, TokenReviewer,
+};
+use nodegate_agent::config::ConfigStore;
+use nodegate_agent::metrics::Metrics;
+use nodegate_agent::server::{self, Components, Running, Settings};
+use nodegate_agent::tls::{ReloadingTls, TlsSettings};
+use nodegate_agent::upstream::{Upstream, UpstreamSettings};
+use nodegate_crds::policy::SubjectKind;
+use nodegate_crds::{AgentRule, Endpoint, NodeAgentConfigSpec, Port, ResolvedNamespaces, Subject};
+use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, date_time_ymd};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A client CA and the certificates it signs.
+pub struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+    pub dir: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// A client certificate and its key.
+#[derive(Clone)]
+pub struct ClientCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+}
+
+impl ClientCert {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    cn: &str,
+    orgs: &[&str],
+    expired: bool,
+) -> ClientCert {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    for o in orgs {
+        params.distinguished_name.push(DnType::OrganizationName, *o);
+    }
+    if expired {
+        params.not_before = date_time_ymd(2020, 1, 1);
+        params.not_after = date_time_ymd(2021, 1, 1);
+    }
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    ClientCert {
+        chain: vec![cert.der().clone()],
+        key_der: key.serialize_der(),
+    }
+}
+
+impl Pki {
+    pub fn new(label: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!(
+            "nodegate-{label}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = ca("nodegate-test-client-ca");
+        let ca_file = dir.join("client-ca.crt");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        Pki { ca, dir, ca_file }
+    }
+
+    pub fn client(&self, cn: &str, orgs: &[&str]) -> ClientCert {
+        leaf(&self.ca, cn, orgs, false)
+    }
+
+    pub fn expired_client(&self, cn: &str, orgs: &[&str]) -> ClientCert {
+        leaf(&self.ca, cn, orgs, true)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A certificate from a CA the agent does not trust.
+pub fn foreign_client(cn: &str, orgs: &[&str]) -> ClientCert {
+    leaf(&ca("somebody-else"), cn, orgs, false)
+}
+
+pub fn rand_suffix() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{nanos:x}")
+}
+
+/// Tokens the fake TokenReview knows: token → (user, groups).
+pub struct FakeReviewer(pub BTreeMap<String, (String, Vec<String>)>);
+
+impl TokenReviewer for FakeReviewer {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        _: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+        Box::pin(async move {
+            Ok(match self.0.get(token) {
+                Some((name, groups)) => ReviewOutcome::Authenticated {
+                    name: name.clone(),
+                    uid: None,
+                    groups: groups.clone(),
+                    extra: BTreeMap::new(),
+                    audiences: vec![],
+                },
+                None => ReviewOutcome::Refused,
+            })
+        })
+    }
+}
+
+pub fn user(name: &str) -> Subject {
+    Subject {
+        kind: SubjectKind::User,
+        name: name.into(),
+        namespace: None,
+    }
+}
+
+pub fn group(name: &str) -> Subject {
+    Subject {
+        kind: SubjectKind::Group,
+        name: name.into(),
+        namespace: None,
+    }
+}
+
+pub fn namespaces(names: &[&str]) -> ResolvedNamespaces {
+    let mut names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    names.sort();
+    ResolvedNamespaces { all: false, names }
+}
+
+pub fn all_namespaces() -> ResolvedNamespaces {
+    ResolvedNamespaces {
+        all: true,
+        names: vec![],
+    }
+}
+
+pub fn rule(
+    policy: &str,
+    subjects: Vec<Subject>,
+    endpoints: &[Endpoint],
+    ns: ResolvedNamespaces,
+    ports: &[Port],
+) -> AgentRule {
+    AgentRule {
+        policy: policy.into(),
+        subjects,
+        endpoints: endpoints.to_vec(),
+        namespaces: ns,
+        ports: ports.to_vec(),
+        metrics: None,
+    }
+}
+
+pub fn spec_of(rules: Vec<AgentRule>) -> NodeAgentConfigSpec {
+    NodeAgentConfigSpec {
+        policies: rules
+            .iter()
+            .map(|r| r.policy.clone())
+            .collect::<Vec<_>>()
+            .join(","),
+        hash: "test".into(),
+        rules,
+    }
+}
+
+/// An agent in-process, in front of `upstream`.
+pub struct TestAgent {
+    pub running: Running,
+    pub config: ConfigStore,
+}
+
+pub async fn start_agent(
+    node: &str,
+    upstream: UpstreamSettings,
+    pki: &Pki,
+    tokens: BTreeMap<String, (String, Vec<String>)>,
+    rules: Vec<AgentRule>,
+) -> TestAgent {
+    let tls = ReloadingTls::new(TlsSettings {
+        cert_file: None,
+        key_file: None,
+        client_ca_file: Some(pki.ca_file.clone()),
+        node_name: node.into(),
+        node_ips: vec!["127.0.0.1".parse().unwrap()],
+        alpn_protocols: vec![b"http/1.1".to_vec()],
+    })
+    .unwrap();
+    let authenticator = Authenticator::new(
+        Arc::new(FakeReviewer(tokens)),
+        AuthnSettings {
+            x509_enabled: tls.client_ca_configured(),
+            ..Default::default()
+        },
+    );
+    let config = ConfigStore::new();
+    config.publish(spec_of(rules));
+    let running = server::start(
+        Settings::loopback(node),
+        Components {
+            tls,
+            authenticator,
+            config: config.clone(),
+            upstream: Upstream::new(&upstream).unwrap(),
+            access_reviewer: None,
+            metrics: Metrics::new(),
+        },
+    )
+    .await
+    .unwrap();
+    TestAgent { running, config }
+}
+
+/// The agent's certificate is self-signed: the tests check the agent, not its serving cert.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A caller's credential.
+#[derive(Clone)]
+pub enum Cred {
+    None,
+    Token(String),
+    Cert(ClientCert),
+}
+
+pub fn client_tls(cred: &Cred) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
+    let mut config = match cred {
+        Cred::Cert(c) => builder
+            .with_client_auth_cert(c.chain.clone(), c.key())
+            .unwrap(),
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// What came back.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh connection. `Err` when the connection or TLS handshake failed.
+pub async fn request(
+    addr: SocketAddr,
+    tls: bool,
+    cred: &Cred,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "agent");
+    if let Cred::Token(t) = cred {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    if tls {
+        let stream = client_tls(cred)
+            .connect(ServerName::try_from("agent").unwrap(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        send(hyper_util::rt::TokioIo::new(stream), req).await
+    } else {
+        send(hyper_util::rt::TokioIo::new(tcp), req).await
+    }
+}
+
+async fn send<I>(io: I, req: http::Request<Empty<Bytes>>) -> Result<Reply, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes()
+        .to_vec();
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
