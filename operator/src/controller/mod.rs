@@ -18,6 +18,8 @@ pub mod status;
 
 pub use leader::LeaderSettings;
 pub use metrics::Metrics;
+/// Re-exported so callers stop the controller without depending on tokio-util themselves.
+pub use tokio_util::sync::CancellationToken;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
@@ -33,7 +35,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// How the controller runs. Every field has a command-line flag in the binary.
 #[derive(Clone, Debug)]

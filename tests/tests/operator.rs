@@ -1,0 +1,975 @@
+//! The operator's controller against the real local API server: objects follow policies,
+//! nodes and namespaces; generated objects are restored; foreign objects are left alone and
+//! reported; resyncs and restarts write nothing; leader failover.
+//!
+//! Each test runs its own controller in-process, restricted to its own policies (label
+//! selector), its own fake nodes (label selector) and its own outputs (instance label), so
+//! tests run in parallel without fighting.
+//!
+//! Run with `cargo test -p nodegate-tests --test operator` after
+//! `eval "$(cargo xtask cluster env)"`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
+use nodegate_operator::controller::CancellationToken;
+use nodegate_operator::controller::{self, LeaderSettings, Metrics, Settings};
+use nodegate_tests::Cluster;
+use nodegate_tests::cluster::{FakeNodes, TEST_LABEL, unique_name};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// The cluster with the CRDs installed (once per test process).
+async fn cluster() -> Result<Option<Cluster>, BoxError> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(None);
+    };
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*installed {
+        let out = cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f"])
+            .arg(repo("crds/nodeapipolicies.yaml"))
+            .arg("-f")
+            .arg(repo("crds/nodeagentconfigs.yaml"))
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cluster
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s"])
+            .args([
+                "crd/nodeapipolicies.nodegate.io",
+                "crd/nodeagentconfigs.nodegate.io",
+            ])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *installed = true;
+    }
+    Ok(Some(cluster))
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after `timeout`.
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, BoxError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(
+                format!("timed out after {}s waiting for {what}", timeout.as_secs()).into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One test's world: a run label for its policies and an in-process controller.
+struct World {
+    client: kube::Client,
+    run: String,
+    nodes: Option<FakeNodes>,
+    controllers: Vec<Running>,
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), controller::Error>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("controller stops within 20 s")
+            .expect("controller task");
+        result.expect("controller ends cleanly");
+    }
+}
+
+impl World {
+    async fn new(
+        cluster: Cluster,
+        nodes: usize,
+        labels: &[(&str, &str)],
+    ) -> Result<Self, BoxError> {
+        let client = cluster.admin()?;
+        let nodes = if nodes > 0 {
+            Some(cluster.fake_nodes("opnode", nodes, labels).await?)
+        } else {
+            None
+        };
+        Ok(Self {
+            client,
+            run: unique_name("op"),
+            nodes,
+            controllers: Vec::new(),
+        })
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.nodes
+            .as_ref()
+            .map(|n| n.names().to_vec())
+            .unwrap_or_default()
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            policy_selector: Some(format!("{TEST_LABEL}={}", self.run)),
+            node_selector: Some(
+                self.nodes
+                    .as_ref()
+                    .map(|n| n.selector())
+                    .unwrap_or_else(|| format!("{TEST_LABEL}={}-none", self.run)),
+            ),
+            instance: Some(self.run.clone()),
+            debounce: Duration::from_millis(100),
+            resync: Duration::from_secs(3600),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            reporter_instance: Some(self.run.clone()),
+            ..Settings::default()
+        }
+    }
+
+    fn start_with(
+        &mut self,
+        settings: Settings,
+        leader: Option<LeaderSettings>,
+        client: kube::Client,
+    ) -> Metrics {
+        let metrics = Metrics::new().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(controller::run(
+            client,
+            settings,
+            leader,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        self.controllers.push(Running { stop, task });
+        metrics
+    }
+
+    fn start(&mut self) -> Metrics {
+        let settings = self.settings();
+        let client = self.client.clone();
+        self.start_with(settings, None, client)
+    }
+
+    async fn stop_all(&mut self) {
+        for c in self.controllers.drain(..) {
+            c.stop().await;
+        }
+    }
+
+    fn policy(&self, name: &str, spec: serde_json::Value) -> NodeApiPolicy {
+        let mut policy = NodeApiPolicy::new(name, serde_json::from_value(spec).unwrap());
+        policy.metadata.labels = Some(BTreeMap::from([(TEST_LABEL.to_string(), self.run.clone())]));
+        policy
+    }
+
+    fn policies(&self) -> Api<NodeApiPolicy> {
+        Api::all(self.client.clone())
+    }
+
+    async fn create(&self, policy: &NodeApiPolicy) -> Result<NodeApiPolicy, BoxError> {
+        Ok(self
+            .policies()
+            .create(&PostParams::default(), policy)
+            .await?)
+    }
+
+    async fn replace_spec(&self, name: &str, spec: serde_json::Value) -> Result<(), BoxError> {
+        let patch = json!({"spec": spec});
+        // A merge patch on spec replaces lists wholesale, as an edit would.
+        self.policies()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+
+    async fn cluster_role(&self, name: &str) -> Option<ClusterRole> {
+        Api::<ClusterRole>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn config(&self, node: &str) -> Option<NodeAgentConfig> {
+        Api::<NodeAgentConfig>::all(self.client.clone())
+            .get_opt(node)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn condition(&self, policy: &str, type_: &str) -> Option<(String, String, String)> {
+        let p = self.policies().get_opt(policy).await.ok().flatten()?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)?;
+        Some((c.status, c.reason, c.message))
+    }
+
+    /// Waits until every controller has run at least `rounds` more rounds than now.
+    async fn rounds(&self, metrics: &Metrics, rounds: u64) -> Result<(), BoxError> {
+        let target = metrics.reconciles() + rounds;
+        eventually("reconcile rounds", WAIT, || async {
+            (metrics.reconciles() >= target).then_some(())
+        })
+        .await
+    }
+
+    /// Deletes this test's policies (their outputs go with them).
+    async fn cleanup(&mut self) {
+        self.stop_all().await;
+        let lp = kube::api::ListParams::default().labels(&format!("{TEST_LABEL}={}", self.run));
+        let _ = self
+            .policies()
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await;
+    }
+}
+
+fn rule_names(role: &ClusterRole) -> Vec<String> {
+    let mut names: Vec<String> = role
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r: &PolicyRule| r.resource_names.clone().unwrap_or_default())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn config_policies(config: &NodeAgentConfig) -> Vec<String> {
+    config.spec.rules.iter().map(|r| r.policy.clone()).collect()
+}
+
+/// Resource versions of every object the test's instance owns.
+async fn owned_versions(client: &kube::Client, run: &str) -> BTreeMap<String, String> {
+    let lp = kube::api::ListParams::default().labels(&format!(
+        "app.kubernetes.io/managed-by=nodegate,nodegate.io/instance={run}"
+    ));
+    let mut versions = BTreeMap::new();
+    macro_rules! collect {
+        ($k:ty, $kind:literal) => {
+            for o in Api::<$k>::all(client.clone()).list(&lp).await.unwrap() {
+                versions.insert(
+                    format!(
+                        "{} {}/{}",
+                        $kind,
+                        o.namespace().unwrap_or_default(),
+                        o.name_any()
+                    ),
+                    o.resource_version().unwrap_or_default(),
+                );
+            }
+        };
+    }
+    collect!(ClusterRole, "ClusterRole");
+    collect!(ClusterRoleBinding, "ClusterRoleBinding");
+    collect!(k8s_openapi::api::rbac::v1::RoleBinding, "RoleBinding");
+    collect!(ServiceAccount, "ServiceAccount");
+    collect!(NodeAgentConfig, "NodeAgentConfig");
+    versions
+}
+
+#[tokio::test]
+async fn policy_lifecycle_objects_follow() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let pool = unique_name("pool");
+    let mut w = World::new(cluster.clone(), 3, &[("pool", &pool)]).await?;
+    let ns = cluster.namespace("opns").await?;
+    let metrics = w.start();
+    let name = unique_name("life");
+    let role_name = format!("nodegate:{name}");
+    let spec = json!({
+        "subjects": [{"kind": "User", "name": "alice"}],
+        "serviceAccounts": [{"name": "scraper", "namespace": ns.name()}],
+        "nodeSelector": {"matchLabels": {"pool": pool}},
+        "access": ["pods", "cadvisor"],
+        "namespaces": {"names": [ns.name()]},
+    });
+    w.create(&w.policy(&name, spec)).await?;
+    let nodes = w.node_names();
+
+    // RBAC on the three nodes, the service account, a config per node naming the policy.
+    let role = eventually("ClusterRole", WAIT, || async {
+        w.cluster_role(&role_name).await
+    })
+    .await?;
+    assert_eq!(
+        rule_names(&role),
+        nodes,
+        "resourceNames = the selected nodes"
+    );
+    let labels = role.labels();
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("nodegate")
+    );
+    assert_eq!(labels.get("nodegate.io/policy"), Some(&name));
+    let owner = &role.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("NodeApiPolicy", name.as_str())
+    );
+    let sa_api: Api<ServiceAccount> = Api::namespaced(w.client.clone(), ns.name());
+    eventually("service account", WAIT, || async {
+        sa_api.get_opt("scraper").await.ok().flatten()
+    })
+    .await?;
+    for node in &nodes {
+        let config = eventually("NodeAgentConfig", WAIT, || async {
+            w.config(node)
+                .await
+                .filter(|c| config_policies(c) == [name.clone()])
+        })
+        .await?;
+        assert_eq!(config.owner_references()[0].kind, "Node");
+    }
+
+    // No agent runs on fake nodes: AgentsSynced is False until each config's status echoes
+    // its hash, as an agent would write it.
+    let (status, reason, _) = eventually("AgentsSynced", WAIT, || async {
+        w.condition(&name, "AgentsSynced").await
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Pending"));
+    let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
+    for node in &nodes {
+        let hash = w.config(node).await.unwrap().spec.hash;
+        configs
+            .patch_status(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": {"observedHash": hash}})),
+            )
+            .await?;
+    }
+    eventually("Ready", WAIT, || async {
+        let p = w.policies().get(&name).await.ok()?;
+        let s = p.status?;
+        let ready = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && s.agents_in_sync.as_deref() == Some("3/3") && s.matched_nodes == Some(3))
+            .then_some(())
+    })
+    .await?;
+    let p = w.policies().get(&name).await?;
+    let status = p.status.unwrap();
+    assert_eq!(status.observed_generation, p.metadata.generation);
+    assert_eq!(status.subject_count, Some(2));
+    let generated = status.generated.unwrap();
+    assert_eq!(generated.cluster_role.as_deref(), Some(role_name.as_str()));
+    assert_eq!(
+        generated.service_accounts,
+        [format!("{}/scraper", ns.name())]
+    );
+
+    // Update: a new endpoint changes the role and every config's hash; generation observed.
+    let old_hash = w.config(&nodes[0]).await.unwrap().spec.hash;
+    let spec = json!({
+        "subjects": [{"kind": "User", "name": "alice"}, {"kind": "Group", "name": "team-b"}],
+        "serviceAccounts": [{"name": "scraper", "namespace": ns.name()}],
+        "nodeSelector": {"matchLabels": {"pool": pool}},
+        "access": ["pods", "cadvisor", "stats"],
+        "namespaces": {"names": [ns.name()]},
+    });
+    w.replace_spec(&name, spec).await?;
+    eventually("config with the new rule", WAIT, || async {
+        w.config(&nodes[0])
+            .await
+            .filter(|c| c.spec.hash != old_hash)
+    })
+    .await?;
+    eventually("AgentsSynced False after the change", WAIT, || async {
+        let (s, _, m) = w.condition(&name, "AgentsSynced").await?;
+        (s == "False" && m.contains("0/3")).then_some(())
+    })
+    .await?;
+    eventually("observedGeneration 2", WAIT, || async {
+        let p = w.policies().get(&name).await.ok()?;
+        (p.status?.observed_generation == Some(2)).then_some(())
+    })
+    .await?;
+
+    // Delete: role, binding, service account gone; configs keep existing without the rule.
+    w.policies().delete(&name, &DeleteParams::default()).await?;
+    eventually("ClusterRole deleted", WAIT, || async {
+        w.cluster_role(&role_name).await.is_none().then_some(())
+    })
+    .await?;
+    eventually("service account deleted", WAIT, || async {
+        sa_api
+            .get_opt("scraper")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    for node in &nodes {
+        eventually("config without the policy", WAIT, || async {
+            w.config(node).await.filter(|c| c.spec.rules.is_empty())
+        })
+        .await?;
+    }
+    assert_eq!(metrics.errors(), 0, "no failed request");
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn node_relabel_moves_resource_names_and_config() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let pool = unique_name("pool");
+    let mut w = World::new(cluster.clone(), 3, &[]).await?;
+    let nodes = w.node_names();
+    let node_api: Api<Node> = Api::all(w.client.clone());
+    let label = |node: &str, value: Option<&str>| {
+        let node_api = node_api.clone();
+        let node = node.to_string();
+        let patch = json!({"metadata": {"labels": {"pool": value}}});
+        async move {
+            node_api
+                .patch(&node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        }
+    };
+    label(&nodes[0], Some(&pool)).await?;
+    label(&nodes[1], Some(&pool)).await?;
+    w.start();
+    let name = unique_name("relabel");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "bob"}],
+            "nodeSelector": {"matchLabels": {"pool": pool}},
+            "access": ["pods"],
+            "namespaces": {"names": ["default"]},
+        }),
+    ))
+    .await?;
+    let mut want = vec![nodes[0].clone(), nodes[1].clone()];
+    want.sort();
+    eventually("two nodes", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| rule_names(r) == want)
+    })
+    .await?;
+    eventually("no rule on the third node", WAIT, || async {
+        w.config(&nodes[2])
+            .await
+            .filter(|c| c.spec.rules.is_empty())
+    })
+    .await?;
+
+    // Third node joins the pool, first one leaves.
+    label(&nodes[2], Some(&pool)).await?;
+    label(&nodes[0], None).await?;
+    let mut want = vec![nodes[1].clone(), nodes[2].clone()];
+    want.sort();
+    eventually("resourceNames follow the labels", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| rule_names(r) == want)
+    })
+    .await?;
+    eventually("third node's config has the rule", WAIT, || async {
+        w.config(&nodes[2])
+            .await
+            .filter(|c| config_policies(c) == [name.clone()])
+    })
+    .await?;
+    eventually("first node's config lost it", WAIT, || async {
+        w.config(&nodes[0])
+            .await
+            .filter(|c| c.spec.rules.is_empty())
+    })
+    .await?;
+    eventually("status counts 2 nodes", WAIT, || async {
+        let s = w.policies().get(&name).await.ok()?.status?;
+        (s.matched_nodes == Some(2)).then_some(())
+    })
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn namespace_created_later_is_resolved() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let team = unique_name("team");
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    w.start();
+    let name = unique_name("nssel");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "carol"}],
+            "access": ["pods"],
+            "namespaces": {"selector": {"matchLabels": {"team": team}}},
+        }),
+    ))
+    .await?;
+    let node = w.node_names()[0].clone();
+    eventually("config with the policy", WAIT, || async {
+        w.config(&node)
+            .await
+            .filter(|c| config_policies(c) == [name.clone()])
+    })
+    .await?;
+
+    // A namespace created afterwards with the label is in scope promptly.
+    let ns = cluster.namespace("later").await?;
+    let ns_api: Api<Namespace> = Api::all(w.client.clone());
+    ns_api
+        .patch(
+            ns.name(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"team": team}}})),
+        )
+        .await?;
+    let scoped = |c: &NodeAgentConfig, ns: &str| {
+        c.spec
+            .rules
+            .first()
+            .is_some_and(|r| r.namespaces.names.iter().any(|n| n == ns))
+    };
+    eventually("namespace in the rule", Duration::from_secs(10), || async {
+        w.config(&node).await.filter(|c| scoped(c, ns.name()))
+    })
+    .await?;
+    // Relabelled away, it leaves the scope.
+    ns_api
+        .patch(
+            ns.name(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"team": null}}})),
+        )
+        .await?;
+    eventually(
+        "namespace out of the rule",
+        Duration::from_secs(10),
+        || async { w.config(&node).await.filter(|c| !scoped(c, ns.name())) },
+    )
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn generated_objects_are_restored() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    w.start();
+    let name = unique_name("restore");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "dave"}],
+            "access": ["pods", "stats"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    let original = eventually("ClusterRole", WAIT, || async {
+        w.cluster_role(&role_name).await
+    })
+    .await?;
+    let roles: Api<ClusterRole> = Api::all(w.client.clone());
+
+    // Hand edit (another field manager widens the verbs): put back.
+    let mut edited = original.clone();
+    edited.metadata.managed_fields = None;
+    if let Some(rules) = edited.rules.as_mut() {
+        rules[0].verbs.push("delete".into());
+    }
+    roles
+        .replace(&role_name, &PostParams::default(), &edited)
+        .await?;
+    eventually("rules restored", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| r.rules == original.rules)
+    })
+    .await?;
+
+    // Deleted: recreated.
+    roles.delete(&role_name, &DeleteParams::default()).await?;
+    eventually("role recreated", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| r.uid() != original.uid() && r.rules == original.rules)
+    })
+    .await?;
+
+    // The binding's subjects edited away: restored.
+    let bindings: Api<ClusterRoleBinding> = Api::all(w.client.clone());
+    if bindings.get_opt(&role_name).await?.is_some() {
+        bindings
+            .patch(&role_name, &PatchParams::default(), &Patch::Merge(&json!({"subjects": [{"kind": "User", "name": "mallory", "apiGroup": "rbac.authorization.k8s.io"}]})))
+            .await?;
+        eventually("binding restored", WAIT, || async {
+            let b = bindings.get_opt(&role_name).await.ok()??;
+            b.subjects?
+                .iter()
+                .all(|s| s.name != "mallory")
+                .then_some(())
+        })
+        .await?;
+    }
+
+    // A NodeAgentConfig edited by hand is rewritten.
+    let node = w.node_names()[0].clone();
+    let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
+    let before = eventually("config", WAIT, || async {
+        w.config(&node).await.filter(|c| !c.spec.rules.is_empty())
+    })
+    .await?;
+    configs
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"rules": [], "hash": "tampered"}})),
+        )
+        .await?;
+    eventually("config restored", WAIT, || async {
+        w.config(&node).await.filter(|c| c.spec == before.spec)
+    })
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_objects_are_left_alone_and_reported() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("foreign").await?;
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let name = unique_name("foreign");
+    let role_name = format!("nodegate:{name}");
+    // Someone else's ClusterRole and ServiceAccount of the names nodegate would generate.
+    let roles: Api<ClusterRole> = Api::all(w.client.clone());
+    let theirs = roles
+        .create(
+            &PostParams::default(),
+            &ClusterRole {
+                metadata: ObjectMeta {
+                    name: Some(role_name.clone()),
+                    labels: Some(BTreeMap::from([("owner".into(), "someone-else".into())])),
+                    ..Default::default()
+                },
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["configmaps".into()]),
+                    verbs: vec!["list".into()],
+                    ..Default::default()
+                }]),
+                aggregation_rule: None,
+            },
+        )
+        .await?;
+    let sa_api: Api<ServiceAccount> = Api::namespaced(w.client.clone(), ns.name());
+    let their_sa = sa_api
+        .create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some("shared".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    w.start();
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "erin"}],
+            "serviceAccounts": [{"name": "shared", "namespace": ns.name()}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    let (status, _, message) = eventually("RBACApplied", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.1 == "ForeignObject")
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!("ClusterRole {role_name}")),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("ServiceAccount {}/shared", ns.name())),
+        "{message}"
+    );
+    assert_eq!(
+        w.condition(&name, "Ready").await.unwrap().1,
+        "ForeignObject"
+    );
+
+    // Left exactly as they were; no binding to the foreign role was written.
+    let now = roles.get(&role_name).await?;
+    assert_eq!(now.resource_version(), theirs.resource_version());
+    assert!(now.owner_references().is_empty());
+    assert_eq!(
+        sa_api.get("shared").await?.resource_version(),
+        their_sa.resource_version()
+    );
+    let bindings: Api<ClusterRoleBinding> = Api::all(w.client.clone());
+    assert!(
+        bindings.get_opt(&role_name).await?.is_none(),
+        "no binding may point at a role nodegate does not own"
+    );
+    // The node config is unaffected (the agent still enforces the policy by itself).
+    let node = w.node_names()[0].clone();
+    eventually("config", WAIT, || async {
+        w.config(&node)
+            .await
+            .filter(|c| config_policies(c) == [name.clone()])
+    })
+    .await?;
+
+    // The foreign role goes away: nodegate writes its own and the condition clears once the
+    // service account is gone too.
+    roles.delete(&role_name, &DeleteParams::default()).await?;
+    sa_api.delete("shared", &DeleteParams::default()).await?;
+    // Unowned names are not watched: the next round (any event) looks again.
+    w.replace_spec(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "erin"}, {"kind": "User", "name": "frank"}],
+            "serviceAccounts": [{"name": "shared", "namespace": ns.name()}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    )
+    .await?;
+    eventually("RBACApplied True", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await?;
+    let ours = roles.get(&role_name).await?;
+    assert_eq!(
+        ours.labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("nodegate")
+    );
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn resync_and_restart_write_nothing() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("quiet").await?;
+    let mut w = World::new(cluster.clone(), 3, &[]).await?;
+    let mut settings = w.settings();
+    settings.resync = Duration::from_secs(1);
+    let client = w.client.clone();
+    let metrics = w.start_with(settings.clone(), None, client.clone());
+    let names: Vec<String> = (0..3).map(|i| unique_name(&format!("quiet{i}"))).collect();
+    for (i, name) in names.iter().enumerate() {
+        let namespaces = if i == 0 {
+            json!({"all": true})
+        } else {
+            json!({"names": [ns.name()]})
+        };
+        w.create(&w.policy(
+            name,
+            json!({
+                "subjects": [{"kind": "Group", "name": format!("g{i}")}],
+                "serviceAccounts": [{"name": "quiet-sa", "namespace": ns.name()}],
+                "access": ["pods", "stats", "healthz"],
+                "namespaces": namespaces,
+            }),
+        ))
+        .await?;
+    }
+    eventually("all Ready but agents", WAIT, || async {
+        for name in &names {
+            let (s, _, _) = w.condition(name, "RBACApplied").await?;
+            if s != "True" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
+    // Let the watch caches catch up with the last writes.
+    w.rounds(&metrics, 3).await?;
+    let versions = owned_versions(&client, &w.run).await;
+    // 3 roles, 3 or more bindings, 1 shared service account, 3 node configs.
+    assert!(versions.len() >= 10, "{versions:?}");
+    let writes = metrics.writes();
+    let policy_versions: Vec<String> = {
+        let mut v = Vec::new();
+        for name in &names {
+            v.push(w.policies().get(name).await?.resource_version().unwrap());
+        }
+        v
+    };
+    // Several resyncs: no request, no resourceVersion moves.
+    w.rounds(&metrics, 3).await?;
+    assert_eq!(
+        metrics.writes(),
+        writes,
+        "a resync with nothing changed writes nothing"
+    );
+    assert_eq!(owned_versions(&client, &w.run).await, versions);
+
+    // Restart: a fresh controller converges with zero writes.
+    w.stop_all().await;
+    let restarted = w.start_with(settings, None, client.clone());
+    w.rounds(&restarted, 3).await?;
+    assert_eq!(
+        restarted.writes(),
+        0,
+        "a restart of a converged operator writes nothing"
+    );
+    assert_eq!(owned_versions(&client, &w.run).await, versions);
+    for (name, rv) in names.iter().zip(&policy_versions) {
+        assert_eq!(
+            &w.policies().get(name).await?.resource_version().unwrap(),
+            rv,
+            "status untouched"
+        );
+    }
+    w.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn leader_failover() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("lease").await?;
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let lease = unique_name("lease");
+    let leader = |id: &str| LeaderSettings {
+        lease_name: lease.clone(),
+        lease_namespace: ns.name().to_string(),
+        identity: id.into(),
+        duration_seconds: 4,
+        grace_seconds: 1,
+    };
+    let settings = w.settings();
+    let client = w.client.clone();
+    let a = w.start_with(settings.clone(), Some(leader("a")), client.clone());
+    let b = w.start_with(settings, Some(leader("b")), client.clone());
+    let first = eventually("a leader", WAIT, || async {
+        (a.is_leader() || b.is_leader()).then_some(())
+    })
+    .await;
+    first?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(a.is_leader() ^ b.is_leader(), "exactly one leads");
+    let name = unique_name("lead");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({"subjects": [{"kind": "User", "name": "gina"}], "access": ["pods"], "namespaces": {"all": true}}),
+    ))
+    .await?;
+    eventually("the leader reconciles", WAIT, || async {
+        w.cluster_role(&role_name).await
+    })
+    .await?;
+
+    // Stop the leader: the other takes over within the lease duration and reconciles.
+    let (leader_idx, standby) = if a.is_leader() {
+        (0, b.clone())
+    } else {
+        (1, a.clone())
+    };
+    let stopped = w.controllers.remove(leader_idx);
+    let t0 = std::time::Instant::now();
+    stopped.stop().await;
+    eventually("failover", Duration::from_secs(10), || async {
+        standby.is_leader().then_some(())
+    })
+    .await?;
+    let failover = t0.elapsed();
+    assert!(
+        failover < Duration::from_secs(6),
+        "failover took {failover:?}"
+    );
+    Api::<ClusterRole>::all(client.clone())
+        .delete(&role_name, &DeleteParams::default())
+        .await?;
+    eventually("the new leader restores", WAIT, || async {
+        w.cluster_role(&role_name).await
+    })
+    .await?;
+    eprintln!("failover after graceful stop: {failover:?}");
+    w.cleanup().await;
+    Ok(())
+}
