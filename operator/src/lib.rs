@@ -3,3 +3,4 @@
 
 pub mod compiler;
 pub mod controller;
+pub mod render;

@@ -29,6 +29,9 @@ struct Cli {
 enum Command {
     /// Run the controller (the default).
     Run(RunArgs),
+    /// Print, as YAML, every object the operator would write for the given policies, offline:
+    /// review a policy's effect in a pull request. Policies are checked by the CRD's own rules.
+    Render(nodegate_operator::render::RenderArgs),
 }
 
 #[derive(Args, Clone)]
@@ -125,6 +128,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Run(args)) => args,
+        Some(Command::Render(args)) => return render(args),
         None => cli.run,
     };
     init_logging(&args)?;
@@ -133,6 +137,16 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(args))
+}
+
+fn render(args: nodegate_operator::render::RenderArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let yaml = runtime.block_on(nodegate_operator::render::render(args))?;
+    print!("{yaml}");
+    Ok(())
 }
 
 fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
