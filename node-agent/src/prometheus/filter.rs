@@ -110,7 +110,8 @@ pub struct FilterStats {
     pub samples_kept: u64,
     /// Samples outside every grant (namespace, keep or drop).
     pub samples_dropped: u64,
-    /// Lines that could not be parsed, named a label twice, or repeated a family's HELP/TYPE/UNIT.
+    /// Lines that could not be parsed or named a label twice, and HELP/TYPE/UNIT lines that
+    /// repeat a family's metadata or come after its samples.
     pub invalid_lines: u64,
     /// Lines longer than the filter's maximum.
     pub oversized_lines: u64,
@@ -122,6 +123,10 @@ const HELP_BIT: u8 = 1;
 const TYPE_BIT: u8 = 2;
 const UNIT_BIT: u8 = 4;
 
+/// Bound on the names of families whose metadata was emitted (kept to emit a family's HELP/TYPE
+/// at most once per body, as the Prometheus parser demands).
+const MAX_EMITTED_FAMILY_BYTES: usize = 1 << 20;
+
 /// The metric family the last HELP/TYPE/UNIT lines named, with those lines held until a sample
 /// of the family is kept.
 #[derive(Debug, Default)]
@@ -131,7 +136,10 @@ struct Family {
     kind: Option<MetricType>,
     seen: u8,
     held: Vec<u8>,
-    emitted: usize,
+    /// A sample of the family was kept: its metadata is out, later metadata is dropped.
+    sampled: bool,
+    /// The family's metadata was already emitted earlier in the body: drop it this time.
+    suppressed: bool,
 }
 
 impl Family {
@@ -142,13 +150,13 @@ impl Family {
         self.kind = None;
         self.seen = 0;
         self.held.clear();
-        self.emitted = 0;
+        self.sampled = false;
+        self.suppressed = false;
     }
 
     fn close(&mut self) {
         self.active = false;
         self.held.clear();
-        self.emitted = 0;
     }
 
     fn contains(&self, metric: &[u8]) -> bool {
@@ -178,6 +186,8 @@ pub struct Filter {
     skipping: bool,
     after_eof: bool,
     family: Family,
+    emitted_families: HashSet<Vec<u8>>,
+    emitted_family_bytes: usize,
     labels: Vec<scan::LabelSpan>,
     exemplar_labels: Vec<scan::LabelSpan>,
     unescaped: Vec<u8>,
@@ -194,6 +204,8 @@ impl Filter {
             skipping: false,
             after_eof: false,
             family: Family::default(),
+            emitted_families: HashSet::new(),
+            emitted_family_bytes: 0,
             labels: Vec::new(),
             exemplar_labels: Vec::new(),
             unescaped: Vec::new(),
@@ -309,13 +321,16 @@ impl Filter {
             Line::Meta { kind, family } => {
                 if !self.family.active || self.family.name != family {
                     self.family.start(family);
+                    self.family.suppressed = self.emitted_families.contains(family);
                 }
                 let bit = match kind {
                     MetaKind::Help => HELP_BIT,
                     MetaKind::Type(_) => TYPE_BIT,
                     MetaKind::Unit => UNIT_BIT,
                 };
-                if self.family.seen & bit != 0 {
+                // Repeated metadata, or metadata after samples, is invalid exposition: drop it,
+                // so the output stays parseable and filtering it again changes nothing.
+                if self.family.seen & bit != 0 || self.family.sampled || self.family.suppressed {
                     self.stats.invalid_lines += 1;
                     return;
                 }
@@ -415,9 +430,19 @@ impl Filter {
             return;
         }
         self.stats.samples_kept += 1;
-        if in_family {
-            out.extend_from_slice(&self.family.held[self.family.emitted..]);
-            self.family.emitted = self.family.held.len();
+        if in_family && !self.family.sampled {
+            self.family.sampled = true;
+            if !self.family.held.is_empty() {
+                let name_len = self.family.name.len();
+                if self.emitted_family_bytes + name_len <= MAX_EMITTED_FAMILY_BYTES {
+                    self.emitted_family_bytes += name_len;
+                    self.emitted_families.insert(self.family.name.clone());
+                    out.extend_from_slice(&self.family.held);
+                } else {
+                    // Cannot remember it, so cannot promise it is not repeated: leave it out.
+                    self.stats.invalid_lines += 1;
+                }
+            }
         }
         let labels = &self.labels;
         let has_label = |n: &[u8]| {
