@@ -1041,30 +1041,6 @@ fn rbac_allows(
     cluster || namespaced
 }
 
-/// What the node's agent allows on its secure port, read from its NodeAgentConfig alone.
-fn agent_allows(
-    config: &NodeAgentConfig,
-    subject: &Subject,
-    endpoint: Endpoint,
-    verb: Verb,
-    namespace: Option<&str>,
-) -> bool {
-    config.spec.rules.iter().any(|rule| {
-        rule.ports.contains(&Port::Secure)
-            && rule.subjects.contains(subject)
-            && rule.endpoints.contains(&endpoint)
-            && endpoint.verbs().contains(&verb)
-            && match endpoint.spec().scope {
-                nodegate_crds::catalogue::Scope::Unscoped => true,
-                nodegate_crds::catalogue::Scope::NodeWide => rule.namespaces.all,
-                _ => match namespace {
-                    None => rule.namespaces.all,
-                    Some(ns) => rule.namespaces.allows(ns),
-                },
-            }
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -1086,7 +1062,7 @@ proptest! {
                     for verb in verbs {
                         for namespace in &scopes {
                             let rbac = rbac_allows(&d, subject, endpoint, verb, node, *namespace);
-                            let agent = agent_allows(config, subject, endpoint, verb, *namespace);
+                            let agent = config.spec.grants(subject, endpoint, verb, Port::Secure, *namespace);
                             prop_assert_eq!(rbac, agent, "{:?} {} {} on {} in {:?}", subject, verb, endpoint, node, namespace);
                         }
                     }
