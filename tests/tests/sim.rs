@@ -359,11 +359,21 @@ async fn text_routes_and_kubelet_errors() -> TestResult {
     let statusz = call(&sim, "GET", "/statusz", &[], "").await;
     assert_eq!(status(&statusz), 200);
     assert!(statusz.text().contains("kubelet statusz"));
+    let json_only = call(
+        &sim,
+        "GET",
+        "/statusz",
+        &[("accept", "application/json")],
+        "",
+    )
+    .await;
+    assert_eq!(status(&json_only), 406);
+    assert_eq!(json_only.json()["reason"], "NotAcceptable");
     assert!(
         call(&sim, "GET", "/flagz", &[], "")
             .await
             .text()
-            .contains("kubelet flags")
+            .contains("kubelet flagz")
     );
 
     let listing = call(&sim, "GET", "/logs/", &[], "").await;
@@ -1223,6 +1233,297 @@ async fn refusals_match_the_real_kubelet() -> TestResult {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
     Ok(())
+}
+
+/// What a granted caller gets from node-1's kubelet and from the simulator has the same shape:
+/// every metric family the simulator serves and the kubelet also has carries the same HELP,
+/// TYPE and label names; the JSON documents' sections have the kubelet's field names.
+#[tokio::test]
+async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
+    use k8s_openapi::api::core::v1::Node;
+    use k8s_openapi::api::rbac::v1::{
+        ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject,
+    };
+    use kube::api::{Api, DeleteParams, PostParams};
+    let Some(cluster) = nodegate_tests::Cluster::get().await? else {
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let node = Api::<Node>::all(admin.clone())
+        .get(nodegate_tests::cluster::NODE_NAME)
+        .await?;
+    let status = node.status.unwrap();
+    let ip = status
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .unwrap()
+        .address;
+    let port = status
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    let kubelet = format!("https://{ip}:{port}");
+    let sim = start(SimOptions::default()).await;
+    // A pod on node-1, so the kubelet has pod and container data to compare with.
+    let ns = cluster.namespace("sim-shapes").await?;
+    let mut pod = nodegate_tests::cluster::busybox_pod("sleeper", &["sleep", "3600"]);
+    let probe: k8s_openapi::api::core::v1::Probe = serde_json::from_value(
+        serde_json::json!({"exec": {"command": ["true"]}, "periodSeconds": 1}),
+    )?;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers[0].liveness_probe = Some(probe.clone());
+        spec.containers[0].readiness_probe = Some(probe);
+    }
+    ns.run_pod(&pod, std::time::Duration::from_secs(120))
+        .await?;
+
+    let user = nodegate_tests::cluster::unique_name("sim-shapes");
+    let creds = cluster.user_credentials(&user, &["nodegate-e2e"]).await?;
+    let dir = std::env::temp_dir().join(&user);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("tls.crt"), &creds.certificate_pem)?;
+    std::fs::write(dir.join("tls.key"), &creds.key_pem)?;
+    let roles: Api<ClusterRole> = Api::all(admin.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    roles
+        .create(
+            &PostParams::default(),
+            &ClusterRole {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(user.clone()),
+                    ..Default::default()
+                },
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(
+                        ["metrics", "stats", "pods", "configz", "statusz", "healthz"]
+                            .iter()
+                            .map(|s| format!("nodes/{s}"))
+                            .collect(),
+                    ),
+                    verbs: vec!["get".into()],
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    bindings
+        .create(
+            &PostParams::default(),
+            &ClusterRoleBinding {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(user.clone()),
+                    ..Default::default()
+                },
+                role_ref: RoleRef {
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    kind: "ClusterRole".into(),
+                    name: user.clone(),
+                },
+                subjects: Some(vec![Subject {
+                    kind: "User".into(),
+                    name: user.clone(),
+                    api_group: Some("rbac.authorization.k8s.io".into()),
+                    ..Default::default()
+                }]),
+            },
+        )
+        .await?;
+    let result = async {
+        let get = |path: &'static str| {
+            let url = format!("{kubelet}{path}");
+            let dir = dir.clone();
+            async move {
+                for _ in 0..50 {
+                    let r = curl(&url, "GET", Some(&dir)).await;
+                    if r.0 != 403 {
+                        return r;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                panic!("{path}: still forbidden")
+            }
+        };
+        let mut differences = Vec::new();
+        for path in [
+            "/metrics",
+            "/metrics/cadvisor",
+            "/metrics/resource",
+            "/metrics/probes",
+            "/metrics/slis",
+        ] {
+            let (code, real) = get(path).await;
+            assert_eq!(code, 200, "{path}: {real}");
+            let ours = call(&sim, "GET", path, &[], "").await.text();
+            let meta = |text: &str| -> BTreeMap<String, (String, String)> {
+                let mut m: BTreeMap<String, (String, String)> = BTreeMap::new();
+                for l in text.lines() {
+                    if let Some(r) = l.strip_prefix("# HELP ") {
+                        let (n, h) = r.split_once(' ').unwrap_or((r, ""));
+                        m.entry(n.into()).or_default().0 = h.into();
+                    } else if let Some(r) = l.strip_prefix("# TYPE ") {
+                        let (n, t) = r.split_once(' ').unwrap();
+                        m.entry(n.into()).or_default().1 = t.into();
+                    }
+                }
+                m
+            };
+            let (real_meta, our_meta) = (meta(&real), meta(&ours));
+            let real_families = parse_exposition(&real);
+            let our_families = parse_exposition(&ours);
+            let mut shared = 0;
+            for (name, samples) in &our_families {
+                let Some(real_samples) = real_families.get(name) else {
+                    continue;
+                };
+                shared += 1;
+                if real_meta[name] != our_meta[name] {
+                    differences.push(format!(
+                        "{path} {name}: HELP/TYPE {:?} vs kubelet {:?}",
+                        our_meta[name], real_meta[name]
+                    ));
+                }
+                let keys = |s: &Vec<BTreeMap<String, String>>| -> BTreeSet<Vec<String>> {
+                    s.iter().map(|l| l.keys().cloned().collect()).collect()
+                };
+                let (ours_k, real_k) = (keys(samples), keys(real_samples));
+                if !real_samples.is_empty() && !ours_k.is_subset(&real_k) {
+                    differences.push(format!(
+                        "{path} {name}: labels {ours_k:?} vs kubelet {real_k:?}"
+                    ));
+                }
+            }
+            let missing: Vec<&String> = our_families
+                .keys()
+                .filter(|n| !real_families.contains_key(*n))
+                .collect();
+            eprintln!(
+                "{path}: {shared} families shared with node-1's kubelet; not served by it: {missing:?}"
+            );
+            assert!(shared > 0 || our_families.is_empty(), "{path}: no family in common");
+        }
+
+        let keys = |v: &Value| -> BTreeSet<String> {
+            v.as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let (code, real) = get("/stats/summary").await;
+        assert_eq!(code, 200);
+        let real: Value = serde_json::from_str(&real)?;
+        let ours = call(&sim, "GET", "/stats/summary", &[], "").await.json();
+        for (section, r, o) in [
+            ("node", &real["node"], &ours["node"]),
+            (
+                "node.systemContainers[]",
+                &real["node"]["systemContainers"][0],
+                &ours["node"]["systemContainers"][0],
+            ),
+            ("node.cpu", &real["node"]["cpu"], &ours["node"]["cpu"]),
+            ("node.memory", &real["node"]["memory"], &ours["node"]["memory"]),
+            ("node.fs", &real["node"]["fs"], &ours["node"]["fs"]),
+        ] {
+            if !keys(o).is_subset(&keys(r)) {
+                differences.push(format!(
+                    "/stats/summary {section}: {:?} vs kubelet {:?}",
+                    keys(o),
+                    keys(r)
+                ));
+            }
+        }
+        if let Some(real_pod) = real["pods"].get(0) {
+            let mut our_pod = ours["pods"][0].clone();
+            // Sections a kubelet has only for some pods (pod network, volumes, and process
+            // stats once cAdvisor saw them: kubelet 1.35 captures have them).
+            for optional in ["network", "volume", "process_stats"] {
+                if real_pod.get(optional).is_none()
+                    && let Some(o) = our_pod.as_object_mut()
+                {
+                    o.remove(optional);
+                }
+            }
+            let our_pod = &our_pod;
+            for (section, r, o) in [
+                ("pods[]", real_pod, our_pod),
+                ("pods[].podRef", &real_pod["podRef"], &our_pod["podRef"]),
+                (
+                    "pods[].containers[]",
+                    &real_pod["containers"][0],
+                    &our_pod["containers"][0],
+                ),
+            ] {
+                if !keys(o).is_subset(&keys(r)) {
+                    differences.push(format!(
+                        "/stats/summary {section}: {:?} vs kubelet {:?}",
+                        keys(o),
+                        keys(r)
+                    ));
+                }
+            }
+        }
+        let (code, real) = get("/pods").await;
+        assert_eq!(code, 200);
+        let real: Value = serde_json::from_str(&real)?;
+        assert_eq!(real["kind"], "PodList");
+        if let Some(real_pod) = real["items"].get(0) {
+            let ours = call(&sim, "GET", "/pods", &[], "").await.json();
+            for section in ["metadata", "spec", "status"] {
+                let (o, r) = (keys(&ours["items"][0][section]), keys(&real_pod[section]));
+                let extra: Vec<&String> = o.difference(&r).collect();
+                eprintln!("/pods items[].{section}: fields the kubelet's first pod lacks: {extra:?}");
+            }
+        }
+        // statusz and flagz: the same header lines, the same statusz fields, `name value` flags.
+        for path in ["/statusz", "/flagz"] {
+            let (code, real) = get(path).await;
+            assert_eq!(code, 200, "{path}");
+            let ours = call(&sim, "GET", path, &[], "").await.text();
+            let head = |t: &str| t.lines().take(3).map(String::from).collect::<Vec<_>>();
+            if head(&real) != head(&ours) {
+                differences.push(format!("{path}: {:?} vs kubelet {:?}", head(&ours), head(&real)));
+            }
+            let fields = |t: &str| -> BTreeSet<String> {
+                t.lines()
+                    .skip(3)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        if path == "/statusz" {
+                            // The kubelet picks the delimiter at random: `:`, `=`, spaces.
+                            l.split([':', '=', '\t'])
+                                .next()
+                                .unwrap_or("")
+                                .split("  ")
+                                .next()
+                                .unwrap_or("")
+                                .trim()
+                                .to_string()
+                        } else {
+                            // A flag line is `name value`: keep its shape, not the name.
+                            let name = l.split(' ').next().unwrap_or("");
+                            let ok = l.contains(' ')
+                                && name.chars().all(|c| c.is_ascii_lowercase() || c == '-' || c.is_ascii_digit());
+                            format!("well-formed={ok}")
+                        }
+                    })
+                    .collect()
+            };
+            if fields(&real) != fields(&ours) {
+                differences.push(format!("{path}: {:?} vs kubelet {:?}", fields(&ours), fields(&real)));
+            }
+        }
+        assert!(differences.is_empty(), "{}", differences.join("\n"));
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    let _ = bindings.delete(&user, &DeleteParams::default()).await;
+    let _ = roles.delete(&user, &DeleteParams::default()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 async fn sa_token(

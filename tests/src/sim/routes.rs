@@ -325,7 +325,10 @@ async fn serve_endpoint(
         Endpoint::Probes => metrics(&p.probes),
         Endpoint::Slis => metrics(&p.slis),
         Endpoint::Configz => payload_response(&p.configz, headers),
-        Endpoint::Statusz => respond(200, PLAIN, text::statusz(w, w.now_ms / 1000)),
+        Endpoint::Statusz | Endpoint::Flagz if !accepts_text(headers) => {
+            respond(406, super::payload::JSON, NOT_ACCEPTABLE)
+        }
+        Endpoint::Statusz => respond(200, PLAIN, text::statusz(w, now_secs())),
         Endpoint::Flagz => respond(200, PLAIN, text::flagz(w)),
         Endpoint::Logs => logs(state, route.rest.as_deref().unwrap_or("")),
         Endpoint::ContainerLogs => container_logs(state, route, &pairs),
@@ -373,6 +376,38 @@ async fn serve_endpoint(
             respond(404, PLAIN, NOT_FOUND)
         }
     }
+}
+
+/// The kubelet's answer to a `/statusz` or `/flagz` request that does not accept text.
+const NOT_ACCEPTABLE: &str = "{\n  \"kind\": \"Status\",\n  \"apiVersion\": \"v1\",\n  \"metadata\": {},\n  \"status\": \"Failure\",\n  \"message\": \"only the following media types are accepted: application/json, application/yaml, text/plain\",\n  \"reason\": \"NotAcceptable\",\n  \"code\": 406\n}";
+
+/// Whether `Accept` admits `text/plain` (no header admits anything). Plain `application/json`
+/// does not: the kubelet wants a versioned JSON media type there.
+pub(crate) fn accepts_text(headers: &HeaderMap) -> bool {
+    let values: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    values.is_empty()
+        || values
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|m| {
+                m.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .any(|m| m == "*/*" || m == "text/*" || m == "text/plain")
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// `/run`'s output: what `cmd` would print — `echo`'s arguments, else the command itself.
@@ -475,6 +510,21 @@ mod tests {
                 ("flag".into(), String::new()),
             ]
         );
+    }
+
+    #[test]
+    fn accept_header() {
+        let mut h = HeaderMap::new();
+        assert!(accepts_text(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(!accepts_text(&h));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/plain;q=0.5"),
+        );
+        assert!(accepts_text(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert!(accepts_text(&h));
     }
 
     #[test]

@@ -49,12 +49,12 @@ pub fn kubelet(world: &World, scale: usize) -> String {
         ),
         (
             "go_memstats_alloc_bytes",
-            "Number of bytes allocated and still in use.",
+            "Number of bytes allocated in heap and currently in use. Equals to /memory/classes/heap/objects:bytes.",
             4.1234567e7,
         ),
         (
             "go_memstats_heap_inuse_bytes",
-            "Number of heap bytes that are in use.",
+            "Number of heap bytes that are in use. Equals to /memory/classes/heap/objects:bytes + /memory/classes/heap/unused:bytes",
             5.2e7,
         ),
         ("go_threads", "Number of OS threads created.", 24.0),
@@ -201,7 +201,7 @@ pub fn kubelet(world: &World, scale: usize) -> String {
     family(
         &mut out,
         "kubernetes_build_info",
-        "[ALPHA] A metric with a constant '1' value labeled by major, minor, git version, git commit, git tree state, build date, Go version, and compiler from which Kubernetes was built, and platform on which it is running.",
+        "[BETA] A metric with a constant '1' value labeled by major, minor, git version, git commit, git tree state, build date, Go version, and compiler from which Kubernetes was built, and platform on which it is running.",
         "gauge",
     );
     sample(
@@ -224,7 +224,7 @@ pub fn kubelet(world: &World, scale: usize) -> String {
     family(
         &mut out,
         "process_start_time_seconds",
-        "[ALPHA] Start time of the process since unix epoch in seconds.",
+        "Start time of the process since unix epoch in seconds.",
         "gauge",
     );
     sample(
@@ -395,7 +395,7 @@ pub fn probes(world: &World) -> String {
     family(
         &mut out,
         "prober_probe_total",
-        "[ALPHA] Cumulative number of a liveness, readiness or startup probe for a container by result.",
+        "[BETA] Cumulative number of a liveness, readiness or startup probe for a container by result.",
         "counter",
     );
     for pod in &world.pods {
@@ -429,9 +429,23 @@ pub fn probes(world: &World) -> String {
     out
 }
 
-/// `/metrics/slis`: the kubelet's health check indicators (no namespaces).
-pub fn slis() -> String {
+/// `/metrics/slis`: the kubelet's health check indicators and its process start time (no
+/// namespaces; a kubelet 1.37 that has not served health checks yet has only the start time).
+pub fn slis(world: &World) -> String {
     let mut out = String::new();
+    family(
+        &mut out,
+        "process_start_time_seconds",
+        "[ALPHA] Start time of the process since unix epoch in seconds.",
+        "gauge",
+    );
+    sample(
+        &mut out,
+        "process_start_time_seconds",
+        &[],
+        world.boot_time as f64 + 30.0,
+        None,
+    );
     let checks = ["log", "ping", "syncloop"];
     family(
         &mut out,

@@ -49,7 +49,7 @@ impl Payloads {
             cadvisor: encoded(prom, cadvisor::generate(world, scale), gzip).await?,
             resource: encoded(prom, metrics::resource(world), gzip).await?,
             probes: encoded(prom, metrics::probes(world), gzip).await?,
-            slis: encoded(prom, metrics::slis(), gzip).await?,
+            slis: encoded(prom, metrics::slis(world), gzip).await?,
             configz: plain(JSON, text::configz(world)),
         })
     }

@@ -34,22 +34,61 @@ pub fn configz(world: &World) -> String {
 
 const WARNING: &str = "Warning: This endpoint is not meant to be machine parseable, has no formatting compatibility guarantees and is for debugging purposes only.";
 
+/// `/statusz` as kubelet 1.37 writes it (times in Go's `UnixDate` format). The kubelet picks
+/// the field delimiter at random (`:`, `: `, `=`, two spaces, …) so nobody parses the page;
+/// the simulator picks it from `now_s`, so it varies too.
 pub fn statusz(world: &World, now_s: i64) -> String {
-    let up = now_s - world.boot_time - 30;
+    const DELIMITERS: [&str; 4] = [":", ": ", "= ", "  "];
+    let d = DELIMITERS[now_s.rem_euclid(DELIMITERS.len() as i64) as usize];
+    let started = world.boot_time + 30;
+    let up = (now_s - started).max(0);
     format!(
-        "\nkubelet statusz\n{WARNING}\n\nStarted: {}\nUp: {} hr {} min {} sec\nGo version: go1.25.0\nBinary version: 1.37.0\nEmulation version: 1.37\nPaths: /configz /flagz /healthz /metrics /metrics/cadvisor /metrics/probes /metrics/resource /metrics/slis /pods /runningpods /stats /statusz\n",
-        rfc3339(world.boot_time + 30),
+        "\nkubelet statusz\n{WARNING}\n\nStarted{d}{}\nUp{d}{} hr {:02} min {:02} sec\nGo version{d}go1.26.8\nBinary version{d}1.37.1\nEmulation version{d}1.37\nPaths{d}/configz /debug /flagz /healthz /metrics\n",
+        unix_date(started),
         up / 3600,
         (up / 60) % 60,
-        up % 60
+        up % 60,
     )
 }
 
+/// Go's `time.UnixDate` in UTC: `Sat Nov 21 23:42:17 UTC 2026`.
+fn unix_date(unix_secs: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let iso = rfc3339(unix_secs);
+    let (year, month, day) = (&iso[0..4], &iso[5..7], &iso[8..10]);
+    let month = MONTHS[month.parse::<usize>().unwrap_or(1).clamp(1, 12) - 1];
+    let day: u32 = day.parse().unwrap_or(1);
+    let weekday = DAYS[unix_secs.div_euclid(86_400).rem_euclid(7) as usize];
+    format!("{weekday} {month} {day:>2} {} UTC {year}", &iso[11..19])
+}
+
+/// `/flagz` as kubelet 1.37 writes it: `name value`, sorted.
 pub fn flagz(world: &World) -> String {
-    format!(
-        "\nkubelet flags\n{WARNING}\n\nconfig=/var/lib/kubelet/config.yaml\ncontainer-runtime-endpoint=unix:///run/containerd/containerd.sock\nhostname-override={}\nkubeconfig=/etc/kubernetes/kubelet.conf\nnode-ip={}\nv=2\n",
-        world.node_name, world.node_ip
-    )
+    let flags = [
+        ("address", "0.0.0.0".to_string()),
+        ("anonymous-auth", "false".into()),
+        ("authentication-token-webhook", "true".into()),
+        ("authorization-mode", "Webhook".into()),
+        ("cgroup-driver", "cgroupfs".into()),
+        ("client-ca-file", "/etc/kubernetes/pki/ca.crt".into()),
+        ("config", "/var/lib/kubelet/config.yaml".into()),
+        (
+            "container-runtime-endpoint",
+            "unix:///run/containerd/containerd.sock".into(),
+        ),
+        ("hostname-override", world.node_name.clone()),
+        ("kubeconfig", "/etc/kubernetes/kubelet.conf".into()),
+        ("node-ip", world.node_ip.clone()),
+        ("v", "2".into()),
+    ];
+    let mut s = format!("\nkubelet flagz\n{WARNING}\n");
+    for (name, value) in flags {
+        s.push_str(&format!("{name} {value}\n"));
+    }
+    s
 }
 
 /// The files of the simulated `/var/log` (`/logs/` lists them, `/logs/<name>` serves them).
@@ -131,3 +170,14 @@ pub const PPROF_PROFILES: &[&str] = &[
     "threadcreate",
     "trace",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_date_like_go() {
+        assert_eq!(unix_date(1_795_304_537), "Sat Nov 21 23:42:17 UTC 2026");
+        assert_eq!(unix_date(0), "Thu Jan  1 00:00:00 UTC 1970");
+    }
+}
