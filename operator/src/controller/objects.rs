@@ -112,20 +112,27 @@ pub struct Output {
     pub body: Value,
 }
 
-/// The policies an object belongs to, from its labels and owner references.
+/// The policies an object belongs to: its NodeApiPolicy owners (a shared service account has
+/// several), else its policy label (which is the policy's name unless that is too long for a
+/// label value, hence owners first).
 pub fn policies_of(meta: &ObjectMeta) -> BTreeSet<String> {
     let policy_kind = NodeApiPolicy::kind(&());
-    let mut policies: BTreeSet<String> = meta
+    let policies: BTreeSet<String> = meta
         .owner_references
         .iter()
         .flatten()
         .filter(|o| o.kind == policy_kind)
         .map(|o: &OwnerReference| o.name.clone())
         .collect();
-    if let Some(p) = meta.labels.as_ref().and_then(|l| l.get(POLICY_LABEL)) {
-        policies.insert(p.clone());
+    if !policies.is_empty() {
+        return policies;
     }
-    policies
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(POLICY_LABEL))
+        .into_iter()
+        .cloned()
+        .collect()
 }
 
 /// Visits the metadata of every object in `desired`, with its kind.

@@ -126,15 +126,12 @@ pub fn compute(
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
-    use nodegate_crds::ResolvedNamespaces;
 
     fn outcome(nodes: &[&str]) -> PolicyOutcome {
         PolicyOutcome {
             policy: "p".into(),
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             all_nodes: false,
-            namespaces: ResolvedNamespaces::default(),
-            subjects: vec![],
             rbac_name: Some("nodegate:p".into()),
             problems: vec![],
             ..PolicyOutcome::default()
