@@ -1,0 +1,780 @@
+//! The agent's identity and configuration against a real API server: TokenReview
+//! authentication (users, groups, caching, collapsing, junk floods), x509 identities minted by
+//! the cluster's CA, TLS rotation by atomic rename, and the `api` config source watching a
+//! NodeAgentConfig and writing its status.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use http::{HeaderMap, HeaderValue};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use nodegate_agent::authn::{
+    AuthMethod, Authenticator, AuthnError, AuthnSettings, BoxFuture, KubeTokenReviewer,
+    ReviewOutcome, TokenReviewer,
+};
+use nodegate_agent::config::{self, ApiSourceSettings, ConfigStore};
+use nodegate_agent::tls::{ReloadingTls, TlsSettings};
+use nodegate_crds::NodeAgentConfig;
+use nodegate_tests::Cluster;
+use nodegate_tests::cluster::unique_name;
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const NODE: &str = "node-x";
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// A real TokenReview, counted per token.
+struct Counting {
+    inner: KubeTokenReviewer,
+    reviews: Mutex<HashMap<String, usize>>,
+    total: AtomicUsize,
+}
+
+impl Counting {
+    fn new(client: kube::Client) -> Arc<Self> {
+        Arc::new(Counting {
+            inner: KubeTokenReviewer::new(client),
+            reviews: Mutex::default(),
+            total: AtomicUsize::new(0),
+        })
+    }
+    fn count(&self, token: &str) -> usize {
+        self.reviews
+            .lock()
+            .unwrap()
+            .get(token)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl TokenReviewer for Counting {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+        *self
+            .reviews
+            .lock()
+            .unwrap()
+            .entry(token.to_string())
+            .or_default() += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+        self.inner.review(token, audiences)
+    }
+}
+
+fn bearer(token: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    h
+}
+
+/// Creates service account `name` in `namespace` and returns a TokenRequest token for it.
+async fn service_account_token(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let sa = ServiceAccount {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create(&PostParams::default(), &sa).await?;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // The token controller may need a moment to see the new account.
+    for _ in 0..50 {
+        match sas
+            .create_subresource::<_, TokenRequest>("token", name, &PostParams::default(), &request)
+            .await
+        {
+            Ok(issued) => return Ok(issued.status.and_then(|s| s.token).unwrap()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Err("no token issued".into())
+}
+
+/// The API server's client CA bundle, as published for delegated authentication (works on
+/// any cluster, not only ours).
+async fn cluster_client_ca(client: &kube::Client) -> String {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    let cm = cms.get("extension-apiserver-authentication").await.unwrap();
+    cm.data.unwrap().get("client-ca-file").unwrap().clone()
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+impl Scratch {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("nodegate-identity"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    /// Replaces `name` the way Kubernetes volumes do: a new file renamed over the old one.
+    fn replace(&self, name: &str, content: &[u8]) {
+        let tmp = self.0.join(format!(".{name}.new"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.path(name)).unwrap();
+    }
+}
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn client_config(
+    trust: CertificateDer<'static>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust).unwrap();
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+/// A TLS handshake over a real loopback connection; the server's view of the client's
+/// verified chain, or why it failed.
+async fn handshake(
+    tls: &ReloadingTls,
+    client: ClientConfig,
+) -> Result<Option<Vec<CertificateDer<'static>>>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tls.acceptor();
+    let server = async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut stream = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(stream.get_ref().1.peer_certificates().map(|c| c.to_vec()))
+    };
+    let client = async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        if let Ok(mut stream) = connector
+            .connect(ServerName::try_from(NODE).unwrap(), tcp)
+            .await
+        {
+            let _ = stream.write_all(b"x").await;
+            let _ = stream.flush().await;
+            let mut buf = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await;
+        }
+    };
+    let (result, ()) = tokio::join!(server, client);
+    result
+}
+
+fn identity_of(
+    pem_cert: &[u8],
+    pem_key: &[u8],
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = CertificateDer::pem_slice_iter(pem_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    (chain, PrivateKeyDer::from_pem_slice(pem_key).unwrap())
+}
+
+/// A CA of our own and a client certificate from it (not trusted by the cluster).
+fn foreign_identity(cn: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "foreign-ca");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (
+        vec![cert.der().clone()],
+        PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        ca_pem,
+    )
+}
+
+/// A serving certificate for NODE, self-signed, valid until 1 January of `year`.
+fn serving_cert(year: i32) -> (String, String, CertificateDer<'static>) {
+    let mut params = rcgen::CertificateParams::new(vec![NODE.to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(year, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem(), cert.der().clone())
+}
+
+async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TokenReview
+
+#[tokio::test]
+async fn service_account_token_authenticates_with_its_groups() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("identity").await?;
+    let token = service_account_token(&cluster.admin()?, ns.name(), "prom").await?;
+    let reviewer = Counting::new(cluster.admin()?);
+    let authn = Authenticator::new(reviewer.clone(), AuthnSettings::default());
+
+    let user = authn.authenticate(None, &bearer(&token)).await.unwrap();
+    assert_eq!(
+        user.name,
+        format!("system:serviceaccount:{}:prom", ns.name())
+    );
+    assert_eq!(user.method, AuthMethod::Token);
+    assert!(user.uid.is_some(), "service accounts have a UID");
+    for group in [
+        "system:serviceaccounts".to_string(),
+        format!("system:serviceaccounts:{}", ns.name()),
+        "system:authenticated".to_string(),
+    ] {
+        assert!(user.groups.contains(&group), "{group} in {:?}", user.groups);
+    }
+    // Cached: no second review.
+    authn.authenticate(None, &bearer(&token)).await.unwrap();
+    assert_eq!(reviewer.count(&token), 1);
+
+    // The API server's audience is accepted when asked for explicitly; another is not.
+    let wrong = Authenticator::new(
+        reviewer.clone(),
+        AuthnSettings {
+            audiences: vec!["not-the-api-server".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        wrong.authenticate(None, &bearer(&token)).await,
+        Err(AuthnError::Invalid)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_token_is_invalid_not_anonymous() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let authn = Authenticator::with_client(cluster.admin()?, AuthnSettings::default());
+    let garbage = unique_name("garbage");
+    assert_eq!(
+        authn.authenticate(None, &bearer(&garbage)).await,
+        Err(AuthnError::Invalid)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_api_server_is_unavailable_never_anonymous() -> TestResult {
+    // A client pointed at a closed port: the review fails.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url: http::Uri = format!("https://{}", listener.local_addr()?).parse()?;
+    drop(listener);
+    let client = kube::Client::try_from(kube::Config::new(url))?;
+    let authn = Authenticator::with_client(client, AuthnSettings::default());
+    let result = authn.authenticate(None, &bearer("some-token")).await;
+    assert!(
+        matches!(result, Err(AuthnError::Unavailable(_))),
+        "{result:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_make_one_review() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("identity").await?;
+    let token = service_account_token(&cluster.admin()?, ns.name(), "burst").await?;
+    let reviewer = Counting::new(cluster.admin()?);
+    let authn = Authenticator::new(reviewer.clone(), AuthnSettings::default());
+    let results = futures::future::join_all((0..50).map(|_| {
+        let authn = authn.clone();
+        let headers = bearer(&token);
+        tokio::spawn(async move { authn.authenticate(None, &headers).await })
+    }))
+    .await;
+    for r in results {
+        assert!(r?.is_ok());
+    }
+    assert_eq!(reviewer.count(&token), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn junk_token_flood_does_not_evict_a_good_token() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("identity").await?;
+    let token = service_account_token(&cluster.admin()?, ns.name(), "steady").await?;
+    let reviewer = Counting::new(cluster.admin()?);
+    let authn = Authenticator::new(
+        reviewer.clone(),
+        AuthnSettings {
+            success_capacity: 16,
+            failure_capacity: 16,
+            max_concurrent_reviews: 4,
+            ..Default::default()
+        },
+    );
+    authn.authenticate(None, &bearer(&token)).await.unwrap();
+    let junk = futures::future::join_all((0..300).map(|i| {
+        let authn = authn.clone();
+        let headers = bearer(&format!("junk-{i}-{}", unique_name("t")));
+        tokio::spawn(async move { authn.authenticate(None, &headers).await })
+    }))
+    .await;
+    for r in junk {
+        assert_eq!(r?, Err(AuthnError::Invalid));
+    }
+    assert_eq!(reviewer.total.load(Ordering::SeqCst), 301);
+    authn.authenticate(None, &bearer(&token)).await.unwrap();
+    assert_eq!(reviewer.count(&token), 1, "the good token is still cached");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// x509
+
+#[tokio::test]
+async fn cluster_minted_certificate_maps_cn_and_every_o() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let scratch = Scratch::new();
+    scratch.replace("ca.crt", cluster_client_ca(&admin).await.as_bytes());
+    let tls = ReloadingTls::new(TlsSettings {
+        client_ca_file: Some(scratch.path("ca.crt")),
+        node_name: NODE.into(),
+        ..Default::default()
+    })?;
+    let user_name = unique_name("alice");
+    let creds = cluster
+        .user_credentials(&user_name, &["team-a", "team-b"])
+        .await?;
+    let identity = identity_of(&creds.certificate_pem, &creds.key_pem);
+    let chain = handshake(
+        &tls,
+        client_config(tls.serving_certificate(), Some(identity)),
+    )
+    .await?
+    .expect("the client's chain");
+    let authn = Authenticator::with_client(
+        admin,
+        AuthnSettings {
+            x509_enabled: tls.client_ca_configured(),
+            ..Default::default()
+        },
+    );
+    let user = authn
+        .authenticate(Some(&chain), &HeaderMap::new())
+        .await
+        .unwrap();
+    assert_eq!(user.name, user_name);
+    assert_eq!(user.method, AuthMethod::X509);
+    assert_eq!(user.groups, ["team-a", "team-b", "system:authenticated"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_is_refused() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let scratch = Scratch::new();
+    scratch.replace(
+        "ca.crt",
+        cluster_client_ca(&cluster.admin()?).await.as_bytes(),
+    );
+    let tls = ReloadingTls::new(TlsSettings {
+        client_ca_file: Some(scratch.path("ca.crt")),
+        node_name: NODE.into(),
+        ..Default::default()
+    })?;
+    let (chain, key, _) = foreign_identity("system:admin");
+    let result = handshake(
+        &tls,
+        client_config(tls.serving_certificate(), Some((chain, key))),
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "a foreign certificate must fail: {result:?}"
+    );
+    // Without a certificate the same client connects (requested, not required).
+    let anonymous = handshake(&tls, client_config(tls.serving_certificate(), None)).await;
+    assert_eq!(anonymous, Ok(None));
+    Ok(())
+}
+
+#[tokio::test]
+async fn serving_cert_and_client_ca_rotate_by_atomic_rename() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let scratch = Scratch::new();
+    let (cert_pem, key_pem, cert_der) = serving_cert(2040);
+    let (foreign_chain, foreign_key, foreign_ca) = foreign_identity("someone");
+    scratch.replace("tls.crt", cert_pem.as_bytes());
+    scratch.replace("tls.key", key_pem.as_bytes());
+    scratch.replace("ca.crt", foreign_ca.as_bytes());
+    let tls = ReloadingTls::new(TlsSettings {
+        cert_file: Some(scratch.path("tls.crt")),
+        key_file: Some(scratch.path("tls.key")),
+        client_ca_file: Some(scratch.path("ca.crt")),
+        node_name: NODE.into(),
+        ..Default::default()
+    })?;
+    let reloads = tokio::spawn(tls.clone().run_reload_loop(Duration::from_millis(50)));
+    let first_expiry = tls.serving_cert_expiry().unwrap();
+
+    let creds = cluster.user_credentials(&unique_name("bob"), &[]).await?;
+    let bob = || identity_of(&creds.certificate_pem, &creds.key_pem);
+    assert!(
+        handshake(&tls, client_config(cert_der.clone(), Some(bob())))
+            .await
+            .is_err(),
+        "the cluster's CA is not trusted yet"
+    );
+
+    // Client CA: the cluster's CA renamed in.
+    scratch.replace(
+        "ca.crt",
+        cluster_client_ca(&cluster.admin()?).await.as_bytes(),
+    );
+    // Serving certificate renewed.
+    let (new_cert, new_key, new_der) = serving_cert(2041);
+    scratch.replace("tls.key", new_key.as_bytes());
+    scratch.replace("tls.crt", new_cert.as_bytes());
+    let tls2 = tls.clone();
+    eventually("the renewed certificate", move || {
+        tls2.serving_cert_expiry() != Some(first_expiry) && tls2.last_error().is_none()
+    })
+    .await;
+    assert!(tls.serving_cert_expiry().unwrap() > first_expiry);
+    let chain = handshake(&tls, client_config(new_der.clone(), Some(bob())))
+        .await?
+        .expect("bob's chain");
+    assert_eq!(chain.len(), 1);
+    assert!(
+        handshake(
+            &tls,
+            client_config(new_der.clone(), Some((foreign_chain, foreign_key)))
+        )
+        .await
+        .is_err(),
+        "the old client CA is gone"
+    );
+    // A broken certificate keeps the renewed one in service.
+    scratch.replace("tls.crt", b"-----BEGIN CERTIFICATE-----\nbroken\n");
+    let tls3 = tls.clone();
+    eventually("the reload error", move || tls3.last_error().is_some()).await;
+    assert!(
+        handshake(&tls, client_config(new_der, None)).await.is_ok(),
+        "still serving the last good certificate"
+    );
+    reloads.abort();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// api config source
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// Installs the CRDs (once per test process), as the crds test does.
+async fn cluster_with_crds() -> Result<Option<Cluster>, Box<dyn std::error::Error + Send + Sync>> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(None);
+    };
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*installed {
+        let out = cluster
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts"])
+            .arg("-f")
+            .arg(repo("crds/nodeapipolicies.yaml"))
+            .arg("-f")
+            .arg(repo("crds/nodeagentconfigs.yaml"))
+            .output()?;
+        assert!(
+            out.status.success(),
+            "installing the CRDs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cluster
+            .kubectl()
+            .args(["wait", "--for=condition=Established", "--timeout=60s"])
+            .args([
+                "crd/nodeapipolicies.nodegate.io",
+                "crd/nodeagentconfigs.nodegate.io",
+            ])
+            .output()?;
+        assert!(out.status.success(), "CRDs not established");
+        *installed = true;
+    }
+    Ok(Some(cluster))
+}
+
+/// Deletes the NodeAgentConfig when the test ends, also on panic.
+struct Cleanup {
+    name: String,
+    config: kube::Config,
+}
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (name, config) = (self.name.clone(), self.config.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = kube::Client::try_from(config).unwrap();
+                let api: Api<NodeAgentConfig> = Api::all(client);
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
+
+fn agent_config(name: &str, hash: &str, namespaces: &[&str]) -> Value {
+    json!({
+        "apiVersion": "nodegate.io/v1alpha1",
+        "kind": "NodeAgentConfig",
+        "metadata": {"name": name},
+        "spec": {
+            "policies": "team-a",
+            "hash": hash,
+            "rules": [{
+                "policy": "team-a",
+                "subjects": [{"kind": "Group", "name": "team-a"}],
+                "endpoints": ["pods", "cadvisor"],
+                "namespaces": {"names": namespaces},
+                "ports": ["Secure"],
+            }],
+        },
+    })
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+async fn wait_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> DynamicObject {
+    for _ in 0..200 {
+        let obj = api.get(name).await.unwrap();
+        if obj.data.get("status").is_some_and(&check) {
+            return obj;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let obj = api.get(name).await.unwrap();
+    panic!(
+        "timed out waiting for status {what}: {:?}",
+        obj.data.get("status")
+    );
+}
+
+#[tokio::test]
+async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes_status()
+-> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else {
+        return Ok(());
+    };
+    let node = unique_name("agent-node");
+    let other = unique_name("agent-other");
+    let _cleanup = [
+        Cleanup {
+            name: node.clone(),
+            config: cluster.admin_config().clone(),
+        },
+        Cleanup {
+            name: other.clone(),
+            config: cluster.admin_config().clone(),
+        },
+    ];
+    let client = cluster.admin()?;
+    let api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
+    let store = ConfigStore::new();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+    let runner = tokio::spawn(config::run_api(
+        client.clone(),
+        store.clone(),
+        ApiSourceSettings {
+            node_name: node.clone(),
+            serving_cert_expiry: Some(Arc::new(move || Some(expiry))),
+            status_interval: Duration::from_millis(200),
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!store.is_loaded(), "no config yet: not ready");
+
+    // Another node's config is not ours.
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(agent_config(&other, "other", &["x"]))?,
+    )
+    .await?;
+    // Ours, created.
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(agent_config(&node, "h1", &["team-b", "team-a"]))?,
+    )
+    .await?;
+    let s = store.clone();
+    eventually("h1 in force", move || {
+        s.is_loaded() && s.current().spec.hash == "h1"
+    })
+    .await;
+    assert_eq!(
+        store.current().spec.rules[0].namespaces.names,
+        ["team-a", "team-b"]
+    );
+    let obj = wait_status(&api, &node, "in sync with h1", |s| {
+        s["observedHash"] == "h1" && condition(s, "InSync").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let status = &obj.data["status"];
+    assert_eq!(condition(status, "Ready").unwrap()["status"], "True");
+    assert_eq!(status["servingCertExpiry"], "2033-05-18T03:33:20Z");
+    let managers: Vec<(String, Option<String>)> = obj
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| (m.manager.unwrap_or_default(), m.subresource))
+        .collect();
+    assert!(
+        managers.contains(&("nodegate-agent".to_string(), Some("status".to_string()))),
+        "{managers:?}"
+    );
+    assert!(
+        api.get(&other).await?.data.get("status").is_none(),
+        "the agent writes only its own node's status"
+    );
+
+    // Quiet when nothing changes: several status ticks, no write.
+    let rv = obj.metadata.resource_version.clone();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(api.get(&node).await?.metadata.resource_version, rv);
+
+    // An invalid update (the CRD has no CEL: a bad namespace name is admitted).
+    let bad = json!({"spec": {"hash": "h2", "rules": [{
+        "policy": "team-a",
+        "subjects": [{"kind": "Group", "name": "team-a"}],
+        "endpoints": ["pods"],
+        "namespaces": {"names": ["Not_A_Namespace"]},
+        "ports": ["Secure"],
+    }]}});
+    api.patch(&node, &PatchParams::default(), &Patch::Merge(&bad))
+        .await?;
+    let obj = wait_status(&api, &node, "InvalidConfig", |s| {
+        condition(s, "InSync").is_some_and(|c| c["reason"] == "InvalidConfig")
+    })
+    .await;
+    let status = &obj.data["status"];
+    assert_eq!(status["observedHash"], "h1", "still enforcing h1");
+    assert!(
+        status["lastError"].as_str().unwrap().contains("DNS-1123"),
+        "{status}"
+    );
+    assert_eq!(store.current().spec.hash, "h1");
+    assert!(store.last_error().is_some());
+
+    // A valid update again.
+    api.replace(&node, &PostParams::default(), &{
+        let mut obj: DynamicObject =
+            serde_json::from_value(agent_config(&node, "h3", &["team-c"]))?;
+        obj.metadata.resource_version = api.get(&node).await?.metadata.resource_version;
+        obj
+    })
+    .await?;
+    let s = store.clone();
+    eventually("h3 in force", move || s.current().spec.hash == "h3").await;
+    let obj = wait_status(&api, &node, "in sync with h3", |s| {
+        s["observedHash"] == "h3" && condition(s, "InSync").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    assert!(obj.data["status"].get("lastError").is_none());
+
+    // Deleted: back to deny-all.
+    api.delete(&node, &DeleteParams::default()).await?;
+    let s = store.clone();
+    eventually("deny-all after deletion", move || !s.is_loaded()).await;
+    runner.abort();
+    Ok(())
+}
