@@ -474,7 +474,8 @@ async fn metrics_are_valid_exposition_with_the_configured_namespaces() -> TestRe
         let r = call(&sim, "GET", path, &[], "").await;
         assert_eq!(r.status, 200, "{path}");
         assert_eq!(
-            r.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8",
+            r.headers["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8; escaping=underscores",
             "{path}"
         );
         let families = parse_exposition(&r.text());
@@ -647,6 +648,37 @@ async fn gzip_when_accepted_and_protobuf_when_asked() -> TestResult {
     .await;
     assert!(r.headers.get("content-encoding").is_none());
     parse_exposition(&r.text());
+
+    // Protobuf when the client prefers it, like the kubelet.
+    let r = call(
+        &sim,
+        "GET",
+        "/metrics",
+        &[(
+            "accept",
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3",
+        )],
+        "",
+    )
+    .await;
+    assert!(
+        r.headers["content-type"]
+            .to_str()?
+            .starts_with("application/vnd.google.protobuf")
+    );
+    let r = call(
+        &sim,
+        "GET",
+        "/metrics",
+        &[("accept", "text/plain;version=0.0.4")],
+        "",
+    )
+    .await;
+    assert!(
+        r.headers["content-type"]
+            .to_str()?
+            .starts_with("text/plain")
+    );
 
     let proto = start(SimOptions {
         metrics_protobuf: true,
@@ -1116,6 +1148,28 @@ async fn curl(url: &str, method: &str, cert_dir: Option<&std::path::Path>) -> (u
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+async fn curl_content_type(url: &str, cert_dir: &std::path::Path) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{content_type}",
+        ])
+        .arg("--cert")
+        .arg(cert_dir.join("tls.crt"))
+        .arg("--key")
+        .arg(cert_dir.join("tls.key"))
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The simulator and node-1's real kubelet answer a caller without grants (and one without
 /// credentials) with the same statuses and bodies, on every route.
 #[tokio::test]
@@ -1359,7 +1413,15 @@ async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
         ] {
             let (code, real) = get(path).await;
             assert_eq!(code, 200, "{path}: {real}");
-            let ours = call(&sim, "GET", path, &[], "").await.text();
+            let ours = call(&sim, "GET", path, &[], "").await;
+            let real_type = curl_content_type(&format!("{kubelet}{path}"), &dir).await;
+            if ours.headers["content-type"] != real_type.as_str() {
+                differences.push(format!(
+                    "{path}: content type {:?} vs kubelet {real_type:?}",
+                    ours.headers["content-type"]
+                ));
+            }
+            let ours = ours.text();
             let meta = |text: &str| -> BTreeMap<String, (String, String)> {
                 let mut m: BTreeMap<String, (String, String)> = BTreeMap::new();
                 for l in text.lines() {

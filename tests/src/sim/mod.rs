@@ -47,7 +47,9 @@ pub struct SimOptions {
     /// Answer `Accept-Encoding: gzip` with gzip on the Prometheus endpoints, as the kubelet does.
     pub gzip: bool,
     /// Answer the metrics endpoints with the protobuf exposition content type (and a body that
-    /// is not text), to test that the agent refuses what it cannot filter.
+    /// is not text) whatever the `Accept` header, to test that the agent refuses what it cannot
+    /// filter. Without it, protobuf is answered only when `Accept` prefers it, as the kubelet
+    /// does.
     pub metrics_protobuf: bool,
     /// Lines a container log has before `tailLines`.
     pub log_lines: usize,

@@ -4,12 +4,70 @@
 
 use std::fmt::Write;
 
-/// The content type the kubelet answers Prometheus text with.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type kubelet 1.37 answers Prometheus text with (client_golang adds the
+/// `escaping` parameter; older kubelets send the same without it).
+pub const TEXT_CONTENT_TYPE: &str =
+    "text/plain; version=0.0.4; charset=utf-8; escaping=underscores";
 
-/// The protobuf exposition content type (for testing that the agent refuses it).
-pub const PROTOBUF_CONTENT_TYPE: &str =
-    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
+/// The protobuf exposition content type, as kubelet 1.37 sends it.
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited; escaping=underscores";
+
+/// The exposition formats a kubelet chooses between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Protobuf,
+}
+
+/// The format the kubelet's metrics handler (client_golang's `expfmt.Negotiate`) picks for an
+/// `Accept` header: the first entry by quality that is delimited protobuf or text 0.0.4; text
+/// when none is (OpenMetrics is not enabled in the kubelet, so it is answered with text).
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let Some(accept) = accept else {
+        return Format::Text;
+    };
+    let mut entries: Vec<(f64, usize, &str)> = accept
+        .split(',')
+        .enumerate()
+        .map(|(i, entry)| {
+            let q = entry
+                .split(';')
+                .skip(1)
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f64>().ok())
+                .unwrap_or(1.0);
+            (q, i, entry)
+        })
+        .collect();
+    entries.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (q, _, entry) in entries {
+        if q <= 0.0 {
+            continue;
+        }
+        let mut parts = entry.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let params: Vec<(String, String)> = parts
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.trim().to_ascii_lowercase(),
+                    v.trim().trim_matches('"').to_string(),
+                )
+            })
+            .collect();
+        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        if media == "application/vnd.google.protobuf"
+            && param("proto") == Some("io.prometheus.client.MetricFamily")
+            && param("encoding") == Some("delimited")
+        {
+            return Format::Protobuf;
+        }
+        if media == "text/plain" && matches!(param("version"), None | Some("0.0.4")) {
+            return Format::Text;
+        }
+    }
+    Format::Text
+}
 
 pub fn family(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -102,6 +160,34 @@ mod tests {
         assert_eq!(go_float(1.0), "1");
         assert_eq!(go_float(-3.5), "-3.5");
         assert_eq!(go_float(f64::INFINITY), "+Inf");
+    }
+
+    #[test]
+    fn negotiation_like_client_golang() {
+        let proto = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited";
+        assert_eq!(negotiate(None), Format::Text);
+        assert_eq!(negotiate(Some("*/*")), Format::Text);
+        assert_eq!(negotiate(Some(proto)), Format::Protobuf);
+        assert_eq!(
+            negotiate(Some(&format!(
+                "{proto};q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+            ))),
+            Format::Protobuf
+        );
+        assert_eq!(
+            negotiate(Some(&format!("text/plain;version=0.0.4;q=1,{proto};q=0.5"))),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text;version=1.0.0")),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate(Some(
+                "application/vnd.google.protobuf;proto=other;encoding=delimited"
+            )),
+            Format::Text
+        );
     }
 
     #[test]

@@ -40,6 +40,20 @@ pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -
     response
 }
 
+/// Go's `http.Error` and `http.NotFound` (and the kubelet's healthz and configz handlers) add
+/// `X-Content-Type-Options: nosniff`.
+fn nosniff(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+fn not_found() -> Response<Body> {
+    nosniff(respond(404, PLAIN, NOT_FOUND))
+}
+
 /// A pre-generated body, gzip when asked for and available, streamed in chunks.
 fn payload_response(payload: &Payload, headers: &HeaderMap) -> Response<Body> {
     let wants_gzip = headers
@@ -185,7 +199,7 @@ pub(crate) async fn handle(
     record.status = response.status().as_u16();
     tracing::debug!(
         method = %record.method,
-        target = %record.target(),
+        request = %record.target(),
         status = record.status,
         user = record.user.as_deref().unwrap_or(""),
         "kubelet-sim request"
@@ -227,7 +241,7 @@ async fn dispatch(
     }
     let route = match match_route(&path) {
         Some(r) if r.endpoint != Endpoint::Spec && path != "/metrics/resource/v1alpha1" => r,
-        _ => return (respond(404, PLAIN, NOT_FOUND), None),
+        _ => return (not_found(), None),
     };
 
     let identity = match &state.options.auth {
@@ -272,7 +286,7 @@ async fn dispatch(
     {
         return (respond(405, PLAIN, "405: Method Not Allowed"), identity);
     }
-    let response = serve_endpoint(state, &route, &path, query.as_deref(), req).await;
+    let response = serve_endpoint(state, &route, query.as_deref(), req).await;
     (response, identity)
 }
 
@@ -283,7 +297,6 @@ fn denied(d: &Denial) -> Response<Body> {
 async fn serve_endpoint(
     state: &State,
     route: &nodegate_crds::attributes::Route,
-    path: &str,
     query: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -291,8 +304,11 @@ async fn serve_endpoint(
     let w = &state.world;
     let pairs = query_pairs(query);
     let headers = req.headers();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let protobuf = state.options.metrics_protobuf
+        || super::prom::negotiate(accept) == super::prom::Format::Protobuf;
     let metrics = |payload: &Payload| {
-        if state.options.metrics_protobuf {
+        if protobuf {
             // Not real protobuf: what matters is that the agent never passes it on.
             respond(
                 200,
@@ -306,9 +322,9 @@ async fn serve_endpoint(
     match route.endpoint {
         Endpoint::Healthz => match route.rest.as_deref() {
             None | Some("") | Some("ping") | Some("log") | Some("syncloop") => {
-                respond(200, PLAIN, "ok")
+                nosniff(respond(200, PLAIN, "ok"))
             }
-            Some(_) => respond(404, PLAIN, NOT_FOUND),
+            Some(_) => not_found(),
         },
         Endpoint::Pods => payload_response(&p.pods, headers),
         Endpoint::RunningPods => payload_response(&p.running_pods, headers),
@@ -324,7 +340,7 @@ async fn serve_endpoint(
         Endpoint::Resource => metrics(&p.resource),
         Endpoint::Probes => metrics(&p.probes),
         Endpoint::Slis => metrics(&p.slis),
-        Endpoint::Configz => payload_response(&p.configz, headers),
+        Endpoint::Configz => nosniff(payload_response(&p.configz, headers)),
         Endpoint::Statusz | Endpoint::Flagz if !accepts_text(headers) => {
             respond(406, super::payload::JSON, NOT_ACCEPTABLE)
         }
@@ -371,10 +387,7 @@ async fn serve_endpoint(
                 Err(_) => respond(400, PLAIN, format!("invalid log level {level:?}")),
             }
         }
-        Endpoint::Spec => {
-            let _ = path;
-            respond(404, PLAIN, NOT_FOUND)
-        }
+        Endpoint::Spec => not_found(),
     }
 }
 
@@ -445,7 +458,7 @@ fn logs(state: &State, rest: &str) -> Response<Body> {
             PLAIN,
             text::log_file(&state.world, f, state.options.log_lines),
         ),
-        _ => respond(404, PLAIN, NOT_FOUND),
+        _ => not_found(),
     }
 }
 
