@@ -50,7 +50,13 @@ pub struct FilterRules {
     grants: Vec<CompiledGrant>,
     any_all: bool,
     namespace_finder: memmem::Finder<'static>,
+    /// Without `all`, and with few namespaces: each namespace as it must appear quoted in a line
+    /// that has it as a label value (escaping is unique, so this is exact as a precondition).
+    value_finders: Option<Vec<memmem::Finder<'static>>>,
 }
+
+/// Up to this many namespaces, a line is first searched for their quoted values.
+const MAX_VALUE_FINDERS: usize = 4;
 
 impl FilterRules {
     /// Checks added label names (the CRD's CEL rules check them too; the filter must not rely
@@ -92,10 +98,29 @@ impl FilterRules {
             });
         }
         let any_all = grants.iter().any(|g| g.namespaces.all);
+        let mut names: Vec<&String> = grants
+            .iter()
+            .flat_map(|g| g.namespaces.names.iter())
+            .filter(|n| !n.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        let value_finders = (!any_all && names.len() <= MAX_VALUE_FINDERS).then(|| {
+            names
+                .iter()
+                .map(|n| {
+                    let mut quoted = vec![b'"'];
+                    scan::escape_label_value(n, &mut quoted);
+                    quoted.push(b'"');
+                    memmem::Finder::new(&quoted).into_owned()
+                })
+                .collect()
+        });
         Ok(FilterRules {
             grants,
             any_all,
             namespace_finder: memmem::Finder::new(b"namespace").into_owned(),
+            value_finders,
         })
     }
 }
@@ -367,7 +392,14 @@ impl Filter {
         }
         // Fast path: without a grant for node-level data, a line that does not even contain
         // `namespace` has no namespace label and is out of scope.
-        if !rules.any_all && rules.namespace_finder.find(line).is_none() {
+        // Likewise a line in which no granted namespace appears as a quoted value.
+        if !rules.any_all
+            && (rules.namespace_finder.find(line).is_none()
+                || rules
+                    .value_finders
+                    .as_ref()
+                    .is_some_and(|fs| fs.iter().all(|f| f.find(line).is_none())))
+        {
             self.stats.samples_dropped += 1;
             return;
         }
