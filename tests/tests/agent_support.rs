@@ -212,17 +212,35 @@ pub async fn start_agent(
     tokens: BTreeMap<String, (String, Vec<String>)>,
     rules: Vec<AgentRule>,
 ) -> TestAgent {
+    start_agent_with(
+        node,
+        upstream,
+        pki.ca_file.clone(),
+        Arc::new(FakeReviewer(tokens)),
+        rules,
+    )
+    .await
+}
+
+/// An agent trusting `client_ca_file` and reviewing tokens with `reviewer`.
+pub async fn start_agent_with(
+    node: &str,
+    upstream: UpstreamSettings,
+    client_ca_file: PathBuf,
+    reviewer: Arc<dyn TokenReviewer>,
+    rules: Vec<AgentRule>,
+) -> TestAgent {
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: None,
         key_file: None,
-        client_ca_file: Some(pki.ca_file.clone()),
+        client_ca_file: Some(client_ca_file),
         node_name: node.into(),
         node_ips: vec!["127.0.0.1".parse().unwrap()],
         alpn_protocols: vec![b"http/1.1".to_vec()],
     })
     .unwrap();
     let authenticator = Authenticator::new(
-        Arc::new(FakeReviewer(tokens)),
+        reviewer,
         AuthnSettings {
             x509_enabled: tls.client_ca_configured(),
             ..Default::default()
@@ -244,6 +262,20 @@ pub async fn start_agent(
     .await
     .unwrap();
     TestAgent { running, config }
+}
+
+/// A client certificate from PEM (as the cluster harness returns them).
+pub fn client_cert_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> ClientCert {
+    use rustls_pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem).unwrap();
+    let key_der = match key {
+        PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        other => panic!("expected a PKCS#8 key, got {other:?}"),
+    };
+    ClientCert { chain, key_der }
 }
 
 /// The agent's certificate is self-signed: the tests check the agent, not its serving cert.

@@ -1,0 +1,238 @@
+//! nodegate-agent in front of the real kubelet of the local cluster (`node-1`): the agent
+//! reaches it with the API server's kubelet client certificate, verifying the kubelet's
+//! self-signed serving certificate by its own file; callers are users certified by the
+//! cluster's CA. `/pods` arrives filtered, container logs and exec work in scope and are
+//! refused out of it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "agent_support.rs"]
+mod support;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
+use nodegate_agent::upstream::UpstreamSettings;
+use nodegate_crds::{Endpoint, Port};
+use nodegate_tests::Cluster;
+use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
+use rustls_pki_types::ServerName;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+async fn node_ip(cluster: &Cluster) -> String {
+    let node = Api::<Node>::all(cluster.admin().unwrap())
+        .get(NODE_NAME)
+        .await
+        .unwrap();
+    node.status
+        .unwrap()
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .expect("node-1 has an InternalIP")
+}
+
+/// The kubelet as the agent reaches it on the local cluster.
+fn kubelet_upstream(state: &Path, ip: &str) -> UpstreamSettings {
+    let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
+    // The kubelet's self-signed certificate names the host, not the IP.
+    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
+    s.server_name = Some(NODE_NAME.into());
+    s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
+    s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
+    s
+}
+
+#[tokio::test]
+async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() {
+    let Some(cluster) = Cluster::get().await.unwrap() else {
+        eprintln!("skipped: no test cluster");
+        return;
+    };
+    let Some(state) = cluster.location().state_dir.clone() else {
+        eprintln!(
+            "skipped: the cluster is not the local one of cargo xtask cluster (no state dir with its PKI)"
+        );
+        return;
+    };
+    let ns_a = cluster.namespace("agent-a").await.unwrap();
+    let ns_b = cluster.namespace("agent-b").await.unwrap();
+    let cmd = ["sh", "-c", "echo line-one; echo line-two; sleep 3600"];
+    let pod = busybox_pod("web", &cmd);
+    let (pa, pb) = tokio::join!(
+        ns_a.run_pod(&pod, Duration::from_secs(120)),
+        ns_b.run_pod(&pod, Duration::from_secs(120)),
+    );
+    pa.unwrap();
+    pb.unwrap();
+    let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
+
+    let suffix = rand_suffix();
+    let team_group = format!("agent-team-{suffix}");
+    let every: Vec<Endpoint> = Endpoint::all().collect();
+    let rules = vec![
+        rule(
+            "team",
+            vec![group(&team_group)],
+            &every,
+            namespaces(&[&a]),
+            &[Port::Secure],
+        ),
+        rule(
+            "reader",
+            vec![user(&format!("reader-{suffix}"))],
+            &[Endpoint::Pods, Endpoint::ContainerLogs],
+            namespaces(&[&a]),
+            &[Port::Secure],
+        ),
+    ];
+    let ip = node_ip(&cluster).await;
+    let agent = start_agent_with(
+        NODE_NAME,
+        kubelet_upstream(&state, &ip),
+        state.join("pki/ca.crt"),
+        Arc::new(FakeReviewer(BTreeMap::new())),
+        rules,
+    )
+    .await;
+    let addr = agent.running.secure_addr;
+    let creds = cluster
+        .user_credentials(&format!("member-{suffix}"), &[&team_group])
+        .await
+        .unwrap();
+    let member = Cred::Cert(client_cert_from_pem(&creds.certificate_pem, &creds.key_pem));
+    let creds = cluster
+        .user_credentials(&format!("reader-{suffix}"), &[])
+        .await
+        .unwrap();
+    let reader = Cred::Cert(client_cert_from_pem(&creds.certificate_pem, &creds.key_pem));
+
+    // /pods from the real kubelet, filtered to namespace a.
+    let r = request(addr, true, &member, "GET", "/pods", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let pods: Vec<(String, String)> = doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pods, vec![(a.clone(), "web".to_string())]);
+
+    // Logs in scope come from the kubelet; out of scope they are refused.
+    let r = request(
+        addr,
+        true,
+        &reader,
+        "GET",
+        &format!("/containerLogs/{a}/web/main"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "line-one\nline-two\n");
+    let r = request(
+        addr,
+        true,
+        &reader,
+        "GET",
+        &format!("/containerLogs/{b}/web/main"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    // Node-wide endpoints need `all`.
+    let r = request(addr, true, &member, "GET", "/configz", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    // Metrics of the real kubelet, filtered: every namespaced sample is namespace a's.
+    let r = request(
+        addr,
+        true,
+        &member,
+        "GET",
+        "/metrics/cadvisor",
+        &[("accept-encoding", "identity")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for line in r
+        .text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("namespace="))
+    {
+        assert!(line.contains(&format!("namespace=\"{a}\"")), "{line}");
+    }
+
+    // exec over WebSocket: the member (create on exec) runs a command in namespace a.
+    let uri = format!(
+        "wss://agent/exec/{a}/web/main?command=echo&command=through-nodegate&output=1&stdout=true"
+    );
+    let mut req = uri.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v5.channel.k8s.io".parse().unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = client_tls(&member)
+        .connect(ServerName::try_from("agent").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut stdout = Vec::new();
+    let read = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Binary(b) = msg
+                && b.first() == Some(&1)
+            {
+                stdout.extend_from_slice(&b[1..]);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&stdout), "through-nodegate\n");
+
+    // The reader may read logs but not exec, also with a WebSocket GET.
+    let r = request(
+        addr,
+        true,
+        &reader,
+        "GET",
+        &format!("/exec/{a}/web/main?command=id&stdout=true"),
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-protocol", "v5.channel.k8s.io"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("verb=create"));
+}
