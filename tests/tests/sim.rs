@@ -761,10 +761,12 @@ async fn websocket_exec_echo_and_attach() -> TestResult {
             _ => {}
         }
     }
-    assert_eq!(frames.len(), 2, "{frames:?}");
-    assert_eq!(&frames[0][..], b"\x01hi\n");
-    assert_eq!(frames[1][0], 3);
-    let status: Value = serde_json::from_slice(&frames[1][1..])?;
+    // An empty frame opens stdout (output=1), as the kubelet does.
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert_eq!(&frames[0][..], b"\x01");
+    assert_eq!(&frames[1][..], b"\x01hi\n");
+    assert_eq!(frames[2][0], 3);
+    let status: Value = serde_json::from_slice(&frames[2][1..])?;
     assert_eq!(status["status"], "Success");
 
     // exec of anything else (and attach): stdin echoed to stdout.
@@ -1587,6 +1589,133 @@ async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+/// Every frame of a WebSocket session until the server closes it (or 5 s pass).
+async fn ws_frames<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Vec<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match msg {
+            Ok(Message::Binary(b)) => frames.push(b.to_vec()),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    frames
+}
+
+/// exec over WebSocket: the simulator's frames are the real kubelet's, for `echo` and for
+/// stdin echoed by `cat` until stdin is closed (v5), on a busybox pod on node-1.
+#[tokio::test]
+async fn websocket_exec_matches_the_real_kubelet() -> TestResult {
+    use k8s_openapi::api::core::v1::Node;
+    let Some(cluster) = nodegate_tests::Cluster::get().await? else {
+        return Ok(());
+    };
+    let Some(state) = cluster.location().state_dir.clone() else {
+        eprintln!(
+            "SKIPPED: needs the local cluster's kubelet certificates (not a KUBECONFIG cluster)"
+        );
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let node = kube::api::Api::<Node>::all(admin.clone())
+        .get(nodegate_tests::cluster::NODE_NAME)
+        .await?;
+    let status = node.status.unwrap();
+    let ip = status
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .unwrap()
+        .address;
+    let port = status
+        .daemon_endpoints
+        .unwrap()
+        .kubelet_endpoint
+        .unwrap()
+        .port;
+    let ns = cluster.namespace("sim-exec").await?;
+    ns.run_pod(
+        &nodegate_tests::cluster::busybox_pod("sleeper", &["sleep", "3600"]),
+        std::time::Duration::from_secs(120),
+    )
+    .await?;
+    let sim = start(SimOptions::default()).await;
+
+    // The kubelet's self-signed CA is the second certificate of its serving bundle.
+    let kubelet_ca = std::fs::read(state.join("kubelet/pki/kubelet.crt"))?;
+    let cert = std::fs::read(state.join("pki/admin.crt"))?;
+    let key = std::fs::read(state.join("pki/admin.key"))?;
+    let config = Arc::new(tls_config(&kubelet_ca, Some((&cert, &key))));
+
+    let cases: &[(&str, &str, &[&[u8]])] = &[
+        ("command=echo&command=hi&output=1", "v5.channel.k8s.io", &[]),
+        (
+            "command=echo&command=a&command=b&output=1",
+            "v4.channel.k8s.io",
+            &[],
+        ),
+        (
+            "command=cat&input=1&output=1",
+            "v5.channel.k8s.io",
+            &[b"\x00ping\n", b"\xff\x00"],
+        ),
+    ];
+    for (query, protocol, send) in cases {
+        let target = format!("/exec/{}/sleeper/main?{query}", ns.name());
+        let mut sessions = Vec::new();
+        for real in [true, false] {
+            let mut req = if real {
+                format!("wss://node-1:{port}{target}")
+            } else {
+                format!("ws://{}{target}", sim.addr)
+            }
+            .into_client_request()?;
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocol.parse()?);
+            let tcp = if real {
+                tokio::net::TcpStream::connect((ip.as_str(), port as u16)).await?
+            } else {
+                tokio::net::TcpStream::connect(sim.addr).await?
+            };
+            let stream: Box<dyn AsyncStream> = if real {
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                Box::new(
+                    connector
+                        .connect(rustls_pki_types::ServerName::try_from("node-1")?, tcp)
+                        .await?,
+                )
+            } else {
+                Box::new(tcp)
+            };
+            let (mut ws, response) = tokio_tungstenite::client_async(req, stream).await?;
+            let chosen = response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().unwrap_or("").to_string());
+            for frame in *send {
+                // Let the process start before its stdin arrives, as a user would.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                ws.send(Message::Binary(Bytes::copy_from_slice(frame)))
+                    .await?;
+            }
+            sessions.push((chosen, ws_frames(&mut ws).await));
+        }
+        assert_eq!(
+            sessions[0], sessions[1],
+            "{query} {protocol}: kubelet (left) vs simulator (right)"
+        );
+    }
+    Ok(())
+}
+
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
 
 async fn sa_token(
     admin: &kube::Client,

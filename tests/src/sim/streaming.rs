@@ -147,13 +147,18 @@ fn websocket(route: &Route, pairs: &[(String, String)], req: Request<Incoming>) 
         }
         _ => Session::Echo { v5 },
     };
+    let open = if route.endpoint == Endpoint::PortForward {
+        Vec::new()
+    } else {
+        opened_channels(pairs)
+    };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
-                if let Err(e) = run_websocket(ws, session).await {
+                if let Err(e) = run_websocket(ws, &open, session).await {
                     tracing::debug!(error = %e, "kubelet-sim: websocket session ended with an error");
                 }
             }
@@ -182,13 +187,35 @@ fn frame(channel: u8, data: &[u8]) -> Message {
     Message::Binary(b.freeze())
 }
 
+/// The output channels a session opens (stdout 1, stderr 2, from `stdout`/`output` and
+/// `stderr`/`error` being `1` or `true`); the kubelet writes an empty frame on each first.
+fn opened_channels(pairs: &[(String, String)]) -> Vec<u8> {
+    let on = |names: [&str; 2]| {
+        pairs
+            .iter()
+            .any(|(k, v)| names.contains(&k.as_str()) && (v == "1" || v == "true"))
+    };
+    let mut open = Vec::new();
+    if on(["stdout", "output"]) {
+        open.push(1);
+    }
+    if on(["stderr", "error"]) {
+        open.push(2);
+    }
+    open
+}
+
 async fn run_websocket<S>(
     mut ws: WebSocketStream<S>,
+    open: &[u8],
     session: Session,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    for channel in open {
+        ws.send(frame(*channel, &[])).await?;
+    }
     match session {
         Session::Command { args } => {
             let out = format!("{}\n", args[1..].join(" "));
