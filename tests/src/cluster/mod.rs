@@ -134,6 +134,43 @@ impl Cluster {
         cmd
     }
 
+    /// Installs nodegate's generated CRDs (server-side apply, so a newer copy wins) and waits
+    /// until they are served; once per test process.
+    pub async fn install_crds(&self) -> Result<()> {
+        static INSTALLED: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+        let mut installed = INSTALLED.lock().await;
+        if *installed {
+            return Ok(());
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let policies = root.join("crds/nodeapipolicies.yaml");
+        let configs = root.join("crds/nodeagentconfigs.yaml");
+        let (policies, configs) = (
+            policies.to_string_lossy().into_owned(),
+            configs.to_string_lossy().into_owned(),
+        );
+        self.run_kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &policies,
+            "-f",
+            &configs,
+        ])
+        .await?;
+        self.run_kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/nodeapipolicies.nodegate.io",
+            "crd/nodeagentconfigs.nodegate.io",
+        ])
+        .await?;
+        *installed = true;
+        Ok(())
+    }
+
     /// Runs kubectl with `args`; stdout on success, an error with stderr otherwise.
     pub async fn run_kubectl(&self, args: &[&str]) -> Result<String> {
         let mut cmd = tokio::process::Command::from(self.kubectl());
