@@ -569,6 +569,34 @@ pub struct NodeIdentity {
     pub labels: BTreeMap<String, String>,
 }
 
+impl NodeIdentity {
+    /// This node's UID and labels as the API server has them, so policy files with a
+    /// `nodeSelector` match as they would through the operator.
+    pub async fn fetch(client: &kube::Client, name: &str) -> Result<Self, kube::Error> {
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        let node = nodes.get(name).await?;
+        Ok(NodeIdentity {
+            name: name.to_string(),
+            uid: node.metadata.uid.unwrap_or_default(),
+            labels: node.metadata.labels.unwrap_or_default(),
+        })
+    }
+}
+
+/// Parses `k=v,k2=v2` (a `--node-labels` flag for the file source without an API server).
+pub fn parse_node_labels(flag: &str) -> Result<BTreeMap<String, String>, String> {
+    flag.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("node labels are key=value pairs, not {pair:?}")),
+        })
+        .collect()
+}
+
 const API_VERSION: &str = "nodegate.io/v1alpha1";
 
 /// Parses a config file: one NodeAgentConfig (for this node), or NodeApiPolicy documents
@@ -1380,6 +1408,17 @@ mod tests {
             cond(&synced, "Ready").last_transition_time
         );
         assert!(invalid.last_error.unwrap().contains("unknown endpoint"));
+    }
+
+    #[test]
+    fn node_labels_flag() {
+        let labels = parse_node_labels("pool=gpu, zone = a,,empty=").unwrap();
+        assert_eq!(labels.get("pool").map(String::as_str), Some("gpu"));
+        assert_eq!(labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(labels.get("empty").map(String::as_str), Some(""));
+        assert!(parse_node_labels("").unwrap().is_empty());
+        assert!(parse_node_labels("pool").is_err());
+        assert!(parse_node_labels("=x").is_err());
     }
 
     #[test]

@@ -910,3 +910,30 @@ async fn api_source_resumes_after_the_api_server_goes_away() -> TestResult {
     runner.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn policy_file_compiles_for_the_labels_the_api_server_has() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let nodes = cluster
+        .fake_nodes("agent-ident", 2, &[("pool", "gpu")])
+        .await?;
+    let node = config::NodeIdentity::fetch(&cluster.admin()?, &nodes.names()[0]).await?;
+    assert_eq!(node.labels.get("pool").map(String::as_str), Some("gpu"));
+    assert!(!node.uid.is_empty());
+    let text = std::fs::read_to_string(repo("config/samples/gpu-pool-metrics.yaml"))?;
+    let spec = config::parse_config_file(&text, &node)?;
+    let policies: Vec<&str> = spec.rules.iter().map(|r| r.policy.as_str()).collect();
+    assert_eq!(policies, ["team-a-gpu-metrics"]);
+    let unlabelled = config::NodeIdentity {
+        labels: Default::default(),
+        ..node
+    };
+    assert!(
+        config::parse_config_file(&text, &unlabelled)?
+            .rules
+            .is_empty()
+    );
+    Ok(())
+}
