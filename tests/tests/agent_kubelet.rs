@@ -62,6 +62,8 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         );
         return;
     };
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let ns_a = cluster.namespace("agent-a").await.unwrap();
     let ns_b = cluster.namespace("agent-b").await.unwrap();
     let cmd = ["sh", "-c", "echo line-one; echo line-two; sleep 3600"];
@@ -72,6 +74,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     );
     pa.unwrap();
     pb.unwrap();
+    step("pods running");
     let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
 
     let suffix = rand_suffix();
@@ -103,6 +106,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     )
     .await;
     let addr = agent.running.secure_addr;
+    step("agent started");
     let creds = cluster
         .user_credentials(&format!("member-{suffix}"), &[&team_group])
         .await
@@ -114,6 +118,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         .unwrap();
     let reader = Cred::Cert(client_cert_from_pem(&creds.certificate_pem, &creds.key_pem));
 
+    step("credentials");
     // /pods from the real kubelet, filtered to namespace a.
     let r = request(addr, true, &member, "GET", "/pods", &[])
         .await
@@ -185,6 +190,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         assert!(line.contains(&format!("namespace=\"{a}\"")), "{line}");
     }
 
+    step("pods, logs, metrics");
     // exec over WebSocket: the member (create on exec) runs a command in namespace a.
     let uri = format!(
         "wss://agent/exec/{a}/web/main?command=echo&command=through-nodegate&output=1&stdout=true"
@@ -216,6 +222,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&stdout), "through-nodegate\n");
 
+    step("exec");
     // The reader may read logs but not exec, also with a WebSocket GET.
     let r = request(
         addr,
@@ -235,4 +242,5 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     .unwrap();
     assert_eq!(r.status, 403);
     assert!(r.text().contains("verb=create"));
+    step("done");
 }

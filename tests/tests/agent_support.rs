@@ -230,6 +230,28 @@ pub async fn start_agent_with(
     reviewer: Arc<dyn TokenReviewer>,
     rules: Vec<AgentRule>,
 ) -> TestAgent {
+    start_agent_mode(
+        node,
+        upstream,
+        client_ca_file,
+        reviewer,
+        rules,
+        server::AuthorizationMode::Policy,
+        None,
+    )
+    .await
+}
+
+/// An agent in an authorization mode, with a SubjectAccessReview stand-in.
+pub async fn start_agent_mode(
+    node: &str,
+    upstream: UpstreamSettings,
+    client_ca_file: PathBuf,
+    reviewer: Arc<dyn TokenReviewer>,
+    rules: Vec<AgentRule>,
+    mode: server::AuthorizationMode,
+    access_reviewer: Option<Arc<dyn nodegate_agent::webhook::AccessReviewer>>,
+) -> TestAgent {
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: None,
         key_file: None,
@@ -248,14 +270,16 @@ pub async fn start_agent_with(
     );
     let config = ConfigStore::new();
     config.publish(spec_of(rules));
+    let mut settings = Settings::loopback(node);
+    settings.authorization_mode = mode;
     let running = server::start(
-        Settings::loopback(node),
+        settings,
         Components {
             tls,
             authenticator,
             config: config.clone(),
             upstream: Upstream::new(&upstream).unwrap(),
-            access_reviewer: None,
+            access_reviewer,
             metrics: Metrics::new(),
         },
     )
