@@ -12,6 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use nodegate_agent::upstream::UpstreamSettings;
+use nodegate_crds::catalogue::Scope;
 use nodegate_crds::{Endpoint, Port};
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
@@ -86,6 +87,13 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
             vec![group(&team_group)],
             &every,
             namespaces(&[&a]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![user(&format!("root-{suffix}"))],
+            &every,
+            all_namespaces(),
             &[Port::Secure],
         ),
         rule(
@@ -242,5 +250,105 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     .unwrap();
     assert_eq!(r.status, 403);
     assert!(r.text().contains("verb=create"));
+    step("exec and refusals");
+
+    // Every route and method, as the team member, root and an outsider: the refusals are the
+    // agent's, and what is allowed is answered by the kubelet (never 401/403/405 from it: the
+    // agent's own credential works for every subresource, and 502 never). Path routes name a
+    // pod that does not exist, so nothing runs or is checkpointed.
+    let creds = cluster
+        .user_credentials(&format!("root-{suffix}"), &[])
+        .await
+        .unwrap();
+    let root = Cred::Cert(client_cert_from_pem(&creds.certificate_pem, &creds.key_pem));
+    let creds = cluster
+        .user_credentials(&format!("outsider-{suffix}"), &[])
+        .await
+        .unwrap();
+    let outsider = Cred::Cert(client_cert_from_pem(&creds.certificate_pem, &creds.key_pem));
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for endpoint in Endpoint::all() {
+        let spec = endpoint.spec();
+        for ns in [a.as_str(), b.as_str()] {
+            if spec.scope != Scope::Path && ns == b {
+                continue;
+            }
+            let target = matrix_target(endpoint, ns);
+            for method in spec.methods {
+                for (who, cred) in [
+                    ("member", &member),
+                    ("root", &root),
+                    ("outsider", &outsider),
+                ] {
+                    cases += 1;
+                    let allowed = match who {
+                        "root" => true,
+                        "member" => match spec.scope {
+                            Scope::NodeWide => false,
+                            Scope::Path => ns == a,
+                            _ => true,
+                        },
+                        _ => false,
+                    };
+                    let r = request(addr, true, cred, method, &target, &[])
+                        .await
+                        .unwrap();
+                    let ok = if allowed {
+                        ![401, 403, 405, 502].contains(&r.status)
+                    } else {
+                        r.status == 403
+                    };
+                    if !ok {
+                        failures.push(format!(
+                            "{who} {method} {target}: allowed={allowed}, got {} {}",
+                            r.status,
+                            r.text().chars().take(100).collect::<String>()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{cases} cases against the real kubelet");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The alias kube-prometheus-stack scrapes, which kubelet 1.37 itself answers 404.
+    let r = request(addr, true, &root, "GET", "/metrics/resource/v1alpha1", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("node_cpu_usage_seconds_total"),
+        "{}",
+        r.text()
+    );
     step("done");
+}
+
+fn matrix_target(endpoint: Endpoint, ns: &str) -> String {
+    match endpoint {
+        Endpoint::Healthz => "/healthz".into(),
+        Endpoint::Pods => "/pods".into(),
+        Endpoint::RunningPods => "/runningpods/".into(),
+        Endpoint::Stats => "/stats/summary".into(),
+        Endpoint::Metrics => "/metrics".into(),
+        Endpoint::Cadvisor => "/metrics/cadvisor".into(),
+        Endpoint::Resource => "/metrics/resource".into(),
+        Endpoint::Probes => "/metrics/probes".into(),
+        Endpoint::Slis => "/metrics/slis".into(),
+        Endpoint::Configz => "/configz".into(),
+        Endpoint::Statusz => "/statusz".into(),
+        Endpoint::Flagz => "/flagz".into(),
+        Endpoint::Logs => "/logs/".into(),
+        Endpoint::ContainerLogs => format!("/containerLogs/{ns}/nopod/main"),
+        Endpoint::Exec => format!("/exec/{ns}/nopod/main?command=true&stdout=true"),
+        Endpoint::Attach => format!("/attach/{ns}/nopod/main?stdout=true"),
+        Endpoint::PortForward => format!("/portForward/{ns}/nopod?port=80"),
+        Endpoint::Run => format!("/run/{ns}/nopod/main?cmd=true"),
+        Endpoint::Checkpoint => format!("/checkpoint/{ns}/nopod/main"),
+        Endpoint::Pprof => "/debug/pprof/".into(),
+        // An empty body: the kubelet refuses it (400), so verbosity never changes.
+        Endpoint::DebugFlags => "/debug/flags/v".into(),
+        Endpoint::Spec => "/spec/".into(),
+    }
 }
