@@ -11,8 +11,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
@@ -306,7 +309,7 @@ async fn owned_versions(client: &kube::Client, run: &str) -> BTreeMap<String, St
     }
     collect!(ClusterRole, "ClusterRole");
     collect!(ClusterRoleBinding, "ClusterRoleBinding");
-    collect!(k8s_openapi::api::rbac::v1::RoleBinding, "RoleBinding");
+    collect!(RoleBinding, "RoleBinding");
     collect!(ServiceAccount, "ServiceAccount");
     collect!(NodeAgentConfig, "NodeAgentConfig");
     versions
@@ -591,6 +594,17 @@ async fn namespace_created_later_is_resolved() -> TestResult {
         w.config(&node).await.filter(|c| scoped(c, ns.name()))
     })
     .await?;
+    // ... and RBAC answers for it: the policy's RoleBinding is written into it.
+    let role_bindings: Api<RoleBinding> = Api::namespaced(w.client.clone(), ns.name());
+    let binding_name = format!("nodegate:{name}");
+    let binding = eventually(
+        "RoleBinding in the new namespace",
+        Duration::from_secs(10),
+        || async { role_bindings.get_opt(&binding_name).await.ok().flatten() },
+    )
+    .await?;
+    assert_eq!(binding.role_ref.name, binding_name);
+    assert!(binding.subjects.unwrap().iter().any(|s| s.name == "carol"));
     // Relabelled away, it leaves the scope.
     ns_api
         .patch(
@@ -972,4 +986,165 @@ async fn leader_failover() -> TestResult {
     eprintln!("failover after graceful stop: {failover:?}");
     w.cleanup().await;
     Ok(())
+}
+
+/// Whether `user` may `verb` the `subresource` of node `node`'s NodeAgentConfig with data of
+/// `namespace`, as the API server's authorizer answers (what the agent's SubjectAccessReview
+/// mode asks).
+async fn allowed(
+    client: &kube::Client,
+    user: &str,
+    verb: &str,
+    subresource: &str,
+    node: &str,
+    namespace: &str,
+) -> bool {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.into()),
+            groups: Some(vec!["system:authenticated".into()]),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some("nodegate.io".into()),
+                resource: Some("nodeagentconfigs".into()),
+                subresource: Some(subresource.into()),
+                name: Some(node.into()),
+                namespace: Some(namespace.into()),
+                verb: Some(verb.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    answer.status.unwrap().allowed
+}
+
+#[tokio::test]
+async fn rbac_answers_per_namespace_as_the_policy_says() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let granted = cluster.namespace("cani-yes").await?;
+    let other = cluster.namespace("cani-no").await?;
+    let pool = unique_name("pool");
+    let mut w = World::new(cluster.clone(), 2, &[]).await?;
+    let nodes = w.node_names();
+    Api::<Node>::all(w.client.clone())
+        .patch(
+            &nodes[0],
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"pool": pool}}})),
+        )
+        .await?;
+    w.start();
+    let name = unique_name("cani");
+    let user = unique_name("ivy");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": user}],
+            "nodeSelector": {"matchLabels": {"pool": pool}},
+            "access": ["pods", "cadvisor"],
+            "namespaces": {"names": [granted.name()]},
+        }),
+    ))
+    .await?;
+    let (yes, no) = (granted.name(), other.name());
+    eventually("the grant", WAIT, || async {
+        allowed(&w.client, &user, "get", "pods", &nodes[0], yes)
+            .await
+            .then_some(())
+    })
+    .await?;
+    let c = &w.client;
+    assert!(allowed(c, &user, "get", "cadvisor", &nodes[0], yes).await);
+    assert!(
+        !allowed(c, &user, "get", "pods", &nodes[0], no).await,
+        "other namespace"
+    );
+    assert!(
+        !allowed(c, &user, "get", "pods", &nodes[1], yes).await,
+        "unselected node"
+    );
+    assert!(
+        !allowed(c, &user, "get", "stats", &nodes[0], yes).await,
+        "endpoint not granted"
+    );
+    assert!(
+        !allowed(c, &user, "create", "exec", &nodes[0], yes).await,
+        "exec not granted"
+    );
+    assert!(
+        !allowed(c, "someone-else", "get", "pods", &nodes[0], yes).await,
+        "not a subject"
+    );
+    // No core nodes/* grant without directKubeletAccess: the kubelet would not filter.
+    let review = |sub: &str| SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                resource: Some("nodes".into()),
+                subresource: Some(sub.into()),
+                name: Some(nodes[0].clone()),
+                verb: Some("get".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for sub in ["proxy", "pods", "metrics"] {
+        let answer = Api::<SubjectAccessReview>::all(c.clone())
+            .create(&PostParams::default(), &review(sub))
+            .await?;
+        assert!(!answer.status.unwrap().allowed, "nodes/{sub}");
+    }
+
+    // kubectl auth can-i gives the same answers.
+    let can_i = |ns: &str| {
+        let out = w_kubectl(
+            &cluster,
+            &[
+                "auth",
+                "can-i",
+                "get",
+                &format!("nodeagentconfigs.nodegate.io/{}", nodes[0]),
+                "--subresource=pods",
+                "-n",
+                ns,
+                "--as",
+                &user,
+            ],
+        );
+        out.trim().to_string()
+    };
+    assert_eq!(can_i(yes), "yes");
+    assert_eq!(can_i(no), "no");
+
+    // Relabel the second node into the pool: it is granted too.
+    Api::<Node>::all(w.client.clone())
+        .patch(
+            &nodes[1],
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"pool": pool}}})),
+        )
+        .await?;
+    eventually("the second node granted", WAIT, || async {
+        allowed(&w.client, &user, "get", "pods", &nodes[1], yes)
+            .await
+            .then_some(())
+    })
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
+/// kubectl's stdout, whatever its exit code (`can-i` exits 1 for "no").
+fn w_kubectl(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.kubectl().args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -247,23 +247,36 @@ impl Reconciler {
         self.failures.retain(|k, _| wanted.contains(k));
 
         let concurrency = self.settings.concurrency.max(1);
-        let applied: Vec<(Output, Result<(), kube::Error>)> = futures::stream::iter(due)
-            .map(|output| {
-                let api = self.api(&output.key);
-                let metrics = self.metrics.clone();
-                async move {
-                    metrics.write(output.key.kind.as_str(), "apply");
-                    let params = PatchParams::apply(FIELD_MANAGER).force();
-                    let result = api
-                        .patch(&output.key.name, &params, &Patch::Apply(&output.body))
-                        .await
-                        .map(|_| ());
-                    (output, result)
+        // Roles before the bindings that refer to them: RBAC checks a binding against the
+        // role it names (the operator may bind only what it holds), so a binding sent first
+        // would be refused. A binding whose role just failed waits for the next round.
+        let (bindings, first): (Vec<Output>, Vec<Output>) = due
+            .into_iter()
+            .partition(|o| matches!(o.key.kind, Kind::ClusterRoleBinding | Kind::RoleBinding));
+        let mut applied = self.apply_all(first, concurrency).await;
+        let failed_roles: BTreeSet<String> = applied
+            .iter()
+            .filter(|(o, r)| o.key.kind == Kind::ClusterRole && r.is_err())
+            .map(|(o, _)| o.key.name.clone())
+            .collect();
+        // The API server checks a binding against its own cache of roles: a role created
+        // this round may not be there yet, so its bindings wait for the round its watch
+        // event starts (ours sees it about when the API server's does).
+        let mut deferred_policies: BTreeSet<String> = BTreeSet::new();
+        let bindings: Vec<Output> = bindings
+            .into_iter()
+            .filter(|o| {
+                let role = o.body["roleRef"]["name"].as_str().unwrap_or_default();
+                let cached = existing.contains_key(&Key::new(Kind::ClusterRole, None, role));
+                let ok = cached && !failed_roles.contains(role);
+                if !ok {
+                    deferred_policies.extend(o.policies.iter().cloned());
                 }
+                ok
             })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
+            .collect();
+        let deferred = deferred_policies.len();
+        applied.extend(self.apply_all(bindings, concurrency).await);
         let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(plan.delete)
             .map(|(key, uid)| {
                 let api = self.api(&key);
@@ -332,8 +345,15 @@ impl Reconciler {
             self.fail(s.key.clone(), message, s.policies.clone());
         }
 
+        // A policy with bindings still to write gets its status next round, not a premature
+        // "applied".
+        let settled: Vec<NodeApiPolicy> = policies
+            .iter()
+            .filter(|p| !deferred_policies.contains(&p.name_any()))
+            .cloned()
+            .collect();
         self.statuses(
-            &policies,
+            &settled,
             &desired,
             &foreign_messages,
             &generated,
@@ -342,7 +362,11 @@ impl Reconciler {
         )
         .await;
 
-        let next_retry = self.failures.values().map(|f| f.until).min();
+        let mut next_retry = self.failures.values().map(|f| f.until).min();
+        if deferred > 0 {
+            let soon = Instant::now() + self.settings.debounce.max(Duration::from_millis(100));
+            next_retry = Some(next_retry.map_or(soon, |t| t.min(soon)));
+        }
         let elapsed = started.elapsed();
         self.metrics.round(elapsed.as_secs_f64());
         tracing::debug!(
@@ -354,6 +378,31 @@ impl Reconciler {
             "round done"
         );
         RoundReport { next_retry }
+    }
+
+    /// Applies `outputs`, `concurrency` at a time.
+    async fn apply_all(
+        &self,
+        outputs: Vec<Output>,
+        concurrency: usize,
+    ) -> Vec<(Output, Result<(), kube::Error>)> {
+        futures::stream::iter(outputs)
+            .map(|output| {
+                let api = self.api(&output.key);
+                let metrics = self.metrics.clone();
+                async move {
+                    metrics.write(output.key.kind.as_str(), "apply");
+                    let params = PatchParams::apply(FIELD_MANAGER).force();
+                    let result = api
+                        .patch(&output.key.name, &params, &Patch::Apply(&output.body))
+                        .await
+                        .map(|_| ());
+                    (output, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await
     }
 
     fn fail(&mut self, key: Key, message: String, policies: BTreeSet<String>) {
