@@ -442,10 +442,11 @@ async fn text_routes_and_kubelet_errors() -> TestResult {
     let redirect = call(&sim, "GET", "/metrics/../exec/ns/pod/ctr", &[], "").await;
     assert_eq!(status(&redirect), 307);
     assert_eq!(redirect.headers["location"], "/exec/ns/pod/ctr");
-    // exec without an upgrade is refused.
+    // exec without an upgrade is refused (kubelet 1.37: 500).
+    let r = call(&sim, "POST", "/exec/a/b/c?command=ls", &[], "").await;
     assert_eq!(
-        status(&call(&sim, "POST", "/exec/a/b/c?command=ls", &[], "").await),
-        400
+        (status(&r), r.text().as_str()),
+        (500, "Upgrade request required\n")
     );
     Ok(())
 }
@@ -1607,10 +1608,11 @@ where
     frames
 }
 
-/// exec over WebSocket: the simulator's frames are the real kubelet's, for `echo` and for
-/// stdin echoed by `cat` until stdin is closed (v5), on a busybox pod on node-1.
+/// Streaming against a busybox pod on node-1: the SPDY upgrade answers and refusals are the
+/// kubelet's header for header; over WebSocket, every exec frame is the kubelet's, for `echo`
+/// and for stdin echoed by `cat` until stdin is closed (v5).
 #[tokio::test]
-async fn websocket_exec_matches_the_real_kubelet() -> TestResult {
+async fn streaming_matches_the_real_kubelet() -> TestResult {
     use k8s_openapi::api::core::v1::Node;
     let Some(cluster) = nodegate_tests::Cluster::get().await? else {
         return Ok(());
@@ -1666,6 +1668,59 @@ async fn websocket_exec_matches_the_real_kubelet() -> TestResult {
             &[b"\x00ping\n", b"\xff\x00"],
         ),
     ];
+    // SPDY: the upgrade answers (and refusals) are the kubelet's, header for header.
+    let spdy = "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n";
+    let exec = format!(
+        "/exec/{}/sleeper/main?command=sh&input=1&output=1",
+        ns.name()
+    );
+    let spdy_cases = [
+        (
+            exec.clone(),
+            format!("{spdy}X-Stream-Protocol-Version: v4.channel.k8s.io\r\n"),
+        ),
+        (
+            exec.clone(),
+            format!(
+                "{spdy}X-Stream-Protocol-Version: v5.channel.k8s.io\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+            ),
+        ),
+        (
+            exec.clone(),
+            format!("{spdy}X-Stream-Protocol-Version: bogus\r\n"),
+        ),
+        (exec.clone(), spdy.to_string()),
+        (exec.clone(), String::new()),
+        (
+            format!("/attach/{}/sleeper/main?input=1&output=1", ns.name()),
+            format!("{spdy}X-Stream-Protocol-Version: v4.channel.k8s.io\r\n"),
+        ),
+        (
+            format!("/portForward/{}/sleeper", ns.name()),
+            format!("{spdy}X-Stream-Protocol-Version: portforward.k8s.io\r\n"),
+        ),
+        (
+            format!("/portForward/{}/sleeper", ns.name()),
+            format!("{spdy}X-Stream-Protocol-Version: v4.channel.k8s.io\r\n"),
+        ),
+    ];
+    for (target, headers) in &spdy_cases {
+        let request =
+            format!("POST {target} HTTP/1.1\r\nHost: node-1\r\n{headers}Content-Length: 0\r\n\r\n");
+        let tcp = tokio::net::TcpStream::connect((ip.as_str(), port as u16)).await?;
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        let mut tls = connector
+            .connect(rustls_pki_types::ServerName::try_from("node-1")?, tcp)
+            .await?;
+        let real = raw_exchange(&mut tls, &request).await?;
+        let mut tcp = tokio::net::TcpStream::connect(sim.addr).await?;
+        let ours = raw_exchange(&mut tcp, &request).await?;
+        assert_eq!(
+            real, ours,
+            "SPDY {target} {headers:?}: kubelet (left) vs simulator (right)"
+        );
+    }
+
     for (query, protocol, send) in cases {
         let target = format!("/exec/{}/sleeper/main?{query}", ns.name());
         let mut sessions = Vec::new();
@@ -1712,6 +1767,45 @@ async fn websocket_exec_matches_the_real_kubelet() -> TestResult {
         );
     }
     Ok(())
+}
+
+/// Sends a raw HTTP/1.1 request; returns the status line, the headers (lower-case, sorted,
+/// without `date`) and the body (by `Content-Length`; none after a 101).
+async fn raw_exchange<S>(
+    stream: &mut S,
+    request: &str,
+) -> Result<(String, Vec<String>, String), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head)?;
+    let mut lines = head.trim_end().split("\r\n");
+    let status = lines.next().unwrap_or("").to_string();
+    let mut headers: Vec<String> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap_or((l, ""));
+            format!("{}: {}", k.to_ascii_lowercase(), v.trim())
+        })
+        .filter(|h| !h.starts_with("date:"))
+        .collect();
+    headers.sort();
+    let length: usize = headers
+        .iter()
+        .find_map(|h| h.strip_prefix("content-length: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    if !status.contains(" 101 ") {
+        stream.read_exact(&mut body).await?;
+    }
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
 trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

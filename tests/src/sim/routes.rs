@@ -42,7 +42,7 @@ pub(crate) fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -
 
 /// Go's `http.Error` and `http.NotFound` (and the kubelet's healthz and configz handlers) add
 /// `X-Content-Type-Options: nosniff`.
-fn nosniff(mut response: Response<Body>) -> Response<Body> {
+pub(crate) fn nosniff(mut response: Response<Body>) -> Response<Body> {
     response.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -229,11 +229,18 @@ async fn dispatch(
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
         };
-        let mut r = respond(
-            307,
-            "text/html; charset=utf-8",
-            format!("<a href=\"{location}\">Temporary Redirect</a>.\n\n"),
-        );
+        // Go's `http.Redirect`: an HTML body for GET and HEAD only.
+        let mut r = if matches!(*req.method(), Method::GET | Method::HEAD) {
+            respond(
+                307,
+                "text/html; charset=utf-8",
+                format!("<a href=\"{location}\">Temporary Redirect</a>.\n\n"),
+            )
+        } else {
+            let mut r = respond(307, PLAIN, Bytes::new());
+            r.headers_mut().remove(header::CONTENT_TYPE);
+            r
+        };
         if let Ok(v) = HeaderValue::from_str(&location) {
             r.headers_mut().insert(header::LOCATION, v);
         }

@@ -10,7 +10,7 @@
 //! SPDY: the upgrade is answered (101 with the negotiated `X-Stream-Protocol-Version`) and the
 //! connection then echoes raw bytes; SPDY framing (streams per channel) is not implemented.
 
-use super::routes::{Body, respond, upgrade_header};
+use super::routes::{Body, nosniff, respond, upgrade_header};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -34,9 +34,8 @@ const CHANNEL_PROTOCOLS: &[&str] = &[
     "channel.k8s.io",
 ];
 const PORT_FORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "portforward.k8s.io"];
-/// SPDY stream protocols (`X-Stream-Protocol-Version`).
+/// SPDY stream protocols (`X-Stream-Protocol-Version`); v5 is WebSocket-only.
 const SPDY_EXEC_PROTOCOLS: &[&str] = &[
-    "v5.channel.k8s.io",
     "v4.channel.k8s.io",
     "v3.channel.k8s.io",
     "v2.channel.k8s.io",
@@ -63,7 +62,7 @@ pub(crate) fn handle(
     match upgrade.as_deref() {
         Some("websocket") => websocket(route, pairs, req),
         Some("spdy/3.1") => spdy(route, req),
-        _ => respond(400, PLAIN, "Upgrade request required"),
+        _ => nosniff(respond(500, PLAIN, "Upgrade request required\n")),
     }
 }
 
@@ -269,16 +268,39 @@ fn spdy(route: &Route, req: Request<Incoming>) -> Response<Body> {
     } else {
         SPDY_EXEC_PROTOCOLS
     };
+    if offered.is_empty() {
+        return nosniff(respond(
+            400,
+            PLAIN,
+            "unable to upgrade: X-Stream-Protocol-Version is required\n",
+        ));
+    }
     let protocol = match negotiate(&offered, supported) {
         Ok(p) => p,
         Err(()) => {
-            return respond(
-                403,
-                PLAIN,
-                format!(
-                    "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports {supported:?}"
-                ),
+            let message = format!(
+                "unable to upgrade: unable to negotiate protocol: client supports [{}], server accepts [{}]\n",
+                offered.join(" "),
+                supported.join(" ")
             );
+            // exec and attach write it twice (the handshake, then remotecommand again).
+            let times = if route.endpoint == Endpoint::PortForward {
+                1
+            } else {
+                2
+            };
+            let mut r = respond(403, PLAIN, message.repeat(times));
+            for p in supported {
+                r.headers_mut().append(
+                    "x-accepted-stream-protocol-versions",
+                    HeaderValue::from_static(p),
+                );
+            }
+            r.headers_mut().insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            return r;
         }
     };
     tokio::spawn(async move {
