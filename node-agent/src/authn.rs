@@ -287,6 +287,14 @@ impl Authenticator {
         &self.inner.settings
     }
 
+    /// Tokens cached as (authenticated, refused), approximately (for metrics).
+    pub fn cached_tokens(&self) -> (u64, u64) {
+        (
+            self.inner.authenticated.entry_count(),
+            self.inner.refused.entry_count(),
+        )
+    }
+
     /// Authenticates a request on the secure port. `peer_certs` is the client's certificate
     /// chain as rustls verified it against the client CA (rustls refuses the handshake for a
     /// chain that does not verify, so a chain here is trusted). A token in the query string
@@ -951,6 +959,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(user.method, AuthMethod::Anonymous);
+    }
+
+    proptest::proptest! {
+        /// Whatever the headers, extraction never panics and never yields an empty token.
+        #[test]
+        fn extraction_never_yields_an_empty_token(
+            auth in proptest::option::of("[ -~]{0,40}"),
+            protocols in proptest::option::of("[ -~]{0,80}"),
+            upgrade in proptest::bool::ANY,
+        ) {
+            let mut h = HeaderMap::new();
+            if let Some(a) = auth.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+                h.insert(http::header::AUTHORIZATION, a);
+            }
+            if let Some(p) = protocols.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+                h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, p);
+            }
+            if upgrade {
+                h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            if let Ok(Some(token)) = bearer_token(&h) {
+                proptest::prop_assert!(!token.is_empty());
+                proptest::prop_assert!(!token.starts_with(' ') && !token.ends_with(' '));
+            }
+            if auth.is_none() && !upgrade {
+                proptest::prop_assert_eq!(bearer_token(&h), Ok(None));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_sizes_are_reported() {
+        let reviewer = Arc::new(FakeReviewer::with(&[("good", SA, &[])]));
+        let a = authenticator(reviewer, AuthnSettings::default());
+        a.authenticate_token("good").await.unwrap();
+        let _ = a.authenticate_token("junk").await;
+        a.inner.authenticated.run_pending_tasks().await;
+        a.inner.refused.run_pending_tasks().await;
+        assert_eq!(a.cached_tokens(), (1, 1));
     }
 
     #[test]

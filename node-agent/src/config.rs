@@ -1410,6 +1410,44 @@ mod tests {
         assert!(invalid.last_error.unwrap().contains("unknown endpoint"));
     }
 
+    proptest::proptest! {
+        /// Arbitrary text never panics the file parser, and anything it accepts is valid.
+        #[test]
+        fn file_parser_never_panics(text in "[ -~\n]{0,300}") {
+            if let Ok(spec) = parse_config_file(&text, &node(&[])) {
+                proptest::prop_assert!(agent_spec_violations(&spec).is_empty());
+            }
+        }
+
+        /// Random mutations of a valid spec are either refused or still valid.
+        #[test]
+        fn accepted_specs_satisfy_every_check(
+            endpoints in proptest::collection::vec(proptest::sample::select(Endpoint::all().map(|e| e.name()).collect::<Vec<_>>()), 0..4),
+            names in proptest::collection::vec("[a-zA-Z0-9_.-]{0,8}", 0..4),
+            all in proptest::bool::ANY,
+            read_only in proptest::bool::ANY,
+            anonymous in proptest::bool::ANY,
+        ) {
+            let mut r = rule("p");
+            r["endpoints"] = json!(endpoints);
+            r["namespaces"] = if all { json!({"all": true}) } else { json!({"names": names}) };
+            r["ports"] = if read_only { json!(["ReadOnly"]) } else { json!(["Secure"]) };
+            if anonymous {
+                r["subjects"] = json!([{"kind": "User", "name": "system:anonymous"}]);
+            }
+            if let Ok(spec) = validate_agent_spec("t", &spec(vec![r])) {
+                let rule = &spec.rules[0];
+                proptest::prop_assert!(rule.namespaces.names.windows(2).all(|w| w[0] < w[1]));
+                proptest::prop_assert!(rule.namespaces.names.iter().all(|n| is_dns_label(n)));
+                proptest::prop_assert_eq!(rule.ports.contains(&Port::ReadOnly), anonymous);
+                proptest::prop_assert!(!rule.endpoints.is_empty());
+                if rule.endpoints.iter().any(|e| Endpoint::node_wide().any(|n| n == *e)) {
+                    proptest::prop_assert!(rule.namespaces.all);
+                }
+            }
+        }
+    }
+
     #[test]
     fn node_labels_flag() {
         let labels = parse_node_labels("pool=gpu, zone = a,,empty=").unwrap();
