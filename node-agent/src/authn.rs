@@ -10,6 +10,8 @@
 //! logged) with the kubelet's TTLs. Concurrent misses for one token share one review; reviews
 //! are capped by a semaphore so a flood of junk tokens cannot flood the API server, and
 //! refused tokens go to a small cache of their own so they never evict good entries.
+//!
+//! The agent's service account needs `create` on `tokenreviews.authentication.k8s.io`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -9,6 +9,12 @@
 //! good one (the agent keeps enforcing what it enforced, and says why in status and logs).
 //! The swap is atomic: a request in flight keeps the `Arc` it started with. Before the first
 //! good version the agent is not ready and denies everything.
+//!
+//! Permissions the agent's service account needs for this module: `get`, `list`, `watch` on
+//! `nodeagentconfigs.nodegate.io` (only its own object is asked for, by field selector),
+//! `patch` on `nodeagentconfigs/status`, and `get` on `nodes` for [`NodeIdentity::fetch`].
+//! Status is written by server-side apply with field manager `nodegate-agent`, and only when
+//! it changes.
 
 use arc_swap::ArcSwapOption;
 use futures::StreamExt;
