@@ -414,32 +414,35 @@ impl Filter {
             let v = self.labels[i].value;
             &line[v.0 as usize..v.1 as usize]
         });
-        let namespace: Option<&str> = match raw_ns {
+        // The namespace as bytes, unescaped. Compared with the granted names byte for byte,
+        // which is `ResolvedNamespaces::allows` without first proving the value is UTF-8 (a
+        // kept line is checked for UTF-8 below; a name is a String, so bytes that are not UTF-8
+        // match none).
+        let namespace: Option<&[u8]> = match raw_ns {
             None | Some(b"") => None,
             Some(raw) => {
-                let bytes = if scanned.namespace.is_some_and(|i| self.labels[i].escaped) {
+                if scanned.namespace.is_some_and(|i| self.labels[i].escaped) {
                     scan::unescape_into(raw, &mut self.unescaped);
-                    self.unescaped.as_slice()
+                    Some(self.unescaped.as_slice())
                 } else {
-                    raw
-                };
-                match std::str::from_utf8(bytes) {
-                    Ok(s) => Some(s),
-                    Err(_) => {
-                        self.stats.invalid_lines += 1;
-                        return;
-                    }
+                    Some(raw)
                 }
             }
         };
         let family_name: Option<&[u8]> = in_family.then_some(self.family.name.as_slice());
         let named = |set: &HashSet<Vec<u8>>| {
-            set.contains(name) || family_name.is_some_and(|f| set.contains(f))
+            !set.is_empty() && (set.contains(name) || family_name.is_some_and(|f| set.contains(f)))
         };
         let admitted = rules.grants.iter().find(|g| {
             let in_scope = match namespace {
                 None => g.namespaces.all,
-                Some(ns) => g.namespaces.allows(ns),
+                Some(ns) => {
+                    g.namespaces.all
+                        || g.namespaces
+                            .names
+                            .binary_search_by(|n| n.as_bytes().cmp(ns))
+                            .is_ok()
+                }
             };
             in_scope && (g.keep.is_empty() || named(&g.keep)) && !named(&g.drop)
         });
@@ -456,7 +459,7 @@ impl Filter {
                 raw_ns,
                 &mut self.exemplar_labels,
             )
-            || std::str::from_utf8(line).is_err()
+            || (!line.is_ascii() && std::str::from_utf8(line).is_err())
         {
             self.stats.invalid_lines += 1;
             return;

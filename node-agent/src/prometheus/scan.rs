@@ -256,6 +256,18 @@ pub(crate) enum ScanError {
     DuplicateNamespace,
 }
 
+/// The next `"` or `\\` at or after `from`. Most label values are short: a plain loop over the
+/// first bytes beats setting up a vector search, which takes over for long values.
+fn find_quote_or_backslash(line: &[u8], from: usize) -> Option<usize> {
+    let short_end = line.len().min(from + 24);
+    for (i, b) in line[from..short_end].iter().enumerate() {
+        if *b == b'"' || *b == b'\\' {
+            return Some(from + i);
+        }
+    }
+    memchr2(b'"', b'\\', &line[short_end..]).map(|off| short_end + off)
+}
+
 /// Scans a label set whose `{` is at `open`; fills `labels`; returns the index of `}`.
 /// A second `namespace` label is an error here already, because it decides scope.
 fn scan_labels(
@@ -289,10 +301,9 @@ fn scan_labels(
         let mut k = value_start;
         let mut escaped = false;
         let value_end = loop {
-            let Some(off) = memchr2(b'"', b'\\', &line[k..]) else {
+            let Some(at) = find_quote_or_backslash(line, k) else {
                 return Err(ScanError::Syntax);
             };
-            let at = k + off;
             if line[at] == b'"' {
                 break at;
             }
@@ -362,6 +373,20 @@ pub(crate) fn scan_sample(
 
 /// Whether no two labels share a name.
 pub(crate) fn labels_unique(line: &[u8], labels: &[LabelSpan]) -> bool {
+    // Cheap first pass: names that differ in length or first byte cannot be equal; compare
+    // bytes only when two names land on the same bit.
+    let mut seen = 0u64;
+    let mut collision = false;
+    for l in labels {
+        let len = (l.name.1 - l.name.0) as u64;
+        let first = u64::from(line[l.name.0 as usize]);
+        let bit = 1u64 << ((len.wrapping_mul(31).wrapping_add(first)) & 63);
+        collision |= seen & bit != 0;
+        seen |= bit;
+    }
+    if !collision {
+        return true;
+    }
     for (i, a) in labels.iter().enumerate() {
         let an = &line[a.name.0 as usize..a.name.1 as usize];
         for b in &labels[i + 1..] {
@@ -521,10 +546,23 @@ pub(crate) fn is_float(tok: &[u8]) -> bool {
 
 /// A 64-bit signed decimal integer (text format timestamps).
 pub(crate) fn is_int(tok: &[u8]) -> bool {
-    std::str::from_utf8(tok)
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .is_some()
+    let (negative, digits) = match tok.first() {
+        Some(b'-') => (true, &tok[1..]),
+        Some(b'+') => (false, &tok[1..]),
+        _ => (false, tok),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    // Overflow check without parsing into a string: accumulate the magnitude as i128.
+    let mut magnitude: i128 = 0;
+    for d in digits {
+        magnitude = magnitude * 10 + i128::from(d - b'0');
+        if magnitude > i128::from(i64::MAX) + 1 {
+            return false;
+        }
+    }
+    negative || magnitude <= i128::from(i64::MAX)
 }
 
 /// Unescapes a label value (`\\`, `\"`, `\n`) into `buf`.
@@ -709,7 +747,11 @@ mod tests {
             assert!(!is_float(bad.as_bytes()), "{bad}");
         }
         assert!(is_int(b"-1633253812125") && is_int(b"+1"));
-        assert!(!is_int(b"1.5") && !is_int(b"99999999999999999999"));
+        assert!(is_int(b"9223372036854775807") && is_int(b"-9223372036854775808"));
+        assert!(!is_int(b"9223372036854775808") && !is_int(b"-9223372036854775809"));
+        assert!(
+            !is_int(b"1.5") && !is_int(b"99999999999999999999") && !is_int(b"-") && !is_int(b"")
+        );
     }
 
     #[test]
