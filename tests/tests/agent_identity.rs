@@ -937,3 +937,120 @@ async fn policy_file_compiles_for_the_labels_the_api_server_has() -> TestResult 
     );
     Ok(())
 }
+
+/// Deletes a ClusterRole and ClusterRoleBinding of one name when the test ends.
+struct RbacCleanup {
+    name: String,
+    config: kube::Config,
+}
+impl Drop for RbacCleanup {
+    fn drop(&mut self) {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+        let (name, config) = (self.name.clone(), self.config.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = kube::Client::try_from(config).unwrap();
+                let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+                let _ = Api::<ClusterRole>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The permissions the module docs name are enough, and the agent only ever asks for its own
+/// node's NodeAgentConfig (the role is limited to that name).
+#[tokio::test]
+async fn documented_permissions_suffice_and_only_this_nodes_config_is_read() -> TestResult {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let Some(cluster) = cluster_with_crds().await? else {
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let ns = cluster.namespace("agent-rbac").await?;
+    let nodes = cluster
+        .fake_nodes("agent-rbac", 1, &[("pool", "gpu")])
+        .await?;
+    let node = nodes.names()[0].clone();
+    let _config_cleanup = Cleanup {
+        name: node.clone(),
+        config: cluster.admin_config().clone(),
+    };
+    service_account_token(&admin, ns.name(), "agent").await?;
+    let role_name = unique_name("nodegate-agent-test");
+    let _rbac_cleanup = RbacCleanup {
+        name: role_name.clone(),
+        config: cluster.admin_config().clone(),
+    };
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": role_name},
+        "rules": [
+            {"apiGroups": ["nodegate.io"], "resources": ["nodeagentconfigs"],
+             "resourceNames": [node], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["nodegate.io"], "resources": ["nodeagentconfigs/status"],
+             "resourceNames": [node], "verbs": ["patch"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["nodes"], "resourceNames": [node],
+             "verbs": ["get"]},
+        ],
+    }))?;
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": ns.name()}],
+    }))?;
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let agent = cluster.service_account(ns.name(), "agent").await?;
+
+    // Node identity and token reviews with the agent's own credentials.
+    let identity = config::NodeIdentity::fetch(&agent, &node).await?;
+    assert_eq!(identity.labels.get("pool").map(String::as_str), Some("gpu"));
+    let caller = service_account_token(&admin, ns.name(), "caller").await?;
+    let authn = Authenticator::with_client(agent.clone(), AuthnSettings::default());
+    let user = authn.authenticate(None, &bearer(&caller)).await.unwrap();
+    assert_eq!(
+        user.name,
+        format!("system:serviceaccount:{}:caller", ns.name())
+    );
+
+    // The config source: watch of its own object, status written.
+    let store = ConfigStore::new();
+    let runner = tokio::spawn(config::run_api(
+        agent.clone(),
+        store.clone(),
+        ApiSourceSettings {
+            node_name: node.clone(),
+            serving_cert_expiry: None,
+            status_interval: Duration::from_millis(200),
+        },
+    ));
+    let api: Api<DynamicObject> =
+        Api::all_with(admin.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(agent_config(&node, "h1", &["team-a"]))?,
+    )
+    .await?;
+    let s = store.clone();
+    eventually("h1 in force", move || s.current().spec.hash == "h1").await;
+    wait_status(&api, &node, "in sync with h1", |s| {
+        s["observedHash"] == "h1"
+    })
+    .await;
+    runner.abort();
+    Ok(())
+}
