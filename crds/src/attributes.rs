@@ -791,10 +791,10 @@ mod tests {
                 upgrade in prop::option::of(prop::sample::select(vec!["websocket", "SPDY/3.1"])),
             ) {
                 let target = format!("{prefix}{rest}");
-                if let Ok(a) = request_attributes(method, &target, upgrade) {
-                    if STREAMING_PREFIXES.iter().any(|p| is_subpath(&a.path, p)) {
-                        prop_assert_eq!(a.verb, Some(Verb::Create), "{} {}", method, target);
-                    }
+                if let Ok(a) = request_attributes(method, &target, upgrade)
+                    && STREAMING_PREFIXES.iter().any(|p| is_subpath(&a.path, p))
+                {
+                    prop_assert_eq!(a.verb, Some(Verb::Create), "{} {}", method, target);
                 }
             }
 

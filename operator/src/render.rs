@@ -298,10 +298,10 @@ pub fn to_yaml(desired: &Desired) -> Result<String, Error> {
                     .and_then(Value::as_str)
                     .is_some_and(|u| !u.is_empty())
             });
-            if owners.is_empty() {
-                if let Some(Value::Object(meta)) = value.get_mut("metadata") {
-                    meta.remove("ownerReferences");
-                }
+            if owners.is_empty()
+                && let Some(Value::Object(meta)) = value.get_mut("metadata")
+            {
+                meta.remove("ownerReferences");
             }
         }
         docs.push(value);

@@ -6,6 +6,8 @@
 //! Run with `cargo xtask test`, or after `eval "$(cargo xtask cluster env)"` with
 //! `cargo test -p nodegate-tests --test grants`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
