@@ -237,6 +237,11 @@ pub fn direct_access_not_for_agent_endpoints() -> Rule {
     ))
     .message(Message::Message(format!(
         "{} served by the agent itself: it cannot be granted with directKubeletAccess",
-        names(served_by_agent()) + if served_by_agent().count() == 1 { " is" } else { " are" }
+        names(served_by_agent())
+            + if served_by_agent().count() == 1 {
+                " is"
+            } else {
+                " are"
+            }
     )))
 }
