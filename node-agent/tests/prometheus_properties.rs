@@ -1,13 +1,15 @@
 //! Properties of the Prometheus filter, by proptest and by bolero.
 //!
-//! The bolero target runs as an ordinary bounded test under `cargo test`. For long runs under
-//! libFuzzer (nightly toolchain, `cargo install cargo-bolero`; cargo-bolero builds with a
-//! `fuzz` profile, which the workspace does not define, so pass an existing one):
+//! The bolero target runs as an ordinary bounded test under `cargo test` (3000 random inputs).
+//! For long runs under libFuzzer (nightly toolchain and `cargo install cargo-bolero`; cargo-bolero
+//! builds with a `fuzz` profile, which the workspace does not define: pass `--profile release`,
+//! or add `[profile.fuzz]` with `inherits = "dev"`, `opt-level = 3`, `codegen-units = 1`):
 //!
 //! ```text
-//! cargo +nightly bolero test -p nodegate-agent --test prometheus_properties \
-//!     fuzz_filter_properties --profile release --time 300s
+//! cargo +nightly bolero test -p nodegate-agent fuzz_filter_properties --profile release -T 300s
 //! ```
+//!
+//! The corpus goes to `node-agent/tests/__fuzz__/filter_properties/` (not committed).
 //!
 //! Properties, for every input: no panic; the output does not depend on how the input is split
 //! into chunks; every output line is an input line (modulo added labels), in input order; no

@@ -373,18 +373,7 @@ impl Filter {
     fn sample(&mut self, line: &[u8], out: &mut Vec<u8>) {
         let rules = &*self.rules;
         // The metric name first: it decides whether the held family goes on.
-        let mut name_start = 0;
-        while name_start < line.len() && (line[name_start] == b' ' || line[name_start] == b'\t') {
-            name_start += 1;
-        }
-        let mut name_end = name_start;
-        while name_end < line.len()
-            && (line[name_end].is_ascii_alphanumeric()
-                || line[name_end] == b'_'
-                || line[name_end] == b':')
-        {
-            name_end += 1;
-        }
+        let (name_start, name_end) = scan::metric_name_span(line);
         let name = &line[name_start..name_end];
         let in_family = self.family.contains(name);
         if !in_family && self.family.active {
@@ -403,13 +392,14 @@ impl Filter {
             self.stats.samples_dropped += 1;
             return;
         }
-        let scanned = match scan::scan_sample(line, &mut self.labels) {
-            Ok(s) => s,
-            Err(_) => {
-                self.stats.invalid_lines += 1;
-                return;
-            }
-        };
+        let scanned =
+            match scan::scan_sample_after_name(line, name_start, name_end, &mut self.labels) {
+                Ok(s) => s,
+                Err(_) => {
+                    self.stats.invalid_lines += 1;
+                    return;
+                }
+            };
         let raw_ns: Option<&[u8]> = scanned.namespace.map(|i| {
             let v = self.labels[i].value;
             &line[v.0 as usize..v.1 as usize]

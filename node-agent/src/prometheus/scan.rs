@@ -336,16 +336,32 @@ fn scan_labels(
 
 /// Scans a sample line up to the end of its label set. The value, timestamp and exemplar are
 /// checked separately by [`check_tail`], only for lines the filter keeps.
+#[cfg(test)]
 pub(crate) fn scan_sample(
     line: &[u8],
+    labels: &mut Vec<LabelSpan>,
+) -> Result<SampleScan, ScanError> {
+    let (name_start, name_end) = metric_name_span(line);
+    scan_sample_after_name(line, name_start, name_end, labels)
+}
+
+/// Where a sample line's metric name lies (empty when it does not start with one).
+pub(crate) fn metric_name_span(line: &[u8]) -> (usize, usize) {
+    let name_start = skip_blanks(line, 0);
+    (name_start, metric_name_end(line, name_start))
+}
+
+/// [`scan_sample`] for a line whose name [`metric_name_span`] already found.
+pub(crate) fn scan_sample_after_name(
+    line: &[u8],
+    name_start: usize,
+    name_end: usize,
     labels: &mut Vec<LabelSpan>,
 ) -> Result<SampleScan, ScanError> {
     labels.clear();
     if line.len() > u32::MAX as usize {
         return Err(ScanError::Syntax);
     }
-    let name_start = skip_blanks(line, 0);
-    let name_end = metric_name_end(line, name_start);
     if name_end == name_start {
         return Err(ScanError::Syntax);
     }
