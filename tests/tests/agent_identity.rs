@@ -372,6 +372,8 @@ async fn junk_token_flood_does_not_evict_a_good_token() -> TestResult {
             success_capacity: 16,
             failure_capacity: 16,
             max_concurrent_reviews: 4,
+            // Slots are waited for within the timeout: leave room on a busy test machine.
+            review_timeout: Duration::from_secs(120),
             ..Default::default()
         },
     );
