@@ -1657,6 +1657,8 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
 
     let cases: &[(&str, &str, &[&[u8]])] = &[
         ("command=echo&command=hi&output=1", "v5.channel.k8s.io", &[]),
+        ("command=echo&command=hi&output=1", "", &[]),
+        ("command=echo&command=hi&output=1", "bogus.k8s.io", &[]),
         (
             "command=echo&command=a&command=b&output=1",
             "v4.channel.k8s.io",
@@ -1731,8 +1733,10 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
                 format!("ws://{}{target}", sim.addr)
             }
             .into_client_request()?;
-            req.headers_mut()
-                .insert("sec-websocket-protocol", protocol.parse()?);
+            if !protocol.is_empty() {
+                req.headers_mut()
+                    .insert("sec-websocket-protocol", protocol.parse()?);
+            }
             let tcp = if real {
                 tokio::net::TcpStream::connect((ip.as_str(), port as u16)).await?
             } else {
@@ -1748,7 +1752,21 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
             } else {
                 Box::new(tcp)
             };
-            let (mut ws, response) = tokio_tungstenite::client_async(req, stream).await?;
+            let (mut ws, response) = match tokio_tungstenite::client_async(req, stream).await {
+                Ok(x) => x,
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]))
+                        .into_owned();
+                    sessions.push((Some(format!("{} {body}", response.status())), Vec::new()));
+                    continue;
+                }
+                // e.g. a subprotocol answered though none was asked for: the same error from
+                // both is the same answer.
+                Err(e) => {
+                    sessions.push((Some(e.to_string()), Vec::new()));
+                    continue;
+                }
+            };
             let chosen = response
                 .headers()
                 .get("sec-websocket-protocol")

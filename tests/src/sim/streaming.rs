@@ -21,7 +21,8 @@ use nodegate_crds::catalogue::Endpoint;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
 const PLAIN: &str = "text/plain; charset=utf-8";
 
@@ -49,7 +50,7 @@ const STATUS_SUCCESS: &str = r#"{"metadata":{},"status":"Success"}"#;
 #[derive(Clone, Debug)]
 enum Session {
     Echo { v5: bool },
-    Command { args: Vec<String> },
+    Command { args: Vec<String>, status: bool },
     PortForward { ports: Vec<u16> },
 }
 
@@ -116,13 +117,17 @@ fn websocket(route: &Route, pairs: &[(String, String)], req: Request<Incoming>) 
         CHANNEL_PROTOCOLS
     };
     let Ok(protocol) = negotiate(&offered, supported) else {
-        return respond(
-            400,
-            PLAIN,
-            format!("requested protocol(s) are not supported: {offered:?}; supports {supported:?}"),
-        );
+        // The kubelet's wsstream: 403, no body, and the connection closed.
+        let mut r = respond(403, PLAIN, Bytes::new());
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
     };
     let v5 = protocol == Some("v5.channel.k8s.io");
+    // v4 and v5 end a command with a JSON status on the error channel; the older protocols
+    // (and the unnamed base one) write nothing there on success.
+    let status = matches!(protocol, Some("v4.channel.k8s.io" | "v5.channel.k8s.io"));
     let session = match route.endpoint {
         Endpoint::PortForward => Session::PortForward {
             ports: pairs
@@ -139,7 +144,7 @@ fn websocket(route: &Route, pairs: &[(String, String)], req: Request<Incoming>) 
                 .map(|(_, v)| v.clone())
                 .collect();
             if args.first().is_some_and(|c| c == "echo") {
-                Session::Command { args }
+                Session::Command { args, status }
             } else {
                 Session::Echo { v5 }
             }
@@ -173,10 +178,20 @@ fn websocket(route: &Route, pairs: &[(String, String)], req: Request<Incoming>) 
     if let Ok(v) = HeaderValue::from_str(&key) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    if let Some(p) = protocol {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
-    }
+    // The kubelet names the protocol, and answers an empty one when none was asked for.
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(protocol.unwrap_or("")),
+    );
     response
+}
+
+/// Close code 1000, as the kubelet sends when a command ends.
+fn normal_close() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Normal,
+        reason: Default::default(),
+    }
 }
 
 fn frame(channel: u8, data: &[u8]) -> Message {
@@ -216,11 +231,13 @@ where
         ws.send(frame(*channel, &[])).await?;
     }
     match session {
-        Session::Command { args } => {
+        Session::Command { args, status } => {
             let out = format!("{}\n", args[1..].join(" "));
             ws.send(frame(1, out.as_bytes())).await?;
-            ws.send(frame(3, STATUS_SUCCESS.as_bytes())).await?;
-            ws.close(None).await?;
+            if status {
+                ws.send(frame(3, STATUS_SUCCESS.as_bytes())).await?;
+            }
+            ws.close(Some(normal_close())).await?;
         }
         Session::Echo { v5 } => {
             while let Some(msg) = ws.next().await {
@@ -230,7 +247,7 @@ where
                         // v5: the client closed a stream; stdin closed ends the session.
                         255 if v5 && data.get(1) == Some(&0) => {
                             ws.send(frame(3, STATUS_SUCCESS.as_bytes())).await?;
-                            ws.close(None).await?;
+                            ws.close(Some(normal_close())).await?;
                         }
                         _ => {}
                     },
