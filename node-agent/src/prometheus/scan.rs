@@ -98,20 +98,47 @@ fn skip_blanks(line: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Byte classes for names, one table lookup per byte on the hot path.
+const LABEL_START: u8 = 1;
+const LABEL_CHAR: u8 = 2;
+const METRIC_START: u8 = 4;
+const METRIC_CHAR: u8 = 8;
+
+const CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let alpha = c.is_ascii_alphabetic() || c == b'_';
+        let digit = c.is_ascii_digit();
+        if alpha {
+            t[b] |= LABEL_START | LABEL_CHAR | METRIC_START | METRIC_CHAR;
+        }
+        if digit {
+            t[b] |= LABEL_CHAR | METRIC_CHAR;
+        }
+        if c == b':' {
+            t[b] |= METRIC_START | METRIC_CHAR;
+        }
+        b += 1;
+    }
+    t
+};
+
 fn is_metric_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b == b':'
+    CLASSES[b as usize] & METRIC_START != 0
 }
 
 fn is_metric_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b':'
+    CLASSES[b as usize] & METRIC_CHAR != 0
 }
 
 fn is_label_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_'
+    CLASSES[b as usize] & LABEL_START != 0
 }
 
 fn is_label_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
+    CLASSES[b as usize] & LABEL_CHAR != 0
 }
 
 /// End of the metric name starting at `i` (== `i` when there is none).
@@ -570,6 +597,10 @@ pub(crate) fn is_int(tok: &[u8]) -> bool {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return false;
     }
+    // Up to 18 digits always fit in an i64 (millisecond timestamps have 13).
+    if digits.len() <= 18 {
+        return true;
+    }
     // Overflow check without parsing into a string: accumulate the magnitude as i128.
     let mut magnitude: i128 = 0;
     for d in digits {
@@ -768,6 +799,21 @@ mod tests {
         assert!(
             !is_int(b"1.5") && !is_int(b"99999999999999999999") && !is_int(b"-") && !is_int(b"")
         );
+    }
+
+    #[test]
+    fn name_classes_match_the_format() {
+        for b in 0..=255u8 {
+            let alpha = b.is_ascii_alphabetic() || b == b'_';
+            assert_eq!(is_label_start(b), alpha, "{b}");
+            assert_eq!(is_label_char(b), alpha || b.is_ascii_digit(), "{b}");
+            assert_eq!(is_metric_start(b), alpha || b == b':', "{b}");
+            assert_eq!(
+                is_metric_char(b),
+                alpha || b == b':' || b.is_ascii_digit(),
+                "{b}"
+            );
+        }
     }
 
     #[test]
