@@ -539,8 +539,9 @@ async fn cadvisor_is_shaped_like_the_capture() -> TestResult {
         );
         return Ok(());
     };
+    // Scale 12 serves every family.
     let sim = start(SimOptions {
-        payload_scale: 100,
+        payload_scale: 12,
         ..SimOptions::default()
     })
     .await;
@@ -1324,7 +1325,13 @@ async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
         .unwrap()
         .port;
     let kubelet = format!("https://{ip}:{port}");
-    let sim = start(SimOptions::default()).await;
+    // Scale 12: every cAdvisor family, to compare them all.
+    let sim = start(SimOptions {
+        pods: 6,
+        payload_scale: 12,
+        ..SimOptions::default()
+    })
+    .await;
     // A pod on node-1, so the kubelet has pod and container data to compare with.
     let ns = cluster.namespace("sim-shapes").await?;
     let mut pod = nodegate_tests::cluster::busybox_pod("sleeper", &["sleep", "3600"]);

@@ -14,7 +14,7 @@ use super::super::world::{Rng, World};
 enum Kind {
     /// Every cgroup (root, QoS, pod, pause and app containers).
     All,
-    /// Every cgroup, with `cpu="total"`.
+    /// Every cgroup, with `cpu="total"` (only `container_cpu_usage_seconds_total` has it).
     Cpu,
     /// The pod sandbox (pause) and the root, once per network interface.
     Network,
@@ -79,8 +79,8 @@ const FAMILIES: &[Family] = &[
     f("container_cpu_cfs_periods_total", "counter", Kind::CpuLimited, 1e5, true, "Number of elapsed enforcement period intervals."),
     f("container_cpu_cfs_throttled_periods_total", "counter", Kind::CpuLimited, 1e3, true, "Number of throttled period intervals."),
     f("container_cpu_cfs_throttled_seconds_total", "counter", Kind::CpuLimited, 50.0, false, "Total time duration the container has been throttled."),
-    f("container_cpu_system_seconds_total", "counter", Kind::Cpu, 100.0, false, "Cumulative system cpu time consumed in seconds."),
-    f("container_cpu_user_seconds_total", "counter", Kind::Cpu, 400.0, false, "Cumulative user cpu time consumed in seconds."),
+    f("container_cpu_system_seconds_total", "counter", Kind::All, 100.0, false, "Cumulative system cpu time consumed in seconds."),
+    f("container_cpu_user_seconds_total", "counter", Kind::All, 400.0, false, "Cumulative user cpu time consumed in seconds."),
     f("container_cpu_load_average_10s", "gauge", Kind::All, 0.0, true, "Value of container cpu load average over the last 10 seconds."),
     f("container_cpu_load_d_average_10s", "gauge", Kind::All, 0.0, true, "Value of container cpu load.d average over the last 10 seconds."),
     f("container_file_descriptors", "gauge", Kind::All, 200.0, true, "Number of open file descriptors for the container."),
