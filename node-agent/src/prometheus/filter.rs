@@ -449,7 +449,7 @@ impl Filter {
                 raw_ns,
                 &mut self.exemplar_labels,
             )
-            || (!line.is_ascii() && std::str::from_utf8(line).is_err())
+            || (!scan::is_ascii(line) && std::str::from_utf8(line).is_err())
         {
             self.stats.invalid_lines += 1;
             return;

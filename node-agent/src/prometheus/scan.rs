@@ -645,6 +645,17 @@ pub(crate) fn is_int(tok: &[u8]) -> bool {
     negative || magnitude <= i128::from(i64::MAX)
 }
 
+/// Whether every byte is ASCII: a branch-free fold over 8-byte words the compiler vectorises
+/// (the standard library's check goes byte by byte on short slices).
+pub(crate) fn is_ascii(bytes: &[u8]) -> bool {
+    let chunks = bytes.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0u8, |acc, b| acc | b);
+    let words = chunks.fold(0u64, |acc, c| {
+        acc | <[u8; 8]>::try_from(c).map_or(u64::MAX, u64::from_le_bytes)
+    });
+    words & 0x8080_8080_8080_8080 == 0 && tail & 0x80 == 0
+}
+
 /// Unescapes a label value (`\\`, `\"`, `\n`) into `buf`.
 pub(crate) fn unescape_into(raw: &[u8], buf: &mut Vec<u8>) {
     buf.clear();
@@ -846,6 +857,16 @@ mod tests {
                 alpha || b == b':' || b.is_ascii_digit(),
                 "{b}"
             );
+        }
+    }
+
+    #[test]
+    fn ascii_check() {
+        assert!(is_ascii(b"") && is_ascii(b"plain ascii line of some length 123"));
+        for n in 0..40 {
+            let mut v = vec![b'a'; n + 1];
+            v[n] = 0xc3;
+            assert!(!is_ascii(&v), "{n}");
         }
     }
 
