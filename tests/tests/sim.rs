@@ -796,7 +796,7 @@ async fn websocket_exec_echo_and_attach() -> TestResult {
     assert_eq!(reply.into_data()[0], 3);
 
     // portForward announces the port on its channels and echoes data.
-    let mut ws = ws_connect(&sim, "/portForward/a/b?ports=8080", "v4.channel.k8s.io").await;
+    let mut ws = ws_connect(&sim, "/portForward/a/b?port=8080", "v4.channel.k8s.io").await;
     let port = 8080u16.to_le_bytes();
     assert_eq!(
         ws.next().await.unwrap()?.into_data()[..],
@@ -1654,6 +1654,15 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
         std::time::Duration::from_secs(120),
     )
     .await?;
+    // An echo server on port 8080, for port forwarding.
+    ns.run_pod(
+        &nodegate_tests::cluster::busybox_pod(
+            "echo",
+            &["sh", "-c", "while true; do nc -l -p 8080 -e cat; done"],
+        ),
+        std::time::Duration::from_secs(120),
+    )
+    .await?;
     let sim = start(SimOptions::default()).await;
 
     // The kubelet's self-signed CA is the second certificate of its serving bundle.
@@ -1727,6 +1736,68 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
         assert_eq!(
             real, ours,
             "SPDY {target} {headers:?}: kubelet (left) vs simulator (right)"
+        );
+    }
+
+    // portForward over WebSocket: the port announced on the data and error channels, data
+    // echoed (by the pod's nc here, by the simulator itself there); `port` is required.
+    for (query, protocol) in [
+        ("port=8080", "v4.channel.k8s.io"),
+        ("port=8080", "portforward.k8s.io"),
+        ("", "v4.channel.k8s.io"),
+    ] {
+        let target = format!("/portForward/{}/echo?{query}", ns.name());
+        let mut sessions = Vec::new();
+        for real in [true, false] {
+            let mut req = if real {
+                format!("wss://node-1:{port}{target}")
+            } else {
+                format!("ws://{}{target}", sim.addr)
+            }
+            .into_client_request()?;
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocol.parse()?);
+            let stream: Box<dyn AsyncStream> = if real {
+                let tcp = tokio::net::TcpStream::connect((ip.as_str(), port as u16)).await?;
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                Box::new(
+                    connector
+                        .connect(rustls_pki_types::ServerName::try_from("node-1")?, tcp)
+                        .await?,
+                )
+            } else {
+                Box::new(tokio::net::TcpStream::connect(sim.addr).await?)
+            };
+            let mut ws = match tokio_tungstenite::client_async(req, stream).await {
+                Ok((ws, _)) => ws,
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[]))
+                        .into_owned();
+                    sessions.push(vec![format!("{} {body}", response.status()).into_bytes()]);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut frames = Vec::new();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut sent = false;
+            while frames.len() < 3 {
+                if frames.len() == 2 && !sent {
+                    ws.send(Message::Binary(Bytes::from_static(b"\x00hello\n")))
+                        .await?;
+                    sent = true;
+                }
+                match tokio::time::timeout_at(deadline, ws.next()).await {
+                    Ok(Some(Ok(Message::Binary(b)))) => frames.push(b.to_vec()),
+                    Ok(Some(Ok(_))) => {}
+                    _ => break,
+                }
+            }
+            sessions.push(frames);
+        }
+        assert_eq!(
+            sessions[0], sessions[1],
+            "portForward {query} {protocol}: kubelet (left) vs simulator (right)"
         );
     }
 

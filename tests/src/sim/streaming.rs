@@ -34,7 +34,8 @@ const CHANNEL_PROTOCOLS: &[&str] = &[
     "v2.channel.k8s.io",
     "channel.k8s.io",
 ];
-const PORT_FORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "portforward.k8s.io"];
+/// WebSocket port forwarding: v4 only (`portforward.k8s.io` is SPDY-only).
+const PORT_FORWARD_PROTOCOLS: &[&str] = &["v4.channel.k8s.io"];
 /// SPDY stream protocols (`X-Stream-Protocol-Version`); v5 is WebSocket-only.
 const SPDY_EXEC_PROTOCOLS: &[&str] = &[
     "v4.channel.k8s.io",
@@ -129,14 +130,17 @@ fn websocket(route: &Route, pairs: &[(String, String)], req: Request<Incoming>) 
     // (and the unnamed base one) write nothing there on success.
     let status = matches!(protocol, Some("v4.channel.k8s.io" | "v5.channel.k8s.io"));
     let session = match route.endpoint {
-        Endpoint::PortForward => Session::PortForward {
-            ports: pairs
+        Endpoint::PortForward => {
+            let ports: Vec<u16> = pairs
                 .iter()
-                .filter(|(k, _)| k == "port" || k == "ports")
-                .flat_map(|(_, v)| v.split(','))
-                .filter_map(|p| p.trim().parse().ok())
-                .collect(),
-        },
+                .filter(|(k, _)| k == "port")
+                .filter_map(|(_, v)| v.trim().parse().ok())
+                .collect();
+            if ports.is_empty() {
+                return respond(400, PLAIN, "query parameter \"port\" is required");
+            }
+            Session::PortForward { ports }
+        }
         Endpoint::Exec => {
             let args: Vec<String> = pairs
                 .iter()
