@@ -270,6 +270,16 @@ impl World {
     }
 }
 
+/// Reasons of the Events about policy `name` (cluster-scoped: in namespace default).
+async fn event_reasons(client: &kube::Client, name: &str) -> Vec<String> {
+    let lp = kube::api::ListParams::default().fields(&format!("involvedObject.name={name}"));
+    Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), "default")
+        .list(&lp)
+        .await
+        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+        .unwrap_or_default()
+}
+
 fn rule_names(role: &ClusterRole) -> Vec<String> {
     let mut names: Vec<String> = role
         .rules
@@ -413,6 +423,14 @@ async fn policy_lifecycle_objects_follow() -> TestResult {
         generated.service_accounts,
         [format!("{}/scraper", ns.name())]
     );
+
+    eventually("an Applied event", WAIT, || async {
+        event_reasons(&w.client, &name)
+            .await
+            .contains(&"Applied".to_string())
+            .then_some(())
+    })
+    .await?;
 
     // Update: a new endpoint changes the role and every config's hash; generation observed.
     let old_hash = w.config(&nodes[0]).await.unwrap().spec.hash;
@@ -783,6 +801,13 @@ async fn foreign_objects_are_left_alone_and_reported() -> TestResult {
         w.condition(&name, "Ready").await.unwrap().1,
         "ForeignObject"
     );
+    eventually("a ForeignObject event", WAIT, || async {
+        event_reasons(&w.client, &name)
+            .await
+            .contains(&"ForeignObject".to_string())
+            .then_some(())
+    })
+    .await?;
 
     // Left exactly as they were; no binding to the foreign role was written.
     let now = roles.get(&role_name).await?;

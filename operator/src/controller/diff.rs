@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Existing {
     pub uid: Option<String>,
-    /// The object as JSON.
-    pub body: Value,
+    /// The object as JSON (shared with the reconciler's cache).
+    pub body: std::sync::Arc<Value>,
 }
 
 /// The writes that bring the cluster to the desired state.
@@ -183,21 +183,21 @@ mod tests {
                 k("same"),
                 Existing {
                     uid: Some("1".into()),
-                    body: server_copy(same.clone()),
+                    body: server_copy(same.clone()).into(),
                 },
             ),
             (
                 k("changed"),
                 Existing {
                     uid: Some("2".into()),
-                    body: server_copy(same.clone()),
+                    body: server_copy(same.clone()).into(),
                 },
             ),
             (
                 k("stale"),
                 Existing {
                     uid: Some("3".into()),
-                    body: server_copy(same.clone()),
+                    body: server_copy(same.clone()).into(),
                 },
             ),
         ]);

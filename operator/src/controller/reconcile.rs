@@ -22,6 +22,7 @@ use nodegate_crds::policy::{GeneratedObjects, NodeApiPolicyStatus};
 use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeApiPolicy};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -52,39 +53,65 @@ impl Stores {
         all.await.map(|_| ()).map_err(|_| ())
     }
 
-    /// Every owned output in the caches, as JSON.
-    fn existing(&self) -> BTreeMap<Key, Existing> {
+    /// Every owned output in the caches, as JSON. Objects whose resourceVersion is the one
+    /// `cache` saw are not serialized again (a big cluster's round is mostly this).
+    fn existing(&self, cache: &mut JsonCache) -> BTreeMap<Key, Existing> {
         let mut map = BTreeMap::new();
-        add(&mut map, Kind::ClusterRole, &self.cluster_roles);
+        add(&mut map, cache, Kind::ClusterRole, &self.cluster_roles);
         add(
             &mut map,
+            cache,
             Kind::ClusterRoleBinding,
             &self.cluster_role_bindings,
         );
-        add(&mut map, Kind::RoleBinding, &self.role_bindings);
-        add(&mut map, Kind::ServiceAccount, &self.service_accounts);
-        add(&mut map, Kind::NodeAgentConfig, &self.node_agent_configs);
+        add(&mut map, cache, Kind::RoleBinding, &self.role_bindings);
+        add(
+            &mut map,
+            cache,
+            Kind::ServiceAccount,
+            &self.service_accounts,
+        );
+        add(
+            &mut map,
+            cache,
+            Kind::NodeAgentConfig,
+            &self.node_agent_configs,
+        );
+        cache.retain(|k, _| map.contains_key(k));
         map
     }
 }
 
 use futures::FutureExt;
 
-fn add<K>(map: &mut BTreeMap<Key, Existing>, kind: Kind, store: &Store<K>)
+/// JSON of cached objects by key, with the resourceVersion it was made from.
+type JsonCache = HashMap<Key, (String, Arc<Value>)>;
+
+fn add<K>(map: &mut BTreeMap<Key, Existing>, cache: &mut JsonCache, kind: Kind, store: &Store<K>)
 where
     K: Resource<DynamicType = ()> + Clone + serde::Serialize + 'static,
 {
     for object in store.state() {
-        let Ok(body) = serde_json::to_value(&*object) else {
-            continue;
-        };
         let meta = object.meta();
+        let key = Key::new(
+            kind,
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or_default(),
+        );
+        let rv = meta.resource_version.clone().unwrap_or_default();
+        let body = match cache.get(&key) {
+            Some((seen, body)) if !rv.is_empty() && *seen == rv => body.clone(),
+            _ => {
+                let Ok(body) = serde_json::to_value(&*object) else {
+                    continue;
+                };
+                let body = Arc::new(body);
+                cache.insert(key.clone(), (rv, body.clone()));
+                body
+            }
+        };
         map.insert(
-            Key::new(
-                kind,
-                meta.namespace.as_deref(),
-                meta.name.as_deref().unwrap_or_default(),
-            ),
+            key,
             Existing {
                 uid: meta.uid.clone(),
                 body,
@@ -122,6 +149,7 @@ pub(crate) struct Reconciler {
     stores: Stores,
     recorder: Option<Recorder>,
     failures: HashMap<Key, Failure>,
+    json: JsonCache,
 }
 
 impl Reconciler {
@@ -142,6 +170,7 @@ impl Reconciler {
             stores,
             recorder,
             failures: HashMap::new(),
+            json: HashMap::new(),
         }
     }
 
@@ -198,7 +227,9 @@ impl Reconciler {
         if let Some(instance) = &self.settings.instance {
             objects::label_all(&mut desired, INSTANCE_LABEL, instance);
         }
-        let existing = self.stores.existing();
+        let t_compile = started.elapsed();
+        let existing = self.stores.existing(&mut self.json);
+        let t_existing = started.elapsed();
         for kind in Kind::ALL {
             let n = existing.keys().filter(|k| k.kind == kind).count();
             self.metrics.owned(kind.as_str(), n);
@@ -217,6 +248,7 @@ impl Reconciler {
             }
         });
         let (foreign, unknown) = self.check_ownership(missing).await;
+        let t_ownership = started.elapsed();
         let blocked: BTreeSet<Key> = foreign.union(&unknown).cloned().collect();
         let skipped = ownership::exclude_foreign(&mut desired, &blocked);
         let (really_foreign, unchecked): (Vec<_>, Vec<_>) = skipped
@@ -231,6 +263,7 @@ impl Reconciler {
         let outputs = objects::outputs(&desired);
         let generated = generated_by_policy(&outputs);
         let plan = diff::plan(outputs, &existing);
+        let t_diff = started.elapsed();
         self.metrics.unchanged(plan.unchanged);
 
         let now = Instant::now();
@@ -352,6 +385,7 @@ impl Reconciler {
             .filter(|p| !deferred_policies.contains(&p.name_any()))
             .cloned()
             .collect();
+        let t_writes = started.elapsed();
         self.statuses(
             &settled,
             &desired,
@@ -369,11 +403,17 @@ impl Reconciler {
         }
         let elapsed = started.elapsed();
         self.metrics.round(elapsed.as_secs_f64());
+        // Cumulative milliseconds at the end of each phase: where a slow round goes.
         tracing::debug!(
             policies = policies.len(),
             nodes = nodes.len(),
             namespaces = namespaces.len(),
             unchanged = plan.unchanged,
+            compiled_ms = t_compile.as_millis() as u64,
+            cache_json_ms = t_existing.as_millis() as u64,
+            ownership_ms = t_ownership.as_millis() as u64,
+            diffed_ms = t_diff.as_millis() as u64,
+            written_ms = t_writes.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
             "round done"
         );

@@ -58,3 +58,46 @@ async fn readyz(State(metrics): State<Metrics>) -> (StatusCode, &'static str) {
         )
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let metrics = Metrics::new().unwrap();
+        let shutdown = CancellationToken::new();
+        let (addr, serve) = bind(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let server = tokio::spawn(serve);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        metrics.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        metrics.write("ClusterRole", "apply");
+        let text = get(addr, "/metrics").await;
+        assert!(text.contains("text/plain; version=0.0.4"));
+        assert!(text.contains(
+            "nodegate_operator_write_requests_total{kind=\"ClusterRole\",op=\"apply\"} 1"
+        ));
+        assert!(get(addr, "/nothing").await.starts_with("HTTP/1.1 404"));
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+}
