@@ -1,0 +1,671 @@
+//! A real Prometheus scraping the kubelet's metrics through nodegate-agent, configured like
+//! kube-prometheus' kubelet ServiceMonitor (HTTPS with the agent's CA, a service account's
+//! bearer token from a file, `honor_labels`, `/metrics/cadvisor` and `/metrics/resource`).
+//! Prometheus' query API must show every job up, each service account's series only in its
+//! own namespace, and no node-level series for them, while a job with `all` sees everything
+//! (so the negative checks can fail). Once in front of kubelet-sim, once in front of the
+//! local cluster's real kubelet.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "agent_support.rs"]
+mod support;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use kube::Api;
+use kube::api::PostParams;
+use nodegate_agent::authn::{Authenticator, AuthnSettings, TokenReviewer};
+use nodegate_agent::config::ConfigStore;
+use nodegate_agent::metrics::Metrics;
+use nodegate_agent::server::{self, Components, Running, Settings};
+use nodegate_agent::tls::{ReloadingTls, TlsSettings};
+use nodegate_agent::upstream::{Upstream, UpstreamSettings};
+use nodegate_crds::policy::SubjectKind;
+use nodegate_crds::{AgentRule, Endpoint, Port, Subject};
+use nodegate_tests::Cluster;
+use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
+use nodegate_tests::sim::{Sim, SimOptions};
+use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// How long results may take to show up in Prometheus.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Prometheus' own series, which every job has and which carry no namespace.
+const SYNTHETIC: &str = "up|scrape_duration_seconds|scrape_samples_scraped|scrape_samples_post_metric_relabeling|scrape_series_added";
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "nodegate-{label}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's serving certificate, signed by a test CA Prometheus trusts (`ca_file`), so the
+/// scrape verifies the agent as kube-prometheus verifies a kubelet.
+struct ServingPki {
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+fn serving_pki(dir: &Path) -> ServingPki {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "nodegate-test-serving-ca");
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "nodegate-agent");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let pki = ServingPki {
+        ca_file: dir.join("serving-ca.crt"),
+        cert_file: dir.join("agent.crt"),
+        key_file: dir.join("agent.key"),
+    };
+    std::fs::write(&pki.ca_file, ca.pem()).unwrap();
+    std::fs::write(&pki.cert_file, cert.pem()).unwrap();
+    std::fs::write(&pki.key_file, key.serialize_pem()).unwrap();
+    pki
+}
+
+/// The agent in-process with the test CA's serving certificate.
+async fn start_agent_serving(
+    upstream: UpstreamSettings,
+    pki: &ServingPki,
+    reviewer: Arc<dyn TokenReviewer>,
+    rules: Vec<AgentRule>,
+) -> Running {
+    let tls = ReloadingTls::new(TlsSettings {
+        cert_file: Some(pki.cert_file.clone()),
+        key_file: Some(pki.key_file.clone()),
+        client_ca_file: None,
+        node_name: "prometheus-node".into(),
+        node_ips: vec!["127.0.0.1".parse().unwrap()],
+        alpn_protocols: vec![b"http/1.1".to_vec()],
+    })
+    .unwrap();
+    let authenticator = Authenticator::new(reviewer, AuthnSettings::default());
+    let config = ConfigStore::new();
+    config.publish(spec_of(rules));
+    server::start(
+        Settings::loopback("prometheus-node"),
+        Components {
+            tls,
+            authenticator,
+            config,
+            upstream: Upstream::new(&upstream).unwrap(),
+            access_reviewer: None,
+            metrics: Metrics::new(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// One scrape job: name, path, token file.
+struct Job {
+    name: String,
+    path: &'static str,
+    token_file: PathBuf,
+}
+
+fn scrape_config(target: SocketAddr, ca_file: &Path, jobs: &[Job]) -> String {
+    let q = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
+    let mut yaml =
+        String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
+    for job in jobs {
+        yaml.push_str(&format!(
+            "  - job_name: {name}\n    scheme: https\n    metrics_path: {path}\n    honor_labels: true\n    \
+             tls_config:\n      ca_file: {ca}\n    authorization:\n      credentials_file: {token}\n    \
+             static_configs:\n      - targets: ['{target}']\n",
+            name = job.name,
+            path = job.path,
+            ca = q(ca_file),
+            token = q(&job.token_file),
+        ));
+    }
+    yaml
+}
+
+/// A Prometheus server as a child process, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn prometheus_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PROMETHEUS") {
+        return PathBuf::from(p);
+    }
+    let debian = PathBuf::from("/usr/bin/prometheus");
+    if debian.exists() {
+        debian
+    } else {
+        PathBuf::from("prometheus")
+    }
+}
+
+impl Prometheus {
+    async fn start(config: &str) -> Prometheus {
+        let dir = TempDir::new("prometheus");
+        let config_file = dir.0.join("prometheus.yml");
+        std::fs::write(&config_file, config).unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
+        let child = Command::new(prometheus_binary())
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect(
+                "prometheus (Debian package `prometheus`, see .ci/install-deps) must be installed",
+            );
+        let prometheus = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = request(addr, false, &Cred::None, "GET", "/-/ready", &[]).await
+                && r.status == 200
+            {
+                return prometheus;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready in 30 s: {}",
+                prometheus.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query: (labels, value) per series.
+    async fn query(&self, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let r = request(
+            self.addr,
+            false,
+            &Cred::None,
+            "GET",
+            &format!("/api/v1/query?query={encoded}"),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{promql}: {}", r.text());
+        let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(doc["status"], "success", "{promql}: {doc}");
+        doc["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let labels = s["metric"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect();
+                let value = s["value"][1].as_str().unwrap().parse().unwrap();
+                (labels, value)
+            })
+            .collect()
+    }
+
+    /// Polls `promql` until `done` holds for its result, up to [`QUERY_TIMEOUT`].
+    async fn wait_for(
+        &self,
+        promql: &str,
+        done: impl Fn(&[(BTreeMap<String, String>, f64)]) -> bool,
+    ) -> Vec<(BTreeMap<String, String>, f64)> {
+        let deadline = Instant::now() + QUERY_TIMEOUT;
+        loop {
+            let result = self.query(promql).await;
+            if done(&result) {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql}: still {result:?} after {QUERY_TIMEOUT:?}; prometheus log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Waits until every job's `up` is 1.
+    async fn wait_all_up(&self, jobs: &[Job]) {
+        let expected: BTreeSet<String> = jobs.iter().map(|j| j.name.clone()).collect();
+        self.wait_for("up == 1", |r| {
+            let up: BTreeSet<String> = r.iter().map(|(l, _)| l["job"].clone()).collect();
+            up == expected
+        })
+        .await;
+    }
+
+    /// The `namespace` values of `count by (namespace) (<selector>)`, once non-empty
+    /// (an empty string for series without one).
+    async fn namespaces_of(&self, selector: &str) -> BTreeSet<String> {
+        let r = self
+            .wait_for(&format!("count by (namespace) ({selector})"), |r| {
+                !r.is_empty()
+            })
+            .await;
+        r.iter()
+            .map(|(l, _)| l.get("namespace").cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// Number of non-synthetic series of `job` without a namespace.
+    async fn node_level_series(&self, job: &str) -> f64 {
+        let r = self
+            .query(&format!(
+                "count({{job=\"{job}\", namespace=\"\", __name__!~\"{SYNTHETIC}\"}})"
+            ))
+            .await;
+        r.first().map(|(_, v)| *v).unwrap_or(0.0)
+    }
+
+    async fn scalar(&self, promql: &str) -> f64 {
+        let r = self.wait_for(promql, |r| !r.is_empty()).await;
+        r[0].1
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn service_account(namespace: &str, name: &str) -> Subject {
+    Subject {
+        kind: SubjectKind::ServiceAccount,
+        name: name.into(),
+        namespace: Some(namespace.into()),
+    }
+}
+
+/// A service account in `namespace` and a bearer token for it (TokenRequest).
+async fn service_account_token(cluster: &Cluster, namespace: &str, name: &str) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(cluster.admin().unwrap(), namespace);
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some(name.into());
+    api.create(&PostParams::default(), &sa).await.unwrap();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued: TokenRequest = api
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .unwrap();
+    issued
+        .status
+        .unwrap()
+        .token
+        .expect("TokenRequest returned a token")
+}
+
+/// Service accounts a, b and root: (reviewer, subjects, tokens). With a cluster, real service
+/// accounts reviewed by the API server's TokenReview; without one (local runs only), a fake
+/// review of the same user names.
+async fn identities(
+    cluster: Option<&Cluster>,
+) -> (
+    Arc<dyn TokenReviewer>,
+    Option<nodegate_tests::TestNamespace>,
+    [(Subject, String); 3],
+) {
+    let names = ["prom-a", "prom-b", "prom-root"];
+    match cluster {
+        Some(cluster) => {
+            let ns = cluster.namespace("prom-sa").await.unwrap();
+            let mut out = Vec::new();
+            for name in names {
+                let token = service_account_token(cluster, ns.name(), name).await;
+                out.push((service_account(ns.name(), name), token));
+            }
+            let reviewer = Arc::new(nodegate_agent::authn::KubeTokenReviewer::new(
+                cluster.admin().unwrap(),
+            ));
+            (reviewer, Some(ns), out.try_into().unwrap())
+        }
+        None => {
+            let mut tokens = BTreeMap::new();
+            let mut out = Vec::new();
+            for name in names {
+                let token = format!("token-{name}-{}", rand_suffix());
+                tokens.insert(
+                    token.clone(),
+                    (
+                        format!("system:serviceaccount:prom:{name}"),
+                        vec!["system:serviceaccounts".into()],
+                    ),
+                );
+                out.push((service_account("prom", name), token));
+            }
+            (
+                Arc::new(FakeReviewer(tokens)),
+                None,
+                out.try_into().unwrap(),
+            )
+        }
+    }
+}
+
+fn write_token(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.token"));
+    std::fs::write(&file, token).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn prometheus_through_the_agent_sees_only_its_namespaces_on_kubelet_sim() {
+    let sim = Sim::start(SimOptions {
+        node_name: "prometheus-node".into(),
+        pods: 12,
+        namespaces: vec![
+            "ns-a".into(),
+            "ns-b".into(),
+            "ns-c".into(),
+            "kube-system".into(),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cluster = Cluster::get().await.unwrap();
+    if cluster.is_none() {
+        eprintln!("no test cluster: service account tokens are reviewed by a fake TokenReview");
+    }
+    let (reviewer, _sa_namespace, [(sa_a, tok_a), (sa_b, tok_b), (sa_root, tok_root)]) =
+        identities(cluster.as_ref()).await;
+    let dir = TempDir::new("prometheus-sim");
+    let pki = serving_pki(&dir.0);
+    let scrape = [Endpoint::Cadvisor, Endpoint::Resource];
+    let rules = vec![
+        rule(
+            "a",
+            vec![sa_a],
+            &scrape,
+            namespaces(&["ns-a"]),
+            &[Port::Secure],
+        ),
+        rule(
+            "b",
+            vec![sa_b],
+            &scrape,
+            namespaces(&["ns-b"]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![sa_root],
+            &scrape,
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+    ];
+    let agent = start_agent_serving(
+        UpstreamSettings::new(sim.url().parse().unwrap()),
+        &pki,
+        reviewer,
+        rules,
+    )
+    .await;
+    let (ta, tb, troot) = (
+        write_token(&dir.0, "a", &tok_a),
+        write_token(&dir.0, "b", &tok_b),
+        write_token(&dir.0, "root", &tok_root),
+    );
+    let job = |name: &str, path, token_file: &PathBuf| Job {
+        name: name.into(),
+        path,
+        token_file: token_file.clone(),
+    };
+    let jobs = [
+        job("a-cadvisor", "/metrics/cadvisor", &ta),
+        job("a-resource", "/metrics/resource", &ta),
+        job("b-cadvisor", "/metrics/cadvisor", &tb),
+        job("b-resource", "/metrics/resource", &tb),
+        job("root-cadvisor", "/metrics/cadvisor", &troot),
+    ];
+    let prometheus =
+        Prometheus::start(&scrape_config(agent.secure_addr, &pki.ca_file, &jobs)).await;
+    prometheus.wait_all_up(&jobs).await;
+
+    // The job with `all` sees every namespace and the node-level series: the data has what
+    // the filtered jobs must not see.
+    let root = prometheus
+        .namespaces_of("container_cpu_usage_seconds_total{job=\"root-cadvisor\"}")
+        .await;
+    for ns in ["ns-a", "ns-b", "ns-c", "kube-system", ""] {
+        assert!(root.contains(ns), "root sees {root:?}, not {ns:?}");
+    }
+    assert!(prometheus.node_level_series("root-cadvisor").await > 0.0);
+
+    let one = |ns: &str| BTreeSet::from([ns.to_string()]);
+    for (job, ns) in [("a", "ns-a"), ("b", "ns-b")] {
+        let cadvisor = prometheus
+            .namespaces_of(&format!(
+                "container_cpu_usage_seconds_total{{job=\"{job}-cadvisor\"}}"
+            ))
+            .await;
+        assert_eq!(cadvisor, one(ns), "{job}-cadvisor");
+        let all_cadvisor = prometheus
+            .namespaces_of(&format!(
+                "{{job=\"{job}-cadvisor\", __name__!~\"{SYNTHETIC}\"}}"
+            ))
+            .await;
+        assert_eq!(all_cadvisor, one(ns), "{job}-cadvisor, every family");
+        let resource = prometheus
+            .namespaces_of(&format!(
+                "{{job=\"{job}-resource\", __name__!~\"{SYNTHETIC}\"}}"
+            ))
+            .await;
+        assert_eq!(resource, one(ns), "{job}-resource");
+        for path in ["cadvisor", "resource"] {
+            assert_eq!(
+                prometheus.node_level_series(&format!("{job}-{path}")).await,
+                0.0,
+                "{job}-{path} has node-level series"
+            );
+        }
+        // Nothing of the namespace is lost: as many series as the `all` job has for it.
+        let filtered = prometheus
+            .scalar(&format!(
+                "count(container_cpu_usage_seconds_total{{job=\"{job}-cadvisor\"}})"
+            ))
+            .await;
+        let unfiltered = prometheus
+            .scalar(&format!(
+                "count(container_cpu_usage_seconds_total{{job=\"root-cadvisor\", namespace=\"{ns}\"}})"
+            ))
+            .await;
+        assert_eq!(filtered, unfiltered, "{job}: series of {ns}");
+    }
+}
+
+async fn node_ip(cluster: &Cluster) -> String {
+    let node = Api::<Node>::all(cluster.admin().unwrap())
+        .get(NODE_NAME)
+        .await
+        .unwrap();
+    node.status
+        .unwrap()
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .expect("node-1 has an InternalIP")
+}
+
+/// The kubelet as the agent reaches it on the local cluster (as in agent_kubelet.rs).
+fn kubelet_upstream(state: &Path, ip: &str) -> UpstreamSettings {
+    let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
+    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
+    s.server_name = Some(NODE_NAME.into());
+    s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
+    s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
+    s
+}
+
+#[tokio::test]
+async fn prometheus_through_the_agent_sees_only_its_namespace_on_the_real_kubelet() {
+    let Some(cluster) = Cluster::get().await.unwrap() else {
+        eprintln!("skipped: no test cluster");
+        return;
+    };
+    let Some(state) = cluster.location().state_dir.clone() else {
+        eprintln!("skipped: the cluster is not the local one of cargo xtask cluster");
+        return;
+    };
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+    let ns_a = cluster.namespace("prom-a").await.unwrap();
+    let ns_b = cluster.namespace("prom-b").await.unwrap();
+    let pod = busybox_pod("busy", &["sh", "-c", "while true; do :; done"]);
+    let (pa, pb) = tokio::join!(
+        ns_a.run_pod(&pod, Duration::from_secs(120)),
+        ns_b.run_pod(&pod, Duration::from_secs(120)),
+    );
+    pa.unwrap();
+    pb.unwrap();
+    step("pods running");
+    let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
+    let tok_a = service_account_token(&cluster, &a, "scraper").await;
+    let tok_root = service_account_token(&cluster, &b, "root-scraper").await;
+    let dir = TempDir::new("prometheus-kubelet");
+    let pki = serving_pki(&dir.0);
+    let rules = vec![
+        rule(
+            "a",
+            vec![service_account(&a, "scraper")],
+            &[Endpoint::Cadvisor],
+            namespaces(&[&a]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![service_account(&b, "root-scraper")],
+            &[Endpoint::Cadvisor],
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+    ];
+    let reviewer = Arc::new(nodegate_agent::authn::KubeTokenReviewer::new(
+        cluster.admin().unwrap(),
+    ));
+    let agent = start_agent_serving(
+        kubelet_upstream(&state, &node_ip(&cluster).await),
+        &pki,
+        reviewer,
+        rules,
+    )
+    .await;
+    let jobs = [
+        Job {
+            name: "kubelet-a-cadvisor".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "a", &tok_a),
+        },
+        Job {
+            name: "kubelet-root-cadvisor".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "root", &tok_root),
+        },
+    ];
+    let prometheus =
+        Prometheus::start(&scrape_config(agent.secure_addr, &pki.ca_file, &jobs)).await;
+    prometheus.wait_all_up(&jobs).await;
+    step("both jobs up");
+
+    // Unfiltered, the kubelet reports both pods and node-level cgroups.
+    let selector =
+        |job: &str| format!("container_cpu_usage_seconds_total{{job=\"{job}\", pod=\"busy\"}}");
+    let root = prometheus
+        .wait_for(
+            &format!(
+                "count by (namespace) ({})",
+                selector("kubelet-root-cadvisor")
+            ),
+            |r| r.len() >= 2,
+        )
+        .await;
+    let root: BTreeSet<String> = root.iter().map(|(l, _)| l["namespace"].clone()).collect();
+    assert!(root.contains(&a) && root.contains(&b), "{root:?}");
+    assert!(prometheus.node_level_series("kubelet-root-cadvisor").await > 0.0);
+    step("root job sees both namespaces");
+
+    // Filtered: the busy pod of namespace a, nothing of b, nothing node-level.
+    let busy = prometheus
+        .namespaces_of(&selector("kubelet-a-cadvisor"))
+        .await;
+    assert_eq!(busy, BTreeSet::from([a.clone()]));
+    let every = prometheus
+        .namespaces_of(&format!(
+            "{{job=\"kubelet-a-cadvisor\", __name__!~\"{SYNTHETIC}\"}}"
+        ))
+        .await;
+    assert_eq!(every, BTreeSet::from([a.clone()]));
+    assert_eq!(
+        prometheus.node_level_series("kubelet-a-cadvisor").await,
+        0.0
+    );
+    step("filtered job sees only its namespace");
+}
