@@ -1,17 +1,17 @@
 //! nodegate-agent: serves the kubelet API on a node, authorizes by the node's compiled
 //! NodeAgentConfig, proxies to the real kubelet and filters responses to the caller's namespaces.
 
-pub mod prometheus;
-pub mod authn;
-pub mod config;
-pub mod tls;
 pub mod audit;
+pub mod authn;
 pub mod authz;
+pub mod config;
+pub mod explain;
 pub mod json_filter;
 pub mod metrics;
-pub mod spec;
-pub mod upstream;
+pub mod prometheus;
 pub mod server;
+pub mod spec;
+pub mod tls;
 pub mod upgrade;
+pub mod upstream;
 pub mod webhook;
-pub mod explain;
