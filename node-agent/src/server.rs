@@ -22,7 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use nodegate_crds::attributes::{RequestAttributes, request_attributes};
 use nodegate_crds::catalogue::{Scope, kubelet_path};
@@ -191,6 +191,9 @@ pub async fn start(settings: Settings, parts: Components) -> Result<Running, Sta
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send a request's headers within this time (slow clients hold no connection
+/// open for free).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn serve_secure(listener: TcpListener, state: Arc<State>) {
     loop {
@@ -202,6 +205,11 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        // Responses are written in several TLS records: without this, Nagle's algorithm and
+        // delayed ACKs add ~40 ms to each.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
         let state = state.clone();
         tokio::spawn(async move {
             let acceptor = state.parts.tls.acceptor();
@@ -227,7 +235,12 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
                 let certs = certs.clone();
                 async move { Ok::<_, Infallible>(handle(state, Port::Secure, certs, req).await) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .await
             {
@@ -253,6 +266,11 @@ async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) 
                 continue;
             }
         };
+        // Responses are written in several TLS records: without this, Nagle's algorithm and
+        // delayed ACKs add ~40 ms to each.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+        }
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -265,6 +283,8 @@ async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) 
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await
             {
