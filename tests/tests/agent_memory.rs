@@ -122,7 +122,10 @@ fn free_port() -> u16 {
 
 fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NODEGATE_AGENT_BIN") {
-        return PathBuf::from(p);
+        // Relative to the workspace root (cargo runs tests in the package's directory).
+        return std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(p);
     }
     // target/<profile>/deps/agent_memory-… → target/<profile>/nodegate-agent
     let exe = std::env::current_exe().unwrap();
