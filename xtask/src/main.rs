@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's automation, in Rust so it runs wherever cargo does.
 
+mod bench;
 mod cluster;
 mod generate;
 mod test;
@@ -33,6 +34,9 @@ enum Command {
     Test(test::Args),
     /// Build (once, cached) and run a local Kubernetes control plane and node on loopback.
     Cluster(cluster::Args),
+    /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
+    /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -41,6 +45,7 @@ fn main() -> Result<()> {
         Command::Generate { check } => generate::run(check),
         Command::Test(args) => test::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,0 +1,766 @@
+//! `cargo xtask bench`: side-by-side throughput of the agent, the kubelet simulator, a Go reverse
+//! proxy and the real kubelet of the local cluster, measured with `hey` over loopback (see
+//! docs/BENCHMARKS.md for how to read the figures).
+//!
+//! Everything is started here and stopped at the end (children are killed on drop, even on an
+//! error), every load run is bounded by `--duration` plus a grace period, and traffic goes only to
+//! 127.0.0.1 and the local node's address. Not part of `cargo xtask test`: the figures depend on
+//! the machine and its load.
+
+use anyhow::{Context, Result, bail};
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Length of each load run (hey -z), e.g. `10s`.
+    #[arg(long, default_value = "10s")]
+    duration: String,
+    /// Concurrent clients (hey -c).
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+    /// kubelet-sim --payload-scale for the large /metrics/cadvisor answer (40: about 8 MB).
+    #[arg(long, default_value_t = 40)]
+    payload_scale: usize,
+    /// Skip the Go reverse proxy (caddy) baseline.
+    #[arg(long)]
+    no_go_proxy: bool,
+    /// Skip the runs against the real kubelet of the local cluster.
+    #[arg(long)]
+    no_kubelet: bool,
+    /// Write the result tables (markdown) to this file as well as to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Namespace of the bench's service accounts in the local cluster.
+const BENCH_NS: &str = "nodegate-bench";
+/// Namespace the filtered runs are granted (one of kubelet-sim's namespaces).
+const FILTER_NS: &str = "team-a";
+const NODE_NAME: &str = "node-1";
+
+/// A child process killed (and reaped) when dropped, so nothing outlives the bench.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Self> {
+        let out = std::fs::File::create(log).with_context(|| format!("{}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("stopped {}", self.name);
+    }
+}
+
+/// What one hey run measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeyResult {
+    pub rps: f64,
+    pub avg_s: f64,
+    pub p50_s: f64,
+    pub p99_s: f64,
+    pub ok: u64,
+    pub other: u64,
+}
+
+/// Reads hey's summary: `Requests/sec`, `Average`, the `50%`/`99%` lines of the latency
+/// distribution and the status code distribution (anything but 200 is counted as `other`, and
+/// errors hey lists are counted too).
+pub fn parse_hey(text: &str) -> Option<HeyResult> {
+    let mut r = HeyResult::default();
+    let num = |s: &str| s.split_whitespace().next()?.parse::<f64>().ok();
+    let mut in_errors = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            r.rps = num(v)?;
+        } else if let Some(v) = l.strip_prefix("Average:") {
+            r.avg_s = num(v)?;
+        } else if let Some(v) = l.strip_prefix("50% in ") {
+            r.p50_s = num(v)?;
+        } else if let Some(v) = l.strip_prefix("99% in ") {
+            r.p99_s = num(v)?;
+        } else if l.starts_with("Error distribution:") {
+            in_errors = true;
+        } else if let Some(rest) = l.strip_prefix('[') {
+            let (bracket, after) = rest.split_once(']')?;
+            if in_errors {
+                // `[count]\tthe error`
+                r.other += bracket.parse::<u64>().ok()?;
+            } else {
+                // `[status]\tcount responses`
+                let count = after.split_whitespace().next()?.parse::<u64>().ok()?;
+                if bracket == "200" {
+                    r.ok += count;
+                } else {
+                    r.other += count;
+                }
+            }
+        }
+    }
+    (r.rps > 0.0).then_some(r)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn duration_secs(d: &str) -> Result<u64> {
+    let (n, unit) = d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
+    let n: u64 = n.parse().with_context(|| format!("--duration {d}"))?;
+    Ok(match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        _ => bail!("--duration {d}: use seconds (10s) or minutes (1m)"),
+    })
+}
+
+fn ensure_hey() -> Result<()> {
+    if Command::new("hey").arg("-h").output().is_ok() {
+        return Ok(());
+    }
+    eprintln!("hey (HTTP load generator) is missing: installing it with apt-get install -y hey");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "hey"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!(
+            "could not install hey: install it (apt-get install hey, or `go install github.com/rakyll/hey@latest`) and retry"
+        );
+    }
+    Ok(())
+}
+
+fn cargo_build() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(crate::workspace_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "nodegate-agent",
+            "-p",
+            "nodegate-tests",
+            "--bin",
+            "kubelet-sim",
+            "--bin",
+            "nodegate-agent",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    Ok(())
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    target.join("release").join(name)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// VmRSS and VmHWM of a process, in MiB.
+fn rss(pid: u32) -> (f64, f64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Requests `url` with curl until it answers 200 (or `timeout` passes): the warm-up that fills
+/// the token and authorization caches before the measured run.
+fn warm_up(url: &str, token: Option<&str>, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-m", "20"]);
+        if let Some(t) = token {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        let out = cmd.arg(url).output()?;
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        if code == "200" {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("{url} did not answer 200 within {timeout:?} (last: {code:?})");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+struct Runner {
+    duration: String,
+    secs: u64,
+    concurrency: u32,
+}
+
+impl Runner {
+    fn hey(&self, label: &str, url: &str, token: Option<&str>) -> Result<HeyResult> {
+        warm_up(url, token, Duration::from_secs(60))?;
+        eprintln!("hey {label}: {url} (load {})", loadavg());
+        let mut cmd = Command::new("timeout");
+        cmd.arg(format!("{}s", self.secs + 60))
+            .arg("hey")
+            .args(["-z", &self.duration, "-c", &self.concurrency.to_string()])
+            .arg("-disable-compression");
+        if let Some(t) = token {
+            cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        let out = cmd.arg(url).output().context("running hey")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let r = parse_hey(&text).with_context(|| format!("unreadable hey output:\n{text}"))?;
+        eprintln!(
+            "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms, {} ok, {} other",
+            r.rps,
+            r.p50_s * 1e3,
+            r.p99_s * 1e3,
+            r.avg_s * 1e3,
+            r.ok,
+            r.other
+        );
+        Ok(r)
+    }
+}
+
+fn policy_yaml(name: &str, sa: &str, access: &str, namespaces: &str, ports: &str) -> String {
+    format!(
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata:\n  name: {name}\nspec:\n  \
+         serviceAccounts:\n    - name: {sa}\n      namespace: {BENCH_NS}\n  access: [{access}]\n  \
+         namespaces:\n    {namespaces}\n  ports: [{ports}]\n"
+    )
+}
+
+/// The agent's rules: `bench-ns` sees one namespace (filter on), `bench-all` everything (no
+/// filtering), anonymous callers on the read-only port everything (plain HTTP without
+/// authentication, to compare with a plain proxy).
+fn agent_config() -> String {
+    let anonymous = "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata:\n  \
+        name: bench-anonymous\nspec:\n  subjects:\n    - kind: User\n      name: system:anonymous\n  \
+        access: [cadvisor, resource]\n  namespaces:\n    all: true\n  ports: [ReadOnly]\n";
+    [
+        policy_yaml(
+            "bench-ns",
+            "bench-ns",
+            "cadvisor, resource",
+            &format!("names: [{FILTER_NS}]"),
+            "Secure",
+        ),
+        policy_yaml(
+            "bench-all",
+            "bench-all",
+            "cadvisor, resource",
+            "all: true",
+            "Secure",
+        ),
+        anonymous.to_string(),
+    ]
+    .join("---\n")
+}
+
+struct Agent {
+    proc: Proc,
+    secure: u16,
+    read_only: u16,
+}
+
+fn start_agent(
+    dir: &Path,
+    name: &str,
+    kubeconfig: &str,
+    upstream_args: &[String],
+) -> Result<Agent> {
+    let config = dir.join(format!("{name}-config.yaml"));
+    std::fs::write(&config, agent_config())?;
+    let (secure, read_only, healthz) = (free_port()?, free_port()?, free_port()?);
+    let mut cmd = Command::new(release_bin("nodegate-agent"));
+    cmd.args(["--node-name", NODE_NAME, "--bind-address", "127.0.0.1"])
+        .args(["--healthz-bind-address", "127.0.0.1"])
+        .arg(format!("--secure-port={secure}"))
+        .arg(format!("--read-only-port={read_only}"))
+        .arg(format!("--healthz-port={healthz}"))
+        .arg(format!("--kubeconfig={kubeconfig}"))
+        .arg(format!("--config-source=file:{}", config.display()))
+        .args(upstream_args);
+    let proc = Proc::spawn(name, &mut cmd, &dir.join(format!("{name}.log")))?;
+    warm_up(
+        &format!("http://127.0.0.1:{healthz}/readyz"),
+        None,
+        Duration::from_secs(30),
+    )
+    .with_context(|| {
+        format!(
+            "{name} did not become ready (log {}/{name}.log)",
+            dir.display()
+        )
+    })?;
+    Ok(Agent {
+        proc,
+        secure,
+        read_only,
+    })
+}
+
+fn kubectl(env: &[(String, String)], args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("kubectl")?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The bench's identities in the cluster: `bench-ns` and `bench-all`; `bench-all` may also get
+/// `nodes/metrics` and `nodes/proxy`, for the kubelet's secure port and the API server's node
+/// proxy.
+const RBAC: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: nodegate-bench}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bench-ns, namespace: nodegate-bench}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bench-all, namespace: nodegate-bench}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: nodegate-bench-kubelet}
+rules:
+  - apiGroups: [""]
+    resources: [nodes/metrics, nodes/proxy]
+    verbs: [get]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: nodegate-bench-kubelet}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: nodegate-bench-kubelet}
+subjects:
+  - {kind: ServiceAccount, name: bench-all, namespace: nodegate-bench}
+"#;
+
+struct Row {
+    path: &'static str,
+    target: String,
+    r: HeyResult,
+    load: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let secs = duration_secs(&args.duration)?;
+    ensure_hey()?;
+    cargo_build()?;
+    let runner = Runner {
+        duration: args.duration.clone(),
+        secs,
+        concurrency: args.concurrency,
+    };
+    let dir = std::env::temp_dir().join(format!("nodegate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("logs in {}", dir.display());
+    let load_start = loadavg();
+    let started = Instant::now();
+
+    let env = crate::cluster::ensure_up().context("the local cluster (cargo xtask cluster up)")?;
+    let get = |k: &str| {
+        env.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let kubeconfig = get("KUBECONFIG");
+    let state = PathBuf::from(get("NODEGATE_CLUSTER_DIR"));
+    kubectl(&env, &["apply", "-f", "-"], Some(RBAC))?;
+    let token = |sa: &str| {
+        kubectl(
+            &env,
+            &["create", "token", sa, "-n", BENCH_NS, "--duration=2h"],
+            None,
+        )
+    };
+    let (tok_ns, tok_all) = (token("bench-ns")?, token("bench-all")?);
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut rss_rows: Vec<(String, (f64, f64))> = Vec::new();
+    let push = |rows: &mut Vec<Row>, path, target: &str, r: HeyResult| {
+        rows.push(Row {
+            path,
+            target: target.to_string(),
+            r,
+            load: loadavg(),
+        })
+    };
+
+    // 1. kubelet-sim, straight and through the agent (and caddy).
+    let sim_port = free_port()?;
+    let mut cmd = Command::new(release_bin("kubelet-sim"));
+    cmd.arg(format!("--listen=127.0.0.1:{sim_port}"))
+        .arg("--allow-all")
+        .arg(format!("--payload-scale={}", args.payload_scale))
+        .arg("--node-name")
+        .arg(NODE_NAME)
+        .env("RUST_LOG", "warn");
+    let sim_log = dir.join("kubelet-sim.log");
+    let _sim = Proc::spawn("kubelet-sim", &mut cmd, &sim_log)?;
+    let sim = format!("http://127.0.0.1:{sim_port}");
+    warm_up(
+        &format!("{sim}/metrics/resource"),
+        None,
+        Duration::from_secs(60),
+    )?;
+    let sim_line = std::fs::read_to_string(&sim_log)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("kubelet-sim serving"))
+        .unwrap_or_default()
+        .to_string();
+    let agent = start_agent(
+        &dir,
+        "agent-sim",
+        &kubeconfig,
+        &[format!("--upstream={sim}")],
+    )?;
+    rss_rows.push(("agent (kubelet-sim) idle".into(), rss(agent.proc.pid())));
+    let caddy = if args.no_go_proxy {
+        None
+    } else {
+        start_caddy(&dir, sim_port)?
+    };
+    let secure = format!("https://127.0.0.1:{}", agent.secure);
+    let ro = format!("http://127.0.0.1:{}", agent.read_only);
+    for path in ["/metrics/resource", "/metrics/cadvisor"] {
+        let r = runner.hey("sim direct", &format!("{sim}{path}"), None)?;
+        push(&mut rows, path, "kubelet-sim direct (http)", r);
+        if let Some((_, port)) = &caddy {
+            let r = runner.hey("caddy", &format!("http://127.0.0.1:{port}{path}"), None)?;
+            push(&mut rows, path, "caddy reverse-proxy (http, no auth)", r);
+        }
+        let r = runner.hey("agent read-only", &format!("{ro}{path}"), None)?;
+        push(
+            &mut rows,
+            path,
+            "agent read-only port (http, anonymous, all)",
+            r,
+        );
+        let r = runner.hey("agent all", &format!("{secure}{path}"), Some(&tok_all))?;
+        push(&mut rows, path, "agent TLS + token, `all` (no filter)", r);
+        let r = runner.hey("agent ns", &format!("{secure}{path}"), Some(&tok_ns))?;
+        push(
+            &mut rows,
+            path,
+            "agent TLS + token, one namespace (filter)",
+            r,
+        );
+        rss_rows.push((
+            format!("agent (kubelet-sim) after {path}"),
+            rss(agent.proc.pid()),
+        ));
+    }
+    drop(caddy);
+    drop(agent);
+
+    // 3. The real kubelet.
+    let mut kubelet_rows: Vec<Row> = Vec::new();
+    if !args.no_kubelet {
+        let ip = kubectl(
+            &env,
+            &[
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
+            ],
+            None,
+        )?;
+        let upstream = vec![
+            format!("--upstream=https://{ip}:10250"),
+            format!(
+                "--upstream-ca-file={}",
+                state.join("kubelet/pki/kubelet.crt").display()
+            ),
+            format!("--upstream-server-name={NODE_NAME}"),
+            format!(
+                "--upstream-client-cert-file={}",
+                state.join("pki/apiserver-kubelet-client.crt").display()
+            ),
+            format!(
+                "--upstream-client-key-file={}",
+                state.join("pki/apiserver-kubelet-client.key").display()
+            ),
+        ];
+        let agent = start_agent(&dir, "agent-kubelet", &kubeconfig, &upstream)?;
+        let path = "/metrics/resource";
+        let targets: Vec<(&str, String, Option<&str>)> = vec![
+            (
+                "kubelet read-only port :10255 (http)",
+                format!("http://{ip}:10255{path}"),
+                None,
+            ),
+            (
+                "kubelet secure port :10250 (token, webhook authn/authz)",
+                format!("https://{ip}:10250{path}"),
+                Some(&tok_all),
+            ),
+            (
+                "API server node proxy",
+                format!("https://127.0.0.1:6443/api/v1/nodes/{NODE_NAME}/proxy{path}"),
+                Some(&tok_all),
+            ),
+            (
+                "agent TLS + token, `all` (no filter)",
+                format!("https://127.0.0.1:{}{path}", agent.secure),
+                Some(&tok_all),
+            ),
+            (
+                "agent TLS + token, one namespace (filter)",
+                format!("https://127.0.0.1:{}{path}", agent.secure),
+                Some(&tok_ns),
+            ),
+        ];
+        for (label, url, tok) in targets {
+            let r = runner.hey(label, &url, tok)?;
+            push(&mut kubelet_rows, path, label, r);
+        }
+        rss_rows.push((
+            "agent (node-1 kubelet) after load".into(),
+            rss(agent.proc.pid()),
+        ));
+    }
+
+    let report = render(
+        &args,
+        &sim_line,
+        &load_start,
+        &loadavg(),
+        started.elapsed(),
+        &rows,
+        &kubelet_rows,
+        &rss_rows,
+    );
+    println!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report)?;
+    }
+    Ok(())
+}
+
+/// Starts `caddy reverse-proxy` in front of kubelet-sim if a caddy binary is in
+/// `~/.cache/nodegate/bench-bin` or on PATH (built by hand, see docs/BENCHMARKS.md); None when
+/// there is none.
+fn start_caddy(dir: &Path, sim_port: u16) -> Result<Option<(Proc, u16)>> {
+    let cached = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/nodegate/bench-bin/caddy"))
+        .filter(|p| p.exists());
+    let bin = match cached {
+        Some(p) => p,
+        None if Command::new("caddy").arg("version").output().is_ok() => PathBuf::from("caddy"),
+        None => {
+            eprintln!(
+                "no caddy: skipping the Go proxy baseline (build it with GOBIN=~/.cache/nodegate/bench-bin go install github.com/caddyserver/caddy/v2/cmd/caddy@latest)"
+            );
+            return Ok(None);
+        }
+    };
+    let port = free_port()?;
+    let admin = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["reverse-proxy", "--from"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--to")
+        .arg(format!("http://127.0.0.1:{sim_port}"))
+        .env("CADDY_ADMIN", format!("127.0.0.1:{admin}"))
+        .env("XDG_DATA_HOME", dir.join("caddy-data"))
+        .env("XDG_CONFIG_HOME", dir.join("caddy-config"));
+    let proc = Proc::spawn("caddy", &mut cmd, &dir.join("caddy.log"))?;
+    warm_up(
+        &format!("http://127.0.0.1:{port}/metrics/resource"),
+        None,
+        Duration::from_secs(30),
+    )?;
+    Ok(Some((proc, port)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    args: &Args,
+    sim_line: &str,
+    load_start: &str,
+    load_end: &str,
+    took: Duration,
+    rows: &[Row],
+    kubelet_rows: &[Row],
+    rss_rows: &[(String, (f64, f64))],
+) -> String {
+    let mut s = String::new();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        s,
+        "hey -z {} -c {} -disable-compression; {nproc} CPUs; load average (1/5/15 min) {load_start} at start, {load_end} at end; {:.0} s in all",
+        args.duration,
+        args.concurrency,
+        took.as_secs_f64()
+    );
+    let _ = writeln!(s, "{sim_line}\n");
+    let _ = writeln!(
+        s,
+        "| path | target | req/s | × direct | p50 ms | p99 ms | mean (last byte) ms | non-200 | load 1 min |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let direct = rows
+            .iter()
+            .find(|d| d.path == r.path)
+            .map_or(0.0, |d| d.r.rps);
+        line(&mut s, r, direct);
+    }
+    if !kubelet_rows.is_empty() {
+        let _ = writeln!(s, "\nnode-1 (real kubelet), ratio to the read-only port:\n");
+        let _ = writeln!(
+            s,
+            "| path | target | req/s | × read-only | p50 ms | p99 ms | mean ms | non-200 | load 1 min |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        let base = kubelet_rows.first().map_or(0.0, |d| d.r.rps);
+        for r in kubelet_rows {
+            line(&mut s, r, base);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n| agent process | VmRSS MiB | VmHWM MiB |\n|---|---:|---:|"
+    );
+    for (what, (rss, hwm)) in rss_rows {
+        let _ = writeln!(s, "| {what} | {rss:.1} | {hwm:.1} |");
+    }
+    s
+}
+
+fn line(s: &mut String, r: &Row, base: f64) {
+    let ratio = if base > 0.0 { r.r.rps / base } else { 0.0 };
+    let _ = writeln!(
+        s,
+        "| `{}` | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        r.path,
+        r.target,
+        r.r.rps,
+        ratio,
+        r.r.p50_s * 1e3,
+        r.r.p99_s * 1e3,
+        r.r.avg_s * 1e3,
+        r.r.other,
+        r.load.split_whitespace().next().unwrap_or("")
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEY: &str = "
+Summary:
+  Total:\t10.0154 secs
+  Slowest:\t0.0936 secs
+  Fastest:\t0.0002 secs
+  Average:\t0.0061 secs
+  Requests/sec:\t2611.0950
+
+  Total data:\t1234 bytes
+  Size/request:\t47 bytes
+
+Latency distribution:
+  10% in 0.0012 secs
+  50% in 0.0040 secs
+  90% in 0.0130 secs
+  99% in 0.0311 secs
+
+Status code distribution:
+  [200]\t26130 responses
+  [403]\t2 responses
+
+Error distribution:
+  [3]\tGet http://127.0.0.1:1/: dial tcp: connection refused
+";
+
+    #[test]
+    fn reads_hey_summary_latencies_and_failures() {
+        let r = parse_hey(HEY).unwrap_or_default();
+        assert_eq!(
+            r,
+            HeyResult {
+                rps: 2611.095,
+                avg_s: 0.0061,
+                p50_s: 0.004,
+                p99_s: 0.0311,
+                ok: 26130,
+                other: 5,
+            }
+        );
+        assert_eq!(parse_hey("Error: no such host"), None);
+    }
+
+    #[test]
+    fn durations_in_seconds_or_minutes() {
+        assert_eq!(duration_secs("10s").ok(), Some(10));
+        assert_eq!(duration_secs("3").ok(), Some(3));
+        assert_eq!(duration_secs("1m").ok(), Some(60));
+        assert!(duration_secs("1h").is_err());
+    }
+}
