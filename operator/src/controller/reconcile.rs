@@ -53,7 +53,7 @@ impl Stores {
         all.await.map(|_| ()).map_err(|_| ())
     }
 
-    /// Every owned output in the caches, as JSON. Objects whose resourceVersion is the one
+    /// Every owned output in the caches, as JSON with empty values stripped. Objects whose resourceVersion is the one
     /// `cache` saw are not serialized again (a big cluster's round is mostly this).
     fn existing(&self, cache: &mut JsonCache) -> BTreeMap<Key, Existing> {
         let mut map = BTreeMap::new();
@@ -105,7 +105,7 @@ where
                 let Ok(body) = serde_json::to_value(&*object) else {
                     continue;
                 };
-                let body = Arc::new(body);
+                let body = Arc::new(objects::strip_empty(body));
                 cache.insert(key.clone(), (rv, body.clone()));
                 body
             }
