@@ -15,6 +15,7 @@ use nodegate_agent::tls::{ReloadingTls, TlsSettings};
 use nodegate_agent::upstream::{Upstream, UpstreamSettings};
 use nodegate_crds::policy::SubjectKind;
 use nodegate_crds::{AgentRule, Endpoint, NodeAgentConfigSpec, Port, ResolvedNamespaces, Subject};
+use nodegate_tests::sim::{Sim, SimOptions};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, date_time_ymd};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -437,4 +438,92 @@ where
         headers,
         body,
     })
+}
+
+// ---- the simulator world the in-process agent tests share ----
+
+pub const NODE: &str = "sim-node";
+pub const TEAM: &str = "team-a";
+pub const OTHER: &str = "team-b";
+
+pub async fn sim() -> Sim {
+    Sim::start(SimOptions {
+        node_name: NODE.into(),
+        pods: 12,
+        namespaces: vec![TEAM.into(), OTHER.into(), "kube-system".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+pub fn upstream_of(sim: &Sim) -> UpstreamSettings {
+    UpstreamSettings::new(sim.url().parse().unwrap())
+}
+
+pub fn tokens() -> BTreeMap<String, (String, Vec<String>)> {
+    let mut t = BTreeMap::new();
+    t.insert(
+        "tok-alice-1234567890".into(),
+        (
+            "alice".into(),
+            vec!["team-a".into(), "system:authenticated".into()],
+        ),
+    );
+    t.insert(
+        "tok-root-1234567890".into(),
+        ("root".into(), vec!["system:authenticated".into()]),
+    );
+    t.insert(
+        "tok-bob-1234567890".into(),
+        ("bob".into(), vec!["system:authenticated".into()]),
+    );
+    t.insert(
+        "tok-reader-1234567890".into(),
+        ("reader".into(), vec!["system:authenticated".into()]),
+    );
+    t
+}
+
+/// team-a may use every endpoint for its namespace; root everything everywhere; the reader
+/// only reads (no exec); anonymous callers read pods, stats, cadvisor, health and spec of
+/// team-a on the read-only port.
+pub fn rules() -> Vec<nodegate_crds::AgentRule> {
+    let every: Vec<Endpoint> = Endpoint::all().collect();
+    vec![
+        rule(
+            "team-a",
+            vec![group("team-a")],
+            &every,
+            namespaces(&[TEAM]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![user("root")],
+            &every,
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+        rule(
+            "reader",
+            vec![user("reader")],
+            &[Endpoint::Pods, Endpoint::ContainerLogs],
+            namespaces(&[TEAM]),
+            &[Port::Secure],
+        ),
+        rule(
+            "anonymous-read-only",
+            vec![group("system:unauthenticated")],
+            &[
+                Endpoint::Pods,
+                Endpoint::Stats,
+                Endpoint::Cadvisor,
+                Endpoint::Healthz,
+                Endpoint::Spec,
+            ],
+            namespaces(&[TEAM]),
+            &[Port::ReadOnly],
+        ),
+    ]
 }
