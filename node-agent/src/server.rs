@@ -457,7 +457,7 @@ async fn pipeline(
                         .inc();
                     record.reason = e.to_string();
                     record.decision = "unauthenticated";
-                    return text(StatusCode::UNAUTHORIZED, "Unauthorized\n");
+                    return text(StatusCode::UNAUTHORIZED, "Unauthorized");
                 }
             }
         }

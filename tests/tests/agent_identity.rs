@@ -781,66 +781,6 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
     Ok(())
 }
 
-/// A TCP forwarder to the API server that can cut every connection and refuse new ones:
-/// an API server restart, as the agent sees it.
-struct FlakyProxy {
-    addr: std::net::SocketAddr,
-    cut: tokio::sync::broadcast::Sender<()>,
-    refusing: Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FlakyProxy {
-    async fn start(upstream: String) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (cut, _) = tokio::sync::broadcast::channel(1);
-        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (cut2, refusing2) = (cut.clone(), refusing.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if refusing2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let upstream = upstream.clone();
-                let mut cut = cut2.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.recv() => {}
-                    }
-                });
-            }
-        });
-        FlakyProxy {
-            addr,
-            cut,
-            refusing,
-            task,
-        }
-    }
-
-    fn outage(&self, down: bool) {
-        self.refusing.store(down, Ordering::SeqCst);
-        if down {
-            let _ = self.cut.send(());
-        }
-    }
-}
-
-impl Drop for FlakyProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 #[tokio::test]
 async fn api_source_resumes_after_the_api_server_goes_away() -> TestResult {
     let Some(cluster) = cluster_with_crds().await? else {
@@ -856,9 +796,8 @@ async fn api_source_resumes_after_the_api_server_goes_away() -> TestResult {
         Api::all_with(admin.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
     let url = cluster.admin_config().cluster_url.clone();
     let upstream = format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap_or(443));
-    let proxy = FlakyProxy::start(upstream).await;
-    let mut proxied = cluster.admin_config().clone();
-    proxied.cluster_url = format!("https://{}", proxy.addr).parse()?;
+    let proxy = nodegate_tests::cluster::FlakyProxy::start(upstream).await?;
+    let proxied = proxy.config_through(cluster.admin_config());
     let store = ConfigStore::new();
     let runner = tokio::spawn(config::run_api(
         kube::Client::try_from(proxied)?,

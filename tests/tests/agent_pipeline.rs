@@ -274,7 +274,7 @@ async fn forbidden_and_unauthorized_bodies_are_the_kubelets() {
     let r = request(addr, true, &Cred::Token("nope".into()), "GET", "/pods", &[])
         .await
         .unwrap();
-    assert_eq!((r.status, r.text().as_str()), (401, "Unauthorized\n"));
+    assert_eq!((r.status, r.text().as_str()), (401, "Unauthorized"));
     // Exec is `create`, also as a GET.
     let r = request(
         addr,

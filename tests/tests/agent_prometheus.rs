@@ -10,10 +10,8 @@
 #[path = "agent_support.rs"]
 mod support;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
-use kube::api::PostParams;
 use nodegate_agent::authn::{Authenticator, AuthnSettings, TokenReviewer};
 use nodegate_agent::config::ConfigStore;
 use nodegate_agent::metrics::Metrics;
@@ -335,30 +333,6 @@ fn service_account(namespace: &str, name: &str) -> Subject {
         name: name.into(),
         namespace: Some(namespace.into()),
     }
-}
-
-/// A service account in `namespace` and a bearer token for it (TokenRequest).
-async fn service_account_token(cluster: &Cluster, namespace: &str, name: &str) -> String {
-    let api: Api<ServiceAccount> = Api::namespaced(cluster.admin().unwrap(), namespace);
-    let mut sa = ServiceAccount::default();
-    sa.metadata.name = Some(name.into());
-    api.create(&PostParams::default(), &sa).await.unwrap();
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let issued: TokenRequest = api
-        .create_subresource("token", name, &PostParams::default(), &request)
-        .await
-        .unwrap();
-    issued
-        .status
-        .unwrap()
-        .token
-        .expect("TokenRequest returned a token")
 }
 
 /// Service accounts a, b and root: (reviewer, subjects, tokens). With a cluster, real service

@@ -527,3 +527,34 @@ pub fn rules() -> Vec<nodegate_crds::AgentRule> {
         ),
     ]
 }
+
+/// A service account in `namespace` and a bearer token for it (TokenRequest).
+pub async fn service_account_token(
+    cluster: &nodegate_tests::Cluster,
+    namespace: &str,
+    name: &str,
+) -> String {
+    let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(cluster.admin().unwrap(), namespace);
+    let mut sa = k8s_openapi::api::core::v1::ServiceAccount::default();
+    sa.metadata.name = Some(name.into());
+    api.create(&kube::api::PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued: k8s_openapi::api::authentication::v1::TokenRequest = api
+        .create_subresource("token", name, &kube::api::PostParams::default(), &request)
+        .await
+        .unwrap();
+    issued
+        .status
+        .unwrap()
+        .token
+        .expect("TokenRequest returned a token")
+}

@@ -10,11 +10,13 @@ mod discovery;
 mod error;
 mod identity;
 mod objects;
+mod outage;
 
 pub use discovery::Location;
 pub use error::{Error, Result};
 pub use identity::UserCredentials;
 pub use objects::{FakeNodes, TestNamespace, busybox_pod};
+pub use outage::FlakyProxy;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
