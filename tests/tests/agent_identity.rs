@@ -545,38 +545,12 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// Installs the CRDs (once per test process), as the crds test does.
+/// The cluster with nodegate's CRDs installed (once per test process).
 async fn cluster_with_crds() -> Result<Option<Cluster>, Box<dyn std::error::Error + Send + Sync>> {
-    static INSTALLED: Mutex<bool> = Mutex::new(false);
     let Some(cluster) = Cluster::get().await? else {
         return Ok(None);
     };
-    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if !*installed {
-        let out = cluster
-            .kubectl()
-            .args(["apply", "--server-side", "--force-conflicts"])
-            .arg("-f")
-            .arg(repo("crds/nodeapipolicies.yaml"))
-            .arg("-f")
-            .arg(repo("crds/nodeagentconfigs.yaml"))
-            .output()?;
-        assert!(
-            out.status.success(),
-            "installing the CRDs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = cluster
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s"])
-            .args([
-                "crd/nodeapipolicies.nodegate.io",
-                "crd/nodeagentconfigs.nodegate.io",
-            ])
-            .output()?;
-        assert!(out.status.success(), "CRDs not established");
-        *installed = true;
-    }
+    cluster.install_crds().await?;
     Ok(Some(cluster))
 }
 

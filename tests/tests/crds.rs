@@ -9,7 +9,6 @@ use nodegate_crds::rules;
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::unique_name;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -27,44 +26,12 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Installs the CRDs once per test process and waits until they are served.
+/// The cluster with nodegate's CRDs installed (once per test process).
 async fn cluster_with_crds() -> Result<Option<Cluster>, Box<dyn std::error::Error + Send + Sync>> {
-    static INSTALLED: Mutex<bool> = Mutex::new(false);
     let Some(cluster) = Cluster::get().await? else {
         return Ok(None);
     };
-    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if !*installed {
-        let policies = repo("crds/nodeapipolicies.yaml");
-        let configs = repo("crds/nodeagentconfigs.yaml");
-        let out = cluster
-            .kubectl()
-            .args(["apply", "--server-side", "--force-conflicts"])
-            .arg("-f")
-            .arg(&policies)
-            .arg("-f")
-            .arg(&configs)
-            .output()?;
-        assert!(
-            out.status.success(),
-            "installing the CRDs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = cluster
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s"])
-            .args([
-                "crd/nodeapipolicies.nodegate.io",
-                "crd/nodeagentconfigs.nodegate.io",
-            ])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "CRDs not established: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        *installed = true;
-    }
+    cluster.install_crds().await?;
     Ok(Some(cluster))
 }
 
