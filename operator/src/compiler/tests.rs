@@ -580,6 +580,39 @@ fn same_named_inputs_reduce_to_one_whatever_their_order() {
     );
 }
 
+#[test]
+fn an_agent_config_over_the_size_limit_is_written_empty_and_reported() {
+    // 20 policies × 1,000 namespaces of 60 characters: about 1.2 MB of names for one node.
+    let namespaces: Vec<String> = (0..1000).map(|i| format!("{i:0>60}")).collect();
+    let policies: Vec<NodeApiPolicy> = (0..20)
+        .map(|i| {
+            let mut sp = spec(&[Endpoint::Cadvisor], names(&[]));
+            sp.namespaces.names = Some(namespaces.clone());
+            sp.node_selector = Some(select(&[("pool", "big")]));
+            sp.subjects = vec![group(&format!("g{i}"))];
+            policy(&format!("p{i:02}"), sp)
+        })
+        .collect();
+    let small = node("small", &[("pool", "small")]);
+    let mut narrow = spec(&[Endpoint::Pods], names(&["a"]));
+    narrow.node_selector = Some(select(&[("pool", "small")]));
+    let mut all_policies = policies;
+    all_policies.push(policy("narrow", narrow));
+    let d = compile(&all_policies, &[node("big", &[("pool", "big")]), small], &[]);
+    let big = &d.node_agent_configs[0];
+    assert_eq!(big.metadata.name.as_deref(), Some("big"));
+    assert!(big.spec.rules.is_empty(), "fail closed: no rules");
+    assert_eq!(big.spec.hash, rules_hash(&[]));
+    assert!(serde_json::to_vec(big).unwrap().len() < MAX_AGENT_CONFIG_BYTES);
+    let p00 = d.outcomes.iter().find(|o| o.policy == "p00").unwrap();
+    assert!(p00.problems[0].contains("node big"), "{:?}", p00.problems);
+    // The other node is unaffected.
+    let small = &d.node_agent_configs[1];
+    assert!(!small.spec.rules.is_empty());
+    let narrow = d.outcomes.iter().find(|o| o.policy == "narrow").unwrap();
+    assert!(narrow.problems.is_empty());
+}
+
 // ---- properties ----
 
 const LABEL_KEYS: &[&str] = &["pool", "zone", "team"];
