@@ -1173,3 +1173,70 @@ fn w_kubectl(cluster: &Cluster, args: &[&str]) -> String {
     let out = cluster.kubectl().args(args).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The API server goes away under a running controller (every connection cut, new ones
+/// refused) while a policy changes; once it is back, the watches resume and the change is
+/// applied. The outage is a TCP forwarder between this controller and the API server, so the
+/// API server the other tests use keeps running.
+#[tokio::test]
+async fn watches_resume_after_an_api_server_outage() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let url = cluster.admin_config().cluster_url.clone();
+    let apiserver = format!(
+        "{}:{}",
+        url.host().unwrap_or("127.0.0.1"),
+        url.port_u16().unwrap_or(443)
+    );
+    let proxy = nodegate_tests::cluster::FlakyProxy::start(apiserver).await?;
+    let proxied = kube::Client::try_from(proxy.config_through(cluster.admin_config()))?;
+    let settings = w.settings();
+    w.start_with(settings, None, proxied);
+    let name = unique_name("outage");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "bob"}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    eventually("role written", WAIT, || async {
+        w.cluster_role(&role_name).await
+    })
+    .await?;
+
+    proxy.outage(true);
+    w.replace_spec(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "bob"}],
+            "access": ["pods", "cadvisor"],
+            "namespaces": {"all": true},
+        }),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = w.cluster_role(&role_name).await.ok_or("role vanished")?;
+    assert!(
+        !format!("{:?}", during.rules).contains("nodeagentconfigs/cadvisor"),
+        "nothing reaches the API server during the outage"
+    );
+    proxy.outage(false);
+    eventually(
+        "the change made during the outage is applied",
+        Duration::from_secs(90),
+        || async {
+            w.cluster_role(&role_name)
+                .await
+                .filter(|r| format!("{:?}", r.rules).contains("nodeagentconfigs/cadvisor"))
+        },
+    )
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
