@@ -250,6 +250,41 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     .unwrap();
     assert_eq!(r.status, 403);
     assert!(r.text().contains("verb=create"));
+
+    // exec over SPDY/3.1 (what older kubectl speaks): the member's upgrade is answered by the
+    // real kubelet's 101, relayed once it switched; the reader's is refused by the agent.
+    let spdy = |cred: Cred| {
+        let head = format!(
+            "POST /exec/{a}/web/main?command=true&output=1 HTTP/1.1\r\nHost: agent\r\n\
+             Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+        );
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tls_stream(addr, &cred).await;
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+                if got.windows(4).any(|w| w == b"\r\n\r\n") && got.len() > 150 {
+                    break;
+                }
+            }
+            String::from_utf8_lossy(&got).to_ascii_lowercase()
+        }
+    };
+    let head = spdy(member.clone()).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("x-stream-protocol-version: v4.channel.k8s.io"),
+        "{head}"
+    );
+    let head = spdy(reader.clone()).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
     step("exec and refusals");
 
     // Every route and method, as the team member, root and an outsider: the refusals are the

@@ -11,7 +11,6 @@ use futures::StreamExt;
 use nodegate_agent::upstream::UpstreamSettings;
 use nodegate_crds::catalogue::Scope;
 use nodegate_crds::{Endpoint, Port};
-use rustls_pki_types::ServerName;
 use std::collections::BTreeMap;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -437,17 +436,6 @@ async fn container_logs_of_another_namespace_never_reach_the_kubelet() {
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].path, "/containerLogs/team-a/web-0/app");
     assert_eq!(reqs[0].query.as_deref(), Some("tailLines=3"));
-}
-
-async fn tls_stream(
-    addr: std::net::SocketAddr,
-    cred: &Cred,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    client_tls(cred)
-        .connect(ServerName::try_from("agent").unwrap(), tcp)
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

@@ -558,3 +558,18 @@ pub async fn service_account_token(
         .token
         .expect("TokenRequest returned a token")
 }
+
+/// A raw TLS stream to the agent, for requests written by hand (upgrades).
+pub async fn tls_stream(
+    addr: std::net::SocketAddr,
+    cred: &Cred,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client_tls(cred)
+        .connect(
+            rustls_pki_types::ServerName::try_from("agent").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
