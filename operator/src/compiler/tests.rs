@@ -598,7 +598,11 @@ fn an_agent_config_over_the_size_limit_is_written_empty_and_reported() {
     narrow.node_selector = Some(select(&[("pool", "small")]));
     let mut all_policies = policies;
     all_policies.push(policy("narrow", narrow));
-    let d = compile(&all_policies, &[node("big", &[("pool", "big")]), small], &[]);
+    let d = compile(
+        &all_policies,
+        &[node("big", &[("pool", "big")]), small],
+        &[],
+    );
     let big = &d.node_agent_configs[0];
     assert_eq!(big.metadata.name.as_deref(), Some("big"));
     assert!(big.spec.rules.is_empty(), "fail closed: no rules");
