@@ -299,23 +299,28 @@ fn agent_config() -> String {
 
 struct Agent {
     proc: Proc,
-    secure: u16,
-    read_only: u16,
+    /// `https://<loopback address>` (port 443, see [`start_agent`]).
+    secure: String,
+    read_only: String,
 }
 
+/// Starts an agent on its own loopback address `ip` with the secure port on 443: hey (0.1.4,
+/// Debian's) sends the URL's `host:port` as TLS SNI, which rustls rejects as illegal, while a URL
+/// without a port sends an IP, for which no SNI is sent at all.
 fn start_agent(
     dir: &Path,
     name: &str,
+    ip: &str,
     kubeconfig: &str,
     upstream_args: &[String],
 ) -> Result<Agent> {
     let config = dir.join(format!("{name}-config.yaml"));
     std::fs::write(&config, agent_config())?;
-    let (secure, read_only, healthz) = (free_port()?, free_port()?, free_port()?);
+    let (read_only, healthz) = (free_port()?, free_port()?);
     let mut cmd = Command::new(release_bin("nodegate-agent"));
-    cmd.args(["--node-name", NODE_NAME, "--bind-address", "127.0.0.1"])
+    cmd.args(["--node-name", NODE_NAME, "--bind-address", ip])
         .args(["--healthz-bind-address", "127.0.0.1"])
-        .arg(format!("--secure-port={secure}"))
+        .arg("--secure-port=443")
         .arg(format!("--read-only-port={read_only}"))
         .arg(format!("--healthz-port={healthz}"))
         .arg(format!("--kubeconfig={kubeconfig}"))
@@ -335,8 +340,8 @@ fn start_agent(
     })?;
     Ok(Agent {
         proc,
-        secure,
-        read_only,
+        secure: format!("https://{ip}"),
+        read_only: format!("http://{ip}:{read_only}"),
     })
 }
 
@@ -474,6 +479,7 @@ pub fn run(args: Args) -> Result<()> {
     let agent = start_agent(
         &dir,
         "agent-sim",
+        "127.0.0.2",
         &kubeconfig,
         &[format!("--upstream={sim}")],
     )?;
@@ -483,8 +489,7 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         start_caddy(&dir, sim_port)?
     };
-    let secure = format!("https://127.0.0.1:{}", agent.secure);
-    let ro = format!("http://127.0.0.1:{}", agent.read_only);
+    let (secure, ro) = (agent.secure.clone(), agent.read_only.clone());
     for path in ["/metrics/resource", "/metrics/cadvisor"] {
         let r = runner.hey("sim direct", &format!("{sim}{path}"), None)?;
         push(&mut rows, path, "kubelet-sim direct (http)", r);
@@ -546,7 +551,7 @@ pub fn run(args: Args) -> Result<()> {
                 state.join("pki/apiserver-kubelet-client.key").display()
             ),
         ];
-        let agent = start_agent(&dir, "agent-kubelet", &kubeconfig, &upstream)?;
+        let agent = start_agent(&dir, "agent-kubelet", "127.0.0.3", &kubeconfig, &upstream)?;
         let path = "/metrics/resource";
         let targets: Vec<(&str, String, Option<&str>)> = vec![
             (
@@ -566,12 +571,12 @@ pub fn run(args: Args) -> Result<()> {
             ),
             (
                 "agent TLS + token, `all` (no filter)",
-                format!("https://127.0.0.1:{}{path}", agent.secure),
+                format!("{}{path}", agent.secure),
                 Some(&tok_all),
             ),
             (
                 "agent TLS + token, one namespace (filter)",
-                format!("https://127.0.0.1:{}{path}", agent.secure),
+                format!("{}{path}", agent.secure),
                 Some(&tok_ns),
             ),
         ];
