@@ -698,18 +698,27 @@ fn render(
     s
 }
 
+/// A latency in ms; hey leaves a percentile out (read as 0) when a run had too few requests.
+fn ms(secs: f64) -> String {
+    if secs > 0.0 {
+        format!("{:.2}", secs * 1e3)
+    } else {
+        "n/a".into()
+    }
+}
+
 fn line(s: &mut String, r: &Row, base: f64) {
     let ratio = if base > 0.0 { r.r.rps / base } else { 0.0 };
     let _ = writeln!(
         s,
-        "| `{}` | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        "| `{}` | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
         r.path,
         r.target,
         r.r.rps,
         ratio,
-        r.r.p50_s * 1e3,
-        r.r.p99_s * 1e3,
-        r.r.avg_s * 1e3,
+        ms(r.r.p50_s),
+        ms(r.r.p99_s),
+        ms(r.r.avg_s),
         r.r.other,
         r.load.split_whitespace().next().unwrap_or("")
     );
