@@ -9,47 +9,17 @@
 mod support;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
-use nodegate_agent::upstream::UpstreamSettings;
 use nodegate_crds::catalogue::Scope;
 use nodegate_crds::{Endpoint, Port};
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
 use rustls_pki_types::ServerName;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-async fn node_ip(cluster: &Cluster) -> String {
-    let node = Api::<Node>::all(cluster.admin().unwrap())
-        .get(NODE_NAME)
-        .await
-        .unwrap();
-    node.status
-        .unwrap()
-        .addresses
-        .unwrap()
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address)
-        .expect("node-1 has an InternalIP")
-}
-
-/// The kubelet as the agent reaches it on the local cluster.
-fn kubelet_upstream(state: &Path, ip: &str) -> UpstreamSettings {
-    let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
-    // The kubelet's self-signed certificate names the host, not the IP.
-    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
-    s.server_name = Some(NODE_NAME.into());
-    s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
-    s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
-    s
-}
 
 #[tokio::test]
 async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() {

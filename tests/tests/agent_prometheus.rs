@@ -10,8 +10,6 @@
 #[path = "agent_support.rs"]
 mod support;
 
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
 use nodegate_agent::authn::{Authenticator, AuthnSettings, TokenReviewer};
 use nodegate_agent::config::ConfigStore;
 use nodegate_agent::metrics::Metrics;
@@ -21,7 +19,7 @@ use nodegate_agent::upstream::{Upstream, UpstreamSettings};
 use nodegate_crds::policy::SubjectKind;
 use nodegate_crds::{AgentRule, Endpoint, Port, Subject};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
+use nodegate_tests::cluster::busybox_pod;
 use nodegate_tests::sim::{Sim, SimOptions};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::collections::{BTreeMap, BTreeSet};
@@ -513,31 +511,6 @@ async fn prometheus_through_the_agent_sees_only_its_namespaces_on_kubelet_sim() 
             .await;
         assert_eq!(filtered, unfiltered, "{job}: series of {ns}");
     }
-}
-
-async fn node_ip(cluster: &Cluster) -> String {
-    let node = Api::<Node>::all(cluster.admin().unwrap())
-        .get(NODE_NAME)
-        .await
-        .unwrap();
-    node.status
-        .unwrap()
-        .addresses
-        .unwrap()
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address)
-        .expect("node-1 has an InternalIP")
-}
-
-/// The kubelet as the agent reaches it on the local cluster (as in agent_kubelet.rs).
-fn kubelet_upstream(state: &Path, ip: &str) -> UpstreamSettings {
-    let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
-    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
-    s.server_name = Some(NODE_NAME.into());
-    s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
-    s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
-    s
 }
 
 #[tokio::test]

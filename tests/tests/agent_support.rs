@@ -573,3 +573,30 @@ pub async fn tls_stream(
         .await
         .unwrap()
 }
+
+/// node-1's InternalIP, where its kubelet listens.
+pub async fn node_ip(cluster: &nodegate_tests::Cluster) -> String {
+    let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.admin().unwrap())
+        .get(nodegate_tests::cluster::NODE_NAME)
+        .await
+        .unwrap();
+    node.status
+        .unwrap()
+        .addresses
+        .unwrap()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address)
+        .expect("node-1 has an InternalIP")
+}
+
+/// The kubelet as the agent reaches it on the local cluster.
+pub fn kubelet_upstream(state: &std::path::Path, ip: &str) -> UpstreamSettings {
+    let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
+    // The kubelet's self-signed certificate names the host, not the IP.
+    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
+    s.server_name = Some(nodegate_tests::cluster::NODE_NAME.into());
+    s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
+    s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
+    s
+}
