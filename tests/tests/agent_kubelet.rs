@@ -279,7 +279,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
             if spec.scope != Scope::Path && ns == b {
                 continue;
             }
-            let target = matrix_target(endpoint, ns);
+            let target = endpoint_target(endpoint, ns, "nopod", "main", "true");
             for method in spec.methods {
                 for (who, cred) in [
                     ("member", &member),
@@ -328,32 +328,4 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         r.text()
     );
     step("done");
-}
-
-fn matrix_target(endpoint: Endpoint, ns: &str) -> String {
-    match endpoint {
-        Endpoint::Healthz => "/healthz".into(),
-        Endpoint::Pods => "/pods".into(),
-        Endpoint::RunningPods => "/runningpods/".into(),
-        Endpoint::Stats => "/stats/summary".into(),
-        Endpoint::Metrics => "/metrics".into(),
-        Endpoint::Cadvisor => "/metrics/cadvisor".into(),
-        Endpoint::Resource => "/metrics/resource".into(),
-        Endpoint::Probes => "/metrics/probes".into(),
-        Endpoint::Slis => "/metrics/slis".into(),
-        Endpoint::Configz => "/configz".into(),
-        Endpoint::Statusz => "/statusz".into(),
-        Endpoint::Flagz => "/flagz".into(),
-        Endpoint::Logs => "/logs/".into(),
-        Endpoint::ContainerLogs => format!("/containerLogs/{ns}/nopod/main"),
-        Endpoint::Exec => format!("/exec/{ns}/nopod/main?command=true&stdout=true"),
-        Endpoint::Attach => format!("/attach/{ns}/nopod/main?stdout=true"),
-        Endpoint::PortForward => format!("/portForward/{ns}/nopod?port=80"),
-        Endpoint::Run => format!("/run/{ns}/nopod/main?cmd=true"),
-        Endpoint::Checkpoint => format!("/checkpoint/{ns}/nopod/main"),
-        Endpoint::Pprof => "/debug/pprof/".into(),
-        // An empty body: the kubelet refuses it (400), so verbosity never changes.
-        Endpoint::DebugFlags => "/debug/flags/v".into(),
-        Endpoint::Spec => "/spec/".into(),
-    }
 }

@@ -17,34 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// A request target for an endpoint, in namespace `ns` where the path names one.
-fn target(endpoint: Endpoint, ns: &str) -> String {
-    match endpoint {
-        Endpoint::Healthz => "/healthz".into(),
-        Endpoint::Pods => "/pods".into(),
-        Endpoint::RunningPods => "/runningpods/".into(),
-        Endpoint::Stats => "/stats/summary".into(),
-        Endpoint::Metrics => "/metrics".into(),
-        Endpoint::Cadvisor => "/metrics/cadvisor".into(),
-        Endpoint::Resource => "/metrics/resource".into(),
-        Endpoint::Probes => "/metrics/probes".into(),
-        Endpoint::Slis => "/metrics/slis".into(),
-        Endpoint::Configz => "/configz".into(),
-        Endpoint::Statusz => "/statusz".into(),
-        Endpoint::Flagz => "/flagz".into(),
-        Endpoint::Logs => "/logs/".into(),
-        Endpoint::ContainerLogs => format!("/containerLogs/{ns}/web-0/app?tailLines=5"),
-        Endpoint::Exec => format!("/exec/{ns}/web-0/app?command=ls&stdout=true"),
-        Endpoint::Attach => format!("/attach/{ns}/web-0/app?stdout=true"),
-        Endpoint::PortForward => format!("/portForward/{ns}/web-0?port=80"),
-        Endpoint::Run => format!("/run/{ns}/web-0/app?cmd=ls"),
-        Endpoint::Checkpoint => format!("/checkpoint/{ns}/web-0/app"),
-        Endpoint::Pprof => "/debug/pprof/".into(),
-        Endpoint::DebugFlags => "/debug/flags/v".into(),
-        Endpoint::Spec => "/spec/".into(),
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Caller {
     /// Client certificate CN=alice O=team-a.
@@ -181,7 +153,13 @@ async fn authorization_matrix_against_the_simulator() {
         } else {
             vec![false]
         } {
-            let tgt = target(endpoint, if other_ns { OTHER } else { TEAM });
+            let tgt = endpoint_target(
+                endpoint,
+                if other_ns { OTHER } else { TEAM },
+                "web-0",
+                "app",
+                "ls",
+            );
             for port in [Port::Secure, Port::ReadOnly] {
                 // The read-only port has no authentication: one anonymous caller suffices.
                 let callers: &[Caller] = if port == Port::ReadOnly {

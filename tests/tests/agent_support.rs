@@ -600,3 +600,39 @@ pub fn kubelet_upstream(state: &std::path::Path, ip: &str) -> UpstreamSettings {
     s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
     s
 }
+
+/// A request target for every catalogue endpoint: pod `pod` and container `container` of
+/// namespace `ns` where the path names them, `command` for exec and run.
+pub fn endpoint_target(
+    endpoint: Endpoint,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    command: &str,
+) -> String {
+    match endpoint {
+        Endpoint::Healthz => "/healthz".into(),
+        Endpoint::Pods => "/pods".into(),
+        Endpoint::RunningPods => "/runningpods/".into(),
+        Endpoint::Stats => "/stats/summary".into(),
+        Endpoint::Metrics => "/metrics".into(),
+        Endpoint::Cadvisor => "/metrics/cadvisor".into(),
+        Endpoint::Resource => "/metrics/resource".into(),
+        Endpoint::Probes => "/metrics/probes".into(),
+        Endpoint::Slis => "/metrics/slis".into(),
+        Endpoint::Configz => "/configz".into(),
+        Endpoint::Statusz => "/statusz".into(),
+        Endpoint::Flagz => "/flagz".into(),
+        Endpoint::Logs => "/logs/".into(),
+        Endpoint::ContainerLogs => format!("/containerLogs/{ns}/{pod}/{container}?tailLines=5"),
+        Endpoint::Exec => format!("/exec/{ns}/{pod}/{container}?command={command}&stdout=true"),
+        Endpoint::Attach => format!("/attach/{ns}/{pod}/{container}?stdout=true"),
+        Endpoint::PortForward => format!("/portForward/{ns}/{pod}?port=80"),
+        Endpoint::Run => format!("/run/{ns}/{pod}/{container}?cmd={command}"),
+        Endpoint::Checkpoint => format!("/checkpoint/{ns}/{pod}/{container}"),
+        Endpoint::Pprof => "/debug/pprof/".into(),
+        // An empty body: a real kubelet refuses it (400), so verbosity never changes.
+        Endpoint::DebugFlags => "/debug/flags/v".into(),
+        Endpoint::Spec => "/spec/".into(),
+    }
+}
