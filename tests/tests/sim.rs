@@ -1550,7 +1550,7 @@ async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
                 eprintln!("/pods items[].{section}: fields the kubelet's first pod lacks: {extra:?}");
             }
         }
-        // statusz and flagz: the same header lines, the same statusz fields, `name value` flags.
+        // statusz and flagz: the same header lines, the same statusz fields, well-formed flag lines.
         for path in ["/statusz", "/flagz"] {
             let (code, real) = get(path).await;
             assert_eq!(code, 200, "{path}");
@@ -1575,9 +1575,12 @@ async fn payloads_are_shaped_like_the_real_kubelets() -> TestResult {
                                 .trim()
                                 .to_string()
                         } else {
-                            // A flag line is `name value`: keep its shape, not the name.
-                            let name = l.split(' ').next().unwrap_or("");
-                            let ok = l.contains(' ')
+                            // A flag line is a name, a delimiter and a value; like statusz, the
+                            // kubelet picks the delimiter at random per process (`: `, `=`, spaces):
+                            // keep the line's shape, not the name or the delimiter.
+                            let (name, rest) = l.split_at(l.find([':', '=', ' ', '\t']).unwrap_or(l.len()));
+                            let ok = !name.is_empty()
+                                && !rest.is_empty()
                                 && name.chars().all(|c| c.is_ascii_lowercase() || c == '-' || c.is_ascii_digit());
                             format!("well-formed={ok}")
                         }
