@@ -1,10 +1,13 @@
-//! Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd from
-//! the Go module proxy through the wrapper module in `xtask/k8s`, once per version.
+//! Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl and
+//! etcd from the Go module proxy through the wrapper module in `xtask/k8s`, once per version.
 //!
 //! The flags are upstream's release flags (static, trimmed paths, `selinux,notest` tags, version
 //! stamped with `-X`), so `/version` reports a real semver and the Go build cache is reused by
-//! every later build with the same flags. The output goes to a temporary dir that is renamed to
-//! `bin/` only when every binary is there, so a killed build is never mistaken for a finished one.
+//! every later build with the same flags. Only the binaries missing from `bin/` are built, so a
+//! binary added to the list later (kube-proxy was) costs a few minutes on a machine whose cache
+//! has the others, not a cold build. The output goes to a temporary dir and each binary is moved
+//! into `bin/` only once the whole build succeeded, so a killed build is never mistaken for a
+//! finished one.
 
 use super::layout::{K8S_VERSION, Layout};
 use anyhow::{Context, Result, bail};
@@ -14,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Binary names in `bin/`, with the Go package each comes from.
-pub const BINARIES: [(&str, &str); 6] = [
+pub const BINARIES: [(&str, &str); 7] = [
     ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
     (
         "kube-controller-manager",
@@ -22,6 +25,7 @@ pub const BINARIES: [(&str, &str); 6] = [
     ),
     ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
     ("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
+    ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
     ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     // `go build -o dir/` names this one `server` (the path minus its major-version suffix);
     // renamed below.
@@ -32,12 +36,21 @@ pub const BINARIES: [(&str, &str); 6] = [
 const MIN_GO_MINOR: u32 = 26;
 
 pub fn is_built(layout: &Layout) -> bool {
-    BINARIES.iter().all(|(name, _)| layout.bin(name).is_file())
+    missing(layout).is_empty()
 }
 
-/// Builds the binaries unless the cache already has them all.
+/// The binaries not in `bin/` yet, with their packages.
+fn missing(layout: &Layout) -> Vec<(&'static str, &'static str)> {
+    BINARIES
+        .into_iter()
+        .filter(|(name, _)| !layout.bin(name).is_file())
+        .collect()
+}
+
+/// Builds the binaries the cache does not have yet (all of them the first time).
 pub fn ensure_built(layout: &Layout) -> Result<()> {
-    if is_built(layout) {
+    let missing = missing(layout);
+    if missing.is_empty() {
         return Ok(());
     }
     check_go()?;
@@ -50,28 +63,44 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let log_path = layout.cache.join("build.log");
 
-    println!(
-        "building Kubernetes {K8S_VERSION} and etcd from the Go module proxy (once; cached in {})",
-        layout.cache.display()
-    );
-    println!(
-        "  a cold build takes 12 to 17 minutes on 2 cores, module download included; full log: {}",
-        log_path.display()
-    );
-    let started = Instant::now();
-    go_build(&wrapper, &tmp, &log_path)?;
-    let etcd = ["server", "v3"]
-        .map(|n| tmp.join(n))
-        .into_iter()
-        .find(|p| p.is_file());
-    let etcd = etcd.with_context(|| {
-        format!(
-            "the etcd build produced no binary; see {}",
+    let names: Vec<&str> = missing.iter().map(|(name, _)| *name).collect();
+    if missing.len() == BINARIES.len() {
+        println!(
+            "building Kubernetes {K8S_VERSION} and etcd from the Go module proxy (once; cached in {})",
+            layout.cache.display()
+        );
+        println!(
+            "  a cold build takes 12 to 17 minutes on 2 cores, module download included; full log: {}",
             log_path.display()
-        )
-    })?;
-    std::fs::rename(etcd, tmp.join("etcd")).context("cannot rename the etcd binary")?;
-    for (name, _) in BINARIES {
+        );
+    } else {
+        println!(
+            "building {} (Kubernetes {K8S_VERSION}; the other binaries are cached in {})",
+            names.join(", "),
+            layout.cache.display()
+        );
+        println!(
+            "  one more binary takes 1 to 5 minutes with a warm Go build cache; full log: {}",
+            log_path.display()
+        );
+    }
+    let started = Instant::now();
+    let packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
+    go_build(&wrapper, &tmp, &packages, &log_path)?;
+    if names.contains(&"etcd") {
+        let etcd = ["server", "v3"]
+            .map(|n| tmp.join(n))
+            .into_iter()
+            .find(|p| p.is_file());
+        let etcd = etcd.with_context(|| {
+            format!(
+                "the etcd build produced no binary; see {}",
+                log_path.display()
+            )
+        })?;
+        std::fs::rename(etcd, tmp.join("etcd")).context("cannot rename the etcd binary")?;
+    }
+    for name in &names {
         if !tmp.join(name).is_file() {
             bail!(
                 "the build finished but {name} is missing; see {}",
@@ -80,19 +109,19 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
         }
     }
     let bin = layout.bin_dir();
-    if bin.exists() {
-        std::fs::remove_dir_all(&bin)
-            .with_context(|| format!("cannot remove {}", bin.display()))?;
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    for name in &names {
+        std::fs::rename(tmp.join(name), layout.bin(name))
+            .with_context(|| format!("cannot move {name} to {}", bin.display()))?;
     }
-    std::fs::rename(&tmp, &bin)
-        .with_context(|| format!("cannot move the build to {}", bin.display()))?;
+    std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
     println!("built in {}", human(started.elapsed()));
     Ok(())
 }
 
 /// Runs `go build -v`, counting the packages it compiles to show progress, and keeps the output
 /// in a log so a failure can be read in full.
-fn go_build(wrapper: &Path, out: &Path, log_path: &Path) -> Result<()> {
+fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> Result<()> {
     let mut log = std::fs::File::create(log_path)
         .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new("go");
@@ -109,7 +138,7 @@ fn go_build(wrapper: &Path, out: &Path, log_path: &Path) -> Result<()> {
         .arg(ldflags())
         .arg("-o")
         .arg(format!("{}/", out.display()))
-        .args(BINARIES.iter().map(|(_, pkg)| *pkg))
+        .args(packages)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("cannot run `go`; install Go >= 1.26")?;

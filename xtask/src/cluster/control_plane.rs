@@ -1,7 +1,8 @@
 //! etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback, all TLS.
 
 use super::kubeconfig::kubectl;
-use super::layout::{Layout, SERVICE_SUBNET, ports};
+use super::layout::{Layout, POD_GATEWAY, SERVICE_SUBNET, ports};
+use super::node;
 use super::process;
 use anyhow::Result;
 use std::net::TcpStream;
@@ -16,6 +17,7 @@ pub const COMPONENTS: [&str; 4] = [
 
 pub fn start(layout: &Layout) -> Result<()> {
     start_etcd(layout)?;
+    node::ensure_pod_bridge()?;
     start_apiserver(layout)?;
     start_controller_manager(layout)?;
     start_scheduler(layout)?;
@@ -63,11 +65,14 @@ fn start_etcd(layout: &Layout) -> Result<()> {
 fn start_apiserver(layout: &Layout) -> Result<()> {
     let pki = |f: &str| layout.pki_file(f).display().to_string();
     let args = [
-        "--bind-address=127.0.0.1".to_string(),
-        "--advertise-address=127.0.0.1".to_string(),
-        // The endpoint reconciler refuses a loopback advertise address; nothing in the cluster
-        // needs the `kubernetes` Service's endpoints (no kube-proxy), so none is kept.
-        "--endpoint-reconciler-type=none".to_string(),
+        // One bind address only: all of them, so both the kubeconfigs' 127.0.0.1 and the
+        // advertised pod gateway (where kube-proxy sends pods' traffic to the `kubernetes`
+        // Service) reach it. Like the kubelet's port, it is TLS with client auth only.
+        "--bind-address=0.0.0.0".to_string(),
+        // The `kubernetes` Service's endpoint. Loopback is refused by the endpoint reconciler
+        // and unreachable from pods; the bridge's address is reachable from pods and from
+        // hostNetwork pods and never leaves the machine.
+        format!("--advertise-address={POD_GATEWAY}"),
         format!("--secure-port={}", ports::APISERVER),
         format!("--etcd-servers=https://127.0.0.1:{}", ports::ETCD_CLIENT),
         format!("--etcd-cafile={}", pki("ca.crt")),

@@ -6,11 +6,12 @@ use anyhow::{Context, Result, bail};
 use std::process::Command;
 
 /// (kubeconfig name, client cert stem in pki/).
-const USERS: [(&str, &str); 4] = [
+const USERS: [(&str, &str); 5] = [
     ("admin", "admin"),
     ("controller-manager", "controller-manager"),
     ("scheduler", "scheduler"),
     ("kubelet", "kubelet"),
+    ("kube-proxy", "kube-proxy"),
 ];
 
 pub fn server_url() -> String {

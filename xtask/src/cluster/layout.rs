@@ -27,6 +27,8 @@ pub mod ports {
     pub const KUBELET: u16 = 10250;
     pub const KUBELET_READ_ONLY: u16 = 10255;
     pub const KUBELET_HEALTHZ: u16 = 10248;
+    pub const KUBE_PROXY_METRICS: u16 = 10249;
+    pub const KUBE_PROXY_HEALTHZ: u16 = 10256;
 }
 
 /// Image names imported into containerd (no registry: they are built locally).
@@ -36,6 +38,14 @@ pub const BUSYBOX_IMAGE: &str = "nodegate.local/busybox:1";
 /// Pod network of the node's CNI bridge (not containerd's default 10.88/16, so a system
 /// containerd on a developer machine does not clash).
 pub const POD_SUBNET: &str = "10.89.0.0/16";
+/// The CNI bridge and its address, the pods' gateway. xtask creates the bridge before the API
+/// server starts and the API server advertises this address: the `kubernetes` Service's endpoint
+/// must be an address pods can reach (not loopback, which the API server refuses), and this one
+/// keeps their traffic on the machine.
+pub const POD_BRIDGE: &str = "nodegate0";
+pub const POD_GATEWAY: &str = "10.89.0.1";
+/// Prefix length of `POD_SUBNET`, for the gateway's address on the bridge.
+pub const POD_PREFIX_LEN: u8 = 16;
 pub const SERVICE_SUBNET: &str = "10.0.0.0/24";
 pub const SERVICE_IP_KUBERNETES: &str = "10.0.0.1";
 
@@ -108,6 +118,9 @@ impl Layout {
     }
     pub fn kubelet(&self) -> PathBuf {
         self.state.join("kubelet")
+    }
+    pub fn kube_proxy(&self) -> PathBuf {
+        self.state.join("kube-proxy")
     }
     pub fn images(&self) -> PathBuf {
         self.state.join("images")

@@ -129,7 +129,16 @@ fn status(layout: &Layout) -> Result<()> {
                 ports::ETCD_METRICS
             ),
         ),
-        ("kube-apiserver", kubeconfig::server_url()),
+        (
+            "kube-apiserver",
+            format!(
+                "{} (all interfaces; advertised {}:{}, the `kubernetes` Service {}:443)",
+                kubeconfig::server_url(),
+                layout::POD_GATEWAY,
+                ports::APISERVER,
+                layout::SERVICE_IP_KUBERNETES
+            ),
+        ),
         (
             "kube-controller-manager",
             format!("https://127.0.0.1:{}", ports::CONTROLLER_MANAGER),
@@ -150,6 +159,14 @@ fn status(layout: &Layout) -> Result<()> {
                 ports::KUBELET,
                 ports::KUBELET_READ_ONLY,
                 ports::KUBELET_HEALTHZ
+            ),
+        ),
+        (
+            "kube-proxy",
+            format!(
+                "iptables mode, healthz http://127.0.0.1:{}/healthz, metrics http://127.0.0.1:{}",
+                ports::KUBE_PROXY_HEALTHZ,
+                ports::KUBE_PROXY_METRICS
             ),
         ),
     ];

@@ -1,16 +1,21 @@
 //! The real node `node-1`: Debian's containerd (own config, root, state and socket under the state
-//! dir, so a system containerd is never touched), runc, Debian's CNI plugins, and our kubelet.
+//! dir, so a system containerd is never touched), runc, Debian's CNI plugins, our kubelet, and
+//! kube-proxy (iptables mode), so pods reach Services, the API server's included.
 //!
 //! This VM is cgroup v1 and containerd 1.6 lacks the CRI RuntimeConfig RPC, hence cgroupfs on both
 //! sides and `failCgroupV1: false`.
 
 use super::images;
 use super::kubeconfig::kubectl;
-use super::layout::{Layout, NODE_NAME, PAUSE_IMAGE, POD_SUBNET, ports};
+use super::layout::{
+    Layout, NODE_NAME, PAUSE_IMAGE, POD_BRIDGE, POD_GATEWAY, POD_PREFIX_LEN, POD_SUBNET, ports,
+};
 use super::process::{self, kill_trees, pids_with_cmdline};
-use anyhow::{Context, Result};
-use std::net::UdpSocket;
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -19,7 +24,48 @@ pub fn start(layout: &Layout) -> Result<()> {
     start_containerd(layout)?;
     images::ensure_imported(layout)?;
     start_kubelet(layout)?;
+    start_kube_proxy(layout)?;
     Ok(())
+}
+
+/// Creates the CNI bridge with the pods' gateway address, unless it is already there (it stays
+/// after `down`). The API server advertises that address, so it must exist before the API server
+/// starts, not only once the bridge plugin wires the first pod; the plugin takes a bridge that
+/// already has its gateway address as it is.
+pub fn ensure_pod_bridge() -> Result<()> {
+    let link = ip(&["-o", "-d", "link", "show", "dev", POD_BRIDGE]);
+    match link {
+        Ok(text) if !text.split_whitespace().any(|w| w == "bridge") => {
+            bail!("{POD_BRIDGE} exists but is not a bridge: {}", text.trim())
+        }
+        Ok(_) => {}
+        Err(_) => {
+            ip(&["link", "add", "name", POD_BRIDGE, "type", "bridge"])?;
+        }
+    }
+    let address = format!("{POD_GATEWAY}/{POD_PREFIX_LEN}");
+    let addresses = ip(&["-o", "-4", "addr", "show", "dev", POD_BRIDGE])?;
+    if !addresses.split_whitespace().any(|w| w == address) {
+        ip(&["addr", "add", &address, "dev", POD_BRIDGE])?;
+    }
+    ip(&["link", "set", POD_BRIDGE, "up"])?;
+    Ok(())
+}
+
+/// Runs `ip` (iproute2); returns stdout, or an error with its stderr.
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip`; install iproute2 (bash .ci/install-deps)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn start_containerd(layout: &Layout) -> Result<()> {
@@ -27,8 +73,7 @@ fn start_containerd(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_cni_config(layout)?;
     let config = dir.join("config.toml");
-    std::fs::write(&config, containerd_config(layout))
-        .context("cannot write containerd's config")?;
+    process::write_config(layout, "containerd", &config, &containerd_config(layout))?;
     let args = vec!["--config".to_string(), config.display().to_string()];
     process::start(
         layout,
@@ -50,7 +95,7 @@ fn start_containerd(layout: &Layout) -> Result<()> {
 fn containerd_config(layout: &Layout) -> String {
     let dir = layout.containerd();
     format!(
-        r#"# Written by `cargo xtask cluster up`; rewritten on every start.
+        r#"# Written by `cargo xtask cluster up`; a change restarts the component.
 version = 2
 root = "{root}"
 state = "{state}"
@@ -104,7 +149,7 @@ fn write_cni_config(layout: &Layout) -> Result<()> {
         "plugins": [
             {
                 "type": "bridge",
-                "bridge": "nodegate0",
+                "bridge": POD_BRIDGE,
                 "isGateway": true,
                 "ipMasq": true,
                 "hairpinMode": true,
@@ -130,7 +175,7 @@ fn start_kubelet(layout: &Layout) -> Result<()> {
     std::fs::create_dir_all(dir.join("root"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let config = dir.join("config.yaml");
-    std::fs::write(&config, kubelet_config(layout)).context("cannot write the kubelet config")?;
+    process::write_config(layout, "kubelet", &config, &kubelet_config(layout))?;
     let mut args = vec![
         format!("--config={}", config.display()),
         format!("--kubeconfig={}", layout.kubeconfig("kubelet").display()),
@@ -160,10 +205,97 @@ fn start_kubelet(layout: &Layout) -> Result<()> {
     )
 }
 
+/// kube-proxy as a host process with its own identity (`system:kube-proxy`, which the default
+/// `system:node-proxier` ClusterRoleBinding grants what it needs). Started after the kubelet:
+/// it reads node-1's addresses from its Node object.
+fn start_kube_proxy(layout: &Layout) -> Result<()> {
+    let dir = layout.kube_proxy();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = dir.join("config.yaml");
+    process::write_config(layout, "kube-proxy", &config, &kube_proxy_config(layout))?;
+    let args = vec![format!("--config={}", config.display())];
+    process::start(layout, "kube-proxy", &layout.bin("kube-proxy"), &args).context(
+        "cannot start kube-proxy; it needs iptables and conntrack (bash .ci/install-deps)",
+    )?;
+    // /healthz says ok while kube-proxy is still starting; its last-sync metric says the rules
+    // (the `kubernetes` Service's among them) are in place.
+    process::wait_ready(
+        layout,
+        "kube-proxy",
+        "/healthz says ok and its first iptables sync is done",
+        Duration::from_secs(60),
+        || {
+            http_get(ports::KUBE_PROXY_HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 200)
+                && http_get(ports::KUBE_PROXY_METRICS, "/metrics")
+                    .is_some_and(|(_, body)| synced(&body))
+        },
+    )
+}
+
+/// Whether kube-proxy's metrics show a finished sync of its rules (a non-zero timestamp).
+fn synced(metrics: &str) -> bool {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .any(|t| t > 0.0)
+}
+
+fn kube_proxy_config(layout: &Layout) -> String {
+    format!(
+        r#"# Written by `cargo xtask cluster up`; a change restarts the component.
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+hostnameOverride: {node}
+mode: iptables
+clusterCIDR: {cluster_cidr}
+detectLocalMode: ClusterCIDR
+healthzBindAddress: 127.0.0.1:{healthz}
+metricsBindAddress: 127.0.0.1:{metrics}
+# NodePorts on the node IP only, not on every local address (the pod bridge's included).
+nodePortAddresses: ["primary"]
+# Leave the machine's settings alone where kube-proxy offers to: the conntrack table's size and
+# timeouts (0 = do not touch; /proc/sys/net/netfilter may be read-only), route_localnet (only
+# needed for NodePorts on 127.0.0.1), and the OOM score (root here may not lower it).
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+iptables:
+  localhostNodePorts: false
+oomScoreAdj: 0
+"#,
+        kubeconfig = layout.kubeconfig("kube-proxy").display(),
+        node = NODE_NAME,
+        cluster_cidr = POD_SUBNET,
+        healthz = ports::KUBE_PROXY_HEALTHZ,
+        metrics = ports::KUBE_PROXY_METRICS,
+    )
+}
+
+/// A plain HTTP GET on loopback: (status code, body), or `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut stream =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
+            .ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    stream.set_write_timeout(Some(timeout)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
 fn kubelet_config(layout: &Layout) -> String {
     let dir = layout.kubelet();
     format!(
-        r#"# Written by `cargo xtask cluster up`; rewritten on every start.
+        r#"# Written by `cargo xtask cluster up`; a change restarts the component.
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 containerRuntimeEndpoint: unix://{socket}
@@ -235,12 +367,15 @@ pub fn node_ip() -> Option<String> {
     (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
 }
 
-/// Stops the node and everything it started: kubelet, the containers (children of containerd's
+/// Stops the node and everything it started: kube-proxy (its iptables rules stay, like the
+/// bridge's, and are rewritten by the next one), kubelet, the containers (children of containerd's
 /// shims, which daemonize out of containerd's process group), containerd, then the mounts the
 /// kubelet and containerd left under the state dir (pod volumes, rootfs, netns, shm).
 pub fn stop(layout: &Layout) -> Result<()> {
-    if process::stop(layout, "kubelet", Duration::from_secs(10))? {
-        println!("stopped kubelet");
+    for name in ["kube-proxy", "kubelet"] {
+        if process::stop(layout, name, Duration::from_secs(10))? {
+            println!("stopped {name}");
+        }
     }
     let socket = layout.containerd_socket().display().to_string();
     let shims = pids_with_cmdline(&socket)

@@ -5,7 +5,7 @@
 //! the CSR signer of the controller manager. Keys are ECDSA P-256 (fast to make, accepted by Go
 //! and rustls). A separate key pair signs service-account tokens.
 
-use super::layout::{Layout, NODE_NAME, SERVICE_IP_KUBERNETES};
+use super::layout::{Layout, NODE_NAME, POD_GATEWAY, SERVICE_IP_KUBERNETES};
 use anyhow::{Context, Result, bail};
 use std::io::Read;
 use std::path::Path;
@@ -45,11 +45,57 @@ pub fn ensure(layout: &Layout) -> Result<()> {
         )?;
     }
     for leaf in leaves() {
-        if !dir.join(format!("{}.crt", leaf.stem)).is_file() {
+        let crt = dir.join(format!("{}.crt", leaf.stem));
+        if !crt.is_file() {
+            make_leaf(&dir, &leaf)?;
+        } else if let Some(missing) = missing_san(&crt, &leaf.sans)? {
+            // A state dir made before a name was added (the API server's 10.89.0.1): without
+            // it clients that connect by that name refuse the certificate, so make a new one.
+            // The API server reloads its serving certificate when the file changes.
+            println!(
+                "{}.crt lacks the name {missing}; making a new one",
+                leaf.stem
+            );
             make_leaf(&dir, &leaf)?;
         }
     }
     Ok(())
+}
+
+/// The first of `sans` the certificate does not name, if any.
+fn missing_san(crt: &Path, sans: &[String]) -> Result<Option<String>> {
+    if sans.is_empty() {
+        return Ok(None);
+    }
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(crt)
+        .output()
+        .context("cannot run `openssl`; install it (bash .ci/install-deps)")?;
+    if !out.status.success() {
+        bail!(
+            "cannot read the names of {}: {}",
+            crt.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // "X509v3 Subject Alternative Name: \n    IP Address:127.0.0.1, DNS:localhost, ..."
+    let text = String::from_utf8_lossy(&out.stdout);
+    let named: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .flat_map(|line| line.split(','))
+        .filter_map(|entry| {
+            let entry = entry.trim();
+            entry
+                .strip_prefix("IP Address:")
+                .or_else(|| entry.strip_prefix("DNS:"))
+        })
+        .collect();
+    Ok(sans
+        .iter()
+        .find(|san| !named.contains(&san.as_str()))
+        .cloned())
 }
 
 fn leaves() -> Vec<Leaf> {
@@ -58,6 +104,8 @@ fn leaves() -> Vec<Leaf> {
     apiserver_sans.extend(
         [
             SERVICE_IP_KUBERNETES,
+            // The advertised address: the `kubernetes` Service's endpoint.
+            POD_GATEWAY,
             "kubernetes",
             "kubernetes.default",
             "kubernetes.default.svc",
@@ -105,6 +153,8 @@ fn leaves() -> Vec<Leaf> {
             vec![],
         ),
         client("scheduler", "system:kube-scheduler", vec![]),
+        // The user the default `system:node-proxier` ClusterRoleBinding grants kube-proxy's needs.
+        client("kube-proxy", "system:kube-proxy", vec![]),
         client(
             "kubelet",
             &format!("system:node:{NODE_NAME}"),

@@ -17,10 +17,16 @@ pub struct Running {
     pub pid: i32,
 }
 
-/// Starts `program args` detached unless a component called `name` already runs.
+/// Starts `program args` detached unless a component called `name` already runs with exactly
+/// this command line. One running with another (a cluster started by an older xtask) is
+/// restarted, so `up` after an upgrade applies the new flags without a `down` first.
 pub fn start(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Result<Running> {
     if let Some(running) = find(layout, name) {
-        return Ok(running);
+        if command_line(running.pid).is_none_or(|line| same_command(&line, program, args)) {
+            return Ok(running);
+        }
+        println!("restarting {name}: its command line changed");
+        stop(layout, name, Duration::from_secs(15))?;
     }
     std::fs::create_dir_all(layout.logs()).context("cannot create the logs dir")?;
     std::fs::create_dir_all(layout.run()).context("cannot create the run dir")?;
@@ -44,6 +50,34 @@ pub fn start(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Re
     std::fs::write(pid_file(layout, name), format!("{pid} {start_time}\n"))
         .context("cannot write a pid file")?;
     Ok(Running { pid })
+}
+
+/// Writes the config file of the component `name`, stopping the component first if it runs and
+/// the file's content changes, so the `start` that follows applies the new config (as a changed
+/// command line does).
+pub fn write_config(layout: &Layout, name: &str, path: &Path, text: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).ok();
+    if old.as_deref() != Some(text) && old.is_some() && find(layout, name).is_some() {
+        println!("restarting {name}: its config changed");
+        stop(layout, name, Duration::from_secs(15))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The arguments a process was started with, program first.
+fn command_line(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    Some(
+        raw.split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn same_command(line: &[String], program: &Path, args: &[String]) -> bool {
+    let wanted = std::iter::once(program.display().to_string()).chain(args.iter().cloned());
+    line.iter().cloned().eq(wanted)
 }
 
 /// The component `name` if its recorded process still runs.
