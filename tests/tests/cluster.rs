@@ -1,13 +1,15 @@
 //! The local cluster does what issue 3's "done when" list says: real control plane (version,
 //! RBAC, service-account tokens, garbage collector, namespace controller) and a real node
 //! (pods run; exec, logs, port-forward and the kubelet's stats and metrics work through the
-//! API server).
+//! API server); and, for issue 10, pods reach the API server through the `kubernetes` Service
+//! (kube-proxy, advertised address on the pod bridge).
 //!
 //! Run with `cargo xtask test`, or after `eval "$(cargo xtask cluster env)"` with
 //! `cargo test -p nodegate-tests --test cluster`.
 
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
 use kube::api::{Api, AttachParams, DeleteParams, ListParams, LogParams, ObjectMeta, PostParams};
@@ -510,5 +512,150 @@ async fn fake_nodes_are_created_labelled_and_cleaned_up() -> TestResult {
         "fake nodes left behind: {:?}",
         left.items.iter().map(|n| n.name_any()).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// The address the local cluster's API server advertises (the pod bridge's), and its port.
+const ADVERTISED: (&str, i32) = ("10.89.0.1", 6443);
+/// kube-proxy's healthz on the local cluster.
+const KUBE_PROXY_HEALTHZ: &str = "127.0.0.1:10256";
+
+/// Sends a plain HTTP request to the Service's address from inside the pod: only an HTTPS server
+/// written in Go answers it with "Client sent an HTTP request to an HTTPS server". busybox's wget
+/// cannot do better: its TLS fails the handshake with Go's TLS stack.
+const PROBE_API_SERVER: &str = r#"echo "$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT"; printf 'GET /version HTTP/1.0\r\n\r\n' | nc -w 5 "$KUBERNETES_SERVICE_HOST" "$KUBERNETES_SERVICE_PORT""#;
+
+#[tokio::test]
+async fn pods_reach_the_api_server_through_the_kubernetes_service() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let admin = cluster.admin()?;
+    let local = cluster.location().state_dir.is_some();
+
+    // The Service has an endpoint, in the legacy and in the EndpointSlice API …
+    let endpoints = Api::<Endpoints>::namespaced(admin.clone(), "default")
+        .get("kubernetes")
+        .await?;
+    let listed: Vec<(String, i32)> = endpoints
+        .subsets
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|subset| {
+            let ports: Vec<i32> = subset
+                .ports
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.port)
+                .collect();
+            subset
+                .addresses
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(move |a| ports.clone().into_iter().map(move |p| (a.ip.clone(), p)))
+        })
+        .collect();
+    let slices = Api::<EndpointSlice>::namespaced(admin.clone(), "default")
+        .list(&ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
+        .await?;
+    let sliced: Vec<(String, i32)> = slices
+        .items
+        .iter()
+        .flat_map(|slice| {
+            let ports: Vec<i32> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.port)
+                .collect();
+            slice.endpoints.iter().flatten().flat_map(move |e| {
+                let ports = ports.clone();
+                e.addresses
+                    .iter()
+                    .flat_map(move |a| ports.clone().into_iter().map(move |p| (a.clone(), p)))
+            })
+        })
+        .collect();
+    assert!(!listed.is_empty(), "the kubernetes Endpoints are empty");
+    assert_eq!(sliced, listed, "EndpointSlices and Endpoints disagree");
+    if local {
+        let advertised = (ADVERTISED.0.to_string(), ADVERTISED.1);
+        assert_eq!(listed, vec![advertised], "the kubernetes Endpoints");
+    }
+
+    // … and pods reach it through the Service's cluster IP, on the pod network and on the
+    // host's (kube-proxy's rules cover both).
+    let ns = cluster.namespace("apisvc").await?;
+    let mut on_host = busybox_pod("host-network", &["sleep", "3600"]);
+    if let Some(spec) = on_host.spec.as_mut() {
+        spec.host_network = Some(true);
+    }
+    for pod in [busybox_pod("pod-network", &["sleep", "3600"]), on_host] {
+        let name = pod.name_any();
+        ns.run_pod(&pod, POD_START).await?;
+        let out = cluster
+            .run_kubectl(&[
+                "-n",
+                ns.name(),
+                "exec",
+                &name,
+                "--",
+                "sh",
+                "-c",
+                PROBE_API_SERVER,
+            ])
+            .await?;
+        let (service, answer) = out.split_once('\n').ok_or("no output")?;
+        if local {
+            assert_eq!(service, "10.0.0.1:443", "{name}: the Service's address");
+        }
+        assert!(
+            answer.starts_with("HTTP/1.0 400 Bad Request")
+                && answer.contains("Client sent an HTTP request to an HTTPS server"),
+            "{name}: not the API server's answer: {out:?}"
+        );
+    }
+
+    if local {
+        // From this machine, with TLS verified against the cluster CA: the serving
+        // certificate names the Service's IP and the advertised address.
+        for url in [
+            "https://10.0.0.1:443".to_string(),
+            format!("https://{}:{}", ADVERTISED.0, ADVERTISED.1),
+        ] {
+            let mut config = cluster.admin_config().clone();
+            config.cluster_url = url.parse()?;
+            let version = kube::Client::try_from(config)?.apiserver_version().await?;
+            assert!(
+                version.git_version.starts_with("v1.37."),
+                "{url}: {version:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn kube_proxy_is_healthy() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    if cluster.location().state_dir.is_none() {
+        // Not the local cluster: its kube-proxy, if any, is elsewhere.
+        return Ok(());
+    }
+    let mut stream = tokio::net::TcpStream::connect(KUBE_PROXY_HEALTHZ).await?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not HTTP: {response:?}"))?;
+    assert_eq!(head.split_whitespace().nth(1), Some("200"), "{response}");
+    let health: serde_json::Value = serde_json::from_str(body)?;
+    assert_eq!(health["healthy"], true, "{body}");
+    assert_eq!(health["nodeEligible"], true, "{body}");
     Ok(())
 }
