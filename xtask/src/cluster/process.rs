@@ -52,12 +52,16 @@ pub fn start(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Re
     Ok(Running { pid })
 }
 
-/// Writes the config file of the component `name`, stopping the component first if it runs and
-/// the file's content changes, so the `start` that follows applies the new config (as a changed
-/// command line does).
+/// Writes the config file of the component `name` if its content changes, stopping the
+/// component first if it runs, so the `start` that follows applies the new config (as a changed
+/// command line does). An unchanged file is not touched: kube-proxy exits on any write to its
+/// config file, and every test binary runs `up`.
 pub fn write_config(layout: &Layout, name: &str, path: &Path, text: &str) -> Result<()> {
     let old = std::fs::read_to_string(path).ok();
-    if old.as_deref() != Some(text) && old.is_some() && find(layout, name).is_some() {
+    if old.as_deref() == Some(text) {
+        return Ok(());
+    }
+    if old.is_some() && find(layout, name).is_some() {
         println!("restarting {name}: its config changed");
         stop(layout, name, Duration::from_secs(15))?;
     }
