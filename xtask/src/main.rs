@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod generate;
+mod helm;
 mod test;
 
 use anyhow::Result;
@@ -37,6 +38,8 @@ enum Command {
     /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
     /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
     Bench(bench::Args),
+    /// Run helm, built once from its Go module and cached: `cargo xtask helm -- version`.
+    Helm(helm::Args),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Helm(args) => helm::run(args),
     }
 }
 
