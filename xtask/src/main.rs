@@ -4,6 +4,7 @@ mod bench;
 mod cluster;
 mod generate;
 mod helm;
+mod image;
 mod test;
 
 use anyhow::Result;
@@ -38,6 +39,9 @@ enum Command {
     /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
     /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
     Bench(bench::Args),
+    /// Build the operator and agent images (binary + its shared libraries only) and import them
+    /// into the local cluster's containerd.
+    Image(image::Args),
     /// Run helm, built once from its Go module and cached: `cargo xtask helm -- version`.
     Helm(helm::Args),
 }
@@ -49,6 +53,7 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
     }
 }

@@ -49,17 +49,14 @@ pub fn ensure_imported(layout: &Layout) -> Result<()> {
         }
         let archive = dir.join(image.file);
         write_archive(&archive, &image)?;
-        let archive = archive.display().to_string();
-        ctr(layout, &["images", "import", "--no-unpack=false", &archive])
-            .with_context(|| format!("cannot import {} into containerd", image.name))?;
+        import(layout, &archive, image.name)?;
     }
     Ok(())
 }
 
 fn write_archive(path: &Path, image: &Image) -> Result<()> {
     let layer = busybox_layer()?;
-    let diff_id = format!("sha256:{}", hex(&Sha256::digest(&layer)));
-    let config = serde_json::to_vec(&json!({
+    let config = json!({
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
@@ -69,23 +66,48 @@ fn write_archive(path: &Path, image: &Image) -> Result<()> {
             "Cmd": image.cmd,
             "WorkingDir": "/",
         },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-    }))?;
+    });
+    let bytes = docker_archive(image.name, config, &layer)?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A one-layer docker-archive (manifest.json + image config + `layer/layer.tar`), the format
+/// `ctr images import` (and `docker load`) read. `config` is the image config without `rootfs`,
+/// which is filled in here from the layer so the two cannot disagree.
+pub(crate) fn docker_archive(
+    repo_tag: &str,
+    mut config: serde_json::Value,
+    layer: &[u8],
+) -> Result<Vec<u8>> {
+    let diff_id = format!("sha256:{}", hex(&Sha256::digest(layer)));
+    config["rootfs"] = json!({ "type": "layers", "diff_ids": [diff_id] });
+    let config = serde_json::to_vec(&config)?;
     let config_name = format!("{}.json", hex(&Sha256::digest(&config)));
     let manifest = serde_json::to_vec(&json!([{
         "Config": config_name,
-        "RepoTags": [image.name],
+        "RepoTags": [repo_tag],
         "Layers": ["layer/layer.tar"],
     }]))?;
 
     let mut out = tar::Builder::new(Vec::new());
     append(&mut out, "manifest.json", &manifest, 0o644)?;
     append(&mut out, &config_name, &config, 0o644)?;
-    append(&mut out, "layer/layer.tar", &layer, 0o644)?;
-    let bytes = out
-        .into_inner()
-        .context("cannot finish the image archive")?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    append(&mut out, "layer/layer.tar", layer, 0o644)?;
+    out.into_inner().context("cannot finish the image archive")
+}
+
+/// Whether containerd's `k8s.io` namespace already has an image of that name.
+pub(crate) fn has_image(layout: &Layout, name: &str) -> Result<bool> {
+    let present = ctr(layout, &["images", "ls", "-q"])?;
+    Ok(present.lines().any(|l| l.trim() == name))
+}
+
+/// Imports (and unpacks, so the kubelet can start it at once) a docker-archive into containerd.
+pub(crate) fn import(layout: &Layout, archive: &Path, name: &str) -> Result<()> {
+    let archive = archive.display().to_string();
+    ctr(layout, &["images", "import", "--no-unpack=false", &archive])
+        .with_context(|| format!("cannot import {name} into containerd"))?;
+    Ok(())
 }
 
 /// `/bin/busybox` plus a symlink per applet, and the few dirs programs expect.
@@ -136,7 +158,12 @@ fn busybox_layer() -> Result<Vec<u8>> {
     layer.into_inner().context("cannot finish the image layer")
 }
 
-fn append(out: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn append(
+    out: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+) -> Result<()> {
     let mut header = tar::Header::new_ustar();
     header.set_size(data.len() as u64);
     header.set_mode(mode);
@@ -165,7 +192,7 @@ pub fn ctr(layout: &Layout, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -7,9 +7,9 @@
 
 mod build;
 mod control_plane;
-mod images;
+pub(crate) mod images;
 mod kubeconfig;
-mod layout;
+pub(crate) mod layout;
 mod node;
 mod pki;
 mod process;
