@@ -35,7 +35,14 @@ pub fn run(args: Args) -> Result<()> {
     let env = if args.no_cluster {
         vec![("NODEGATE_SKIP_CLUSTER".to_string(), "1".to_string())]
     } else {
-        step("local cluster", crate::cluster::ensure_up)?
+        let mut env = step("local cluster", crate::cluster::ensure_up)?;
+        // The chart tests install the chart with this helm and these images (imported into the
+        // cluster's containerd, so no registry is involved).
+        let helm = step("helm", crate::helm::ensure)?;
+        env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
+        let images = step("images", crate::image::build_and_import)?;
+        env.extend(images.env());
+        env
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let counts = step("cargo test", || {
