@@ -17,8 +17,33 @@ use std::time::Duration;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-const NAMESPACE: &str = "nodegate-system";
-const ACCOUNT: &str = "nodegate-operator";
+/// config/rbac is applied as an admin would, renamed by a kustomize overlay (`namePrefix`,
+/// `namespace`) so the test never touches a real installation (the demo's or the chart's
+/// `nodegate-operator` objects in `nodegate-system`).
+const NAMESPACE: &str = "nodegate-rbac-test";
+const PREFIX: &str = "rbac-test-";
+const ACCOUNT: &str = "rbac-test-nodegate-operator";
+
+/// A kustomize overlay of config/rbac with the test's prefix and namespace. Kustomize takes
+/// bases only by relative path, so the overlay names config/rbac relative to its own dir.
+fn rbac_overlay() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-rbac-overlay");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = repo("config/rbac").canonicalize().unwrap();
+    let here = dir.canonicalize().unwrap();
+    let ups = here.components().count() - 1;
+    let relative = format!(
+        "{}{}",
+        "../".repeat(ups),
+        base.strip_prefix("/").unwrap().display()
+    );
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!("namespace: {NAMESPACE}\nnamePrefix: {PREFIX}\nresources:\n  - {relative}\n"),
+    )
+    .unwrap();
+    dir
+}
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
@@ -134,10 +159,11 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
         .kubectl()
         .args(["create", "namespace", NAMESPACE])
         .output()?;
+    let overlay = rbac_overlay();
     let out = cluster
         .kubectl()
         .args(["apply", "--server-side", "--force-conflicts", "-k"])
-        .arg(repo("config/rbac"))
+        .arg(&overlay)
         .output()?;
     assert!(
         out.status.success(),
@@ -278,5 +304,10 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
     policies
         .delete_collection(&DeleteParams::default(), &lp)
         .await?;
+    cluster
+        .kubectl()
+        .args(["delete", "--ignore-not-found", "--wait=false", "-k"])
+        .arg(&overlay)
+        .output()?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster;
+mod demo;
 mod generate;
 mod helm;
 mod image;
@@ -44,6 +45,9 @@ enum Command {
     Image(image::Args),
     /// Run helm, built once from its Go module and cached: `cargo xtask helm -- version`.
     Helm(helm::Args),
+    /// The whole system on the local cluster: cluster, images, chart, a sample policy, and five
+    /// real requests showing what is allowed, filtered and refused (`--down` removes it).
+    Demo(demo::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
 
