@@ -1063,7 +1063,8 @@ async fn agent_may_write_only_its_own_nodes_config_status() -> TestResult {
         }
         r => panic!("a token bound to no pod: expected 403, got {r:?}"),
     }
-    // Other users are not affected (the admin writes any status).
+    // Other users are not affected (the admin writes any status). Forced: while the binding
+    // was not yet enforced, the loop above may have written this status as `nodegate-agent`.
     let status = json!({
         "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
         "metadata": {"name": other}, "status": {"observedHash": "admin"},
@@ -1071,7 +1072,7 @@ async fn agent_may_write_only_its_own_nodes_config_status() -> TestResult {
     configs
         .patch_status(
             &other,
-            &PatchParams::apply("nodegate-test"),
+            &PatchParams::apply("nodegate-test").force(),
             &Patch::Apply(&status),
         )
         .await?;

@@ -109,6 +109,23 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Removes the demo when it is installed: its operator reconciles every policy in the cluster,
+/// the tests' included, and would fight the tests' own operator instances over them.
+pub fn remove_if_installed(env: Vec<(String, String)>, helm: &std::path::Path) -> Result<()> {
+    let demo = Demo::new(env)?;
+    let helm = helm.display().to_string();
+    if demo
+        .quiet(&helm, &["status", RELEASE, "--namespace", NAMESPACE])
+        .is_ok()
+    {
+        println!(
+            "the demo is installed; removing it (cargo xtask demo --down) so it leaves the tests' policies alone"
+        );
+        demo.down()?;
+    }
+    Ok(())
+}
+
 fn phase<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let started = Instant::now();
     println!("==> {name}");

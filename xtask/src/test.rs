@@ -39,6 +39,9 @@ pub fn run(args: Args) -> Result<()> {
         // The chart tests install the chart with this helm and these images (imported into the
         // cluster's containerd, so no registry is involved).
         let helm = step("helm", crate::helm::ensure)?;
+        step("no demo installed", || {
+            crate::demo::remove_if_installed(env.clone(), &helm)
+        })?;
         env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
         let images = step("images", crate::image::build_and_import)?;
         env.extend(images.env());
