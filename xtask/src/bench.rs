@@ -372,7 +372,8 @@ fn kubectl(env: &[(String, String)], args: &[&str], stdin: Option<&str>) -> Resu
 
 /// The bench's identities in the cluster: `bench-ns` and `bench-all`; `bench-all` may also get
 /// `nodes/metrics` and `nodes/proxy`, for the kubelet's secure port and the API server's node
-/// proxy.
+/// proxy. `bench-agent` is the agent's own identity towards the kubelet (the chart's default
+/// upstream credential is the agent's service-account token).
 const RBAC: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: nodegate-bench}
@@ -384,6 +385,10 @@ metadata: {name: bench-ns, namespace: nodegate-bench}
 apiVersion: v1
 kind: ServiceAccount
 metadata: {name: bench-all, namespace: nodegate-bench}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bench-agent, namespace: nodegate-bench}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -399,6 +404,7 @@ metadata: {name: nodegate-bench-kubelet}
 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: nodegate-bench-kubelet}
 subjects:
   - {kind: ServiceAccount, name: bench-all, namespace: nodegate-bench}
+  - {kind: ServiceAccount, name: bench-agent, namespace: nodegate-bench}
 "#;
 
 struct Row {
@@ -535,23 +541,50 @@ pub fn run(args: Args) -> Result<()> {
             ],
             None,
         )?;
-        let upstream = vec![
-            format!("--upstream=https://{ip}:10250"),
-            format!(
-                "--upstream-ca-file={}",
-                state.join("kubelet/pki/kubelet.crt").display()
-            ),
-            format!("--upstream-server-name={NODE_NAME}"),
-            format!(
-                "--upstream-client-cert-file={}",
-                state.join("pki/apiserver-kubelet-client.crt").display()
-            ),
-            format!(
-                "--upstream-client-key-file={}",
-                state.join("pki/apiserver-kubelet-client.key").display()
-            ),
-        ];
-        let agent = start_agent(&dir, "agent-kubelet", "127.0.0.3", &kubeconfig, &upstream)?;
+        let upstream = |credential: Vec<String>| {
+            let mut args = vec![
+                format!("--upstream=https://{ip}:10250"),
+                format!(
+                    "--upstream-ca-file={}",
+                    state.join("kubelet/pki/kubelet.crt").display()
+                ),
+                format!("--upstream-server-name={NODE_NAME}"),
+            ];
+            args.extend(credential);
+            args
+        };
+        // As the chart deploys it: the agent's own service-account token (TokenReview on the
+        // kubelet, cached there).
+        let token_file = dir.join("agent-upstream-token");
+        std::fs::write(&token_file, token("bench-agent")?)?;
+        let agent = start_agent(
+            &dir,
+            "agent-kubelet",
+            "127.0.0.3",
+            &kubeconfig,
+            &upstream(vec![format!(
+                "--upstream-token-file={}",
+                token_file.display()
+            )]),
+        )?;
+        // The alternative for kubelets that accept only x509: a client certificate (the API
+        // server's kubelet client certificate here).
+        let agent_x509 = start_agent(
+            &dir,
+            "agent-kubelet-x509",
+            "127.0.0.4",
+            &kubeconfig,
+            &upstream(vec![
+                format!(
+                    "--upstream-client-cert-file={}",
+                    state.join("pki/apiserver-kubelet-client.crt").display()
+                ),
+                format!(
+                    "--upstream-client-key-file={}",
+                    state.join("pki/apiserver-kubelet-client.key").display()
+                ),
+            ]),
+        )?;
         let path = "/metrics/resource";
         let targets: Vec<(&str, String, Option<&str>)> = vec![
             (
@@ -578,6 +611,11 @@ pub fn run(args: Args) -> Result<()> {
                 "agent TLS + token, one namespace (filter)",
                 format!("{}{path}", agent.secure),
                 Some(&tok_ns),
+            ),
+            (
+                "agent TLS + token, `all`, client certificate upstream",
+                format!("{}{path}", agent_x509.secure),
+                Some(&tok_all),
             ),
         ];
         for (label, url, tok) in targets {
