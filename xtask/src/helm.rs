@@ -7,12 +7,12 @@
 //! release. The flags are the release Makefile's (static, trimmed paths, version stamped with
 //! `-X`), so `helm version` says the release and not `v3.22+unreleased`.
 
+use crate::cluster::build::human;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 /// Newest stable Helm 3 the Go module proxy serves (`go list -m -versions helm.sh/helm/v3`).
 /// Bumping it only changes the cache dir: the next `ensure` builds the new version.
@@ -142,37 +142,11 @@ fn go(dir: &Path) -> Command {
 
 /// Runs `go install -v`, reporting progress every 15 s and keeping the full output in a log.
 fn go_install(dir: &Path, bin: &Path, log_path: &Path, ldflags: &str) -> Result<()> {
-    let mut log = std::fs::File::create(log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    let mut child = go(dir)
-        .env("GOBIN", bin)
+    let mut cmd = go(dir);
+    cmd.env("GOBIN", bin)
         .args(["install", "-v", "-trimpath", "-ldflags", ldflags])
-        .arg(format!("{MODULE}/cmd/helm@{HELM_VERSION}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run `go`; install Go (https://go.dev/dl) to build helm")?;
-    let stderr = child.stderr.take().context("go install has no stderr")?;
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    let mut packages = 0usize;
-    for line in BufReader::new(stderr).lines() {
-        let line = line.context("cannot read go install's output")?;
-        writeln!(log, "{line}").context("cannot write the build log")?;
-        packages += 1;
-        if last_report.elapsed() >= Duration::from_secs(15) {
-            println!(
-                "  [{}] {packages} packages built, now {line}",
-                human(started.elapsed())
-            );
-            last_report = Instant::now();
-        }
-    }
-    let status = child.wait().context("go install did not finish")?;
-    if !status.success() {
-        bail!("go install failed ({status}); see {}", log_path.display());
-    }
-    Ok(())
+        .arg(format!("{MODULE}/cmd/helm@{HELM_VERSION}"));
+    crate::cluster::build::run_with_progress(&mut cmd, "go install", log_path)
 }
 
 /// The release Makefile's stamps: the version (else `helm version` says `v3.22+unreleased`) and
@@ -205,15 +179,6 @@ fn client_go_minor(go_mod: &str) -> Option<u32> {
             .parse()
             .ok()
     })
-}
-
-fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
 }
 
 #[cfg(test)]

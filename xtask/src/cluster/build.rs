@@ -122,8 +122,6 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
 /// Runs `go build -v`, counting the packages it compiles to show progress, and keeps the output
 /// in a log so a failure can be read in full.
 fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> Result<()> {
-    let mut log = std::fs::File::create(log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut cmd = Command::new("go");
     cmd.current_dir(wrapper)
         .env("CGO_ENABLED", "0")
@@ -138,16 +136,27 @@ fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> R
         .arg(ldflags())
         .arg("-o")
         .arg(format!("{}/", out.display()))
-        .args(packages)
+        .args(packages);
+    run_with_progress(&mut cmd, "go build", log_path)
+}
+
+/// Runs a `go build -v` / `go install -v` command (stdout and stderr are set here), counting the
+/// packages it compiles to show progress every 15 s, and keeps the output in `log_path` so a
+/// failure can be read in full.
+pub(crate) fn run_with_progress(cmd: &mut Command, what: &str, log_path: &Path) -> Result<()> {
+    let mut log = std::fs::File::create(log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut child = cmd
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("cannot run `go`; install Go >= 1.26")?;
-    let stderr = child.stderr.take().context("go build has no stderr")?;
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run `go`; install Go >= 1.26 (https://go.dev/dl)")?;
+    let stderr = child.stderr.take().context("no stderr from go")?;
     let mut packages = 0usize;
     let mut last_report = Instant::now();
     let started = Instant::now();
     for line in BufReader::new(stderr).lines() {
-        let line = line.context("cannot read go build's output")?;
+        let line = line.with_context(|| format!("cannot read {what}'s output"))?;
         writeln!(log, "{line}").context("cannot write the build log")?;
         packages += 1;
         if last_report.elapsed() >= Duration::from_secs(15) {
@@ -158,9 +167,11 @@ fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> R
             last_report = Instant::now();
         }
     }
-    let status = child.wait().context("go build did not finish")?;
+    let status = child
+        .wait()
+        .with_context(|| format!("{what} did not finish"))?;
     if !status.success() {
-        bail!("go build failed ({status}); see {}", log_path.display());
+        bail!("{what} failed ({status}); see {}", log_path.display());
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! starts whatever is not running yet, in dependency order, waiting for each to be ready; so it
 //! is idempotent and also repairs a half-dead cluster. `down` stops everything it started.
 
-mod build;
+pub(crate) mod build;
 mod control_plane;
 pub(crate) mod images;
 mod kubeconfig;
