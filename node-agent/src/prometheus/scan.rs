@@ -129,8 +129,6 @@ fn is_metric_start(b: u8) -> bool {
     CLASSES[b as usize] & METRIC_START != 0
 }
 
-/// The table's answer, which the tests hold [`name_run_end`]'s word-at-a-time scan to.
-#[cfg(test)]
 fn is_metric_char(b: u8) -> bool {
     CLASSES[b as usize] & METRIC_CHAR != 0
 }
@@ -139,63 +137,8 @@ fn is_label_start(b: u8) -> bool {
     CLASSES[b as usize] & LABEL_START != 0
 }
 
-#[cfg(test)]
 fn is_label_char(b: u8) -> bool {
     CLASSES[b as usize] & LABEL_CHAR != 0
-}
-
-/// Eight copies of a byte, for word-at-a-time (SWAR) tests.
-const fn splat(b: u8) -> u64 {
-    0x0101_0101_0101_0101 * b as u64
-}
-
-const HIGH_BITS: u64 = splat(0x80);
-
-/// Per byte of `y` (every byte below 0x80): the high bit set iff the byte is `>= n`
-/// (`1 <= n <= 0x80`). Exact per byte: each byte sum stays below 0x100, so no carry crosses into
-/// the next byte (unlike the borrow trick of `find_quote_or_backslash`, which is exact only for
-/// the lowest match).
-const fn at_least(y: u64, n: u8) -> u64 {
-    y.wrapping_add(splat(0x80 - n)) & HIGH_BITS
-}
-
-/// Per byte of `y` (every byte below 0x80): the high bit set iff `lo <= byte <= hi`.
-const fn in_range(y: u64, lo: u8, hi: u8) -> u64 {
-    at_least(y, lo) & !at_least(y, hi + 1)
-}
-
-/// Per byte of `word`: the high bit set iff the byte is a name character: `[a-zA-Z0-9_]`, and
-/// `:` too when `colon` (metric names). Bytes from 0x80 up are never name characters.
-const fn name_chars(word: u64, colon: bool) -> u64 {
-    let y = word & !HIGH_BITS;
-    // Setting bit 0x20 folds `A-Z` onto `a-z` and moves nothing else into that range.
-    let alpha = in_range(y | splat(0x20), b'a', b'z');
-    let digits = in_range(y, b'0', if colon { b':' } else { b'9' });
-    let underscore = in_range(y, b'_', b'_');
-    (alpha | digits | underscore) & !word & HIGH_BITS
-}
-
-/// End of the run of name characters (see [`name_chars`]) starting at `i`. Names are the longest
-/// runs on a kubelet line (`apiserver_client_certificate_expiration_seconds_bucket`): eight bytes
-/// per step with no data-dependent branch instead of a table lookup and a branch per byte.
-fn name_run_end(line: &[u8], mut i: usize, colon: bool) -> usize {
-    loop {
-        let word = match line.get(i..i + 8) {
-            Some(bytes) => <[u8; 8]>::try_from(bytes).map_or(0, u64::from_le_bytes),
-            None => {
-                // The last few bytes, padded with zero bytes (never name characters).
-                let mut padded = [0u8; 8];
-                let rest = line.get(i..).unwrap_or_default();
-                padded[..rest.len()].copy_from_slice(rest);
-                u64::from_le_bytes(padded)
-            }
-        };
-        let other = !name_chars(word, colon) & HIGH_BITS;
-        if other != 0 {
-            return (i + (other.trailing_zeros() / 8) as usize).min(line.len());
-        }
-        i += 8;
-    }
 }
 
 /// End of the metric name starting at `i` (== `i` when there is none).
@@ -203,14 +146,22 @@ fn metric_name_end(line: &[u8], i: usize) -> usize {
     if i >= line.len() || !is_metric_start(line[i]) {
         return i;
     }
-    name_run_end(line, i + 1, true)
+    let mut j = i + 1;
+    while j < line.len() && is_metric_char(line[j]) {
+        j += 1;
+    }
+    j
 }
 
 fn label_name_end(line: &[u8], i: usize) -> usize {
     if i >= line.len() || !is_label_start(line[i]) {
         return i;
     }
-    name_run_end(line, i + 1, false)
+    let mut j = i + 1;
+    while j < line.len() && is_label_char(line[j]) {
+        j += 1;
+    }
+    j
 }
 
 /// Whether `name` is a valid label name (used to check configured labels).
@@ -332,15 +283,15 @@ pub(crate) enum ScanError {
     DuplicateNamespace,
 }
 
-/// The next `"` or `\\` at or after `from`. Most label values are short (a pod UID is 36 bytes):
-/// up to 64 bytes, eight at a time with plain integer arithmetic beats setting up a vector search,
-/// which takes over for long values (cgroup paths, image names).
+/// The next `"` or `\\` at or after `from`. Most label values are short: eight bytes at a time
+/// with plain integer arithmetic beats setting up a vector search, which takes over for long
+/// values.
 fn find_quote_or_backslash(line: &[u8], from: usize) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     const QUOTES: u64 = LO * b'"' as u64;
     const BACKSLASHES: u64 = LO * b'\\' as u64;
-    let swar_end = line.len().min(from + 64);
+    let swar_end = line.len().min(from + 32);
     let mut i = from;
     while i + 8 <= swar_end {
         let Ok(bytes) = <[u8; 8]>::try_from(&line[i..i + 8]) else {
@@ -379,10 +330,6 @@ fn finds_quotes_and_backslashes_like_memchr() {
 
 /// Scans a label set whose `{` is at `open`; fills `labels`; returns the index of `}`.
 /// A second `namespace` label is an error here already, because it decides scope.
-///
-/// Kubelets write `{a="x",b="y"}` with no blanks: that shape is tested first with one or two
-/// comparisons per delimiter, and the blanks the format allows around every token are handled
-/// only when that test fails. Both routes accept exactly the same grammar.
 fn scan_labels(
     line: &[u8],
     open: usize,
@@ -391,34 +338,26 @@ fn scan_labels(
 ) -> Result<usize, ScanError> {
     let mut j = open + 1;
     loop {
-        // At a label name, or blanks and then a label name or `}`.
-        let mut name_start = j;
-        let mut name_end = label_name_end(line, j);
-        if name_end == name_start {
-            j = skip_blanks(line, j);
-            if line.get(j) == Some(&b'}') {
-                return Ok(j);
-            }
-            name_start = j;
-            name_end = label_name_end(line, j);
-            if name_end == name_start {
-                return Err(ScanError::Syntax);
-            }
+        j = skip_blanks(line, j);
+        match line.get(j) {
+            None => return Err(ScanError::Syntax),
+            Some(b'}') => return Ok(j),
+            Some(_) => {}
         }
-        // `="` right after the name, or blanks around the `=`.
-        let value_start = if line.get(name_end..name_end + 2) == Some(b"=\"") {
-            name_end + 2
-        } else {
-            j = skip_blanks(line, name_end);
-            if line.get(j) != Some(&b'=') {
-                return Err(ScanError::Syntax);
-            }
-            j = skip_blanks(line, j + 1);
-            if line.get(j) != Some(&b'"') {
-                return Err(ScanError::Syntax);
-            }
-            j + 1
-        };
+        let name_start = j;
+        let name_end = label_name_end(line, j);
+        if name_end == name_start {
+            return Err(ScanError::Syntax);
+        }
+        j = skip_blanks(line, name_end);
+        if line.get(j) != Some(&b'=') {
+            return Err(ScanError::Syntax);
+        }
+        j = skip_blanks(line, j + 1);
+        if line.get(j) != Some(&b'"') {
+            return Err(ScanError::Syntax);
+        }
+        let value_start = j + 1;
         let mut k = value_start;
         let mut escaped = false;
         let value_end = loop {
@@ -435,8 +374,7 @@ fn scan_labels(
             escaped = true;
             k = at + 2;
         };
-        // A fixed-size comparison: no call to `memcmp` for every label.
-        if <&[u8; 9]>::try_from(&line[name_start..name_end]).is_ok_and(|n| n == b"namespace") {
+        if &line[name_start..name_end] == b"namespace" {
             if namespace.is_some() {
                 return Err(ScanError::DuplicateNamespace);
             }
@@ -447,13 +385,8 @@ fn scan_labels(
             value: (value_start as u32, value_end as u32),
             escaped,
         });
-        j = value_end + 1;
-        let mut delimiter = line.get(j);
-        if delimiter.is_some_and(|b| is_blank(*b)) {
-            j = skip_blanks(line, j);
-            delimiter = line.get(j);
-        }
-        match delimiter {
+        j = skip_blanks(line, value_end + 1);
+        match line.get(j) {
             Some(b',') => j += 1,
             Some(b'}') => return Ok(j),
             _ => return Err(ScanError::Syntax),
@@ -758,181 +691,6 @@ pub(crate) fn escape_label_value(value: &str, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    /// The scanner as first written, a byte and a token at a time: the optimised one must agree
-    /// with it on every input.
-    mod reference {
-        use super::super::{LabelSpan, ScanError, is_blank, is_label_char, is_label_start};
-
-        fn skip_blanks(line: &[u8], mut i: usize) -> usize {
-            while i < line.len() && is_blank(line[i]) {
-                i += 1;
-            }
-            i
-        }
-
-        pub fn label_name_end(line: &[u8], i: usize) -> usize {
-            if i >= line.len() || !is_label_start(line[i]) {
-                return i;
-            }
-            let mut j = i + 1;
-            while j < line.len() && is_label_char(line[j]) {
-                j += 1;
-            }
-            j
-        }
-
-        pub fn scan_labels(
-            line: &[u8],
-            open: usize,
-            labels: &mut Vec<LabelSpan>,
-            namespace: &mut Option<usize>,
-        ) -> Result<usize, ScanError> {
-            let mut j = open + 1;
-            loop {
-                j = skip_blanks(line, j);
-                match line.get(j) {
-                    None => return Err(ScanError::Syntax),
-                    Some(b'}') => return Ok(j),
-                    Some(_) => {}
-                }
-                let name_start = j;
-                let name_end = label_name_end(line, j);
-                if name_end == name_start {
-                    return Err(ScanError::Syntax);
-                }
-                j = skip_blanks(line, name_end);
-                if line.get(j) != Some(&b'=') {
-                    return Err(ScanError::Syntax);
-                }
-                j = skip_blanks(line, j + 1);
-                if line.get(j) != Some(&b'"') {
-                    return Err(ScanError::Syntax);
-                }
-                let value_start = j + 1;
-                let mut k = value_start;
-                let mut escaped = false;
-                let value_end = loop {
-                    let at = k + line[k..]
-                        .iter()
-                        .position(|b| *b == b'"' || *b == b'\\')
-                        .ok_or(ScanError::Syntax)?;
-                    if line[at] == b'"' {
-                        break at;
-                    }
-                    match line.get(at + 1) {
-                        Some(b'\\') | Some(b'"') | Some(b'n') => {}
-                        _ => return Err(ScanError::Syntax),
-                    }
-                    escaped = true;
-                    k = at + 2;
-                };
-                if &line[name_start..name_end] == b"namespace" {
-                    if namespace.is_some() {
-                        return Err(ScanError::DuplicateNamespace);
-                    }
-                    *namespace = Some(labels.len());
-                }
-                labels.push(LabelSpan {
-                    name: (name_start as u32, name_end as u32),
-                    value: (value_start as u32, value_end as u32),
-                    escaped,
-                });
-                j = skip_blanks(line, value_end + 1);
-                match line.get(j) {
-                    Some(b',') => j += 1,
-                    Some(b'}') => return Ok(j),
-                    _ => return Err(ScanError::Syntax),
-                }
-            }
-        }
-    }
-
-    /// Label sets built from the pieces that matter to the grammar, blanks and escapes included.
-    fn label_set() -> impl proptest::strategy::Strategy<Value = String> {
-        use proptest::prelude::*;
-        let piece = prop_oneof![
-            Just("{"),
-            Just("}"),
-            Just(","),
-            Just("="),
-            Just("\""),
-            Just("\\"),
-            Just("\\\\"),
-            Just("\\\""),
-            Just("\\n"),
-            Just(" "),
-            Just("\t"),
-            Just("namespace"),
-            Just("le"),
-            Just("a1"),
-            Just("_"),
-            Just(":"),
-            Just("9"),
-            Just("é"),
-            Just("0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
-        ];
-        let random = proptest::collection::vec(piece.clone(), 0..40).prop_map(|p| p.concat());
-        // Mostly well-formed sets, with a random piece here and there.
-        let blank = prop_oneof![4 => Just(""), 1 => Just(" "), 1 => Just("\t ")];
-        let name = prop_oneof![
-            Just("namespace"),
-            Just("le"),
-            Just("a1"),
-            Just("_x:"),
-            Just("")
-        ];
-        let label = (
-            blank.clone(),
-            name,
-            blank.clone(),
-            blank.clone(),
-            proptest::collection::vec(piece.clone(), 0..3),
-            proptest::collection::vec(prop_oneof![Just("x"), Just("\\\""), Just("\\n")], 0..4),
-            blank,
-        )
-            .prop_map(|(b1, n, b2, b3, noise, value, b4)| {
-                format!(
-                    "{b1}{n}{b2}={b3}\"{}{}\"{b4}",
-                    noise.concat(),
-                    value.concat()
-                )
-            });
-        let shaped = (
-            proptest::collection::vec(label, 0..5),
-            piece,
-            proptest::bool::ANY,
-        )
-            .prop_map(|(labels, last, comma)| {
-                format!(
-                    "{}{}}}{}",
-                    labels.join(","),
-                    if comma { "," } else { "" },
-                    last
-                )
-            });
-        prop_oneof![random, shaped].prop_map(|body| format!("{{{body}"))
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn label_scanner_agrees_with_the_reference(set in label_set(), lead in 0usize..3) {
-            let line = format!("{}{set}", "m".repeat(lead));
-            let line = line.as_bytes();
-            let (mut a, mut b) = (Vec::new(), Vec::new());
-            let (mut na, mut nb) = (None, None);
-            let fast = scan_labels(line, lead, &mut a, &mut na);
-            let slow = reference::scan_labels(line, lead, &mut b, &mut nb);
-            proptest::prop_assert_eq!(fast, slow);
-            if fast.is_ok() {
-                proptest::prop_assert_eq!(&a, &b);
-                proptest::prop_assert_eq!(na, nb);
-            }
-            for i in 0..=line.len() {
-                proptest::prop_assert_eq!(label_name_end(line, i), reference::label_name_end(line, i));
-            }
-        }
-    }
-
     fn scan(line: &str) -> Result<(SampleScan, Vec<LabelSpan>), ScanError> {
         let mut labels = Vec::new();
         scan_sample(line.as_bytes(), &mut labels).map(|s| (s, labels))
@@ -1085,39 +843,6 @@ mod tests {
         assert!(
             !is_int(b"1.5") && !is_int(b"99999999999999999999") && !is_int(b"-") && !is_int(b"")
         );
-    }
-
-    #[test]
-    fn word_at_a_time_names_match_the_byte_classes() {
-        for b in 0..=255u8 {
-            for at in 0..9 {
-                let mut line = vec![b'a'; 8];
-                line.insert(at, b);
-                line.extend_from_slice(b"bb");
-                let end = |from: usize, colon: bool| {
-                    let class = |c: u8| {
-                        if colon {
-                            is_metric_char(c)
-                        } else {
-                            is_label_char(c)
-                        }
-                    };
-                    line[from..]
-                        .iter()
-                        .position(|c| !class(*c))
-                        .map_or(line.len(), |p| from + p)
-                };
-                for from in 0..=line.len() {
-                    assert_eq!(name_run_end(&line, from, true), end(from, true), "{b} {at}");
-                    assert_eq!(
-                        name_run_end(&line, from, false),
-                        end(from, false),
-                        "{b} {at}"
-                    );
-                }
-            }
-        }
-        assert_eq!(name_run_end(b"", 0, true), 0);
     }
 
     #[test]
