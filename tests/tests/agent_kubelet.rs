@@ -12,7 +12,7 @@ use futures::StreamExt;
 use nodegate_crds::catalogue::Scope;
 use nodegate_crds::{Endpoint, Port};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::{NODE_NAME, busybox_pod};
+use nodegate_tests::cluster::NODE_NAME;
 use rustls_pki_types::ServerName;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,16 +35,8 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     };
     let t0 = std::time::Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
-    let ns_a = cluster.namespace("agent-a").await.unwrap();
-    let ns_b = cluster.namespace("agent-b").await.unwrap();
     let cmd = ["sh", "-c", "echo line-one; echo line-two; sleep 3600"];
-    let pod = busybox_pod("web", &cmd);
-    let (pa, pb) = tokio::join!(
-        ns_a.run_pod(&pod, Duration::from_secs(120)),
-        ns_b.run_pod(&pod, Duration::from_secs(120)),
-    );
-    pa.unwrap();
-    pb.unwrap();
+    let (ns_a, ns_b) = two_namespaces_running(&cluster, ("agent-a", "agent-b"), "web", &cmd).await;
     step("pods running");
     let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
 

@@ -112,14 +112,6 @@ async fn upstream(size: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NODEGATE_AGENT_BIN") {
         // Relative to the workspace root (cargo runs tests in the package's directory).

@@ -19,7 +19,6 @@ use nodegate_agent::upstream::{Upstream, UpstreamSettings};
 use nodegate_crds::policy::SubjectKind;
 use nodegate_crds::{AgentRule, Endpoint, Port, Subject};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::busybox_pod;
 use nodegate_tests::sim::{Sim, SimOptions};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::collections::{BTreeMap, BTreeSet};
@@ -155,14 +154,6 @@ struct Prometheus {
     child: Child,
     addr: SocketAddr,
     _dir: TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn prometheus_binary() -> PathBuf {
@@ -525,15 +516,13 @@ async fn prometheus_through_the_agent_sees_only_its_namespace_on_the_real_kubele
     };
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
-    let ns_a = cluster.namespace("prom-a").await.unwrap();
-    let ns_b = cluster.namespace("prom-b").await.unwrap();
-    let pod = busybox_pod("busy", &["sh", "-c", "while true; do :; done"]);
-    let (pa, pb) = tokio::join!(
-        ns_a.run_pod(&pod, Duration::from_secs(120)),
-        ns_b.run_pod(&pod, Duration::from_secs(120)),
-    );
-    pa.unwrap();
-    pb.unwrap();
+    let (ns_a, ns_b) = two_namespaces_running(
+        &cluster,
+        ("prom-a", "prom-b"),
+        "busy",
+        &["sh", "-c", "while true; do :; done"],
+    )
+    .await;
     step("pods running");
     let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
     let tok_a = service_account_token(&cluster, &a, "scraper").await;

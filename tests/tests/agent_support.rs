@@ -636,3 +636,30 @@ pub fn endpoint_target(
         Endpoint::Spec => "/spec/".into(),
     }
 }
+
+/// A free loopback port (bound, then released for the caller to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two fresh namespaces (`prefix_a-…`, `prefix_b-…`), each running a busybox pod `name` with
+/// `command`, started together; returns once both pods run.
+pub async fn two_namespaces_running(
+    cluster: &nodegate_tests::Cluster,
+    (prefix_a, prefix_b): (&str, &str),
+    name: &str,
+    command: &[&str],
+) -> (nodegate_tests::TestNamespace, nodegate_tests::TestNamespace) {
+    let ns_a = cluster.namespace(prefix_a).await.unwrap();
+    let ns_b = cluster.namespace(prefix_b).await.unwrap();
+    let pod = nodegate_tests::cluster::busybox_pod(name, command);
+    let timeout = std::time::Duration::from_secs(120);
+    let (pa, pb) = tokio::join!(ns_a.run_pod(&pod, timeout), ns_b.run_pod(&pod, timeout));
+    pa.unwrap();
+    pb.unwrap();
+    (ns_a, ns_b)
+}
