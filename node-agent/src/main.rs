@@ -136,6 +136,12 @@ struct ServeArgs {
     /// Largest kubelet JSON document (pods, stats) the agent filters.
     #[arg(long, env = "NODEGATE_MAX_JSON_BYTES", default_value_t = nodegate_agent::json_filter::DEFAULT_MAX_JSON_BYTES)]
     max_json_bytes: usize,
+    /// Worker threads of the async runtime. Default: the CPUs this process may use (its
+    /// cgroup's CPU limit included, so the chart's 1-CPU limit gives one thread). More threads
+    /// than CPUs only add wake-ups between them: on 2 shared cores, 2 threads cost about a
+    /// quarter more CPU per request than one (docs/BENCHMARKS.md).
+    #[arg(long, env = "NODEGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     /// Log lines as JSON (the audit line included).
     #[arg(long, env = "NODEGATE_LOG_JSON", default_value_t = true, action = clap::ArgAction::Set)]
     log_json: bool,
@@ -200,7 +206,12 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let workers = cli.serve.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     match cli.command {

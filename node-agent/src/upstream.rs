@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -87,23 +87,45 @@ pub enum UpstreamError {
 }
 
 /// A bearer token read from a file and re-read when the file changes (kubelet-projected
-/// service-account tokens rotate in place).
+/// service-account tokens rotate in place, well before they expire).
 #[derive(Debug)]
 pub struct TokenFile {
     path: PathBuf,
-    cached: Mutex<(Option<SystemTime>, String)>,
+    /// How long a read is trusted before the file's mtime is looked at again: a `stat` per
+    /// request was one syscall in six on the proxy path.
+    recheck: Duration,
+    cached: Mutex<Option<CachedToken>>,
+}
+
+#[derive(Debug)]
+struct CachedToken {
+    checked: Instant,
+    modified: SystemTime,
+    authorization: HeaderValue,
 }
 
 impl TokenFile {
+    /// Looks at the file at most once a second.
     pub fn new(path: PathBuf) -> Self {
+        Self::with_recheck(path, Duration::from_secs(1))
+    }
+
+    pub fn with_recheck(path: PathBuf, recheck: Duration) -> Self {
         TokenFile {
             path,
-            cached: Mutex::new((None, String::new())),
+            recheck,
+            cached: Mutex::new(None),
         }
     }
 
-    /// The current token.
-    pub fn token(&self) -> Result<String, UpstreamError> {
+    /// `Bearer <token>`, marked sensitive.
+    pub fn authorization(&self) -> Result<HeaderValue, UpstreamError> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.as_ref()
+            && c.checked.elapsed() < self.recheck
+        {
+            return Ok(c.authorization.clone());
+        }
         let file_err = |source| UpstreamError::File {
             path: self.path.clone(),
             source,
@@ -111,12 +133,22 @@ impl TokenFile {
         let modified = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .map_err(file_err)?;
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0 != Some(modified) || cached.1.is_empty() {
-            let token = std::fs::read_to_string(&self.path).map_err(file_err)?;
-            *cached = (Some(modified), token.trim().to_string());
+        if let Some(c) = cached.as_mut()
+            && c.modified == modified
+        {
+            c.checked = Instant::now();
+            return Ok(c.authorization.clone());
         }
-        Ok(cached.1.clone())
+        let token = std::fs::read_to_string(&self.path).map_err(file_err)?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", token.trim()))
+            .map_err(|_| UpstreamError::Request("token is not a valid header value".into()))?;
+        authorization.set_sensitive(true);
+        *cached = Some(CachedToken {
+            checked: Instant::now(),
+            modified,
+            authorization: authorization.clone(),
+        });
+        Ok(authorization)
     }
 }
 
@@ -384,9 +416,8 @@ impl Upstream {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(token) = &self.token {
-            let value = HeaderValue::try_from(format!("Bearer {}", token.token()?))
-                .map_err(|_| UpstreamError::Request("token is not a valid header value".into()))?;
-            req.headers_mut().insert(header::AUTHORIZATION, value);
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, token.authorization()?);
         }
         self.client
             .request(req)
@@ -590,15 +621,25 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("token");
         std::fs::write(&path, "one\n").unwrap();
-        let t = TokenFile::new(path.clone());
-        assert_eq!(t.token().unwrap(), "one");
+        let t = TokenFile::with_recheck(path.clone(), Duration::ZERO);
+        assert_eq!(t.authorization().unwrap(), "Bearer one");
         // A rotation writes a new file (new mtime).
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&path, "two").unwrap();
         let f = std::fs::File::options().write(true).open(&path).unwrap();
         f.set_modified(SystemTime::now() + Duration::from_secs(5))
             .unwrap();
-        assert_eq!(t.token().unwrap(), "two");
+        assert_eq!(t.authorization().unwrap(), "Bearer two");
+        assert!(t.authorization().unwrap().is_sensitive());
+        // Within the recheck interval the file is not looked at.
+        let slow = TokenFile::new(path.clone());
+        assert_eq!(slow.authorization().unwrap(), "Bearer two");
+        std::fs::write(&path, "three").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(slow.authorization().unwrap(), "Bearer two");
+        assert_eq!(t.authorization().unwrap(), "Bearer three");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -609,3 +609,150 @@ async fn upstream_down_is_502_and_the_agent_stays_healthy() {
         "{m}"
     );
 }
+
+/// What the fake kubelet of [`metrics_bodies_the_filter_cannot_read_never_reach_the_caller`]
+/// answers on `/metrics/cadvisor`, whatever it was asked for.
+#[derive(Clone, Copy)]
+enum Answer {
+    Gzip,
+    Protobuf,
+    Zstd,
+}
+
+const EXPOSITION: &str = "# HELP m A metric.\n# TYPE m gauge\nm{namespace=\"team-a\",pod=\"a\"} 1\nm{namespace=\"team-b\",pod=\"b\"} 2\nm 3\n";
+
+/// A kubelet that ignores content negotiation: the agent must ask for uncompressed text, decode
+/// a gzip answer anyway, and refuse (502, counted) protobuf and zstd answers without relaying a
+/// byte of them.
+#[tokio::test]
+async fn metrics_bodies_the_filter_cannot_read_never_reach_the_caller() {
+    use async_compression::tokio::bufread::GzipEncoder;
+    use http_body_util::Full;
+    use std::sync::{Arc, Mutex};
+    let mut gz = Vec::new();
+    GzipEncoder::new(EXPOSITION.as_bytes())
+        .read_to_end(&mut gz)
+        .await
+        .unwrap();
+    let answer = Arc::new(Mutex::new(Answer::Gzip));
+    let asked: Arc<Mutex<Vec<http::HeaderMap>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let kubelet = listener.local_addr().unwrap();
+    let (answer_k, asked_k) = (answer.clone(), asked.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (answer, asked, gz) = (answer_k.clone(), asked_k.clone(), gz.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    asked.lock().unwrap().push(req.headers().clone());
+                    let (content_type, encoding, body): (&str, Option<&str>, Vec<u8>) =
+                        match *answer.lock().unwrap() {
+                            Answer::Gzip => ("text/plain; version=0.0.4", Some("gzip"), gz.clone()),
+                            Answer::Protobuf => (
+                                "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited",
+                                None,
+                                b"namespace=\"team-b\" secret".to_vec(),
+                            ),
+                            Answer::Zstd => (
+                                "text/plain; version=0.0.4",
+                                Some("zstd"),
+                                b"namespace=\"team-b\" secret".to_vec(),
+                            ),
+                        };
+                    let mut resp = http::Response::new(Full::new(bytes::Bytes::from(body)));
+                    resp.headers_mut()
+                        .insert("content-type", content_type.parse().unwrap());
+                    if let Some(e) = encoding {
+                        resp.headers_mut()
+                            .insert("content-encoding", e.parse().unwrap());
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    let pki = Pki::new("negotiation");
+    let agent = start_agent(
+        NODE,
+        UpstreamSettings::new(format!("http://{kubelet}").parse().unwrap()),
+        &pki,
+        tokens(),
+        rules(),
+    )
+    .await;
+    let alice = Cred::Token("tok-alice-1234567890".into());
+    // What Prometheus sends with native histograms on: protobuf first, and gzip.
+    let prometheus = [
+        (
+            "accept",
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+        ),
+        ("accept-encoding", "gzip, zstd"),
+    ];
+    let addr = agent.running.secure_addr;
+
+    // gzip although identity was asked for: decoded, filtered, re-encoded for the caller.
+    let r = request(addr, true, &alice, "GET", "/metrics/cadvisor", &prometheus)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    let mut text = String::new();
+    async_compression::tokio::bufread::GzipDecoder::new(r.body.as_slice())
+        .read_to_string(&mut text)
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "# HELP m A metric.\n# TYPE m gauge\nm{namespace=\"team-a\",pod=\"a\"} 1\n"
+    );
+    let seen = asked.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen["accept-encoding"], "identity", "{seen:?}");
+    assert!(
+        seen["accept"].to_str().unwrap().starts_with("text/plain"),
+        "{seen:?}"
+    );
+    assert!(!seen.contains_key("authorization"), "{seen:?}");
+
+    // Without gzip from the caller: plain text.
+    let r = request(addr, true, &alice, "GET", "/metrics/cadvisor", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(!r.headers.contains_key("content-encoding"));
+    assert_eq!(r.text().lines().count(), 3, "{}", r.text());
+
+    // Protobuf or zstd: 502, nothing of the body.
+    for (which, kind) in [(Answer::Protobuf, "protobuf"), (Answer::Zstd, "zstd")] {
+        *answer.lock().unwrap() = which;
+        let r = request(addr, true, &alice, "GET", "/metrics/cadvisor", &prometheus)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 502, "{kind}: {}", r.text());
+        assert!(
+            !r.text().contains("secret") && !r.text().contains("team-b"),
+            "{kind}"
+        );
+    }
+    let m = request(
+        agent.running.healthz_addr.unwrap(),
+        false,
+        &Cred::None,
+        "GET",
+        "/metrics",
+        &[],
+    )
+    .await
+    .unwrap()
+    .text();
+    assert!(
+        m.contains("nodegate_agent_upstream_errors_total{kind=\"unfilterable\"} 2"),
+        "{m}"
+    );
+}

@@ -22,6 +22,14 @@ pub struct Args {
     /// Concurrent clients (hey -c).
     #[arg(long, default_value_t = 16)]
     concurrency: u32,
+    /// Runs of each target, taken in turns (every target once, then again): the tables show
+    /// each target's median run, so a burst of other work on the machine moves one run, not
+    /// the comparison.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
+    /// `--worker-threads` of the agents (the chart's 1-CPU limit gives the agent one thread).
+    #[arg(long, default_value_t = 1)]
+    agent_worker_threads: u16,
     /// kubelet-sim --payload-scale for the large /metrics/cadvisor answer (40: about 8 MB).
     #[arg(long, default_value_t = 40)]
     payload_scale: usize,
@@ -232,16 +240,112 @@ struct Runner {
     duration: String,
     secs: u64,
     concurrency: u32,
+    rounds: u32,
+}
+
+/// Linux reports process CPU time in USER_HZ ticks, 100 per second on every architecture
+/// nodegate runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user + system) of a process so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => (u + s) / TICKS_PER_SECOND,
+        _ => 0.0,
+    }
+}
+
+/// The pid of the process whose command name is `comm` (the local cluster's kubelet).
+fn pid_of(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let name = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (name.trim() == comm).then_some(pid)
+    })
+}
+
+/// One thing measured: a URL, the caller's token, and the processes whose CPU time per
+/// request is reported beside it.
+struct Target {
+    path: &'static str,
+    label: String,
+    url: String,
+    token: Option<String>,
+    cpu: Vec<(&'static str, u32)>,
+}
+
+impl Target {
+    fn new(path: &'static str, label: &str, url: String, token: Option<&str>) -> Self {
+        Target {
+            path,
+            label: label.to_string(),
+            url,
+            token: token.map(str::to_string),
+            cpu: vec![],
+        }
+    }
+
+    fn cpu_of(mut self, name: &'static str, pid: u32) -> Self {
+        self.cpu.push((name, pid));
+        self
+    }
+}
+
+/// A target's runs: the median one (by requests/s) stands for it, the others give the range.
+struct Row {
+    path: &'static str,
+    target: String,
+    runs: Vec<HeyResult>,
+    /// Per watched process: CPU milliseconds per answered request, one figure per run.
+    cpu: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl Row {
+    fn median(&self) -> HeyResult {
+        let mut runs = self.runs.clone();
+        runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        runs.get(runs.len() / 2).cloned().unwrap_or_default()
+    }
+
+    fn range(&self) -> (f64, f64) {
+        let min = self
+            .runs
+            .iter()
+            .map(|r| r.rps)
+            .fold(f64::INFINITY, f64::min);
+        let max = self.runs.iter().map(|r| r.rps).fold(0.0, f64::max);
+        (min, max)
+    }
+
+    fn cpu_median(&self, name: &str) -> Option<f64> {
+        let (_, runs) = self.cpu.iter().find(|(n, _)| *n == name)?;
+        let mut v = runs.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    }
 }
 
 impl Runner {
-    fn hey(&self, label: &str, url: &str, token: Option<&str>) -> Result<HeyResult> {
+    fn hey(
+        &self,
+        label: &str,
+        url: &str,
+        token: Option<&str>,
+        hey_args: &[&str],
+    ) -> Result<HeyResult> {
         warm_up(url, token, Duration::from_secs(60))?;
         eprintln!("hey {label}: {url} (load {})", loadavg());
         let mut cmd = Command::new("timeout");
         cmd.arg(format!("{}s", self.secs + 60))
             .arg("hey")
-            .args(["-z", &self.duration, "-c", &self.concurrency.to_string()])
+            .args(hey_args)
             .arg("-disable-compression");
         if let Some(t) = token {
             cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
@@ -259,6 +363,43 @@ impl Runner {
             r.other
         );
         Ok(r)
+    }
+
+    /// Loads every target in turn, `rounds` times over (so slow drifts in the machine's load
+    /// fall on all of them alike), with `hey -z <duration> -c <concurrency>`.
+    fn load(&self, targets: &[Target]) -> Result<Vec<Row>> {
+        let c = self.concurrency.to_string();
+        self.measure(targets, &["-z", &self.duration, "-c", &c])
+    }
+
+    fn measure(&self, targets: &[Target], hey_args: &[&str]) -> Result<Vec<Row>> {
+        let mut rows: Vec<Row> = targets
+            .iter()
+            .map(|t| Row {
+                path: t.path,
+                target: t.label.clone(),
+                runs: vec![],
+                cpu: t.cpu.iter().map(|(n, _)| (*n, vec![])).collect(),
+            })
+            .collect();
+        for round in 1..=self.rounds {
+            for (t, row) in targets.iter().zip(rows.iter_mut()) {
+                let label = format!("{} (round {round}/{})", t.label, self.rounds);
+                let before: Vec<f64> = t.cpu.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+                let r = self.hey(&label, &t.url, t.token.as_deref(), hey_args)?;
+                for (i, (_, pid)) in t.cpu.iter().enumerate() {
+                    let used = cpu_seconds(*pid) - before[i];
+                    let per_request = if r.ok > 0 {
+                        used * 1e3 / r.ok as f64
+                    } else {
+                        0.0
+                    };
+                    row.cpu[i].1.push(per_request);
+                }
+                row.runs.push(r);
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -407,13 +548,6 @@ subjects:
   - {kind: ServiceAccount, name: bench-agent, namespace: nodegate-bench}
 "#;
 
-struct Row {
-    path: &'static str,
-    target: String,
-    r: HeyResult,
-    load: String,
-}
-
 pub fn run(args: Args) -> Result<()> {
     let secs = duration_secs(&args.duration)?;
     ensure_hey()?;
@@ -422,6 +556,7 @@ pub fn run(args: Args) -> Result<()> {
         duration: args.duration.clone(),
         secs,
         concurrency: args.concurrency,
+        rounds: args.rounds,
     };
     let dir = std::env::temp_dir().join(format!("nodegate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -447,17 +582,8 @@ pub fn run(args: Args) -> Result<()> {
         )
     };
     let (tok_ns, tok_all) = (token("bench-ns")?, token("bench-all")?);
-
-    let mut rows: Vec<Row> = Vec::new();
+    let threads = format!("--worker-threads={}", args.agent_worker_threads);
     let mut rss_rows: Vec<(String, (f64, f64))> = Vec::new();
-    let push = |rows: &mut Vec<Row>, path, target: &str, r: HeyResult| {
-        rows.push(Row {
-            path,
-            target: target.to_string(),
-            r,
-            load: loadavg(),
-        })
-    };
 
     // 1. kubelet-sim, straight and through the agent (and caddy).
     let sim_port = free_port()?;
@@ -469,7 +595,7 @@ pub fn run(args: Args) -> Result<()> {
         .arg(NODE_NAME)
         .env("RUST_LOG", "warn");
     let sim_log = dir.join("kubelet-sim.log");
-    let _sim = Proc::spawn("kubelet-sim", &mut cmd, &sim_log)?;
+    let sim_proc = Proc::spawn("kubelet-sim", &mut cmd, &sim_log)?;
     let sim = format!("http://127.0.0.1:{sim_port}");
     warm_up(
         &format!("{sim}/metrics/resource"),
@@ -487,7 +613,7 @@ pub fn run(args: Args) -> Result<()> {
         "agent-sim",
         "127.0.0.2",
         &kubeconfig,
-        &[format!("--upstream={sim}")],
+        &[format!("--upstream={sim}"), threads.clone()],
     )?;
     rss_rows.push(("agent (kubelet-sim) idle".into(), rss(agent.proc.pid())));
     let caddy = if args.no_go_proxy {
@@ -496,38 +622,104 @@ pub fn run(args: Args) -> Result<()> {
         start_caddy(&dir, sim_port)?
     };
     let (secure, ro) = (agent.secure.clone(), agent.read_only.clone());
+    let (sim_pid, agent_pid) = (sim_proc.pid(), agent.proc.pid());
+    let mut rows = Vec::new();
     for path in ["/metrics/resource", "/metrics/cadvisor"] {
-        let r = runner.hey("sim direct", &format!("{sim}{path}"), None)?;
-        push(&mut rows, path, "kubelet-sim direct (http)", r);
-        if let Some((_, port)) = &caddy {
-            let r = runner.hey("caddy", &format!("http://127.0.0.1:{port}{path}"), None)?;
-            push(&mut rows, path, "caddy reverse-proxy (http, no auth)", r);
+        let mut targets = vec![
+            Target::new(
+                path,
+                "kubelet-sim direct (http)",
+                format!("{sim}{path}"),
+                None,
+            )
+            .cpu_of("upstream", sim_pid),
+        ];
+        if let Some((proc, port)) = &caddy {
+            targets.push(
+                Target::new(
+                    path,
+                    "caddy reverse-proxy (http, no auth)",
+                    format!("http://127.0.0.1:{port}{path}"),
+                    None,
+                )
+                .cpu_of("upstream", sim_pid)
+                .cpu_of("proxy", proc.pid()),
+            );
         }
-        let r = runner.hey("agent read-only", &format!("{ro}{path}"), None)?;
-        push(
-            &mut rows,
-            path,
-            "agent read-only port (http, anonymous, all)",
-            r,
-        );
-        let r = runner.hey("agent all", &format!("{secure}{path}"), Some(&tok_all))?;
-        push(&mut rows, path, "agent TLS + token, `all` (no filter)", r);
-        let r = runner.hey("agent ns", &format!("{secure}{path}"), Some(&tok_ns))?;
-        push(
-            &mut rows,
-            path,
-            "agent TLS + token, one namespace (filter)",
-            r,
-        );
+        targets.extend([
+            Target::new(
+                path,
+                "agent read-only port (http, anonymous, all)",
+                format!("{ro}{path}"),
+                None,
+            ),
+            Target::new(
+                path,
+                "agent TLS + token, `all` (no filter)",
+                format!("{secure}{path}"),
+                Some(&tok_all),
+            ),
+            Target::new(
+                path,
+                "agent TLS + token, one namespace (filter)",
+                format!("{secure}{path}"),
+                Some(&tok_ns),
+            ),
+        ]);
+        let targets: Vec<Target> = targets
+            .into_iter()
+            .map(|t| {
+                if t.label.starts_with("agent") {
+                    t.cpu_of("upstream", sim_pid).cpu_of("proxy", agent_pid)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        rows.extend(runner.load(&targets)?);
         rss_rows.push((
             format!("agent (kubelet-sim) after {path}"),
             rss(agent.proc.pid()),
         ));
     }
+    // Time to the last byte of one large answer, one client at a time.
+    let large = "/metrics/cadvisor";
+    let ttlb_targets = [
+        Target::new(
+            large,
+            "kubelet-sim direct (http)",
+            format!("{sim}{large}"),
+            None,
+        ),
+        Target::new(
+            large,
+            "agent read-only port (http, anonymous, all)",
+            format!("{ro}{large}"),
+            None,
+        ),
+        Target::new(
+            large,
+            "agent TLS + token, `all` (no filter)",
+            format!("{secure}{large}"),
+            Some(&tok_all),
+        ),
+        Target::new(
+            large,
+            "agent TLS + token, one namespace (filter)",
+            format!("{secure}{large}"),
+            Some(&tok_ns),
+        ),
+    ];
+    let one_client = ["-n", "40", "-c", "1"];
+    let mut ttlb = vec![(
+        format!("kubelet-sim `{large}`"),
+        runner.measure(&ttlb_targets, &one_client)?,
+    )];
     drop(caddy);
     drop(agent);
+    drop(sim_proc);
 
-    // 3. The real kubelet.
+    // 2. The real kubelet.
     let mut kubelet_rows: Vec<Row> = Vec::new();
     if !args.no_kubelet {
         let ip = kubectl(
@@ -541,6 +733,8 @@ pub fn run(args: Args) -> Result<()> {
             ],
             None,
         )?;
+        let kubelet_pid = pid_of("kubelet").context("no kubelet process")?;
+        let apiserver_pid = pid_of("kube-apiserver").context("no kube-apiserver process")?;
         let upstream = |credential: Vec<String>| {
             let mut args = vec![
                 format!("--upstream=https://{ip}:10250"),
@@ -557,15 +751,18 @@ pub fn run(args: Args) -> Result<()> {
         // kubelet, cached there).
         let token_file = dir.join("agent-upstream-token");
         std::fs::write(&token_file, token("bench-agent")?)?;
+        let token_upstream = || {
+            upstream(vec![format!(
+                "--upstream-token-file={}",
+                token_file.display()
+            )])
+        };
         let agent = start_agent(
             &dir,
             "agent-kubelet",
             "127.0.0.3",
             &kubeconfig,
-            &upstream(vec![format!(
-                "--upstream-token-file={}",
-                token_file.display()
-            )]),
+            &[token_upstream(), vec![threads.clone()]].concat(),
         )?;
         // The alternative for kubelets that accept only x509: a client certificate (the API
         // server's kubelet client certificate here).
@@ -574,54 +771,118 @@ pub fn run(args: Args) -> Result<()> {
             "agent-kubelet-x509",
             "127.0.0.4",
             &kubeconfig,
-            &upstream(vec![
-                format!(
-                    "--upstream-client-cert-file={}",
-                    state.join("pki/apiserver-kubelet-client.crt").display()
-                ),
-                format!(
-                    "--upstream-client-key-file={}",
-                    state.join("pki/apiserver-kubelet-client.key").display()
-                ),
-            ]),
+            &[
+                upstream(vec![
+                    format!(
+                        "--upstream-client-cert-file={}",
+                        state.join("pki/apiserver-kubelet-client.crt").display()
+                    ),
+                    format!(
+                        "--upstream-client-key-file={}",
+                        state.join("pki/apiserver-kubelet-client.key").display()
+                    ),
+                ]),
+                vec![threads.clone()],
+            ]
+            .concat(),
+        )?;
+        // The agent with a runtime thread per CPU of this machine (no CPU limit).
+        let agent_default = start_agent(
+            &dir,
+            "agent-kubelet-default-threads",
+            "127.0.0.5",
+            &kubeconfig,
+            &token_upstream(),
         )?;
         let path = "/metrics/resource";
-        let targets: Vec<(&str, String, Option<&str>)> = vec![
-            (
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let t = args.agent_worker_threads;
+        let targets = vec![
+            Target::new(
+                path,
                 "kubelet read-only port :10255 (http)",
                 format!("http://{ip}:10255{path}"),
                 None,
             ),
-            (
+            Target::new(
+                path,
                 "kubelet secure port :10250 (token, webhook authn/authz)",
                 format!("https://{ip}:10250{path}"),
                 Some(&tok_all),
             ),
-            (
+            Target::new(
+                path,
                 "API server node proxy",
                 format!("https://127.0.0.1:6443/api/v1/nodes/{NODE_NAME}/proxy{path}"),
                 Some(&tok_all),
-            ),
-            (
-                "agent TLS + token, `all` (no filter)",
+            )
+            .cpu_of("proxy", apiserver_pid),
+            Target::new(
+                path,
+                &format!("agent TLS + token, `all` (no filter), token upstream, {t} thread(s)"),
                 format!("{}{path}", agent.secure),
                 Some(&tok_all),
-            ),
-            (
-                "agent TLS + token, one namespace (filter)",
+            )
+            .cpu_of("proxy", agent.proc.pid()),
+            Target::new(
+                path,
+                &format!(
+                    "agent TLS + token, one namespace (filter), token upstream, {t} thread(s)"
+                ),
                 format!("{}{path}", agent.secure),
                 Some(&tok_ns),
-            ),
-            (
-                "agent TLS + token, `all`, client certificate upstream",
+            )
+            .cpu_of("proxy", agent.proc.pid()),
+            Target::new(
+                path,
+                &format!("agent TLS + token, `all`, client certificate upstream, {t} thread(s)"),
                 format!("{}{path}", agent_x509.secure),
                 Some(&tok_all),
+            )
+            .cpu_of("proxy", agent_x509.proc.pid()),
+            Target::new(
+                path,
+                &format!("agent TLS + token, `all`, token upstream, {cores} threads (one per CPU)"),
+                format!("{}{path}", agent_default.secure),
+                Some(&tok_all),
+            )
+            .cpu_of("proxy", agent_default.proc.pid()),
+        ];
+        let targets: Vec<Target> = targets
+            .into_iter()
+            .map(|t| {
+                let mut t = t.cpu_of("upstream", kubelet_pid);
+                t.cpu.rotate_right(1);
+                t
+            })
+            .collect();
+        kubelet_rows = runner.load(&targets)?;
+        // The kubelet's own cAdvisor answer (small on this one-node cluster), one client.
+        let cadvisor = "/metrics/cadvisor";
+        let ttlb_targets = [
+            Target::new(
+                cadvisor,
+                "kubelet secure port :10250 (token)",
+                format!("https://{ip}:10250{cadvisor}"),
+                Some(&tok_all),
+            ),
+            Target::new(
+                cadvisor,
+                "agent TLS + token, `all` (no filter)",
+                format!("{}{cadvisor}", agent.secure),
+                Some(&tok_all),
+            ),
+            Target::new(
+                cadvisor,
+                "agent TLS + token, one namespace (filter)",
+                format!("{}{cadvisor}", agent.secure),
+                Some(&tok_ns),
             ),
         ];
-        for (label, url, tok) in targets {
-            let r = runner.hey(label, &url, tok)?;
-            push(&mut kubelet_rows, path, label, r);
-        }
+        ttlb.push((
+            format!("node-1's kubelet `{cadvisor}`"),
+            runner.measure(&ttlb_targets, &one_client)?,
+        ));
         rss_rows.push((
             "agent (node-1 kubelet) after load".into(),
             rss(agent.proc.pid()),
@@ -635,6 +896,7 @@ pub fn run(args: Args) -> Result<()> {
         &loadavg(),
         started.elapsed(),
         &rows,
+        &ttlb,
         &kubelet_rows,
         &rss_rows,
     );
@@ -689,6 +951,7 @@ fn render(
     load_end: &str,
     took: Duration,
     rows: &[Row],
+    ttlb: &[(String, Vec<Row>)],
     kubelet_rows: &[Row],
     rss_rows: &[(String, (f64, f64))],
 ) -> String {
@@ -696,32 +959,57 @@ fn render(
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
         s,
-        "hey -z {} -c {} -disable-compression; {nproc} CPUs; load average (1/5/15 min) {load_start} at start, {load_end} at end; {:.0} s in all",
+        "hey -z {} -c {} -disable-compression, {} rounds (medians shown, req/s range beside); agents with --worker-threads={}; {nproc} CPUs; load average (1/5/15 min) {load_start} at start, {load_end} at end; {:.0} s in all",
         args.duration,
         args.concurrency,
+        args.rounds,
+        args.agent_worker_threads,
         took.as_secs_f64()
     );
     let _ = writeln!(s, "{sim_line}\n");
-    let _ = writeln!(
-        s,
-        "| path | target | req/s | × direct | p50 ms | p99 ms | mean (last byte) ms | non-200 | load 1 min |"
-    );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let header = |s: &mut String, ratio: &str| {
+        let _ = writeln!(
+            s,
+            "| path | target | req/s | range | {ratio} | p50 ms | p99 ms | mean (last byte) ms | CPU ms/req upstream | CPU ms/req proxy | non-200 |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    };
+    header(&mut s, "× direct");
     for r in rows {
         let direct = rows
             .iter()
             .find(|d| d.path == r.path)
-            .map_or(0.0, |d| d.r.rps);
+            .map_or(0.0, |d| d.median().rps);
         line(&mut s, r, direct);
+    }
+    for (title, rows) in ttlb {
+        let _ = writeln!(
+            s,
+            "\nOne client (`hey -n 40 -c 1`), time to the last byte, {title}:\n"
+        );
+        let _ = writeln!(
+            s,
+            "| target | mean ms | × first row | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|"
+        );
+        let first = rows.first().map_or(0.0, |d| d.median().avg_s);
+        for r in rows {
+            // The median run by requests/s, i.e. by mean time for one client.
+            let m = r.median();
+            let ratio = if first > 0.0 { m.avg_s / first } else { 0.0 };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {ratio:.2} | {} | {} |",
+                r.target,
+                ms(m.avg_s),
+                ms(m.p50_s),
+                ms(m.p99_s)
+            );
+        }
     }
     if !kubelet_rows.is_empty() {
         let _ = writeln!(s, "\nnode-1 (real kubelet), ratio to the read-only port:\n");
-        let _ = writeln!(
-            s,
-            "| path | target | req/s | × read-only | p50 ms | p99 ms | mean ms | non-200 | load 1 min |"
-        );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
-        let base = kubelet_rows.first().map_or(0.0, |d| d.r.rps);
+        header(&mut s, "× read-only");
+        let base = kubelet_rows.first().map_or(0.0, |d| d.median().rps);
         for r in kubelet_rows {
             line(&mut s, r, base);
         }
@@ -746,19 +1034,29 @@ fn ms(secs: f64) -> String {
 }
 
 fn line(s: &mut String, r: &Row, base: f64) {
-    let ratio = if base > 0.0 { r.r.rps / base } else { 0.0 };
+    let m = r.median();
+    let ratio = if base > 0.0 { m.rps / base } else { 0.0 };
+    let (min, max) = r.range();
+    let cpu = |name| {
+        r.cpu_median(name)
+            .map_or_else(|| "–".to_string(), |v| format!("{v:.3}"))
+    };
+    let other: u64 = r.runs.iter().map(|r| r.other).sum();
     let _ = writeln!(
         s,
-        "| `{}` | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
+        "| `{}` | {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} | {} | {} | {} |",
         r.path,
         r.target,
-        r.r.rps,
+        m.rps,
+        min,
+        max,
         ratio,
-        ms(r.r.p50_s),
-        ms(r.r.p99_s),
-        ms(r.r.avg_s),
-        r.r.other,
-        r.load.split_whitespace().next().unwrap_or("")
+        ms(m.p50_s),
+        ms(m.p99_s),
+        ms(m.avg_s),
+        cpu("upstream"),
+        cpu("proxy"),
+        other,
     );
 }
 
