@@ -634,17 +634,17 @@ pub fn run(args: Args) -> Result<()> {
             )
             .cpu_of("upstream", sim_pid),
         ];
-        if let Some((proc, port)) = &caddy {
-            targets.push(
-                Target::new(
-                    path,
-                    "caddy reverse-proxy (http, no auth)",
-                    format!("http://127.0.0.1:{port}{path}"),
-                    None,
-                )
-                .cpu_of("upstream", sim_pid)
-                .cpu_of("proxy", proc.pid()),
-            );
+        if let Some(caddy) = &caddy {
+            for (label, base) in [
+                ("caddy reverse proxy (http, no auth)", &caddy.http),
+                ("caddy reverse proxy (TLS, no auth)", &caddy.https),
+            ] {
+                targets.push(
+                    Target::new(path, label, format!("{base}{path}"), None)
+                        .cpu_of("upstream", sim_pid)
+                        .cpu_of("proxy", caddy.proc.pid()),
+                );
+            }
         }
         targets.extend([
             Target::new(
@@ -907,10 +907,21 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Starts `caddy reverse-proxy` in front of kubelet-sim if a caddy binary is in
-/// `~/.cache/nodegate/bench-bin` or on PATH (built by hand, see docs/BENCHMARKS.md); None when
-/// there is none.
-fn start_caddy(dir: &Path, sim_port: u16) -> Result<Option<(Proc, u16)>> {
+/// caddy in front of kubelet-sim: plain HTTP on 127.0.0.1, and HTTPS (its internal CA, no
+/// client authentication) on 127.0.0.6:443, for hey's SNI (see [`start_agent`]).
+struct Caddy {
+    proc: Proc,
+    http: String,
+    https: String,
+}
+
+/// Address of caddy's HTTPS site.
+const CADDY_TLS_IP: &str = "127.0.0.6";
+
+/// Starts caddy if a binary is in `~/.cache/nodegate/bench-bin` or on PATH (built by hand, see
+/// docs/BENCHMARKS.md); None when there is none. Its state stays in the bench's directory and
+/// its CA is never installed in the system's trust store.
+fn start_caddy(dir: &Path, sim_port: u16) -> Result<Option<Caddy>> {
     let cached = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/nodegate/bench-bin/caddy"))
         .filter(|p| p.exists());
@@ -924,23 +935,39 @@ fn start_caddy(dir: &Path, sim_port: u16) -> Result<Option<(Proc, u16)>> {
             return Ok(None);
         }
     };
-    let port = free_port()?;
-    let admin = free_port()?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let storage = dir.join("caddy-storage");
+    let caddyfile = dir.join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin 127.0.0.1:{admin}\n\tskip_install_trust\n\tauto_https disable_redirects\n\tlocal_certs\n\tdefault_sni {CADDY_TLS_IP}\n\tstorage file_system {}\n}}\n\
+             http://127.0.0.1:{port} {{\n\treverse_proxy 127.0.0.1:{sim_port}\n}}\n\
+             https://{CADDY_TLS_IP}:443 {{\n\tbind {CADDY_TLS_IP}\n\ttls internal\n\treverse_proxy 127.0.0.1:{sim_port}\n}}\n",
+            storage.display()
+        ),
+    )?;
     let mut cmd = Command::new(bin);
-    cmd.args(["reverse-proxy", "--from"])
-        .arg(format!("http://127.0.0.1:{port}"))
-        .arg("--to")
-        .arg(format!("http://127.0.0.1:{sim_port}"))
-        .env("CADDY_ADMIN", format!("127.0.0.1:{admin}"))
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&caddyfile)
+        .args(["--adapter", "caddyfile"])
         .env("XDG_DATA_HOME", dir.join("caddy-data"))
         .env("XDG_CONFIG_HOME", dir.join("caddy-config"));
     let proc = Proc::spawn("caddy", &mut cmd, &dir.join("caddy.log"))?;
-    warm_up(
-        &format!("http://127.0.0.1:{port}/metrics/resource"),
-        None,
-        Duration::from_secs(30),
-    )?;
-    Ok(Some((proc, port)))
+    let caddy = Caddy {
+        proc,
+        http: format!("http://127.0.0.1:{port}"),
+        https: format!("https://{CADDY_TLS_IP}"),
+    };
+    for base in [&caddy.http, &caddy.https] {
+        warm_up(
+            &format!("{base}/metrics/resource"),
+            None,
+            Duration::from_secs(30),
+        )?;
+    }
+    Ok(Some(caddy))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -967,20 +994,25 @@ fn render(
         took.as_secs_f64()
     );
     let _ = writeln!(s, "{sim_line}\n");
-    let header = |s: &mut String, ratio: &str| {
+    let header = |s: &mut String, ratios: &[&str]| {
         let _ = writeln!(
             s,
-            "| path | target | req/s | range | {ratio} | p50 ms | p99 ms | mean (last byte) ms | CPU ms/req upstream | CPU ms/req proxy | non-200 |"
+            "| path | target | req/s | range | {} | p50 ms | p99 ms | mean (last byte) ms | CPU ms/req upstream | CPU ms/req proxy | non-200 |",
+            ratios.join(" | ")
         );
-        let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "|---|---|---:|---|{}---:|---:|---:|---:|---:|---:|",
+            "---:|".repeat(ratios.len())
+        );
     };
-    header(&mut s, "× direct");
+    header(&mut s, &["× direct"]);
     for r in rows {
         let direct = rows
             .iter()
             .find(|d| d.path == r.path)
             .map_or(0.0, |d| d.median().rps);
-        line(&mut s, r, direct);
+        line(&mut s, r, &[direct]);
     }
     for (title, rows) in ttlb {
         let _ = writeln!(
@@ -1007,11 +1039,18 @@ fn render(
         }
     }
     if !kubelet_rows.is_empty() {
-        let _ = writeln!(s, "\nnode-1 (real kubelet), ratio to the read-only port:\n");
-        header(&mut s, "× read-only");
-        let base = kubelet_rows.first().map_or(0.0, |d| d.median().rps);
+        let _ = writeln!(
+            s,
+            "\nnode-1 (real kubelet), ratios to its read-only and its secure port:\n"
+        );
+        header(&mut s, &["× read-only", "× secure"]);
+        let bases: Vec<f64> = kubelet_rows
+            .iter()
+            .take(2)
+            .map(|d| d.median().rps)
+            .collect();
         for r in kubelet_rows {
-            line(&mut s, r, base);
+            line(&mut s, r, &bases);
         }
     }
     let _ = writeln!(
@@ -1033,9 +1072,12 @@ fn ms(secs: f64) -> String {
     }
 }
 
-fn line(s: &mut String, r: &Row, base: f64) {
+fn line(s: &mut String, r: &Row, bases: &[f64]) {
     let m = r.median();
-    let ratio = if base > 0.0 { m.rps / base } else { 0.0 };
+    let ratios: Vec<String> = bases
+        .iter()
+        .map(|b| format!("{:.2}", if *b > 0.0 { m.rps / b } else { 0.0 }))
+        .collect();
     let (min, max) = r.range();
     let cpu = |name| {
         r.cpu_median(name)
@@ -1044,13 +1086,13 @@ fn line(s: &mut String, r: &Row, base: f64) {
     let other: u64 = r.runs.iter().map(|r| r.other).sum();
     let _ = writeln!(
         s,
-        "| `{}` | {} | {:.0} | {:.0}–{:.0} | {:.2} | {} | {} | {} | {} | {} | {} |",
+        "| `{}` | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |",
         r.path,
         r.target,
         m.rps,
         min,
         max,
-        ratio,
+        ratios.join(" | "),
         ms(m.p50_s),
         ms(m.p99_s),
         ms(m.avg_s),
