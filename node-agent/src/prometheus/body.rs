@@ -132,7 +132,14 @@ where
         }
     });
     let output = if gzip_output {
-        ReaderStream::new(GzipEncoder::new(StreamReader::new(filtered))).boxed()
+        // The fastest level: with the default one, a one-namespace scrape of kubelet-sim's
+        // 8 MB cAdvisor answer took 62–68 ms to the last byte instead of 22–29 ms, for a body
+        // 12 % smaller (412 KB instead of 467 KB).
+        ReaderStream::new(GzipEncoder::with_quality(
+            StreamReader::new(filtered),
+            async_compression::Level::Fastest,
+        ))
+        .boxed()
     } else {
         filtered.boxed()
     };
