@@ -278,6 +278,8 @@ struct Target {
     label: String,
     url: String,
     token: Option<String>,
+    /// Extra request headers (`Name: value`).
+    headers: Vec<String>,
     cpu: Vec<(&'static str, u32)>,
 }
 
@@ -288,8 +290,14 @@ impl Target {
             label: label.to_string(),
             url,
             token: token.map(str::to_string),
+            headers: vec![],
             cpu: vec![],
         }
+    }
+
+    fn header(mut self, header: &str) -> Self {
+        self.headers.push(header.to_string());
+        self
     }
 
     fn cpu_of(mut self, name: &'static str, pid: u32) -> Self {
@@ -338,6 +346,7 @@ impl Runner {
         label: &str,
         url: &str,
         token: Option<&str>,
+        headers: &[String],
         hey_args: &[&str],
     ) -> Result<HeyResult> {
         warm_up(url, token, Duration::from_secs(60))?;
@@ -349,6 +358,9 @@ impl Runner {
             .arg("-disable-compression");
         if let Some(t) = token {
             cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        for h in headers {
+            cmd.arg("-H").arg(h);
         }
         let out = cmd.arg(url).output().context("running hey")?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -386,7 +398,7 @@ impl Runner {
             for (t, row) in targets.iter().zip(rows.iter_mut()) {
                 let label = format!("{} (round {round}/{})", t.label, self.rounds);
                 let before: Vec<f64> = t.cpu.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
-                let r = self.hey(&label, &t.url, t.token.as_deref(), hey_args)?;
+                let r = self.hey(&label, &t.url, t.token.as_deref(), &t.headers, hey_args)?;
                 for (i, (_, pid)) in t.cpu.iter().enumerate() {
                     let used = cpu_seconds(*pid) - before[i];
                     let per_request = if r.ok > 0 {
@@ -709,6 +721,14 @@ pub fn run(args: Args) -> Result<()> {
             format!("{secure}{large}"),
             Some(&tok_ns),
         ),
+        // What Prometheus sends: the filtered answer gzip-encoded on the way.
+        Target::new(
+            large,
+            "agent TLS + token, one namespace (filter), `Accept-Encoding: gzip`",
+            format!("{secure}{large}"),
+            Some(&tok_ns),
+        )
+        .header("Accept-Encoding: gzip"),
     ];
     let one_client = ["-n", "40", "-c", "1"];
     let mut ttlb = vec![(
