@@ -137,9 +137,9 @@ struct ServeArgs {
     #[arg(long, env = "NODEGATE_MAX_JSON_BYTES", default_value_t = nodegate_agent::json_filter::DEFAULT_MAX_JSON_BYTES)]
     max_json_bytes: usize,
     /// Worker threads of the async runtime. Default: the CPUs this process may use (its
-    /// cgroup's CPU limit included, so the chart's 1-CPU limit gives one thread). More threads
-    /// than CPUs only add wake-ups between them: on 2 shared cores, 2 threads cost about a
-    /// quarter more CPU per request than one (docs/BENCHMARKS.md).
+    /// cgroup's CPU limit included, so the chart's 1-CPU limit gives one thread). Fewer threads
+    /// wake each other less: on 2 cores shared with the kubelet, one thread used 0.13–0.14 ms
+    /// of CPU per request against 0.17–0.19 ms with two (docs/BENCHMARKS.md).
     #[arg(long, env = "NODEGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
     /// Log lines as JSON (the audit line included).

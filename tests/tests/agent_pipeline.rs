@@ -8,7 +8,6 @@ mod support;
 
 use base64::Engine;
 use futures::StreamExt;
-use nodegate_agent::upstream::UpstreamSettings;
 use nodegate_crds::catalogue::Scope;
 use nodegate_crds::{Endpoint, Port};
 use std::collections::BTreeMap;
@@ -570,14 +569,7 @@ async fn upstream_down_is_502_and_the_agent_stays_healthy() {
         l.local_addr().unwrap()
     };
     let pki = Pki::new("down");
-    let agent = start_agent(
-        NODE,
-        UpstreamSettings::new(format!("http://{closed}").parse().unwrap()),
-        &pki,
-        tokens(),
-        rules(),
-    )
-    .await;
+    let agent = start_agent(NODE, http_upstream(closed), &pki, tokens(), rules()).await;
     let root = Cred::Token("tok-root-1234567890".into());
     let r = request(agent.running.secure_addr, true, &root, "GET", "/pods", &[])
         .await
@@ -636,56 +628,35 @@ async fn metrics_bodies_the_filter_cannot_read_never_reach_the_caller() {
         .unwrap();
     let answer = Arc::new(Mutex::new(Answer::Gzip));
     let asked: Arc<Mutex<Vec<http::HeaderMap>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let kubelet = listener.local_addr().unwrap();
     let (answer_k, asked_k) = (answer.clone(), asked.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
+    let kubelet = fake_kubelet(move |req: http::Request<hyper::body::Incoming>| {
+        asked_k.lock().unwrap().push(req.headers().clone());
+        let (content_type, encoding, body): (&str, Option<&str>, Vec<u8>) =
+            match *answer_k.lock().unwrap() {
+                Answer::Gzip => ("text/plain; version=0.0.4", Some("gzip"), gz.clone()),
+                Answer::Protobuf => (
+                    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited",
+                    None,
+                    b"namespace=\"team-b\" secret".to_vec(),
+                ),
+                Answer::Zstd => (
+                    "text/plain; version=0.0.4",
+                    Some("zstd"),
+                    b"namespace=\"team-b\" secret".to_vec(),
+                ),
             };
-            let (answer, asked, gz) = (answer_k.clone(), asked_k.clone(), gz.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                    asked.lock().unwrap().push(req.headers().clone());
-                    let (content_type, encoding, body): (&str, Option<&str>, Vec<u8>) =
-                        match *answer.lock().unwrap() {
-                            Answer::Gzip => ("text/plain; version=0.0.4", Some("gzip"), gz.clone()),
-                            Answer::Protobuf => (
-                                "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited",
-                                None,
-                                b"namespace=\"team-b\" secret".to_vec(),
-                            ),
-                            Answer::Zstd => (
-                                "text/plain; version=0.0.4",
-                                Some("zstd"),
-                                b"namespace=\"team-b\" secret".to_vec(),
-                            ),
-                        };
-                    let mut resp = http::Response::new(Full::new(bytes::Bytes::from(body)));
-                    resp.headers_mut()
-                        .insert("content-type", content_type.parse().unwrap());
-                    if let Some(e) = encoding {
-                        resp.headers_mut()
-                            .insert("content-encoding", e.parse().unwrap());
-                    }
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                    .await;
-            });
+        let mut resp = http::Response::new(Full::new(bytes::Bytes::from(body)));
+        resp.headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        if let Some(e) = encoding {
+            resp.headers_mut()
+                .insert("content-encoding", e.parse().unwrap());
         }
-    });
-    let pki = Pki::new("negotiation");
-    let agent = start_agent(
-        NODE,
-        UpstreamSettings::new(format!("http://{kubelet}").parse().unwrap()),
-        &pki,
-        tokens(),
-        rules(),
-    )
+        resp
+    })
     .await;
+    let pki = Pki::new("negotiation");
+    let agent = start_agent(NODE, http_upstream(kubelet), &pki, tokens(), rules()).await;
     let alice = Cred::Token("tok-alice-1234567890".into());
     // What Prometheus sends with native histograms on: protobuf first, and gzip.
     let prometheus = [

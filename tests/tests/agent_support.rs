@@ -638,6 +638,47 @@ pub fn endpoint_target(
 }
 
 /// A free loopback port (bound, then released for the caller to bind).
+/// A plain-HTTP "kubelet" on a free loopback port that answers every request with `answer`:
+/// for tests that need an upstream the simulator cannot be (one that ignores negotiation,
+/// or streams more than it holds).
+pub async fn fake_kubelet<F, B>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> http::Response<B>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let resp = answer(req);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The agent's upstream settings for a plain-HTTP kubelet at `addr`.
+pub fn http_upstream(addr: SocketAddr) -> UpstreamSettings {
+    UpstreamSettings::new(format!("http://{addr}").parse().unwrap())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

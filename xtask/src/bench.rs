@@ -635,6 +635,27 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (secure, ro) = (agent.secure.clone(), agent.read_only.clone());
     let (sim_pid, agent_pid) = (sim_proc.pid(), agent.proc.pid());
+    // The agent's three ways in: read-only port, TLS + token unfiltered, TLS + token filtered.
+    let through_agent = |path: &'static str| {
+        [
+            ("agent read-only port (http, anonymous, all)", &ro, None),
+            (
+                "agent TLS + token, `all` (no filter)",
+                &secure,
+                Some(tok_all.as_str()),
+            ),
+            (
+                "agent TLS + token, one namespace (filter)",
+                &secure,
+                Some(tok_ns.as_str()),
+            ),
+        ]
+        .map(|(label, base, token)| {
+            Target::new(path, label, format!("{base}{path}"), token)
+                .cpu_of("upstream", sim_pid)
+                .cpu_of("proxy", agent_pid)
+        })
+    };
     let mut rows = Vec::new();
     for path in ["/metrics/resource", "/metrics/cadvisor"] {
         let mut targets = vec![
@@ -658,36 +679,7 @@ pub fn run(args: Args) -> Result<()> {
                 );
             }
         }
-        targets.extend([
-            Target::new(
-                path,
-                "agent read-only port (http, anonymous, all)",
-                format!("{ro}{path}"),
-                None,
-            ),
-            Target::new(
-                path,
-                "agent TLS + token, `all` (no filter)",
-                format!("{secure}{path}"),
-                Some(&tok_all),
-            ),
-            Target::new(
-                path,
-                "agent TLS + token, one namespace (filter)",
-                format!("{secure}{path}"),
-                Some(&tok_ns),
-            ),
-        ]);
-        let targets: Vec<Target> = targets
-            .into_iter()
-            .map(|t| {
-                if t.label.starts_with("agent") {
-                    t.cpu_of("upstream", sim_pid).cpu_of("proxy", agent_pid)
-                } else {
-                    t
-                }
-            })
-            .collect();
+        targets.extend(through_agent(path));
         rows.extend(runner.load(&targets)?);
         rss_rows.push((
             format!("agent (kubelet-sim) after {path}"),
@@ -696,32 +688,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     // Time to the last byte of one large answer, one client at a time.
     let large = "/metrics/cadvisor";
-    let ttlb_targets = [
-        Target::new(
-            large,
-            "kubelet-sim direct (http)",
-            format!("{sim}{large}"),
-            None,
-        ),
-        Target::new(
-            large,
-            "agent read-only port (http, anonymous, all)",
-            format!("{ro}{large}"),
-            None,
-        ),
-        Target::new(
-            large,
-            "agent TLS + token, `all` (no filter)",
-            format!("{secure}{large}"),
-            Some(&tok_all),
-        ),
-        Target::new(
-            large,
-            "agent TLS + token, one namespace (filter)",
-            format!("{secure}{large}"),
-            Some(&tok_ns),
-        ),
-        // What Prometheus sends: the filtered answer gzip-encoded on the way.
+    let mut ttlb_targets = vec![Target::new(
+        large,
+        "kubelet-sim direct (http)",
+        format!("{sim}{large}"),
+        None,
+    )];
+    ttlb_targets.extend(through_agent(large));
+    // What Prometheus sends: the filtered answer gzip-encoded on the way.
+    ttlb_targets.push(
         Target::new(
             large,
             "agent TLS + token, one namespace (filter), `Accept-Encoding: gzip`",
@@ -729,7 +704,7 @@ pub fn run(args: Args) -> Result<()> {
             Some(&tok_ns),
         )
         .header("Accept-Encoding: gzip"),
-    ];
+    );
     let one_client = ["-n", "40", "-c", "1"];
     let mut ttlb = vec![(
         format!("kubelet-sim `{large}`"),
@@ -870,11 +845,7 @@ pub fn run(args: Args) -> Result<()> {
         ];
         let targets: Vec<Target> = targets
             .into_iter()
-            .map(|t| {
-                let mut t = t.cpu_of("upstream", kubelet_pid);
-                t.cpu.rotate_right(1);
-                t
-            })
+            .map(|t| t.cpu_of("upstream", kubelet_pid))
             .collect();
         kubelet_rows = runner.load(&targets)?;
         // The kubelet's own cAdvisor answer (small on this one-node cluster), one client.
