@@ -323,12 +323,11 @@ impl Authenticator {
     /// Authenticates a bearer token: cache, else one review shared by concurrent callers.
     pub async fn authenticate_token(&self, token: &str) -> Result<UserInfo, AuthnError> {
         let key: TokenKey = Sha256::digest(token.as_bytes()).into();
-        let hash = hash_prefix(&key);
         if let Some(user) = self.inner.authenticated.get(&key).await {
             return Ok((*user).clone());
         }
         if self.inner.refused.contains_key(&key) {
-            tracing::debug!(token_sha256 = %hash, "token refused (cached)");
+            tracing::debug!(token_sha256 = %hash_prefix(&key), "token refused (cached)");
             return Err(AuthnError::Invalid);
         }
         let inner = self.inner.clone();

@@ -4,7 +4,7 @@ use super::scan::{self, Format, Line, MetaKind, MetricType};
 use memchr::memmem;
 use nodegate_crds::ResolvedNamespaces;
 use nodegate_crds::policy::MetricsTransform;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 /// Lines longer than this are dropped: a kubelet line is a few hundred bytes, and the carry-over
@@ -53,6 +53,10 @@ pub struct FilterRules {
     /// Without `all`, and with few namespaces: each namespace as it must appear quoted in a line
     /// that has it as a label value (escaping is unique, so this is exact as a precondition).
     value_finders: Option<Vec<memmem::Finder<'static>>>,
+    /// Tests: search for `namespace` before scanning, as the filter did before it left that to
+    /// lines that fail to scan (the reference the shortcut is tested against).
+    #[cfg(test)]
+    namespace_first: bool,
 }
 
 /// Up to this many namespaces, a line is first searched for their quoted values.
@@ -121,6 +125,8 @@ impl FilterRules {
             any_all,
             namespace_finder: memmem::Finder::new(b"namespace").into_owned(),
             value_finders,
+            #[cfg(test)]
+            namespace_first: false,
         })
     }
 }
@@ -211,12 +217,14 @@ pub struct Filter {
     skipping: bool,
     after_eof: bool,
     family: Family,
-    emitted_families: HashSet<Vec<u8>>,
+    /// Ordered, not hashed: a lookup is a few byte comparisons (no SipHash of the name on every
+    /// new family), and its worst case does not depend on what names upstream sends.
+    emitted_families: BTreeSet<Vec<u8>>,
     emitted_family_bytes: usize,
     /// The metric name of the last sample line that started with one: the samples of a series
     /// are consecutive, so the next line's name is most often the same bytes.
     last_name: Vec<u8>,
-    labels: Vec<scan::LabelSpan>,
+    scanner: scan::LabelScanner,
     exemplar_labels: Vec<scan::LabelSpan>,
     unescaped: Vec<u8>,
     stats: FilterStats,
@@ -232,10 +240,10 @@ impl Filter {
             skipping: false,
             after_eof: false,
             family: Family::default(),
-            emitted_families: HashSet::new(),
+            emitted_families: BTreeSet::new(),
             emitted_family_bytes: 0,
             last_name: Vec::new(),
-            labels: Vec::new(),
+            scanner: scan::LabelScanner::default(),
             exemplar_labels: Vec::new(),
             unescaped: Vec::new(),
             stats: FilterStats::default(),
@@ -402,29 +410,45 @@ impl Filter {
         if !in_family && self.family.active {
             self.family.close();
         }
-        // Fast path: without a grant for node-level data, a line that does not even contain
-        // `namespace` has no namespace label and is out of scope.
-        // Likewise a line in which no granted namespace appears as a quoted value.
+        // Fast path: without a grant for node-level data, a line in which no granted namespace
+        // appears as a quoted value is out of scope. Likewise, when there are too many names to
+        // search for, a line that does not even contain `namespace` (no namespace label).
+        // With value finders, the `namespace` search is left to lines that fail to scan: a line
+        // that scans and lacks it has no namespace label and is dropped below all the same, so
+        // only the count of a line both unparseable and without `namespace` depends on it.
+        #[cfg(test)]
+        let namespace_first = rules.namespace_first;
+        #[cfg(not(test))]
+        let namespace_first = false;
         if !rules.any_all
-            && (rules.namespace_finder.find(line).is_none()
-                || rules
-                    .value_finders
-                    .as_ref()
-                    .is_some_and(|fs| fs.iter().all(|f| f.find(line).is_none())))
+            && match &rules.value_finders {
+                Some(fs) => {
+                    (namespace_first && rules.namespace_finder.find(line).is_none())
+                        || fs.iter().all(|f| f.find(line).is_none())
+                }
+                None => rules.namespace_finder.find(line).is_none(),
+            }
         {
             self.stats.samples_dropped += 1;
             return;
         }
-        let scanned =
-            match scan::scan_sample_after_name(line, name_start, name_end, &mut self.labels) {
-                Ok(s) => s,
-                Err(_) => {
+        let scanned = match self.scanner.scan(line, name_start, name_end) {
+            Ok(s) => s,
+            Err(_) => {
+                if !rules.any_all
+                    && rules.value_finders.is_some()
+                    && rules.namespace_finder.find(line).is_none()
+                {
+                    self.stats.samples_dropped += 1;
+                } else {
                     self.stats.invalid_lines += 1;
-                    return;
                 }
-            };
+                return;
+            }
+        };
+        let labels = self.scanner.labels();
         let raw_ns: Option<&[u8]> = scanned.namespace.map(|i| {
-            let v = self.labels[i].value;
+            let v = labels[i].value;
             &line[v.0 as usize..v.1 as usize]
         });
         // The namespace as bytes, unescaped. Compared with the granted names byte for byte,
@@ -434,7 +458,7 @@ impl Filter {
         let namespace: Option<&[u8]> = match raw_ns {
             None | Some(b"") => None,
             Some(raw) => {
-                if scanned.namespace.is_some_and(|i| self.labels[i].escaped) {
+                if scanned.namespace.is_some_and(|i| labels[i].escaped) {
                     scan::unescape_into(raw, &mut self.unescaped);
                     Some(self.unescaped.as_slice())
                 } else {
@@ -464,7 +488,7 @@ impl Filter {
             return;
         };
         // Only kept lines are checked in full: they must stay valid exposition.
-        if (scanned.maybe_duplicate && !scan::labels_unique(line, &self.labels))
+        if (scanned.maybe_duplicate && !scan::labels_unique(line, labels))
             || !scan::check_tail(
                 line,
                 scanned.tail_start,
@@ -492,7 +516,7 @@ impl Filter {
                 }
             }
         }
-        let labels = &self.labels;
+        let labels = self.scanner.labels();
         let has_label = |n: &[u8]| {
             labels
                 .iter()
@@ -556,6 +580,37 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Searching for `namespace` only when a line fails to scan gives the output and the
+        /// counts of searching for it first, whatever the lines (valid or not, with or without
+        /// `namespace`, the granted value or another).
+        #[test]
+        fn namespace_search_on_failure_matches_searching_first(lines in prop::collection::vec(
+            prop::collection::vec(prop::sample::select(vec![
+                "m", "{", "}", "namespace", "=", "\"a\"", "\"b\"", "a", ",", " ", "1", "\"",
+                "x=\"a\"", "namespace=\"a\"", "namespace=\"b\"", "# TYPE m counter", "\\",
+            ]), 0..8).prop_map(|v| v.concat()),
+            0..16,
+        ), names in prop::sample::select(vec![vec!["a"], vec!["a", "b"], vec!["b", "c", "d"]])) {
+            let config = FilterConfig {
+                grants: vec![Grant {
+                    namespaces: ResolvedNamespaces {
+                        all: false,
+                        names: names.iter().map(|n| n.to_string()).collect(),
+                    },
+                    metrics: None,
+                }],
+            };
+            let body = lines.join("\n");
+            let rules = FilterRules::new(&config).unwrap();
+            let mut reference = FilterRules::new(&config).unwrap();
+            reference.namespace_first = true;
+            prop_assert_eq!(
+                filter_bytes(Arc::new(rules), Format::Text, body.as_bytes()),
+                filter_bytes(Arc::new(reference), Format::Text, body.as_bytes()),
+                "{:?}", body
+            );
+        }
 
         /// The remembered name never changes where a line's name ends: lines share prefixes,
         /// extend the last name, stop one byte short of it, or start with blanks.

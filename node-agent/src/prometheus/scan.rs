@@ -87,10 +87,12 @@ pub(crate) enum Line<'a> {
     Invalid,
 }
 
+#[inline(always)]
 fn is_blank(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 
+#[inline(always)]
 fn skip_blanks(line: &[u8], mut i: usize) -> usize {
     while i < line.len() && is_blank(line[i]) {
         i += 1;
@@ -153,11 +155,41 @@ fn metric_name_end(line: &[u8], i: usize) -> usize {
     j
 }
 
+/// Bit 7 of each byte of the result is set where that byte of `word` is not `[a-zA-Z0-9_]`:
+/// eight bytes of a label name are classified with a dozen integer operations instead of a
+/// table lookup, a test and a branch per byte.
+#[inline(always)]
+fn non_label_chars(word: u64) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // Per 7-bit byte `x`, bit 7 of `x + (0x80 - a)` is `x >= a`; no sum carries into the next
+    // byte. Bytes with bit 7 set are no label characters (added back at the end).
+    let x = word & !HI;
+    let digit = (x + LO * (0x80 - 0x30)) & !(x + LO * (0x80 - 0x3a));
+    // Setting bit 5 folds `A`-`Z` onto `a`-`z` and moves nothing else into that range.
+    let folded = x | (LO * 0x20);
+    let alpha = (folded + LO * (0x80 - 0x61)) & !(folded + LO * (0x80 - 0x7b));
+    let diff = x ^ (LO * u64::from(b'_'));
+    let underscore = !((diff + LO * 0x7f) | diff);
+    (!(digit | alpha | underscore) & HI) | (word & HI)
+}
+
+#[inline(always)]
 fn label_name_end(line: &[u8], i: usize) -> usize {
     if i >= line.len() || !is_label_start(line[i]) {
         return i;
     }
     let mut j = i + 1;
+    while let Some(bytes) = line.get(j..j + 8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(bytes) else {
+            break;
+        };
+        let not_name = non_label_chars(u64::from_le_bytes(bytes));
+        if not_name != 0 {
+            return j + (not_name.trailing_zeros() / 8) as usize;
+        }
+        j += 8;
+    }
     while j < line.len() && is_label_char(line[j]) {
         j += 1;
     }
@@ -238,7 +270,7 @@ pub(crate) fn classify(line: &[u8], format: Format) -> Line<'_> {
 
 /// HELP text: valid UTF-8 with only the escapes the format defines.
 fn help_text_valid(text: &[u8], format: Format) -> bool {
-    if std::str::from_utf8(text).is_err() {
+    if !is_ascii(text) && std::str::from_utf8(text).is_err() {
         return false;
     }
     let mut i = 0;
@@ -288,12 +320,13 @@ pub(crate) enum ScanError {
 /// The next `"` or `\\` at or after `from`. Most label values are short: eight bytes at a time
 /// with plain integer arithmetic beats setting up a vector search, which takes over for long
 /// values.
+#[inline(always)]
 fn find_quote_or_backslash(line: &[u8], from: usize) -> Option<usize> {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     const QUOTES: u64 = LO * b'"' as u64;
     const BACKSLASHES: u64 = LO * b'\\' as u64;
-    let swar_end = line.len().min(from + 32);
+    let swar_end = line.len().min(from + 40);
     let mut i = from;
     while i + 8 <= swar_end {
         let Ok(bytes) = <[u8; 8]>::try_from(&line[i..i + 8]) else {
@@ -333,6 +366,7 @@ fn finds_quotes_and_backslashes_like_memchr() {
 /// A bit standing for a label name in a 64-bit set: two names on different bits differ, so a
 /// label set whose names all land on different bits has no duplicate and needs no pairwise
 /// comparison ([`labels_unique`] does that only on a collision).
+#[inline(always)]
 fn label_bit(line: &[u8], start: usize, end: usize) -> u64 {
     let key = (end - start) as u64 | u64::from(line[start]) << 8 | u64::from(line[end - 1]) << 16;
     // Fibonacci hashing: the top six bits of the product. Kubelet label sets (`container`,
@@ -342,6 +376,7 @@ fn label_bit(line: &[u8], start: usize, end: usize) -> u64 {
 
 /// Whether `line[start..end]` is `namespace`, without a call to `memcmp` (this runs for every
 /// label of every line).
+#[inline(always)]
 fn is_namespace(line: &[u8], start: usize, end: usize) -> bool {
     end - start == 9
         && line.get(start..start + 8) == Some(b"namespac".as_slice())
@@ -364,9 +399,37 @@ fn scan_labels(
     labels: &mut Vec<LabelSpan>,
     namespace: &mut Option<usize>,
 ) -> Result<LabelSet, ScanError> {
-    let mut j = open + 1;
-    let mut seen = 0u64;
-    let mut maybe_duplicate = false;
+    let start = Resume {
+        comma: open as u32,
+        seen: 0,
+        maybe_duplicate: false,
+    };
+    scan_labels_from::<false>(line, start, labels, namespace, &mut Vec::new())
+}
+
+/// Where [`scan_labels`] stood right after a label's `,`: the scan read no byte past the comma,
+/// so a line with the same bytes up to and including it is in the same state there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Resume {
+    /// The `,` (or, to start a scan, the `{`): the scan goes on at the next byte.
+    comma: u32,
+    seen: u64,
+    maybe_duplicate: bool,
+}
+
+/// [`scan_labels`] from a state it reached before (`labels` and `namespace` hold what it had
+/// found by then); with `RECORD`, the state after each label's `,` is appended to `resumes`.
+#[inline(always)]
+fn scan_labels_from<const RECORD: bool>(
+    line: &[u8],
+    start: Resume,
+    labels: &mut Vec<LabelSpan>,
+    namespace: &mut Option<usize>,
+    resumes: &mut Vec<Resume>,
+) -> Result<LabelSet, ScanError> {
+    let mut j = start.comma as usize + 1;
+    let mut seen = start.seen;
+    let mut maybe_duplicate = start.maybe_duplicate;
     loop {
         let mut b = *line.get(j).ok_or(ScanError::Syntax)?;
         if is_blank(b) {
@@ -436,7 +499,16 @@ fn scan_labels(
             b = *line.get(j).ok_or(ScanError::Syntax)?;
         }
         match b {
-            b',' => j += 1,
+            b',' => {
+                if RECORD {
+                    resumes.push(Resume {
+                        comma: j as u32,
+                        seen,
+                        maybe_duplicate,
+                    });
+                }
+                j += 1;
+            }
             b'}' => {
                 return Ok(LabelSet {
                     close: j,
@@ -445,6 +517,134 @@ fn scan_labels(
             }
             _ => return Err(ScanError::Syntax),
         }
+    }
+}
+
+/// The length of the common prefix of `a` and `b`, eight bytes at a time.
+fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let (Ok(x), Ok(y)) = (
+            <[u8; 8]>::try_from(&a[i..i + 8]),
+            <[u8; 8]>::try_from(&b[i..i + 8]),
+        ) else {
+            break;
+        };
+        let diff = u64::from_le_bytes(x) ^ u64::from_le_bytes(y);
+        if diff != 0 {
+            return i + (diff.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// Scans the sample lines of one body, remembering the label scan of the last one.
+///
+/// Consecutive samples mostly belong to one series family and repeat their leading labels byte
+/// for byte (`container`, `namespace`, `pod`, `pod_uid` of one container's probes or cAdvisor
+/// series): the scan is a left-to-right state machine, so where a line repeats the last one's
+/// bytes up to a label's `,`, it resumes after that label with the labels found so far instead
+/// of reading names and values again. The result is [`scan_sample_after_name`]'s, exactly.
+#[derive(Debug, Default)]
+pub(crate) struct LabelScanner {
+    labels: Vec<LabelSpan>,
+    /// The last scanned line up to and including its last label `,` in `resumes`.
+    prev: Vec<u8>,
+    /// Where the last scanned line's `{` was.
+    open: usize,
+    /// The state after each `,` of the last scanned line, in order.
+    resumes: Vec<Resume>,
+    /// The `namespace` label the last scan had found (an index into `labels`).
+    namespace: Option<usize>,
+}
+
+impl LabelScanner {
+    /// The labels of the last scanned line (as far as the scan got).
+    pub(crate) fn labels(&self) -> &[LabelSpan] {
+        &self.labels
+    }
+
+    /// [`scan_sample_after_name`], resuming after the labels `line` shares with the last line.
+    pub(crate) fn scan(
+        &mut self,
+        line: &[u8],
+        name_start: usize,
+        name_end: usize,
+    ) -> Result<SampleScan, ScanError> {
+        if line.len() > u32::MAX as usize || name_end == name_start {
+            self.forget();
+            return Err(ScanError::Syntax);
+        }
+        let open = skip_blanks(line, name_end);
+        if line.get(open) != Some(&b'{') {
+            self.forget();
+            return Ok(SampleScan {
+                name_start,
+                name_end,
+                braces: None,
+                namespace: None,
+                maybe_duplicate: false,
+                tail_start: name_end,
+            });
+        }
+        let mut common = 0;
+        let mut reused = 0;
+        if open == self.open && !self.resumes.is_empty() {
+            common = common_prefix_len(line, &self.prev);
+            while self
+                .resumes
+                .get(reused)
+                .is_some_and(|r| (r.comma as usize) < common)
+            {
+                reused += 1;
+            }
+        }
+        let start = match reused.checked_sub(1) {
+            None => Resume {
+                comma: open as u32,
+                seen: 0,
+                maybe_duplicate: false,
+            },
+            Some(last) => self.resumes[last],
+        };
+        self.labels.truncate(reused);
+        self.resumes.truncate(reused);
+        let mut namespace = self.namespace.filter(|i| *i < reused);
+        let set = scan_labels_from::<true>(
+            line,
+            start,
+            &mut self.labels,
+            &mut namespace,
+            &mut self.resumes,
+        );
+        self.namespace = namespace;
+        self.open = open;
+        // `prev` already holds the common bytes: copy only the rest up to the last comma.
+        let need = self.resumes.last().map_or(0, |r| r.comma as usize + 1);
+        let keep = common.min(need);
+        self.prev.truncate(keep);
+        self.prev.extend_from_slice(&line[keep..need]);
+        let set = set?;
+        Ok(SampleScan {
+            name_start,
+            name_end,
+            braces: Some((open, set.close)),
+            namespace,
+            maybe_duplicate: set.maybe_duplicate,
+            tail_start: set.close + 1,
+        })
+    }
+
+    fn forget(&mut self) {
+        self.labels.clear();
+        self.resumes.clear();
+        self.prev.clear();
+        self.namespace = None;
     }
 }
 
@@ -465,7 +665,9 @@ pub(crate) fn metric_name_span(line: &[u8]) -> (usize, usize) {
     (name_start, metric_name_end(line, name_start))
 }
 
-/// [`scan_sample`] for a line whose name [`metric_name_span`] already found.
+/// [`scan_sample`] for a line whose name [`metric_name_span`] already found (the reference
+/// [`LabelScanner::scan`] is tested against).
+#[cfg(test)]
 pub(crate) fn scan_sample_after_name(
     line: &[u8],
     name_start: usize,
@@ -992,6 +1194,23 @@ mod tests {
     }
 
     #[test]
+    fn swar_label_classes_match_the_table() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut word = [b'a'; 8];
+                word[at] = b;
+                let flagged = non_label_chars(u64::from_le_bytes(word));
+                let want = if is_label_char(b) {
+                    0
+                } else {
+                    0x80u64 << (8 * at)
+                };
+                assert_eq!(flagged, want, "{b} at {at}");
+            }
+        }
+    }
+
+    #[test]
     fn ascii_check() {
         assert!(is_ascii(b"") && is_ascii(b"plain ascii line of some length 123"));
         for n in 0..40 {
@@ -1037,6 +1256,29 @@ mod tests {
         ok && te == line.len()
     }
 
+    /// Pieces of label sets: whole labels with their comma, and the bytes that break them.
+    fn label_piece() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "a=\"x\",",
+            "namespace=\"a\",",
+            "namespace=\"b\",",
+            "pod=\"p\\\"q\",",
+            "le=\"1\"",
+            "a=\"xy\",",
+            "b = \"x\" ,",
+            "c=\"\\\\\",",
+            "pod_uid=\"0123456789abcdef0123456789abcdef0123\",",
+            "x",
+            "=",
+            "\"",
+            ",",
+            " ",
+            "\t",
+            "}",
+            "é",
+        ])
+    }
+
     /// Tails made of the bytes that matter to numbers and tokens.
     fn tail_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         use proptest::prelude::*;
@@ -1077,6 +1319,57 @@ mod tests {
                     "{:?}", String::from_utf8_lossy(&line)
                 );
             }
+        }
+
+        /// The scanner that resumes after the labels a line shares with the last one finds what
+        /// a fresh scan finds, on runs of lines that share prefixes of every length (cut inside
+        /// names, values, escapes and blanks, and lines that fail to scan).
+        #[test]
+        fn resumed_scan_matches_a_fresh_scan(
+            base in proptest::collection::vec(label_piece(), 0..8),
+            lines in proptest::collection::vec(
+                (0usize..9, proptest::collection::vec(label_piece(), 0..4), 0usize..4),
+                1..12,
+            ),
+        ) {
+            let mut scanner = LabelScanner::default();
+            let mut fresh = Vec::new();
+            for (keep, extra, name) in &lines {
+                // Most lines repeat a prefix of `base`: the scanner has states to resume from.
+                let mut line = [&b"m"[..], b"m_total", b" m", b"m"][*name].to_vec();
+                line.push(b'{');
+                for p in base.iter().take(*keep).chain(extra) {
+                    line.extend_from_slice(p.as_bytes());
+                }
+                line.extend_from_slice(b"} 1");
+                let (start, end) = metric_name_span(&line);
+                let want = scan_sample_after_name(&line, start, end, &mut fresh);
+                let got = scanner.scan(&line, start, end);
+                proptest::prop_assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&line));
+                if want.is_ok() {
+                    proptest::prop_assert_eq!(scanner.labels(), fresh.as_slice());
+                }
+                // A shorter line right after: the last one's states must not be trusted past it.
+                let cut = &line[..line.len() / 2];
+                let (start, end) = metric_name_span(cut);
+                let want = scan_sample_after_name(cut, start, end, &mut fresh);
+                proptest::prop_assert_eq!(scanner.scan(cut, start, end), want);
+                if want.is_ok() {
+                    proptest::prop_assert_eq!(scanner.labels(), fresh.as_slice());
+                }
+            }
+        }
+
+        #[test]
+        fn label_name_ends_match_a_byte_loop(bytes in proptest::collection::vec(
+            proptest::sample::select(b"azAZ09_:/@[`{\x7f\x80\xdf= \"".to_vec()), 0..30), from in 0usize..30) {
+            let from = from.min(bytes.len());
+            let naive = if bytes.get(from).is_some_and(|b| is_label_start(*b)) {
+                from + 1 + bytes[from + 1..].iter().take_while(|b| is_label_char(**b)).count()
+            } else {
+                from
+            };
+            proptest::prop_assert_eq!(label_name_end(&bytes, from), naive);
         }
 
         #[test]
