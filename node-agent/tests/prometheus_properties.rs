@@ -1,12 +1,11 @@
 //! Properties of the Prometheus filter, by proptest and by bolero.
 //!
 //! The bolero target runs as an ordinary bounded test under `cargo test` (3000 random inputs).
-//! For long runs under libFuzzer (nightly toolchain and `cargo install cargo-bolero`; cargo-bolero
-//! builds with a `fuzz` profile, which the workspace does not define: pass `--profile release`,
-//! or add `[profile.fuzz]` with `inherits = "dev"`, `opt-level = 3`, `codegen-units = 1`):
+//! For long runs under libFuzzer (nightly toolchain and `cargo install cargo-bolero`; it builds
+//! with the workspace's `[profile.fuzz]`), see `docs/fuzzing.md`:
 //!
 //! ```text
-//! cargo +nightly bolero test -p nodegate-agent fuzz_filter_properties --profile release -T 300s
+//! nice -n 19 cargo +nightly bolero test -p nodegate-agent fuzz_filter_properties -T 480s
 //! ```
 //!
 //! The corpus goes to `node-agent/tests/__fuzz__/filter_properties/` (not committed).
