@@ -115,7 +115,8 @@ const SEGMENT: &AsciiSet = &CONTROLS
 impl RequestAttributes {
     /// The request target to send upstream: the normalised path, re-encoded, and the query.
     /// Parsing it again yields these same attributes, so the kubelet is asked for exactly what
-    /// was authorized.
+    /// was authorized (re-encoding can lengthen it: a target near the length limit may come out
+    /// longer than `request_attributes` accepts, which is harmless, as it is never parsed again).
     pub fn upstream_target(&self) -> String {
         let mut target = String::with_capacity(self.path.len() + 16);
         let segments: Vec<&str> = self.path[1..].split('/').collect();
