@@ -24,7 +24,9 @@ use nodegate_crds::attributes::{
     MAX_TARGET_LEN, Rejection, RequestAttributes, STREAMING_PREFIXES, kubelet_subresources,
     match_route, request_attributes,
 };
+use nodegate_crds::catalogue::CATALOGUE;
 use percent_encoding::percent_decode_str;
+use std::sync::LazyLock;
 
 /// GET most often, since most endpoints serve only GET.
 const METHODS: &[&str] = &[
@@ -200,36 +202,28 @@ const SEGMENTS: &[&str] = &[
     "%00",
 ];
 
-/// One example target per catalogue route.
-const ROUTES: &[&str] = &[
-    "/healthz",
-    "/healthz/ping",
-    "/pods",
-    "/runningpods/",
-    "/stats/summary",
-    "/metrics",
-    "/metrics/cadvisor",
-    "/metrics/resource",
-    "/metrics/probes",
-    "/metrics/slis",
-    "/configz",
-    "/statusz",
-    "/flagz",
-    "/logs/",
-    "/logs/pods/x.log",
-    "/containerLogs/ns/p/c",
-    "/exec/ns/p/c",
-    "/exec/ns/p/uid/c",
-    "/attach/ns/p/c",
-    "/portForward/ns/p",
-    "/portForward/ns/p/uid",
-    "/run/ns/p/c",
-    "/run/ns/p/uid/c",
-    "/checkpoint/ns/p/c",
-    "/debug/pprof/heap",
-    "/debug/flags/v",
-    "/spec/",
-];
+/// One example target per catalogue pattern, its placeholders filled in: derived, so a route
+/// added to the catalogue is fuzzed without editing this file.
+static ROUTES: LazyLock<Vec<String>> = LazyLock::new(|| {
+    const FILL: &[(&str, &str)] = &[
+        ("{namespace}", "ns"),
+        ("{pod}", "p"),
+        ("{container}", "c"),
+        ("{uid}", "uid"),
+        ("{check*}", "ping"),
+        ("{path*}", "pods/x.log"),
+        ("{profile*}", "heap"),
+    ];
+    CATALOGUE
+        .iter()
+        .flat_map(|spec| spec.patterns.iter())
+        .map(|pattern| {
+            FILL.iter().fold(pattern.to_string(), |path, (from, to)| {
+                path.replace(from, to)
+            })
+        })
+        .collect()
+});
 
 /// The first choice gives how many `/`-joined segments follow; the high bit of the last adds a
 /// trailing slash; what remains, if anything, is a query of pieces.
