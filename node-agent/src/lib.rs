@@ -7,6 +7,7 @@ pub mod authz;
 pub mod config;
 pub mod explain;
 pub mod json_filter;
+pub mod kubelet_access;
 pub mod metrics;
 pub mod prometheus;
 pub mod server;

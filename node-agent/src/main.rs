@@ -10,6 +10,7 @@ use nodegate_agent::config::{
     self, ApiSourceSettings, ConfigSource, ConfigSourceFlag, ConfigStore, NodeIdentity,
 };
 use nodegate_agent::explain::{Question, explain};
+use nodegate_agent::kubelet_access::KubeletAccess;
 use nodegate_agent::metrics::Metrics;
 use nodegate_agent::server::{self, AuthorizationMode, Components, Settings};
 use nodegate_agent::tls::{ReloadingTls, TlsSettings};
@@ -99,6 +100,14 @@ struct ServeArgs {
         requires = "upstream_client_cert_file"
     )]
     upstream_client_key_file: Option<PathBuf>,
+    /// The kubelet subresources of `nodes` the agent's credential is granted (comma-separated:
+    /// proxy, stats, metrics, log, checkpoint, pods, healthz, configz, statusz). Requests that
+    /// need another are refused with 403 and never sent upstream. The default is the chart's
+    /// default grant, without `proxy` (exec, attach, portForward, run, containerLogs, pprof)
+    /// and `checkpoint`: RBAC cannot bind the credential to one node, so it works on every
+    /// node (docs/security.md).
+    #[arg(long, env = "NODEGATE_KUBELET_ACCESS", default_value = nodegate_agent::kubelet_access::DEFAULT_FLAG)]
+    kubelet_access: KubeletAccess,
     #[arg(
         long,
         env = "NODEGATE_AUTHORIZATION_MODE",
@@ -138,8 +147,8 @@ struct ServeArgs {
     max_json_bytes: usize,
     /// Worker threads of the async runtime. Default: the CPUs this process may use (its
     /// cgroup's CPU limit included, so the chart's 1-CPU limit gives one thread). Fewer threads
-    /// wake each other less: on 2 cores shared with the kubelet, one thread used 0.13–0.14 ms
-    /// of CPU per request against 0.17–0.19 ms with two (docs/BENCHMARKS.md).
+    /// wake each other less, so on a node whose cores the kubelet shares one thread costs less
+    /// CPU per request (the `1 thread(s)` and `2 threads` rows of docs/BENCHMARKS.md).
     #[arg(long, env = "NODEGATE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
     /// Log lines as JSON (the audit line included).
@@ -370,6 +379,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         authorization_mode: args.authorization_mode,
         max_json_bytes: args.max_json_bytes,
         spec_roots: Default::default(),
+        kubelet_access: args.kubelet_access.clone(),
     };
     let running = server::start(
         settings,

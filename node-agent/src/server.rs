@@ -8,6 +8,7 @@ use crate::authn::{AuthMethod, Authenticator, UserInfo};
 use crate::authz::{self, Decision, FilterScope, Requester};
 use crate::config::ConfigStore;
 use crate::json_filter;
+use crate::kubelet_access::{self, KubeletAccess};
 use crate::metrics::Metrics;
 use crate::spec;
 use crate::tls::ReloadingTls;
@@ -64,6 +65,9 @@ pub struct Settings {
     pub max_json_bytes: usize,
     /// Where `/spec/` reads the machine's facts.
     pub spec_roots: spec::Roots,
+    /// What the agent's kubelet credential is granted: requests it cannot make are refused
+    /// here rather than sent to the kubelet.
+    pub kubelet_access: KubeletAccess,
 }
 
 impl Settings {
@@ -78,6 +82,7 @@ impl Settings {
             authorization_mode: AuthorizationMode::Policy,
             max_json_bytes: json_filter::DEFAULT_MAX_JSON_BYTES,
             spec_roots: spec::Roots::default(),
+            kubelet_access: KubeletAccess::all(),
         }
     }
 }
@@ -565,7 +570,23 @@ async fn pipeline(
         };
     }
 
-    // Upstream.
+    // Upstream, if the agent's own credential may make the request.
+    if let Err(missing) = state.settings.kubelet_access.reaches(route.endpoint) {
+        record.decision = "unavailable";
+        record.reason = format!(
+            "the agent's kubelet credential lacks nodes/{missing} ({})",
+            kubelet_access::chart_value(missing)
+        );
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Forbidden: this installation does not give nodegate-agent the kubelet's \
+                 nodes/{missing}, which {} needs (chart value {})\n",
+                route.endpoint,
+                kubelet_access::chart_value(missing)
+            ),
+        );
+    }
     let mut upstream_attrs = attrs.clone();
     upstream_attrs.path = kubelet_path(&attrs.path).to_string();
     let target = match state.parts.upstream.uri(&upstream_attrs.upstream_target()) {

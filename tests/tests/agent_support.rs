@@ -253,6 +253,28 @@ pub async fn start_agent_mode(
     mode: server::AuthorizationMode,
     access_reviewer: Option<Arc<dyn nodegate_agent::webhook::AccessReviewer>>,
 ) -> TestAgent {
+    start_agent_configured(
+        node,
+        upstream,
+        client_ca_file,
+        reviewer,
+        rules,
+        access_reviewer,
+        |s| s.authorization_mode = mode,
+    )
+    .await
+}
+
+/// An agent whose loopback [`Settings`] `configure` adjusts.
+pub async fn start_agent_configured(
+    node: &str,
+    upstream: UpstreamSettings,
+    client_ca_file: PathBuf,
+    reviewer: Arc<dyn TokenReviewer>,
+    rules: Vec<AgentRule>,
+    access_reviewer: Option<Arc<dyn nodegate_agent::webhook::AccessReviewer>>,
+    configure: impl FnOnce(&mut Settings),
+) -> TestAgent {
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: None,
         key_file: None,
@@ -272,7 +294,7 @@ pub async fn start_agent_mode(
     let config = ConfigStore::new();
     config.publish(spec_of(rules));
     let mut settings = Settings::loopback(node);
-    settings.authorization_mode = mode;
+    configure(&mut settings);
     let running = server::start(
         settings,
         Components {

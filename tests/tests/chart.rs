@@ -18,7 +18,7 @@
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
-use kube::config::AuthInfo;
+use nodegate_agent::kubelet_access::KubeletAccess;
 use nodegate_crds::{Endpoint, NodeAgentConfig};
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::{NODE_NAME, TEST_LABEL, unique_name};
@@ -202,12 +202,20 @@ fn row(group: &str, resource: &str, verb: &str) -> (String, String, String, Stri
     (group.into(), resource.into(), verb.into(), String::new())
 }
 
-/// What the agent asks of the kubelet: every `nodes/<subresource>` the kubelet checks for an
-/// endpoint the agent proxies (the agent answers `spec` itself), with the endpoint's verbs.
-fn expected_agent_kubelet_rules() -> BTreeSet<(String, String, String, String)> {
+/// What the agent asks of the kubelet with the credential `access` says it holds: every
+/// granted `nodes/<subresource>` the kubelet checks for an endpoint the agent proxies (the agent
+/// answers `spec` itself), with the endpoint's verbs.
+fn expected_agent_kubelet_rules(
+    access: &KubeletAccess,
+) -> BTreeSet<(String, String, String, String)> {
     let mut rows = BTreeSet::new();
     for endpoint in Endpoint::all().filter(|e| e.direct_access_allowed()) {
-        for subresource in endpoint.spec().subresources {
+        for subresource in endpoint
+            .spec()
+            .subresources
+            .iter()
+            .filter(|s| access.contains(**s))
+        {
             for verb in endpoint.verbs() {
                 rows.insert(row(
                     "",
@@ -233,6 +241,17 @@ fn expected_agent_api_rules() -> BTreeSet<(String, String, String, String)> {
     ]
     .into_iter()
     .collect()
+}
+
+/// The value of the agent container's `--kubelet-access` flag (it must be given).
+fn kubelet_access_arg(daemonset: &Value) -> String {
+    let args = &daemonset["spec"]["template"]["spec"]["containers"][0]["args"];
+    args.as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|a| a.as_str()?.strip_prefix("--kubelet-access="))
+        .unwrap_or_else(|| panic!("the agent has no --kubelet-access: {args}"))
+        .to_string()
 }
 
 fn read_objects(path: &str) -> Vec<Value> {
@@ -388,12 +407,22 @@ fn values_schema_rejects_typos() {
 /// the catalogue and the agent's code need; the kubelet grants go to whoever calls the kubelet.
 #[test]
 fn agent_rbac_is_what_the_catalogue_says() {
-    let kubelet = expected_agent_kubelet_rules();
+    let kubelet = expected_agent_kubelet_rules(&KubeletAccess::fine_grained());
     let api = expected_agent_api_rules();
-    // Sanity: the derived list is what a reader expects (exec etc. are create, never get).
-    assert!(kubelet.contains(&row("", "nodes/proxy", "create")));
+    // Sanity: the derived lists are what a reader expects: by default no nodes/proxy and no
+    // nodes/checkpoint at all; with them, exec etc. are create, never get.
     assert!(kubelet.contains(&row("", "nodes/metrics", "get")));
+    assert!(kubelet.contains(&row("", "nodes/log", "get")));
     assert!(!kubelet.contains(&row("", "nodes/metrics", "create")));
+    assert!(
+        kubelet
+            .iter()
+            .all(|r| r.1 != "nodes/proxy" && r.1 != "nodes/checkpoint"),
+        "{kubelet:?}"
+    );
+    let with_proxy = expected_agent_kubelet_rules(&KubeletAccess::all());
+    assert!(with_proxy.contains(&row("", "nodes/proxy", "create")));
+    assert!(with_proxy.contains(&row("", "nodes/checkpoint", "create")));
 
     // config/rbac/agent
     let config = [
@@ -408,6 +437,12 @@ fn agent_rbac_is_what_the_catalogue_says() {
         rule_rows(role),
         kubelet,
         "config/rbac/agent/kubelet_cluster_role.yaml"
+    );
+    let daemonset = read_objects("config/agent/daemonset.yaml");
+    assert_eq!(
+        kubelet_access_arg(&daemonset[0]).parse::<KubeletAccess>(),
+        Ok(KubeletAccess::fine_grained()),
+        "config/agent/daemonset.yaml --kubelet-access"
     );
     let binding = find(&config, "ClusterRoleBinding", "nodegate-agent-kubelet").unwrap();
     assert_eq!(
@@ -433,15 +468,20 @@ fn agent_rbac_is_what_the_catalogue_says() {
             .unwrap();
         let role = find(&objs, "ClusterRole", "rel-nodegate-agent").unwrap();
         assert_eq!(rule_rows(role), api, "{what}: agent ClusterRole");
+        let daemonset = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        let agent_args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        // The agent is told what its credential holds, and RBAC grants exactly that.
+        let access: KubeletAccess = kubelet_access_arg(daemonset).parse().unwrap();
+        if what == "default values" {
+            assert_eq!(access, KubeletAccess::fine_grained(), "{what}");
+        }
         let role = find(&objs, "ClusterRole", "rel-nodegate-agent-kubelet").unwrap();
         assert_eq!(
             rule_rows(role),
-            kubelet,
+            expected_agent_kubelet_rules(&access),
             "{what}: agent kubelet ClusterRole"
         );
         let binding = find(&objs, "ClusterRoleBinding", "rel-nodegate-agent-kubelet").unwrap();
-        let daemonset = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
-        let agent_args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
         if agent_args.contains("--upstream-token-file") {
             assert_eq!(
                 binding["subjects"],
@@ -923,9 +963,7 @@ impl Drop for ClusterScoped<'_> {
 
 /// A client for the API server that authenticates with `token` only.
 fn token_client(cluster: &Cluster, token: &str) -> kube::Client {
-    let mut config = cluster.admin_config().clone();
-    config.auth_info = serde_json::from_value::<AuthInfo>(json!({ "token": token })).unwrap();
-    kube::Client::try_from(config).unwrap()
+    cluster.with_token(token).unwrap()
 }
 
 /// The chart's ValidatingAdmissionPolicy, on a real API server: the agent's service account may

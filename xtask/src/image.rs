@@ -12,8 +12,13 @@
 //! of the same binary is the same ref, which containerd already has (no re-import). There is
 //! deliberately no moving `:dev` tag: with `imagePullPolicy: IfNotPresent` (or `Never`) a pod
 //! spec naming `:dev` would never change, so pods would keep running the old binary.
+//!
+//! Each build is also tagged `<crate version>` (the release tag a registry would serve, and the
+//! one the chart's default `appVersion` and `config/` name), pointed at the newest build, so
+//! `helm install` and `kubectl apply -k config` with their defaults find an image on the local
+//! node. That tag moves: to roll pods onto a new build, use the digest tag.
 
-use crate::cluster::images::{append, docker_archive, has_image, hex, import};
+use crate::cluster::images::{append, ctr, docker_archive, has_image, hex, import};
 use crate::cluster::layout::Layout;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -102,6 +107,7 @@ const AGENT: Spec = Spec {
 
 /// One image, assembled and written as a docker-archive.
 struct Built {
+    name: &'static str,
     reference: String,
     archive: PathBuf,
     layer_size: usize,
@@ -133,6 +139,15 @@ pub fn build_and_import() -> Result<Images> {
             started.elapsed()
         );
     }
+    for image in &built {
+        let release = release_reference(image.name);
+        ctr(
+            &layout,
+            &["images", "tag", "--force", &image.reference, &release],
+        )
+        .with_context(|| format!("cannot tag {} as {release}", image.reference))?;
+        eprintln!("tagged {release} -> {}", image.reference);
+    }
     Ok(images)
 }
 
@@ -161,6 +176,7 @@ fn build() -> Result<(Images, Vec<Built>)> {
                 .join(" ")
         );
         built.push(Built {
+            name: spec.name,
             reference,
             archive: path,
             layer_size: layer.len(),
@@ -362,6 +378,11 @@ fn reference(name: &str, layer: &[u8]) -> String {
     )
 }
 
+/// `<registry>/<name>:<crate version>`: what the chart's default tag and `config/` name.
+fn release_reference(name: &str) -> String {
+    format!("{REGISTRY}/{name}:{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// The image config (docker-archive form; `rootfs` is added by `docker_archive`). No revision
 /// label: the tag follows the binary, not the commit, so a commit that leaves the binary alone
 /// reuses the image and a revision label would be stale.
@@ -505,6 +526,58 @@ mod tests {
         };
         assert_eq!(image(b"one"), image(b"one"));
         assert_ne!(image(b"one"), image(b"two"));
+    }
+
+    /// What the install instructions name is what `cargo xtask image` tags: the manifests of
+    /// config/ (and its kustomization's `images:`), the chart's default (its appVersion), and
+    /// docs/operations.md builds the images before it installs.
+    #[test]
+    fn install_instructions_name_tags_the_images_get() {
+        let root = crate::workspace_root();
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        let version = env!("CARGO_PKG_VERSION");
+        for (spec, manifest) in [
+            (OPERATOR, "config/operator/deployment.yaml"),
+            (AGENT, "config/agent/daemonset.yaml"),
+        ] {
+            let text = read(manifest);
+            let named: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("image: "))
+                .collect();
+            assert_eq!(named, [release_reference(spec.name)], "{manifest}");
+        }
+        let kustomization: serde_yaml::Value =
+            serde_yaml::from_str(&read("config/kustomization.yaml")).unwrap();
+        for image in kustomization["images"].as_sequence().into_iter().flatten() {
+            let name = image["name"].as_str().unwrap();
+            let tag = image["newTag"].as_str().unwrap();
+            assert_eq!(
+                format!("{name}:{tag}"),
+                release_reference(name.trim_start_matches(&format!("{REGISTRY}/"))),
+                "config/kustomization.yaml"
+            );
+        }
+        let chart: serde_yaml::Value =
+            serde_yaml::from_str(&read("charts/nodegate/Chart.yaml")).unwrap();
+        assert_eq!(chart["appVersion"].as_str(), Some(version));
+        let values: serde_yaml::Value =
+            serde_yaml::from_str(&read("charts/nodegate/values.yaml")).unwrap();
+        for (component, spec) in [("operator", OPERATOR), ("agent", AGENT)] {
+            let image = &values[component]["image"];
+            assert_eq!(
+                image["repository"].as_str(),
+                Some(format!("{REGISTRY}/{}", spec.name).as_str())
+            );
+            assert_eq!(image["tag"].as_str(), Some(""), "{component}: appVersion");
+        }
+        let ops = read("docs/operations.md");
+        let build = ops
+            .find("cargo xtask image")
+            .expect("operations.md builds the images");
+        let helm = ops.find("helm install").unwrap();
+        let kubectl = ops.find("kubectl apply -k config").unwrap();
+        assert!(build < helm && build < kubectl, "images are built first");
     }
 
     #[test]

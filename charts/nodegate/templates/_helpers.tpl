@@ -146,3 +146,14 @@ seccompProfile:
 {{- define "nodegate.agent.clientCAKey" -}}
 {{- if .Values.agent.clientCA.bundle }}ca.crt{{ else }}{{ .Values.agent.clientCA.configMap.key }}{{ end }}
 {{- end }}
+
+{{/*
+The kubelet subresources the agent's credential is granted (the agent's --kubelet-access; the
+ClusterRole <fullname>-agent-kubelet grants the same).
+*/}}
+{{- define "nodegate.agent.kubeletAccess" -}}
+{{- $names := list "healthz" "pods" "stats" "metrics" "configz" "statusz" "log" -}}
+{{- if .Values.agent.kubeletAccess.proxy }}{{ $names = append $names "proxy" }}{{ end -}}
+{{- if .Values.agent.kubeletAccess.checkpoint }}{{ $names = append $names "checkpoint" }}{{ end -}}
+{{- join "," $names -}}
+{{- end }}

@@ -92,6 +92,15 @@ impl Cluster {
         identity::user_credentials(&self.admin()?, name, groups).await
     }
 
+    /// A client that presents bearer `token` (an identity made elsewhere, e.g. a pod-bound
+    /// token).
+    pub fn with_token(&self, token: &str) -> Result<Client> {
+        let mut config = self.admin_config.clone();
+        config.auth_info = serde_json::from_value(serde_json::json!({ "token": token }))
+            .map_err(|e| Error::Unexpected(format!("a kubeconfig user with a token: {e}")))?;
+        Client::try_from(config).map_err(Error::Client)
+    }
+
     /// A client authenticated as service account `namespace/name` by a TokenRequest token.
     pub async fn service_account(&self, namespace: &str, name: &str) -> Result<Client> {
         let auth = identity::service_account_auth(&self.admin()?, namespace, name).await?;
