@@ -8,6 +8,27 @@ use prometheus::{
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// What started a reconcile round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundCause {
+    /// A watch event (after the debounce).
+    Event,
+    /// The earliest retry of a failed write came due.
+    Retry,
+    /// The periodic resync.
+    Resync,
+}
+
+impl RoundCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundCause::Event => "event",
+            RoundCause::Retry => "retry",
+            RoundCause::Resync => "resync",
+        }
+    }
+}
+
 /// Cheap to clone; every clone updates the same series.
 #[derive(Clone)]
 pub struct Metrics {
@@ -16,7 +37,7 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
-    reconciles: IntCounter,
+    reconciles: IntCounterVec,
     reconcile_duration: Histogram,
     errors: IntCounterVec,
     requests: IntCounterVec,
@@ -38,10 +59,14 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("nodegate_operator");
-        let reconciles = IntCounter::with_opts(opts(
-            "reconciles_total",
-            "Reconcile rounds run (each compiles every policy and compares every output).",
-        ))?;
+        let reconciles = IntCounterVec::new(
+            opts(
+                "reconciles_total",
+                "Reconcile rounds run (each compiles every policy and compares every output), by \
+                 what started them: a watch event, a retry of failed writes, or the resync.",
+            ),
+            &["cause"],
+        )?;
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "reconcile_duration_seconds",
@@ -138,8 +163,11 @@ impl Metrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    pub(crate) fn round(&self, seconds: f64) {
-        self.inner.reconciles.inc();
+    pub(crate) fn round(&self, cause: RoundCause, seconds: f64) {
+        self.inner
+            .reconciles
+            .with_label_values(&[cause.as_str()])
+            .inc();
         self.inner.reconcile_duration.observe(seconds);
     }
 
@@ -202,7 +230,15 @@ impl Metrics {
 
     /// Reconcile rounds so far.
     pub fn reconciles(&self) -> u64 {
-        self.inner.reconciles.get()
+        sum(&self.inner.reconciles)
+    }
+
+    /// Reconcile rounds so far that `cause` started.
+    pub fn reconciles_by(&self, cause: RoundCause) -> u64 {
+        self.inner
+            .reconciles
+            .with_label_values(&[cause.as_str()])
+            .get()
     }
 
     /// Whether this replica currently leads.
@@ -236,6 +272,12 @@ mod tests {
         assert!(text.contains(
             "nodegate_operator_write_requests_total{kind=\"ClusterRole\",op=\"apply\"} 2"
         ));
-        assert!(text.contains("nodegate_operator_reconciles_total 0"));
+        assert!(!text.contains("nodegate_operator_reconciles_total"));
+        m.round(RoundCause::Retry, 0.1);
+        assert_eq!((m.reconciles(), m.reconciles_by(RoundCause::Retry)), (1, 1));
+        assert!(
+            m.render()
+                .contains("nodegate_operator_reconciles_total{cause=\"retry\"} 1")
+        );
     }
 }

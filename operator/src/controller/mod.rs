@@ -17,7 +17,7 @@ pub mod server;
 pub mod status;
 
 pub use leader::LeaderSettings;
-pub use metrics::Metrics;
+pub use metrics::{Metrics, RoundCause};
 /// Re-exported so callers stop the controller without depending on tokio-util themselves.
 pub use tokio_util::sync::CancellationToken;
 
@@ -223,7 +223,7 @@ async fn reconcile_loop(
     let mut next_retry: Option<Instant> = None;
     loop {
         let retry_at = next_retry.unwrap_or(next_resync);
-        tokio::select! {
+        let cause = tokio::select! {
             _ = stop.cancelled() => return,
             _ = trigger.notified() => {
                 // Let a burst of events settle, then take the events that came meanwhile.
@@ -232,11 +232,12 @@ async fn reconcile_loop(
                     _ = tokio::time::sleep(debounce) => {}
                 }
                 let _ = trigger.notified().now_or_never();
+                RoundCause::Event
             }
-            _ = tokio::time::sleep_until(next_resync) => {}
-            _ = tokio::time::sleep_until(retry_at) => {}
-        }
-        let report = reconciler.round().await;
+            _ = tokio::time::sleep_until(next_resync) => RoundCause::Resync,
+            _ = tokio::time::sleep_until(retry_at), if next_retry.is_some() => RoundCause::Retry,
+        };
+        let report = reconciler.round(cause).await;
         next_resync = Instant::now() + resync;
         next_retry = report.next_retry;
     }

@@ -3,7 +3,7 @@
 
 use super::Settings;
 use super::diff::{self, Existing};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RoundCause};
 use super::objects::{self, INSTANCE_LABEL, Key, Kind, Output};
 use super::ownership;
 use super::status::{self, Observed};
@@ -186,7 +186,7 @@ impl Reconciler {
         }
     }
 
-    pub async fn round(&mut self) -> RoundReport {
+    pub async fn round(&mut self, cause: RoundCause) -> RoundReport {
         let started = std::time::Instant::now();
         let policies: Vec<NodeApiPolicy> = self
             .stores
@@ -247,9 +247,18 @@ impl Reconciler {
                 missing.push(key);
             }
         });
-        let (foreign, unknown) = self.check_ownership(missing).await;
+        // A name whose check failed before is looked at again only when its backoff is over.
+        let now = Instant::now();
+        let (to_check, backing_off): (Vec<Key>, Vec<Key>) =
+            missing.into_iter().partition(|k| self.due(k, now));
+        let (foreign, unknown) = self.check_ownership(to_check).await;
         let t_ownership = started.elapsed();
-        let blocked: BTreeSet<Key> = foreign.union(&unknown).cloned().collect();
+        let blocked: BTreeSet<Key> = foreign
+            .iter()
+            .chain(&unknown)
+            .chain(&backing_off)
+            .cloned()
+            .collect();
         let skipped = ownership::exclude_foreign(&mut desired, &blocked);
         let (really_foreign, unchecked): (Vec<_>, Vec<_>) = skipped
             .into_iter()
@@ -262,21 +271,30 @@ impl Reconciler {
 
         let outputs = objects::outputs(&desired);
         let generated = generated_by_policy(&outputs);
-        let plan = diff::plan(outputs, &existing);
+        let mut plan = diff::plan(outputs, &existing);
+        // What could not be checked this round stays as it is: a transient error must not
+        // delete a binding whose role merely failed a lookup.
+        let held: BTreeSet<&Key> = unchecked.iter().map(|s| &s.key).collect();
+        plan.delete.retain(|(key, _)| !held.contains(key));
         let t_diff = started.elapsed();
         self.metrics.unchanged(plan.unchanged);
 
         let now = Instant::now();
-        let (due, waiting): (Vec<Output>, Vec<Output>) = plan
-            .apply
+        let (due, waiting): (Vec<Output>, Vec<Output>) =
+            plan.apply.into_iter().partition(|o| self.due(&o.key, now));
+        let (deletes_due, deletes_waiting): (Vec<_>, Vec<_>) = plan
+            .delete
             .into_iter()
-            .partition(|o| self.failures.get(&o.key).is_none_or(|f| f.until <= now));
+            .partition(|(key, _)| self.due(key, now));
         let wanted: BTreeSet<Key> = due
             .iter()
             .chain(waiting.iter())
             .map(|o| o.key.clone())
+            .chain(deletes_due.iter().map(|(k, _)| k.clone()))
+            .chain(deletes_waiting.into_iter().map(|(k, _)| k))
+            .chain(unchecked.iter().map(|s| s.key.clone()))
             .collect();
-        // Objects that are now as desired, or no longer desired, stop failing.
+        // Objects that are now as desired, or no longer desired and gone, stop failing.
         self.failures.retain(|k, _| wanted.contains(k));
 
         let concurrency = self.settings.concurrency.max(1);
@@ -286,31 +304,47 @@ impl Reconciler {
         let (bindings, first): (Vec<Output>, Vec<Output>) = due
             .into_iter()
             .partition(|o| matches!(o.key.kind, Kind::ClusterRoleBinding | Kind::RoleBinding));
-        let mut applied = self.apply_all(first, concurrency).await;
-        let failed_roles: BTreeSet<String> = applied
-            .iter()
-            .filter(|(o, r)| o.key.kind == Kind::ClusterRole && r.is_err())
-            .map(|(o, _)| o.key.name.clone())
-            .collect();
+        let mut applied_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut failed_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let applied = self.apply_all(first, concurrency).await;
+        self.record_applies(applied, &mut applied_by_policy, &mut failed_by_policy);
         // The API server checks a binding against its own cache of roles: a role created
         // this round may not be there yet, so its bindings wait for the round its watch
-        // event starts (ours sees it about when the API server's does).
+        // event starts (ours sees it about when the API server's does). A role that is
+        // failing (refused this round, or earlier and backing off) takes its bindings with
+        // it: they are reported and retried when the role is, never deferred in a loop.
         let mut deferred_policies: BTreeSet<String> = BTreeSet::new();
-        let bindings: Vec<Output> = bindings
-            .into_iter()
-            .filter(|o| {
-                let role = o.body["roleRef"]["name"].as_str().unwrap_or_default();
-                let cached = existing.contains_key(&Key::new(Kind::ClusterRole, None, role));
-                let ok = cached && !failed_roles.contains(role);
-                if !ok {
-                    deferred_policies.extend(o.policies.iter().cloned());
-                }
-                ok
-            })
-            .collect();
+        let mut ready_bindings = Vec::new();
+        for binding in bindings {
+            let role = binding.body["roleRef"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let role_key = Key::new(Kind::ClusterRole, None, &role);
+            if let Some(failure) = self.failures.get(&role_key) {
+                let message = format!(
+                    "{}: waits for ClusterRole {role}: {}",
+                    binding.key, failure.message
+                );
+                let until = failure.until;
+                self.fail(binding.key.clone(), message, binding.policies);
+                self.not_before(&binding.key, until);
+            } else if existing.contains_key(&role_key) {
+                ready_bindings.push(binding);
+            } else {
+                deferred_policies.extend(binding.policies.iter().cloned());
+            }
+        }
+        // Bindings left out because their role is backing off are retried with it.
+        for s in unchecked.iter().filter(|s| s.key != s.because_of) {
+            if let Some(until) = self.failures.get(&s.because_of).map(|f| f.until) {
+                self.not_before(&s.key, until);
+            }
+        }
         let deferred = deferred_policies.len();
-        applied.extend(self.apply_all(bindings, concurrency).await);
-        let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(plan.delete)
+        let applied = self.apply_all(ready_bindings, concurrency).await;
+        self.record_applies(applied, &mut applied_by_policy, &mut failed_by_policy);
+        let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(deletes_due)
             .map(|(key, uid)| {
                 let api = self.api(&key);
                 let metrics = self.metrics.clone();
@@ -336,45 +370,39 @@ impl Reconciler {
             .collect()
             .await;
 
-        let mut applied_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut failed_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (output, result) in applied {
+        for (key, result) in deleted {
             match result {
                 Ok(()) => {
-                    tracing::info!(object = %output.key, "applied");
-                    self.failures.remove(&output.key);
-                    for p in &output.policies {
-                        applied_by_policy
-                            .entry(p.clone())
-                            .or_default()
-                            .push(output.key.to_string());
-                    }
+                    tracing::info!(object = %key, "deleted: no policy asks for it");
+                    self.failures.remove(&key);
                 }
                 Err(error) => {
-                    self.metrics.error(output.key.kind.as_str(), "apply");
-                    let message = format!("{}: {}", output.key, error_message(&error));
-                    tracing::warn!(object = %output.key, %error, "apply failed; will retry");
-                    for p in &output.policies {
+                    // A stale object still grants what no policy asks for any more: the
+                    // policies it belonged to are not Ready until it is gone.
+                    self.metrics.error(key.kind.as_str(), "delete");
+                    let policies = existing
+                        .get(&key)
+                        .map(|e| policies_of_body(&e.body))
+                        .unwrap_or_default();
+                    let message = format!(
+                        "{key}: no longer wanted but could not be deleted, so it still grants \
+                         access: {}",
+                        error_message(&error)
+                    );
+                    tracing::warn!(object = %key, %error, "delete failed; will retry");
+                    for p in &policies {
                         failed_by_policy
                             .entry(p.clone())
                             .or_default()
                             .push(message.clone());
                     }
-                    self.fail(output.key, message, output.policies);
+                    self.fail(key, message, policies);
                 }
             }
         }
-        for (key, result) in deleted {
-            match result {
-                Ok(()) => tracing::info!(object = %key, "deleted: no policy asks for it"),
-                Err(error) => {
-                    self.metrics.error(key.kind.as_str(), "delete");
-                    tracing::warn!(object = %key, %error, "delete failed; next round retries");
-                }
-            }
-        }
-        for s in &unchecked {
-            let message = format!("{}: could not check who owns it", s.key);
+        // Checks that failed this round back off; names still backing off keep their entry.
+        for s in unchecked.iter().filter(|s| unknown.contains(&s.because_of)) {
+            let message = format!("{}: could not check who owns {}", s.key, s.because_of);
             self.fail(s.key.clone(), message, s.policies.clone());
         }
 
@@ -402,7 +430,7 @@ impl Reconciler {
             next_retry = Some(next_retry.map_or(soon, |t| t.min(soon)));
         }
         let elapsed = started.elapsed();
-        self.metrics.round(elapsed.as_secs_f64());
+        self.metrics.round(cause, elapsed.as_secs_f64());
         // Cumulative milliseconds at the end of each phase: where a slow round goes.
         tracing::debug!(
             policies = policies.len(),
@@ -443,6 +471,54 @@ impl Reconciler {
             .buffer_unordered(concurrency)
             .collect()
             .await
+    }
+
+    /// Records how applies went: successes clear their failure, refusals back off and are
+    /// reported on their policies.
+    fn record_applies(
+        &mut self,
+        results: Vec<(Output, Result<(), kube::Error>)>,
+        applied_by_policy: &mut BTreeMap<String, Vec<String>>,
+        failed_by_policy: &mut BTreeMap<String, Vec<String>>,
+    ) {
+        for (output, result) in results {
+            match result {
+                Ok(()) => {
+                    tracing::info!(object = %output.key, "applied");
+                    self.failures.remove(&output.key);
+                    for p in &output.policies {
+                        applied_by_policy
+                            .entry(p.clone())
+                            .or_default()
+                            .push(output.key.to_string());
+                    }
+                }
+                Err(error) => {
+                    self.metrics.error(output.key.kind.as_str(), "apply");
+                    let message = format!("{}: {}", output.key, error_message(&error));
+                    tracing::warn!(object = %output.key, %error, "apply failed; will retry");
+                    for p in &output.policies {
+                        failed_by_policy
+                            .entry(p.clone())
+                            .or_default()
+                            .push(message.clone());
+                    }
+                    self.fail(output.key, message, output.policies);
+                }
+            }
+        }
+    }
+
+    /// Holds `key`'s next retry until `until` at the earliest (a binding waits for its role).
+    fn not_before(&mut self, key: &Key, until: Instant) {
+        if let Some(failure) = self.failures.get_mut(key) {
+            failure.until = failure.until.max(until);
+        }
+    }
+
+    /// Whether `key` may be written (or looked up) now: it is not backing off after a failure.
+    fn due(&self, key: &Key, now: Instant) -> bool {
+        self.failures.get(key).is_none_or(|f| f.until <= now)
     }
 
     fn fail(&mut self, key: Key, message: String, policies: BTreeSet<String>) {
@@ -706,6 +782,13 @@ fn error_message(error: &kube::Error) -> String {
         kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
         other => other.to_string(),
     }
+}
+
+/// The policies a cached object (as JSON) belongs to.
+fn policies_of_body(body: &Value) -> BTreeSet<String> {
+    serde_json::from_value(body["metadata"].clone())
+        .map(|meta| objects::policies_of(&meta))
+        .unwrap_or_default()
 }
 
 /// Per policy, the names of its generated objects for status.generated.
