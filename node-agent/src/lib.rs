@@ -10,7 +10,6 @@ pub mod json_filter;
 pub mod metrics;
 pub mod prometheus;
 pub mod server;
-pub mod spec;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

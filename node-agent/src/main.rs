@@ -369,7 +369,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         healthz_addr: port(args.healthz_port, args.healthz_bind_address),
         authorization_mode: args.authorization_mode,
         max_json_bytes: args.max_json_bytes,
-        spec_roots: Default::default(),
     };
     let running = server::start(
         settings,
