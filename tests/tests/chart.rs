@@ -228,6 +228,8 @@ fn expected_agent_api_rules() -> BTreeSet<(String, String, String, String)> {
         row("nodegate.io", "nodeagentconfigs", "watch"),
         row("nodegate.io", "nodeagentconfigs/status", "patch"),
         row("", "nodes", "get"),
+        row("", "nodes", "list"),
+        row("", "nodes", "watch"),
         row("authentication.k8s.io", "tokenreviews", "create"),
         row("authorization.k8s.io", "subjectaccessreviews", "create"),
     ]
