@@ -3,7 +3,7 @@
 //! The operator resolves node and namespace selectors, so an agent watches only its own object
 //! and never needs to list nodes or namespaces.
 
-use crate::catalogue::{Endpoint, Scope, Verb};
+use crate::catalogue::Endpoint;
 use crate::policy::{MetricsTransform, Port, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
@@ -74,38 +74,6 @@ pub struct ResolvedNamespaces {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10000), inner(length(max = 63)))]
     pub names: Vec<String>,
-}
-
-impl NodeAgentConfigSpec {
-    /// Whether these rules grant an RBAC subject `verb` on `endpoint` through `port`, for data
-    /// of `namespace` (`None`: data of no namespace, i.e. a cluster-scope question).
-    ///
-    /// This is the answer RBAC on nodegate's resource (`nodeagentconfigs/<endpoint>`, bound per
-    /// namespace) must give for the node, which the compiler's property tests and the
-    /// SubjectAccessReview grid against the real API server check. Subjects match by identity,
-    /// as in an RBAC binding; the agent maps an authenticated caller onto them.
-    pub fn grants(
-        &self,
-        subject: &Subject,
-        endpoint: Endpoint,
-        verb: Verb,
-        port: Port,
-        namespace: Option<&str>,
-    ) -> bool {
-        self.rules.iter().any(|rule| {
-            rule.ports.contains(&port)
-                && rule.subjects.contains(subject)
-                && rule.endpoints.contains(&endpoint)
-                && endpoint.verbs().contains(&verb)
-                && match endpoint.spec().scope {
-                    Scope::Unscoped => true,
-                    Scope::NodeWide => rule.namespaces.all,
-                    Scope::JsonItems { .. } | Scope::MetricsLabel | Scope::Path => {
-                        namespace.map_or(rule.namespaces.all, |ns| rule.namespaces.allows(ns))
-                    }
-                }
-        })
-    }
 }
 
 impl ResolvedNamespaces {

@@ -60,8 +60,6 @@ pub enum Endpoint {
     Pprof,
     /// `/debug/flags/v`: change the kubelet's log verbosity (node-wide, needs `all`).
     DebugFlags,
-    /// `/spec/`: the node's machine info (served by the agent; kubelets dropped it in 1.21).
-    Spec,
 }
 
 /// The kubelet authorization subresource of `nodes` a request is checked against.
@@ -149,7 +147,7 @@ impl fmt::Display for Verb {
 /// `namespaces.all`; [`Scope::node_level_data`] names it for each endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
-    /// Holds no namespaced data (health, machine info): allowed with any namespace scope.
+    /// Holds no namespaced data (health): allowed with any namespace scope.
     Unscoped,
     /// Node-wide data that cannot be split by namespace: allowed only with `namespaces.all`.
     NodeWide,
@@ -433,15 +431,6 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         scope: Scope::NodeWide,
         streaming: false,
     },
-    EndpointSpec {
-        endpoint: Endpoint::Spec,
-        patterns: &["/spec", "/spec/"],
-        methods: &["GET"],
-        subresources: &[S::Proxy],
-        read_only: true,
-        scope: Scope::Unscoped,
-        streaming: false,
-    },
 ];
 
 /// The API group of nodegate's RBAC resource for through-agent grants.
@@ -504,7 +493,6 @@ impl Endpoint {
             Endpoint::Checkpoint => "checkpoint",
             Endpoint::Pprof => "pprof",
             Endpoint::DebugFlags => "debugFlags",
-            Endpoint::Spec => "spec",
         }
     }
 
@@ -555,23 +543,30 @@ impl Endpoint {
         CATALOGUE.iter().filter(|s| s.read_only).map(|s| s.endpoint)
     }
 
+    /// Whether the endpoint answers with Prometheus text, which the agent filters on the
+    /// stream and to which a policy's `metrics` transforms (keep, drop, addLabels) apply:
+    /// the namespace-labelled ones and the node-wide `/metrics` and `/metrics/slis` alike.
+    pub fn serves_prometheus(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Metrics
+                | Endpoint::Cadvisor
+                | Endpoint::Resource
+                | Endpoint::Probes
+                | Endpoint::Slis
+        )
+    }
+
     /// Streaming endpoints (exec, attach, portForward, run).
     pub fn streaming() -> impl Iterator<Item = Endpoint> {
         CATALOGUE.iter().filter(|s| s.streaming).map(|s| s.endpoint)
-    }
-
-    /// Whether a policy may grant this endpoint by core `nodes/*` RBAC (`directKubeletAccess`).
-    /// Not for endpoints the agent serves itself (`spec`): the kubelet has nothing to answer.
-    pub fn direct_access_allowed(self) -> bool {
-        self != Endpoint::Spec
     }
 
     /// Endpoints whose direct grant is `nodes/proxy`: the kubelet also accepts `get nodes/proxy`
     /// for exec, attach and portForward over a WebSocket GET, so such a grant is only honest
     /// when the policy lists those too.
     pub fn direct_proxy() -> impl Iterator<Item = Endpoint> {
-        Endpoint::all()
-            .filter(|e| e.direct_access_allowed() && e.rbac_subresource() == Subresource::Proxy)
+        Endpoint::all().filter(|e| e.rbac_subresource() == Subresource::Proxy)
     }
 
     /// What a `get nodes/proxy` grant already allows on a kubelet (WebSocket GET upgrades).
@@ -602,17 +597,13 @@ pub fn markdown_table() -> String {
                 .collect(),
         );
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | `{}`: {verbs} | {} | {} | {} | {} |\n",
+            "| `{}` | {} | {} | {} | `{}`: {verbs} | `nodes/{}`: {verbs} | {} | {} | {} |\n",
             spec.endpoint,
             join(spec.patterns.iter().map(|p| format!("`{p}`")).collect()),
             spec.methods.join(", "),
             join(spec.subresources.iter().map(|s| s.to_string()).collect()),
             spec.endpoint.agent_resource(),
-            if spec.endpoint.direct_access_allowed() {
-                format!("`nodes/{}`: {verbs}", spec.endpoint.rbac_subresource())
-            } else {
-                "never (served by the agent)".to_string()
-            },
+            spec.endpoint.rbac_subresource(),
             if spec.read_only { "yes" } else { "no" },
             scope,
             spec.scope.node_level_data(),
@@ -640,7 +631,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", e.name()));
         }
         // A variant missing from the catalogue would silently map to the first row.
-        assert_eq!(variants.len(), 22);
+        assert_eq!(variants.len(), 21);
     }
 
     #[test]

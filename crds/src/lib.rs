@@ -5,6 +5,7 @@ pub mod agent_config;
 pub mod attributes;
 pub mod catalogue;
 pub mod crd;
+pub mod decision;
 pub mod policy;
 pub mod rules;
 pub mod selector;

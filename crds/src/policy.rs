@@ -38,7 +38,6 @@ use std::collections::BTreeMap;
 #[x_kube(validation = rules::anonymous_only_on_read_only_port())]
 #[x_kube(validation = rules::direct_access_needs_all())]
 #[x_kube(validation = rules::direct_proxy_lists_streaming())]
-#[x_kube(validation = rules::direct_access_not_for_agent_endpoints())]
 pub struct NodeApiPolicySpec {
     /// Who the policy grants access to: users, groups and service accounts, as in an RBAC
     /// binding. The anonymous user (`system:anonymous`) and group (`system:unauthenticated`)
@@ -78,7 +77,8 @@ pub struct NodeApiPolicySpec {
     pub ports: Vec<Port>,
 
     /// Optional changes to Prometheus metrics returned through this grant: drop or keep
-    /// series by metric name, add labels.
+    /// series by metric name, add labels. Applied on every Prometheus endpoint granted
+    /// (metrics, cadvisor, resource, probes, slis), in every authorization mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsTransform>,
 
@@ -86,8 +86,8 @@ pub struct NodeApiPolicySpec {
     /// server's node proxy honour, for clients that must call the kubelet themselves (e.g.
     /// metrics-server). Those grants bypass the agent: nothing is filtered, so this needs
     /// `namespaces.all: true`; a grant that becomes `nodes/proxy` must also list exec, attach
-    /// and portForward, which the kubelet allows with it anyway; `spec` (served by the agent)
-    /// cannot be granted this way. Off by default: through-agent grants never touch core RBAC.
+    /// and portForward, which the kubelet allows with it anyway. Off by default: through-agent
+    /// grants never touch core RBAC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direct_kubelet_access: Option<bool>,
 }

@@ -36,10 +36,6 @@ pub const ALL: &[(&str, RuleFn)] = &[
     ),
     ("direct-access-needs-all", direct_access_needs_all),
     ("direct-proxy-lists-streaming", direct_proxy_lists_streaming),
-    (
-        "direct-access-not-for-agent-endpoints",
-        direct_access_not_for_agent_endpoints,
-    ),
     ("subject-namespace", subject_namespace),
     ("service-account-subject-name", service_account_subject_name),
     ("service-account-names", service_account_names),
@@ -226,22 +222,5 @@ pub fn direct_proxy_lists_streaming() -> Rule {
         names(Endpoint::direct_proxy()),
         names(Endpoint::PROXY_IMPLIES.into_iter()),
         names(Endpoint::PROXY_IMPLIES.into_iter()),
-    )))
-}
-
-pub fn direct_access_not_for_agent_endpoints() -> Rule {
-    let served_by_agent = || Endpoint::all().filter(|e| !e.direct_access_allowed());
-    Rule::new(format!(
-        "!({DIRECT}) || !self.access.exists(a, a in {})",
-        cel_list(served_by_agent())
-    ))
-    .message(Message::Message(format!(
-        "{} served by the agent itself: it cannot be granted with directKubeletAccess",
-        names(served_by_agent())
-            + if served_by_agent().count() == 1 {
-                " is"
-            } else {
-                " are"
-            }
     )))
 }

@@ -12,7 +12,9 @@
 //!
 //! Permissions the agent's service account needs for this module: `get`, `list`, `watch` on
 //! `nodeagentconfigs.nodegate.io` (only its own object is asked for, by field selector),
-//! `patch` on `nodeagentconfigs/status`, and `get` on `nodes` for [`NodeIdentity::fetch`].
+//! `patch` on `nodeagentconfigs/status`, `get` on `nodes` for [`NodeIdentity::fetch`], and
+//! `list`/`watch` on `nodes` for the file source's [`watch_node`] (its own Node only, by field
+//! selector).
 //! Status is written by server-side apply with field manager `nodegate-agent`, and only when
 //! it changes.
 
@@ -567,7 +569,7 @@ pub fn validate_policy(doc: &Value) -> Result<NodeApiPolicy, ConfigError> {
 // File source
 
 /// This node, as the file source compiles policies for it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeIdentity {
     pub name: String,
     pub uid: String,
@@ -586,6 +588,74 @@ impl NodeIdentity {
             uid: node.metadata.uid.unwrap_or_default(),
             labels: node.metadata.labels.unwrap_or_default(),
         })
+    }
+}
+
+/// What the file source knows of its Node: `None` until the Node has been read (the agent denies
+/// everything until then), then its name, UID and labels as they change.
+pub type NodeWatch = tokio::sync::watch::Receiver<Option<NodeIdentity>>;
+
+/// A [`NodeWatch`] that never changes: labels given on the command line, or none when there is
+/// no API server to ask.
+pub fn fixed_node(node: NodeIdentity) -> NodeWatch {
+    tokio::sync::watch::channel(Some(node)).1
+}
+
+/// Watches this node's Node object (one object, by field selector on its name) and publishes
+/// its identity when its UID or labels change, so `nodeSelector` policies of the file source
+/// follow relabelling as they do through the operator. A deleted or missing Node has no labels
+/// (selectors match nothing). The watcher re-lists and resumes after API server outages.
+///
+/// Needs `list` and `watch` on `nodes` (RBAC can limit them to the node's name:
+/// a single-object watch by `metadata.name` is authorized against `resourceNames`).
+pub fn watch_node(client: kube::Client, name: String) -> NodeWatch {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(run_node_watch(client, name, tx));
+    rx
+}
+
+async fn run_node_watch(
+    client: kube::Client,
+    name: String,
+    tx: tokio::sync::watch::Sender<Option<NodeIdentity>>,
+) {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let identity = |node: Option<&Node>| NodeIdentity {
+        name: name.clone(),
+        uid: node
+            .and_then(|n| n.metadata.uid.clone())
+            .unwrap_or_default(),
+        labels: node
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default(),
+    };
+    let publish = |next: NodeIdentity| {
+        tx.send_if_modified(|current| {
+            if current.as_ref() == Some(&next) {
+                return false;
+            }
+            tracing::info!(node = %next.name, labels = ?next.labels, "node labels");
+            *current = Some(next);
+            true
+        });
+    };
+    // Objects seen since the watcher's (re)list began: a Node absent from a list is gone.
+    let mut seen = false;
+    let mut stream = watcher(nodes, config).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Init) => seen = false,
+            Ok(watcher::Event::InitApply(node) | watcher::Event::Apply(node)) => {
+                seen = true;
+                publish(identity(Some(&node)));
+            }
+            Ok(watcher::Event::InitDone) if !seen => publish(identity(None)),
+            Ok(watcher::Event::InitDone) => {}
+            Ok(watcher::Event::Delete(_)) => publish(identity(None)),
+            Err(e) => tracing::warn!(node = %name, error = %e, "watching the node failed"),
+        }
     }
 }
 
@@ -765,14 +835,34 @@ pub fn load_file_once(
     }
 }
 
-/// Polls the file every `interval`, forever.
-pub async fn run_file(path: PathBuf, node: NodeIdentity, store: ConfigStore, interval: Duration) {
+/// Polls the file every `interval`, forever, and compiles it again as soon as the node's
+/// labels change. Nothing is loaded (every request is denied) until the node is known.
+pub async fn run_file(path: PathBuf, mut node: NodeWatch, store: ConfigStore, interval: Duration) {
     let mut last = None;
+    let mut compiled_for: Option<NodeIdentity> = None;
+    let mut watching = true;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
-        load_file_once(&path, &node, &store, &mut last);
+        tokio::select! {
+            _ = ticker.tick() => {}
+            changed = node.changed(), if watching => {
+                // The sender stops only with the runtime; poll the file from then on.
+                watching = changed.is_ok();
+            }
+        }
+        let Some(current) = node.borrow_and_update().clone() else {
+            if store.last_error().is_none() {
+                store.reject("waiting for this node's labels from the API server".into());
+            }
+            continue;
+        };
+        if compiled_for.as_ref() != Some(&current) {
+            // Same file, other labels: compile it again.
+            last = None;
+            compiled_for = Some(current.clone());
+        }
+        load_file_once(&path, &current, &store, &mut last);
     }
 }
 
@@ -802,7 +892,7 @@ impl std::fmt::Debug for ApiSourceSettings {
 pub async fn run(
     source: ConfigSource,
     store: ConfigStore,
-    node: NodeIdentity,
+    node: NodeWatch,
     settings: ApiSourceSettings,
     file_poll: Duration,
 ) {
@@ -1310,6 +1400,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn file_source_waits_for_the_node_and_recompiles_when_its_labels_change() {
+        let dir =
+            std::env::temp_dir().join(format!("nodegate-config-labels-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata: {name: gpu}\n\
+             spec: {subjects: [{kind: Group, name: g}], nodeSelector: {matchLabels: {pool: gpu}}, \
+             access: [pods], namespaces: {names: [a]}}\n",
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let store = ConfigStore::new();
+        let task = tokio::spawn(run_file(
+            path.clone(),
+            rx,
+            store.clone(),
+            Duration::from_secs(3600),
+        ));
+        let policies = |store: ConfigStore| async move {
+            for _ in 0..300 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if store.is_loaded() {
+                    return Some(store.current().spec.policies.clone());
+                }
+            }
+            None
+        };
+        // The node is not known yet: nothing loaded, and the store says why.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!store.is_loaded());
+        assert!(store.last_error().unwrap().contains("labels"));
+        tx.send(Some(node(&[("pool", "cpu")]))).unwrap();
+        assert_eq!(policies(store.clone()).await.as_deref(), Some(""));
+        // Relabelled: compiled again at once (the file poll is an hour away).
+        let generation = store.current().generation;
+        tx.send(Some(node(&[("pool", "gpu")]))).unwrap();
+        for _ in 0..300 {
+            if store.current().generation > generation {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.current().spec.policies, "gpu");
+        tx.send(Some(node(&[]))).unwrap();
+        let generation = store.current().generation;
+        for _ in 0..300 {
+            if store.current().generation > generation {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.current().spec.policies, "");
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn file_source_sees_atomic_renames_and_keeps_the_last_good_version() {
         let dir = std::env::temp_dir().join(format!("nodegate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1322,7 +1471,7 @@ mod tests {
         let store = ConfigStore::new();
         let task = tokio::spawn(run_file(
             path.clone(),
-            node(&[]),
+            fixed_node(node(&[])),
             store.clone(),
             Duration::from_millis(10),
         ));

@@ -11,7 +11,6 @@ pub mod kubelet_access;
 pub mod metrics;
 pub mod prometheus;
 pub mod server;
-pub mod spec;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

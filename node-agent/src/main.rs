@@ -142,6 +142,11 @@ struct ServeArgs {
     /// Where the rules come from: `api` (this node's NodeAgentConfig) or `file:PATH`.
     #[arg(long, env = "NODEGATE_CONFIG_SOURCE", default_value = "api")]
     config_source: ConfigSourceFlag,
+    /// This node's labels (`k=v,k2=v2`) for the `nodeSelector` of policies in a `file:` config
+    /// source. Without it they are read from the node's Node object and watched, and the file
+    /// is compiled again when they change.
+    #[arg(long, env = "NODEGATE_NODE_LABELS")]
+    node_labels: Option<String>,
     /// Largest kubelet JSON document (pods, stats) the agent filters.
     #[arg(long, env = "NODEGATE_MAX_JSON_BYTES", default_value_t = nodegate_agent::json_filter::DEFAULT_MAX_JSON_BYTES)]
     max_json_bytes: usize,
@@ -172,6 +177,10 @@ struct ExplainArgs {
     kubeconfig: Option<PathBuf>,
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
+    /// The node's labels (`k=v,k2=v2`) for policies' `nodeSelector` with `--config`; without
+    /// it they are read from the cluster's Node `--node-name` when it can be reached.
+    #[arg(long)]
+    node_labels: Option<String>,
     #[arg(long, default_value = "system:anonymous")]
     user: String,
     #[arg(long = "group")]
@@ -250,10 +259,7 @@ async fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let node = NodeIdentity {
-                name: args.node_name.clone(),
-                ..Default::default()
-            };
+            let node = explain_node(&args).await?;
             config::parse_config_file(&text, &node)?
         }
         None => {
@@ -281,6 +287,42 @@ async fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&explain(&spec, &question))?
     );
     Ok(())
+}
+
+/// The node `explain --config` compiles policies for: labels from `--node-labels`, else from
+/// the cluster's Node, else none (said on stderr: `nodeSelector` policies then match nothing).
+async fn explain_node(args: &ExplainArgs) -> anyhow::Result<NodeIdentity> {
+    let unlabelled = NodeIdentity {
+        name: args.node_name.clone(),
+        ..Default::default()
+    };
+    if let Some(flag) = &args.node_labels {
+        return Ok(NodeIdentity {
+            labels: config::parse_node_labels(flag).map_err(anyhow::Error::msg)?,
+            ..unlabelled
+        });
+    }
+    if args.node_name.is_empty() {
+        eprintln!("note: no --node-name: nodeSelector policies match nothing");
+        return Ok(unlabelled);
+    }
+    let fetched = match kube_client(args.kubeconfig.as_ref()).await {
+        Ok(client) => NodeIdentity::fetch(&client, &args.node_name)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    match fetched {
+        Ok(node) => Ok(node),
+        Err(e) => {
+            eprintln!(
+                "note: the labels of node {:?} could not be read ({e}); give --node-labels: \
+                 nodeSelector policies match nothing",
+                args.node_name
+            );
+            Ok(unlabelled)
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -357,9 +399,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         serving_cert_expiry: Some(Arc::new(move || expiry_tls.serving_cert_expiry())),
         status_interval: Duration::from_secs(60),
     };
-    let node = NodeIdentity {
+    let unlabelled = NodeIdentity {
         name: node_name.clone(),
         ..Default::default()
+    };
+    let node = match (&args.config_source, &args.node_labels, &client) {
+        // The API source reads rules the operator compiled: it needs no labels.
+        (ConfigSourceFlag::Api, _, _) => config::fixed_node(unlabelled),
+        (ConfigSourceFlag::File(_), Some(flag), _) => config::fixed_node(NodeIdentity {
+            labels: config::parse_node_labels(flag).map_err(anyhow::Error::msg)?,
+            ..unlabelled
+        }),
+        (ConfigSourceFlag::File(_), None, Some(c)) => {
+            config::watch_node(c.clone(), node_name.clone())
+        }
+        (ConfigSourceFlag::File(_), None, None) => {
+            tracing::warn!(
+                "no API server and no --node-labels: nodeSelector policies match nothing"
+            );
+            config::fixed_node(unlabelled)
+        }
     };
     tokio::spawn(config::run(
         source,
@@ -378,7 +437,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         healthz_addr: port(args.healthz_port, args.healthz_bind_address),
         authorization_mode: args.authorization_mode,
         max_json_bytes: args.max_json_bytes,
-        spec_roots: Default::default(),
         kubelet_access: args.kubelet_access.clone(),
     };
     let running = server::start(

@@ -1,5 +1,5 @@
 //! The listeners and the request pipeline, top to bottom: accept → authenticate → request
-//! attributes → authorize → local answer or upstream → filter → respond (and audit).
+//! attributes → authorize → upstream → filter → respond (and audit).
 //!
 //! [`start`] runs an agent in-process (the binary and the tests use it alike).
 
@@ -10,7 +10,6 @@ use crate::config::ConfigStore;
 use crate::json_filter;
 use crate::kubelet_access::{self, KubeletAccess};
 use crate::metrics::Metrics;
-use crate::spec;
 use crate::tls::ReloadingTls;
 use crate::upgrade;
 use crate::upstream::{
@@ -63,8 +62,6 @@ pub struct Settings {
     pub authorization_mode: AuthorizationMode,
     /// Largest JSON document filtered (see [`json_filter::DEFAULT_MAX_JSON_BYTES`]).
     pub max_json_bytes: usize,
-    /// Where `/spec/` reads the machine's facts.
-    pub spec_roots: spec::Roots,
     /// What the agent's kubelet credential is granted: requests it cannot make are refused
     /// here rather than sent to the kubelet.
     pub kubelet_access: KubeletAccess,
@@ -81,7 +78,6 @@ impl Settings {
             healthz_addr: Some(any),
             authorization_mode: AuthorizationMode::Policy,
             max_json_bytes: json_filter::DEFAULT_MAX_JSON_BYTES,
-            spec_roots: spec::Roots::default(),
             kubelet_access: KubeletAccess::all(),
         }
     }
@@ -557,19 +553,6 @@ async fn pipeline(
         );
     };
 
-    // Local answers.
-    if route.endpoint == Endpoint::Spec {
-        let roots = state.settings.spec_roots.clone();
-        let info = tokio::task::spawn_blocking(move || spec::machine_info(&roots)).await;
-        return match info.ok().and_then(|i| serde_json::to_vec(&i).ok()) {
-            Some(body) => json_response(body),
-            None => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "machine info unavailable\n",
-            ),
-        };
-    }
-
     // Upstream, if the agent's own credential may make the request.
     if let Err(missing) = state.settings.kubelet_access.reaches(route.endpoint) {
         record.decision = "unavailable";
@@ -587,6 +570,7 @@ async fn pipeline(
             ),
         );
     }
+    // Upstream.
     let mut upstream_attrs = attrs.clone();
     upstream_attrs.path = kubelet_path(&attrs.path).to_string();
     let target = match state.parts.upstream.uri(&upstream_attrs.upstream_target()) {
@@ -603,7 +587,7 @@ async fn pipeline(
     );
     if filter.is_some() {
         headers.remove(header::ACCEPT_ENCODING);
-        if scope == Scope::MetricsLabel {
+        if route.endpoint.serves_prometheus() {
             // Ask only for what the filter reads: text formats, gzip or identity.
             let accept = crate::prometheus::negotiate::upstream_accept(
                 req.headers()
@@ -657,8 +641,10 @@ async fn pipeline(
     }
     match scope {
         Scope::JsonItems { .. } => filter_json(state, route.endpoint, parts, body, &filter).await,
-        Scope::MetricsLabel => filter_metrics(state, parts, body, &filter, client_gzip),
-        // authorize gives a filter only for the two scopes above.
+        _ if route.endpoint.serves_prometheus() => {
+            filter_metrics(state, parts, body, &filter, client_gzip)
+        }
+        // authorize gives a filter only for JSON items and Prometheus text.
         _ => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "no filter for this endpoint\n",
@@ -668,15 +654,6 @@ async fn pipeline(
 
 fn method_name(m: AuthMethod) -> &'static str {
     m.as_str()
-}
-
-fn json_response(body: Vec<u8>) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
 }
 
 fn bad_gateway(state: &State, kind: &str, e: &UpstreamError) -> Response<ProxyBody> {
@@ -893,8 +870,13 @@ async fn decide(
             if allowed { "allows" } else { "denies" },
             route.endpoint.name()
         ),
-        // RBAC at cluster scope means every namespace: unfiltered.
-        filter: None,
+        // RBAC at cluster scope means every namespace: unfiltered but for the metric
+        // transforms of the node's rules that grant this caller the request.
+        filter: if allowed {
+            authz::webhook_filter(who, port, attrs, &config.spec.rules)
+        } else {
+            None
+        },
     };
     Ok(match mode {
         AuthorizationMode::Webhook => webhook,

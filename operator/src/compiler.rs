@@ -421,12 +421,6 @@ fn direct_grants_allowed(policy: &NodeApiPolicy, outcome: &mut PolicyOutcome) ->
         return false;
     }
     let access = &policy.spec.access;
-    if let Some(e) = access.iter().find(|e| !e.direct_access_allowed()) {
-        outcome.problems.push(format!(
-            "directKubeletAccess ignored: {e} is served by the agent itself"
-        ));
-        return false;
-    }
     let proxy = access
         .iter()
         .any(|e| Endpoint::direct_proxy().any(|p| p == *e));

@@ -915,7 +915,7 @@ async fn documented_permissions_suffice_and_only_this_nodes_config_is_read() -> 
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
              "verbs": ["create"]},
             {"apiGroups": [""], "resources": ["nodes"], "resourceNames": [node],
-             "verbs": ["get"]},
+             "verbs": ["get", "list", "watch"]},
         ],
     }))?;
     Api::<ClusterRole>::all(admin.clone())
@@ -934,6 +934,15 @@ async fn documented_permissions_suffice_and_only_this_nodes_config_is_read() -> 
     // Node identity and token reviews with the agent's own credentials.
     let identity = config::NodeIdentity::fetch(&agent, &node).await?;
     assert_eq!(identity.labels.get("pool").map(String::as_str), Some("gpu"));
+    // The file source's watch of its Node: one object, by field selector, which RBAC
+    // authorizes against the node's name.
+    let mut watched = config::watch_node(agent.clone(), node.clone());
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        watched.wait_for(|n| n.as_ref() == Some(&identity)),
+    )
+    .await?
+    .map(|_| ())?;
     let caller = service_account_token(&admin, ns.name(), "caller").await?;
     let authn = Authenticator::with_client(agent.clone(), AuthnSettings::default());
     let user = authn.authenticate(None, &bearer(&caller)).await.unwrap();

@@ -46,8 +46,6 @@ const CALLERS: &[Caller] = &[
 enum Expect {
     /// Passed to the kubelet (exactly one request reaches it), whatever it answers.
     Upstream,
-    /// Answered by the agent itself with 200 (`/spec/`), nothing upstream.
-    Local,
     /// Refused with this status, nothing upstream.
     Refused(u16),
     /// TLS handshake refused.
@@ -66,11 +64,7 @@ fn expect(caller: Caller, port: Port, endpoint: Endpoint, other_ns: bool, method
             _ => {}
         }
     }
-    let reach = if endpoint == Endpoint::Spec {
-        Expect::Local
-    } else {
-        Expect::Upstream
-    };
+    let reach = Expect::Upstream;
     if port == Port::ReadOnly {
         let disabled = matches!(
             endpoint,
@@ -93,11 +87,7 @@ fn expect(caller: Caller, port: Port, endpoint: Endpoint, other_ns: bool, method
         }
         let granted = matches!(
             endpoint,
-            Endpoint::Pods
-                | Endpoint::Stats
-                | Endpoint::Cadvisor
-                | Endpoint::Healthz
-                | Endpoint::Spec
+            Endpoint::Pods | Endpoint::Stats | Endpoint::Cadvisor | Endpoint::Healthz
         );
         return if granted { reach } else { Expect::Refused(403) };
     }
@@ -182,7 +172,6 @@ async fn authorization_matrix_against_the_simulator() {
                             // TLS 1.3 reports a refused client certificate on the first read.
                             (Expect::Handshake, Ok(r)) => r.status == 0,
                             (Expect::Refused(s), Ok(r)) => r.status == *s && reached == 0,
-                            (Expect::Local, Ok(r)) => r.status == 200 && reached == 0,
                             (Expect::Upstream, Ok(r)) => {
                                 reached == 1
                                     && ![401, 403, 405].contains(&r.status)
@@ -212,7 +201,6 @@ async fn authorization_matrix_against_the_simulator() {
     // Every outcome kind occurred, so the matrix cannot pass vacuously.
     for kind in [
         "Upstream",
-        "Local",
         "Refused(401)",
         "Refused(403)",
         "Refused(405)",
@@ -366,15 +354,26 @@ async fn pods_stats_and_metrics_are_filtered_to_the_callers_namespaces() {
     let ns = items_namespaces(&r.body, "items", &["metadata", "namespace"]);
     assert!(!ns.is_empty() && ns.iter().all(|n| n == TEAM));
 
-    // /spec/ is the agent's own machine info, never asked upstream.
+    // /spec/ is gone, as from kubelets since 1.21: it handed machine, system and boot
+    // identifiers to any caller. No rule can grant it (not even root's every endpoint with
+    // every namespace), on either port, and it is never asked upstream.
     let before = sim.request_count();
-    let r = request(addr, true, &alice, "GET", "/spec/", &[])
+    for path in ["/spec/", "/spec"] {
+        let r = request(addr, true, &root, "GET", path, &[]).await.unwrap();
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        let r = request(
+            agent.running.read_only_addr.unwrap(),
+            false,
+            &Cred::None,
+            "GET",
+            path,
+            &[],
+        )
         .await
         .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert!(
-        doc["num_cores"].as_u64().unwrap() >= 1 && doc["memory_capacity"].as_u64().unwrap() > 0
-    );
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert!(!r.text().contains("machine_id"));
+    }
     assert_eq!(sim.request_count(), before);
 }
 

@@ -508,7 +508,7 @@ pub fn tokens() -> BTreeMap<String, (String, Vec<String>)> {
 }
 
 /// team-a may use every endpoint for its namespace; root everything everywhere; the reader
-/// only reads (no exec); anonymous callers read pods, stats, cadvisor, health and spec of
+/// only reads (no exec); anonymous callers read pods, stats, cadvisor and health of
 /// team-a on the read-only port.
 pub fn rules() -> Vec<nodegate_crds::AgentRule> {
     let every: Vec<Endpoint> = Endpoint::all().collect();
@@ -542,7 +542,6 @@ pub fn rules() -> Vec<nodegate_crds::AgentRule> {
                 Endpoint::Stats,
                 Endpoint::Cadvisor,
                 Endpoint::Healthz,
-                Endpoint::Spec,
             ],
             namespaces(&[TEAM]),
             &[Port::ReadOnly],
@@ -655,7 +654,6 @@ pub fn endpoint_target(
         Endpoint::Pprof => "/debug/pprof/".into(),
         // An empty body: a real kubelet refuses it (400), so verbosity never changes.
         Endpoint::DebugFlags => "/debug/flags/v".into(),
-        Endpoint::Spec => "/spec/".into(),
     }
 }
 

@@ -203,13 +203,13 @@ fn row(group: &str, resource: &str, verb: &str) -> (String, String, String, Stri
 }
 
 /// What the agent asks of the kubelet with the credential `access` says it holds: every
-/// granted `nodes/<subresource>` the kubelet checks for an endpoint the agent proxies (the agent
-/// answers `spec` itself), with the endpoint's verbs.
+/// granted `nodes/<subresource>` the kubelet checks for an endpoint the agent proxies, with the
+/// endpoint's verbs.
 fn expected_agent_kubelet_rules(
     access: &KubeletAccess,
 ) -> BTreeSet<(String, String, String, String)> {
     let mut rows = BTreeSet::new();
-    for endpoint in Endpoint::all().filter(|e| e.direct_access_allowed()) {
+    for endpoint in Endpoint::all() {
         for subresource in endpoint
             .spec()
             .subresources
@@ -236,6 +236,8 @@ fn expected_agent_api_rules() -> BTreeSet<(String, String, String, String)> {
         row("nodegate.io", "nodeagentconfigs", "watch"),
         row("nodegate.io", "nodeagentconfigs/status", "patch"),
         row("", "nodes", "get"),
+        row("", "nodes", "list"),
+        row("", "nodes", "watch"),
         row("authentication.k8s.io", "tokenreviews", "create"),
         row("authorization.k8s.io", "subjectaccessreviews", "create"),
     ]

@@ -109,6 +109,28 @@ async fn each_invalid_sample_is_refused_with_its_rules_message() -> TestResult {
     Ok(())
 }
 
+/// `spec` (`/spec/`, removed from kubelets in 1.21 and no longer served by nodegate) is not an
+/// endpoint a policy can name.
+#[tokio::test]
+async fn the_removed_spec_endpoint_cannot_be_granted() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else {
+        return Ok(());
+    };
+    let file = std::env::temp_dir().join(format!("{}.yaml", unique_name("nodegate-spec")));
+    std::fs::write(
+        &file,
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeApiPolicy\nmetadata:\n  name: spec\n\
+         spec:\n  subjects: [{kind: Group, name: g}]\n  access: [healthz, spec]\n  \
+         namespaces: {all: true}\n",
+    )?;
+    let out = dry_run_apply(&cluster, &file);
+    std::fs::remove_file(&file).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a policy granting spec was admitted");
+    assert!(stderr.contains("Unsupported value: \"spec\""), "{stderr}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn printer_columns_and_status_subresource() -> TestResult {
     let Some(cluster) = cluster_with_crds().await? else {

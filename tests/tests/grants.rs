@@ -1,6 +1,7 @@
 //! nodegate's grants on the real API server: `render`'s RBAC for the sample policies, applied
-//! to kube-apiserver, answers every SubjectAccessReview exactly as the NodeAgentConfigs do
-//! (issue 6's invariant, checked by the real RBAC authorizer rather than a model of it), and
+//! to kube-apiserver, answers every SubjectAccessReview exactly as the agent decides with the
+//! NodeAgentConfigs (issue 6's invariant, checked by the real RBAC authorizer against the
+//! agent's own decision function, `nodegate_crds::decision`, rather than models of either), and
 //! `kubectl auth can-i` tells the truth per namespace and says no to core `nodes/*`.
 //!
 //! Run with `cargo xtask test`, or after `eval "$(cargo xtask cluster env)"` with
@@ -15,8 +16,9 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use nodegate_crds::catalogue::AGENT_API_GROUP;
+use nodegate_crds::decision::{Requester, rbac_answer};
 use nodegate_crds::selector::LabelSelector;
-use nodegate_crds::{Endpoint, NodeApiPolicy, Port, Subject, SubjectKind, Verb};
+use nodegate_crds::{Endpoint, NodeApiPolicy, Subject, SubjectKind, Verb};
 use nodegate_operator::compiler::{self, NamespaceInfo, NodeInfo};
 use nodegate_operator::render;
 use nodegate_tests::cluster::{NODE_NAME, unique_name};
@@ -278,11 +280,17 @@ async fn rbac_on_nodegates_resource_answers_like_the_agent_configs() -> TestResu
             for endpoint in Endpoint::all() {
                 for verb in [Verb::Get, Verb::Create] {
                     for namespace in &scopes {
-                        let want = config.spec.grants(
-                            subject,
+                        // The agent's own decision function, as RBAC must answer it.
+                        let (user, groups) = review_identity(subject);
+                        let who = Requester {
+                            name: &user,
+                            groups: &groups,
+                        };
+                        let want = rbac_answer(
+                            &config.spec.rules,
+                            who,
                             endpoint,
                             verb,
-                            Port::Secure,
                             namespace.as_deref(),
                         );
                         cases.push((

@@ -75,14 +75,12 @@ fn holds_every_grant_a_policy_can_compile_to() {
                 "config/rbac misses {verb:?} {resource}: the operator could not create a ClusterRole granting {}",
                 endpoint.name()
             );
-            if endpoint.direct_access_allowed() {
-                let core = format!("nodes/{}", endpoint.rbac_subresource().as_str());
-                assert!(
-                    holds(&rules, "", &core, verb.as_str()),
-                    "config/rbac misses {verb:?} {core} (directKubeletAccess of {})",
-                    endpoint.name()
-                );
-            }
+            let core = format!("nodes/{}", endpoint.rbac_subresource().as_str());
+            assert!(
+                holds(&rules, "", &core, verb.as_str()),
+                "config/rbac misses {verb:?} {core} (directKubeletAccess of {})",
+                endpoint.name()
+            );
         }
     }
     // get nodes/proxy, which a direct grant of exec/attach/portForward implies on a kubelet.
@@ -213,10 +211,7 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
 
     let policies: Api<NodeApiPolicy> = Api::all(admin.clone());
     let every: Vec<&str> = Endpoint::all().map(|e| e.name()).collect();
-    let direct: Vec<&str> = Endpoint::all()
-        .filter(|e| e.direct_access_allowed())
-        .map(|e| e.name())
-        .collect();
+    let direct: Vec<&str> = Endpoint::all().map(|e| e.name()).collect();
     let specs = [
         (
             unique_name("every"),

@@ -1,4 +1,5 @@
 use super::*;
+use nodegate_crds::decision::{Requester, rbac_answer};
 use nodegate_crds::policy::{MetricsTransform, NamespaceScope, NodeApiPolicySpec};
 use nodegate_crds::selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
 use proptest::prelude::*;
@@ -516,18 +517,6 @@ fn direct_kubelet_access_writes_core_rules_only_with_all() {
         s(&["get", "create"]),
         None
     )));
-    // spec is served by the agent: never a core grant.
-    let mut sp = spec(&[Endpoint::Spec, Endpoint::Pods], all());
-    sp.direct_kubelet_access = Some(true);
-    let d = compile(&[policy("p", sp)], &[], &[]);
-    assert!(
-        d.cluster_roles[0]
-            .rules
-            .as_ref()
-            .unwrap()
-            .iter()
-            .all(|r| r.api_groups == Some(s(&["nodegate.io"])))
-    );
 }
 
 #[test]
@@ -1032,19 +1021,52 @@ proptest! {
     }
 }
 
-/// A small RBAC evaluator over the compiled objects: would a SubjectAccessReview for this
-/// subject, on nodegate's resource for `endpoint`, node `node`, in `namespace` (`None`: cluster
-/// scope), with `verb`, be allowed? ClusterRoleBindings answer in every namespace, RoleBindings
-/// only in their own — exactly the RBAC authorizer's rule.
+/// The identity a SubjectAccessReview for an RBAC subject asks about (as the `grants` test of
+/// `nodegate-tests` sends it to a real API server): a user of that name, a member of that
+/// group, or that service account, always with `system:authenticated`.
+fn identity(subject: &Subject) -> (String, Vec<String>) {
+    let mut groups = vec!["system:authenticated".to_string()];
+    let user = match subject.kind {
+        SubjectKind::User => subject.name.clone(),
+        SubjectKind::Group => {
+            groups.push(subject.name.clone());
+            "nodegate-grid-user".to_string()
+        }
+        SubjectKind::ServiceAccount => {
+            let ns = subject.namespace.clone().unwrap_or_default();
+            groups.push("system:serviceaccounts".into());
+            groups.push(format!("system:serviceaccounts:{ns}"));
+            format!("system:serviceaccount:{ns}:{}", subject.name)
+        }
+    };
+    (user, groups)
+}
+
+/// Whether an RBAC binding subject names the user, as the RBAC authorizer matches them.
+fn rbac_subject_matches(s: &RbacSubject, user: &str, groups: &[String]) -> bool {
+    match s.kind.as_str() {
+        "User" => s.name == user,
+        "Group" => groups.contains(&s.name),
+        "ServiceAccount" => s
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| user == format!("system:serviceaccount:{ns}:{}", s.name)),
+        _ => false,
+    }
+}
+
+/// A small RBAC evaluator over the compiled objects: would a SubjectAccessReview for this user
+/// and groups, on nodegate's resource for `endpoint`, node `node`, in `namespace` (`None`:
+/// cluster scope), with `verb`, be allowed? ClusterRoleBindings answer in every namespace,
+/// RoleBindings only in their own — exactly the RBAC authorizer's rule.
 fn rbac_allows(
     d: &Desired,
-    subject: &Subject,
+    (user, groups): (&str, &[String]),
     endpoint: Endpoint,
     verb: Verb,
     node: &str,
     namespace: Option<&str>,
 ) -> bool {
-    let subject = rbac_subject(subject);
     let role_allows = |role_name: &str| {
         d.cluster_roles
             .iter()
@@ -1066,12 +1088,19 @@ fn rbac_allows(
             })
     };
     let cluster = d.cluster_role_bindings.iter().any(|b| {
-        b.subjects.iter().flatten().any(|s| *s == subject) && role_allows(&b.role_ref.name)
+        b.subjects
+            .iter()
+            .flatten()
+            .any(|s| rbac_subject_matches(s, user, groups))
+            && role_allows(&b.role_ref.name)
     });
     let namespaced = namespace.is_some_and(|ns| {
         d.role_bindings.iter().any(|b| {
             b.metadata.namespace.as_deref() == Some(ns)
-                && b.subjects.iter().flatten().any(|s| *s == subject)
+                && b.subjects
+                    .iter()
+                    .flatten()
+                    .any(|s| rbac_subject_matches(s, user, groups))
                 && role_allows(&b.role_ref.name)
         })
     });
@@ -1082,8 +1111,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// The invariant of the compiler: for every subject, endpoint, verb, node and existing
-    /// namespace (and cluster scope), RBAC on nodegate's resource answers exactly as the node's
-    /// NodeAgentConfig does. So `kubectl auth can-i` and RBAC audit tools tell the truth.
+    /// namespace (and cluster scope), RBAC on nodegate's resource answers exactly as the agent
+    /// decides with the node's NodeAgentConfig — the agent's own decision function
+    /// (`nodegate_crds::decision::authorize`, through `rbac_answer`), not a model of it. So
+    /// `kubectl auth can-i` and RBAC audit tools tell the truth.
     #[test]
     fn rbac_and_agent_configs_agree((policies, nodes, namespaces) in arb_world()) {
         let d = compile(&policies, &nodes, &namespaces);
@@ -1095,11 +1126,13 @@ proptest! {
         for config in &d.node_agent_configs {
             let node = config.metadata.name.as_deref().unwrap();
             for subject in &subjects {
+                let (user, groups) = identity(subject);
+                let who = Requester { name: &user, groups: &groups };
                 for endpoint in Endpoint::all() {
                     for verb in verbs {
                         for namespace in &scopes {
-                            let rbac = rbac_allows(&d, subject, endpoint, verb, node, *namespace);
-                            let agent = config.spec.grants(subject, endpoint, verb, Port::Secure, *namespace);
+                            let rbac = rbac_allows(&d, (&user, &groups), endpoint, verb, node, *namespace);
+                            let agent = rbac_answer(&config.spec.rules, who, endpoint, verb, *namespace);
                             prop_assert_eq!(rbac, agent, "{:?} {} {} on {} in {:?}", subject, verb, endpoint, node, namespace);
                         }
                     }

@@ -114,7 +114,6 @@ fn kubelet_methods(endpoint: Endpoint) -> Option<&'static [Method]> {
         }
         Endpoint::Run | Endpoint::Checkpoint => Some(POST),
         Endpoint::DebugFlags => Some(PUT),
-        Endpoint::Spec => Some(&[]),
     }
 }
 
@@ -247,7 +246,7 @@ async fn dispatch(
         return (r, None);
     }
     let route = match match_route(&path) {
-        Some(r) if r.endpoint != Endpoint::Spec && path != "/metrics/resource/v1alpha1" => r,
+        Some(r) if path != "/metrics/resource/v1alpha1" => r,
         _ => return (not_found(), None),
     };
 
@@ -394,7 +393,6 @@ async fn serve_endpoint(
                 Err(_) => respond(400, PLAIN, format!("invalid log level {level:?}")),
             }
         }
-        Endpoint::Spec => not_found(),
     }
 }
 
