@@ -16,7 +16,9 @@
 //!   JSON-object header and payload and be within its `exp`/`nbf` give or take
 //!   [`CLOCK_SKEW`]);
 //! - each connection has at most one review in flight or waiting ([`ConnectionBudget`]), so
-//!   an HTTP/2 connection with hundreds of streams holds no more than an HTTP/1.1 one;
+//!   an HTTP/2 connection with hundreds of streams holds no more than an HTTP/1.1 one, and
+//!   the connections from one peer address at most `max_reviews_per_peer`, so a caller who
+//!   opens many connections still holds only a few places in the queue;
 //! - reviews take one of `max_concurrent_reviews` slots (handed out first come, first
 //!   served) and start at most `review_rate` a second after a burst of `review_burst`, so
 //!   the TokenReviews one agent sends in any `T` seconds are at most
@@ -251,16 +253,25 @@ fn unix_now() -> i64 {
 }
 
 /// One connection's share of review capacity: at most one token review in flight or
-/// waiting for a slot. Made once per connection by the listener and passed with each of its
-/// requests, so a connection multiplexing many streams (HTTP/2) cannot queue more reviews
-/// than a connection that sends one request at a time; its other streams wait (at most
-/// `review_wait`) for its own review, not for everyone's.
+/// waiting for a slot, and a place among its peer address's `max_reviews_per_peer`. Made
+/// once per connection by the listener ([`Authenticator::connection`]) and passed with each
+/// of its requests, so a connection multiplexing many streams (HTTP/2) cannot queue more
+/// reviews than a connection that sends one request at a time, and many connections from one
+/// address cannot queue more than a few; their other requests wait (at most `review_wait`)
+/// behind their own reviews, not in front of everyone else's.
 #[derive(Clone, Debug)]
-pub struct ConnectionBudget(Arc<Semaphore>);
+pub struct ConnectionBudget {
+    connection: Arc<Semaphore>,
+    peer: Option<Arc<Semaphore>>,
+}
 
 impl ConnectionBudget {
+    /// A connection with no peer address known (one review at a time, no address budget).
     pub fn new() -> Self {
-        ConnectionBudget(Arc::new(Semaphore::new(1)))
+        ConnectionBudget {
+            connection: Arc::new(Semaphore::new(1)),
+            peer: None,
+        }
     }
 }
 
@@ -383,6 +394,8 @@ pub struct AuthnSettings {
     /// Reviews in flight at once; further misses wait for a slot (first come, first served)
     /// up to `review_wait`.
     pub max_concurrent_reviews: usize,
+    /// Reviews in flight or waiting for the connections from one peer address.
+    pub max_reviews_per_peer: usize,
     /// Reviews started per second, after a burst of `review_burst` (0: no rate limit).
     pub review_rate: u32,
     pub review_burst: u32,
@@ -403,6 +416,7 @@ impl Default for AuthnSettings {
             success_capacity: 10_000,
             failure_capacity: 1_000,
             max_concurrent_reviews: 16,
+            max_reviews_per_peer: 4,
             review_rate: 200,
             review_burst: 32,
             review_wait: Duration::from_secs(2),
@@ -439,6 +453,15 @@ struct Inner {
     /// The review rate's theoretical arrival time ([`gcra`]); a std mutex held for a few
     /// instructions, never across an await.
     pacer: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The review budget of each peer address with a connection open (entries die with the
+    /// last connection and are swept when the map has doubled).
+    peers: std::sync::Mutex<PeerBudgets>,
+}
+
+#[derive(Default)]
+struct PeerBudgets {
+    budgets: std::collections::HashMap<std::net::IpAddr, std::sync::Weak<Semaphore>>,
+    sweep_at: usize,
 }
 
 /// Authenticates requests; cheap to clone (one cache shared by all clones).
@@ -474,6 +497,7 @@ impl Authenticator {
                 refused,
                 reviews,
                 pacer: std::sync::Mutex::new(None),
+                peers: std::sync::Mutex::new(PeerBudgets::default()),
             }),
         }
     }
@@ -493,6 +517,31 @@ impl Authenticator {
             self.inner.authenticated.entry_count(),
             self.inner.refused.entry_count(),
         )
+    }
+
+    /// The review budget of a new connection from `peer` (its address's budget shared with
+    /// the other connections from there).
+    pub fn connection(&self, peer: std::net::IpAddr) -> ConnectionBudget {
+        let peer = peer.to_canonical();
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = match peers.budgets.get(&peer).and_then(std::sync::Weak::upgrade) {
+            Some(shared) => shared,
+            None => {
+                if peers.budgets.len() >= peers.sweep_at {
+                    peers.budgets.retain(|_, b| b.strong_count() > 0);
+                    peers.sweep_at = (peers.budgets.len() * 2).max(64);
+                }
+                let shared = Arc::new(Semaphore::new(
+                    self.inner.settings.max_reviews_per_peer.max(1),
+                ));
+                peers.budgets.insert(peer, Arc::downgrade(&shared));
+                shared
+            }
+        };
+        ConnectionBudget {
+            connection: Arc::new(Semaphore::new(1)),
+            peer: Some(shared),
+        }
     }
 
     /// Authenticates a request on the secure port as if it came alone on its connection (see
@@ -557,7 +606,7 @@ impl Authenticator {
             return Err(AuthnError::Invalid);
         }
         let deadline = tokio::time::Instant::now() + self.inner.settings.review_wait;
-        let _turn = match tokio::time::timeout_at(deadline, connection.0.acquire()).await {
+        let _turn = match tokio::time::timeout_at(deadline, connection.connection.acquire()).await {
             Ok(Ok(permit)) => permit,
             _ => {
                 tracing::debug!(
@@ -568,6 +617,19 @@ impl Authenticator {
                     "this connection's review is still running",
                 ));
             }
+        };
+        let _peer_turn = match &connection.peer {
+            None => None,
+            Some(peer) => match tokio::time::timeout_at(deadline, peer.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => {
+                    tracing::debug!(
+                        token_sha256 = %hash_prefix(&key),
+                        "this address's token reviews did not finish within the wait"
+                    );
+                    return Err(AuthnError::Busy("this address's reviews are all taken"));
+                }
+            },
         };
         let inner = self.inner.clone();
         let review = async move { inner.review(token, &hash_prefix(&key), deadline).await };
@@ -1443,6 +1505,54 @@ mod tests {
         }))
         .await;
         assert_eq!(reviewer.max_in_flight.load(Ordering::SeqCst), 8);
+    }
+
+    #[tokio::test]
+    async fn connections_from_one_address_share_its_review_budget() {
+        let reviewer = Arc::new(FakeReviewer {
+            delay: Duration::from_millis(100),
+            ..FakeReviewer::default()
+        });
+        let a = authenticator(
+            reviewer.clone(),
+            AuthnSettings {
+                max_reviews_per_peer: 2,
+                review_rate: 0,
+                ..Default::default()
+            },
+        );
+        let attacker: std::net::IpAddr = "10.0.0.66".parse().unwrap();
+        let run = |ip: std::net::IpAddr, n: usize, prefix: &'static str| {
+            let a = a.clone();
+            futures::future::join_all((0..n).map(move |i| {
+                let (a, budget) = (a.clone(), a.connection(ip));
+                async move {
+                    a.authenticate_token_on(&budget, &format!("{prefix}-{i}"))
+                        .await
+                }
+            }))
+        };
+        // Eight connections from one address: two reviews at a time.
+        let results = run(attacker, 8, "a").await;
+        assert!(results.iter().all(|r| *r == Err(AuthnError::Invalid)));
+        assert_eq!(reviewer.max_in_flight.load(Ordering::SeqCst), 2);
+        // The same address as IPv4-mapped IPv6 is the same peer.
+        reviewer.max_in_flight.store(0, Ordering::SeqCst);
+        let mapped: std::net::IpAddr = "::ffff:10.0.0.66".parse().unwrap();
+        let (x, y) = tokio::join!(run(attacker, 4, "b"), run(mapped, 4, "c"));
+        assert_eq!(x.len() + y.len(), 8);
+        assert_eq!(reviewer.max_in_flight.load(Ordering::SeqCst), 2);
+        // Another address is not held up by them.
+        reviewer.max_in_flight.store(0, Ordering::SeqCst);
+        let other: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        let (x, y) = tokio::join!(run(attacker, 4, "d"), run(other, 4, "e"));
+        assert_eq!(x.len() + y.len(), 8);
+        assert_eq!(reviewer.max_in_flight.load(Ordering::SeqCst), 4);
+        // Budgets of closed connections are swept.
+        for i in 0..200u8 {
+            drop(a.connection(std::net::IpAddr::from([10, 1, 0, i])));
+        }
+        assert!(a.inner.peers.lock().unwrap().budgets.len() <= 130);
     }
 
     #[tokio::test]

@@ -241,8 +241,9 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-            // This connection's share of token-review capacity (one review at a time).
-            let budget = ConnectionBudget::new();
+            // This connection's share of token-review capacity (one review at a time, within
+            // its address's budget).
+            let budget = state.parts.authenticator.connection(peer.ip());
             let service = service_fn(move |req| {
                 let state = state.clone();
                 let certs = certs.clone();
