@@ -775,3 +775,156 @@ async fn random_jwt_flood_does_not_starve_new_service_account_tokens() -> TestRe
 async fn random_opaque_token_flood_does_not_starve_new_service_account_tokens() -> TestResult {
     flood("opaque", || format!("{}.{}", random_b64(6), random_b64(24))).await
 }
+
+/// A reviewer that takes 200 ms per token, knows one, and records how many reviews ran at
+/// once.
+struct Slow {
+    good: String,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+impl TokenReviewer for Slow {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        _: &'a [String],
+    ) -> BoxFuture<'a, Result<ReviewOutcome, String>> {
+        Box::pin(async move {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Ok(if token == self.good {
+                ReviewOutcome::Authenticated {
+                    name: "bob".into(),
+                    uid: None,
+                    groups: vec![],
+                    extra: BTreeMap::new(),
+                    audiences: vec![],
+                }
+            } else {
+                ReviewOutcome::Refused
+            })
+        })
+    }
+}
+
+/// An HTTP/2 connection multiplexing 32 streams, each with a new token, holds one review at a
+/// time (not 16, the agent's slots); its streams that cannot get a review within 2 s are 401
+/// `review_busy`, none is anonymous; meanwhile another connection's new token is reviewed at
+/// once.
+#[tokio::test]
+async fn an_http2_connection_holds_one_review_at_a_time() {
+    use nodegate_agent::authn::{Authenticator, AuthnSettings};
+    use nodegate_agent::tls::{ReloadingTls, TlsSettings};
+    let reviewer = Arc::new(Slow {
+        good: "good-token-for-bob".into(),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: AtomicUsize::new(0),
+    });
+    let tls = ReloadingTls::new(TlsSettings {
+        node_name: NODE.into(),
+        node_ips: vec!["127.0.0.1".parse().unwrap()],
+        alpn_protocols: TlsSettings::default_alpn(),
+        ..Default::default()
+    })
+    .unwrap();
+    let serving = tls.serving_certificate();
+    let sim = sim().await;
+    let config = nodegate_agent::config::ConfigStore::new();
+    config.publish(spec_of(rules()));
+    let running = nodegate_agent::server::start(
+        nodegate_agent::server::Settings::loopback(NODE),
+        nodegate_agent::server::Components {
+            tls,
+            authenticator: Authenticator::new(reviewer.clone(), AuthnSettings::default()),
+            config,
+            upstream: nodegate_agent::upstream::Upstream::new(&upstream_of(&sim)).unwrap(),
+            access_reviewer: None,
+            metrics: nodegate_agent::metrics::Metrics::new(),
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(serving).unwrap();
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(running.secure_addr)
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(rustls_pki_types::ServerName::try_from(NODE).unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let streams: Vec<_> = (0..32)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get(format!("https://{NODE}/pods"))
+                    .header("authorization", format!("Bearer junk-{i}-{}", random_u64()))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, body)
+            })
+        })
+        .collect();
+    // While they wait: another connection's new token goes through.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let other = request(
+        running.secure_addr,
+        true,
+        &Cred::Token("good-token-for-bob".into()),
+        "GET",
+        "/pods",
+        &[],
+    )
+    .await
+    .unwrap();
+    let other_took = t.elapsed();
+    assert_eq!(
+        other.status, 403,
+        "bob is authenticated (and has no policy)"
+    );
+    for s in streams {
+        let (status, body) = s.await.unwrap();
+        assert_eq!((status, body.as_ref()), (401, &b"Unauthorized"[..]));
+    }
+    // At most one review for the HTTP/2 connection, plus the other connection's.
+    let most = reviewer.max_in_flight.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} reviews at once");
+    let counted = authentications(running.healthz_addr.unwrap()).await;
+    let refused = counted.get("token/refused/invalid").copied().unwrap_or(0);
+    let busy = counted
+        .get("token/refused/review_busy")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(refused + busy, 32, "{counted:?}");
+    assert!(
+        busy > 0,
+        "a 200 ms review at a time cannot serve 32 streams in 2 s"
+    );
+    eprintln!(
+        "HTTP/2: {refused} reviewed and refused, {busy} review_busy; other connection {other_took:?}"
+    );
+}
