@@ -20,7 +20,10 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     /// Generation of the configuration being enforced.
     pub config_generation: IntGauge,
-    /// Authentication results by method and outcome.
+    /// Authentication results by method (`anonymous`, `x509`, `token`), result (`ok`,
+    /// `refused`) and cause (`ok`, or why: see `AuthnError::cause` and
+    /// `tls::client_certificate_refusal`; the handshake's refusals are counted there, as no
+    /// request follows them).
     pub authentications: IntCounterVec,
 }
 
@@ -72,9 +75,9 @@ impl Metrics {
         let authentications = IntCounterVec::new(
             Opts::new(
                 "nodegate_agent_authentications_total",
-                "Authentication results.",
+                "Authentication results, by credential, result and cause.",
             ),
-            &["method", "result"],
+            &["method", "result", "cause"],
         )
         .expect("valid metric");
         for c in [&requests, &upstream_errors, &bytes, &authentications] {

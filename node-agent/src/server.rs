@@ -4,7 +4,7 @@
 //! [`start`] runs an agent in-process (the binary and the tests use it alike).
 
 use crate::audit::{AuditRecord, AuditedBody};
-use crate::authn::{AuthMethod, Authenticator, UserInfo};
+use crate::authn::{AuthMethod, Authenticator, ConnectionBudget, UserInfo};
 use crate::authz::{self, Decision, FilterScope, Requester};
 use crate::config::ConfigStore;
 use crate::json_filter;
@@ -218,6 +218,17 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    // A refused client certificate is a refused credential: counted here, as
+                    // no request ever comes.
+                    if let Some(cause) = crate::tls::client_certificate_refusal(&e) {
+                        state
+                            .parts
+                            .metrics
+                            .authentications
+                            .with_label_values(&["x509", "refused", cause])
+                            .inc();
+                        tracing::info!(%peer, cause, error = %e, "client certificate refused");
+                    }
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
@@ -231,10 +242,16 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+            // This connection's share of token-review capacity (one review at a time, within
+            // its address's budget).
+            let budget = state.parts.authenticator.connection(peer.ip());
             let service = service_fn(move |req| {
                 let state = state.clone();
                 let certs = certs.clone();
-                async move { Ok::<_, Infallible>(handle(state, Port::Secure, certs, req).await) }
+                let budget = budget.clone();
+                async move {
+                    Ok::<_, Infallible>(handle(state, Port::Secure, certs, Some(budget), req).await)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
@@ -278,7 +295,7 @@ async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) 
                 let state = state.clone();
                 async move {
                     Ok::<_, Infallible>(match which {
-                        Listener::ReadOnly => handle(state, Port::ReadOnly, None, req).await,
+                        Listener::ReadOnly => handle(state, Port::ReadOnly, None, None, req).await,
                         Listener::Healthz => health(state, req).await,
                     })
                 }
@@ -400,6 +417,7 @@ async fn handle(
     state: Arc<State>,
     port: Port,
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    budget: Option<ConnectionBudget>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -413,7 +431,7 @@ async fn handle(
         decision: "deny",
         ..Default::default()
     };
-    let resp = pipeline(&state, port, certs, req, &mut record).await;
+    let resp = pipeline(&state, port, certs, budget, req, &mut record).await;
     record.status = resp.status().as_u16();
     let metrics = state.parts.metrics.clone();
     let (parts, body) = resp.into_parts();
@@ -427,6 +445,7 @@ async fn pipeline(
     state: &State,
     port: Port,
     certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    budget: Option<ConnectionBudget>,
     req: Request<Incoming>,
     record: &mut AuditRecord,
 ) -> Response<ProxyBody> {
@@ -437,7 +456,11 @@ async fn pipeline(
             match state
                 .parts
                 .authenticator
-                .authenticate(certs.as_deref().map(Vec::as_slice), req.headers())
+                .authenticate_on(
+                    &budget.unwrap_or_default(),
+                    certs.as_deref().map(Vec::as_slice),
+                    req.headers(),
+                )
                 .await
             {
                 Ok(user) => {
@@ -445,7 +468,7 @@ async fn pipeline(
                         .parts
                         .metrics
                         .authentications
-                        .with_label_values(&[method_name(user.method), "ok"])
+                        .with_label_values(&[method_name(user.method), "ok", "ok"])
                         .inc();
                     user
                 }
@@ -454,7 +477,7 @@ async fn pipeline(
                         .parts
                         .metrics
                         .authentications
-                        .with_label_values(&["any", "refused"])
+                        .with_label_values(&[e.method(), "refused", e.cause()])
                         .inc();
                     record.reason = e.to_string();
                     record.decision = "unauthenticated";

@@ -10,12 +10,23 @@
 //! without one the agent has no x509 authentication at all. A presented certificate that does
 //! not verify fails the handshake, so it can never reach the authenticator and become an
 //! anonymous request.
+//!
+//! X.509 **v1** client certificates are refused at the handshake, even when the client CA
+//! signed them: webpki (rustls' verifier) accepts only v3, while the kubelet (Go's
+//! `crypto/x509`) accepts v1 too. The agent keeps the refusal rather than verify chains with
+//! code of its own; the verifier names the reason in the log and
+//! [`client_certificate_refusal`] gives it as `x509_v1` for the metrics. Reissue such a
+//! certificate as v3 (every Kubernetes signer, cert-manager and `openssl req -x509`/`x509
+//! -req` with extensions do).
 
 use arc_swap::ArcSwap;
 use rustls::RootCertStore;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::UnixTime;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::IpAddr;
@@ -262,17 +273,128 @@ fn client_verifier(
     provider: &Arc<CryptoProvider>,
     ca_pem: &[u8],
     path: Option<&Path>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in parse_chain(ca_pem, path)? {
         roots
             .add(ca)
             .map_err(|e| TlsError::ClientCa(e.to_string()))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| TlsError::ClientCa(e.to_string()))
+        .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+    Ok(Arc::new(ExplainingVerifier(webpki)))
+}
+
+/// Why the agent refused a client certificate that webpki could not even read as one it
+/// supports; carried in the handshake error so the listener can count it.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsupportedClientCertificate {
+    #[error(
+        "the client certificate is X.509 v1, which the agent's verifier (webpki) does not accept \
+         although the kubelet does: reissue it as v3"
+    )]
+    X509V1,
+}
+
+/// webpki's client verifier, unchanged in what it accepts; it only tells a refused v1
+/// certificate apart (by reading the leaf's version after webpki refused it), logs why and
+/// returns an error the listener can classify.
+#[derive(Debug)]
+struct ExplainingVerifier(Arc<dyn ClientCertVerifier>);
+
+impl ClientCertVerifier for ExplainingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|error| {
+                if is_x509_v1(end_entity) {
+                    let refusal = UnsupportedClientCertificate::X509V1;
+                    tracing::warn!(%refusal, "client certificate refused at the TLS handshake");
+                    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                        Arc::new(refusal),
+                    )))
+                } else {
+                    error
+                }
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
+    }
+}
+
+fn is_x509_v1(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, c)| c.version() == x509_parser::x509::X509Version::V1)
+}
+
+/// The `cause` of a handshake that failed on the client's certificate (`unknown_ca`,
+/// `expired`, `x509_v1`, `bad_certificate`), for `nodegate_agent_authentications_total`;
+/// `None` when the handshake failed for another reason (no credential was refused).
+pub fn client_certificate_refusal(error: &std::io::Error) -> Option<&'static str> {
+    let rustls::Error::InvalidCertificate(cert_error) =
+        error.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    Some(match cert_error {
+        CertificateError::UnknownIssuer => "unknown_ca",
+        CertificateError::Expired
+        | CertificateError::ExpiredContext { .. }
+        | CertificateError::NotValidYet
+        | CertificateError::NotValidYetContext { .. } => "expired",
+        CertificateError::Other(other)
+            if other
+                .0
+                .downcast_ref::<UnsupportedClientCertificate>()
+                .is_some() =>
+        {
+            "x509_v1"
+        }
+        _ => "bad_certificate",
+    })
 }
 
 fn build(

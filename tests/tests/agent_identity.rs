@@ -372,7 +372,9 @@ async fn junk_token_flood_does_not_evict_a_good_token() -> TestResult {
             success_capacity: 16,
             failure_capacity: 16,
             max_concurrent_reviews: 4,
-            // Slots are waited for within the timeout: leave room on a busy test machine.
+            // Every junk token must be reviewed here (the flood limits are tested in
+            // agent_authn_limits): leave room to wait on a busy test machine.
+            review_wait: Duration::from_secs(120),
             review_timeout: Duration::from_secs(120),
             ..Default::default()
         },
