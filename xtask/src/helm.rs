@@ -5,7 +5,7 @@
 //! `helm.sh/helm/v3` has no `replace` directives, so unlike Kubernetes it needs no wrapper
 //! module: `go install <pkg>@<version>` builds it with exactly the dependency versions of the
 //! release. The flags are the release Makefile's (static, trimmed paths, version stamped with
-//! `-X`), so `helm version` says the release and not `v3.22+unreleased`.
+//! `-X`), so `helm version` says the release and not `v3.21+unreleased`.
 
 use crate::cluster::build::human;
 use anyhow::{Context, Result, bail};
@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Newest stable Helm 3 the Go module proxy serves (`go list -m -versions helm.sh/helm/v3`).
-/// Bumping it only changes the cache dir: the next `ensure` builds the new version.
-pub const HELM_VERSION: &str = "v3.22.0";
+/// The newest approved Helm 3 release the Go module proxy serves (v3.22.0 is served but is not
+/// an approved release: shared/LOCAL-CLUSTER.md). Bumping it only changes the cache dir: the
+/// next `ensure` builds the new version.
+pub const HELM_VERSION: &str = "v3.21.4";
 
 const MODULE: &str = "helm.sh/helm/v3";
 
@@ -149,7 +150,7 @@ fn go_install(dir: &Path, bin: &Path, log_path: &Path, ldflags: &str) -> Result<
     crate::cluster::build::run_with_progress(&mut cmd, "go install", log_path)
 }
 
-/// The release Makefile's stamps: the version (else `helm version` says `v3.22+unreleased`) and
+/// The release Makefile's stamps: the version (else `helm version` says `v3.21+unreleased`) and
 /// the Kubernetes version `helm template`/`lint` assume without a cluster, taken like the
 /// Makefile from the client-go the release requires (v0.N.x is Kubernetes 1.N).
 fn ldflags(go_mod: &str) -> String {
