@@ -462,3 +462,58 @@ async fn a_kubelet_answer_without_its_list_is_refused() {
         }
     }
 }
+
+/// Request headers are capped at `--max-header-bytes` (64 KiB by default) on both protocols:
+/// a 48 KiB header is served, an 80 KiB one refused (HTTP/1.1: 431; HTTP/2: the stream or
+/// connection is refused). Before, HTTP/1.1 took ~400 KiB (hyper's buffer) and HTTP/2 16 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused() {
+    let agent = agent(slow_kubelet().await, 64).await;
+    let addr = agent.running.secure_addr;
+    for (size, want) in [(48 * 1024, "200"), (80 * 1024, "431")] {
+        let big = "a".repeat(size);
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    "-k",
+                    "--http1.1",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                ])
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {ROOT}"))
+                .arg("-H")
+                .arg(format!("X-Big: {big}"))
+                .arg(format!("https://127.0.0.1:{}/healthz", addr.port()))
+                .output()
+                .expect("curl must be installed")
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "HTTP/1.1, {size} bytes"
+        );
+
+        let (mut sender, _conn) = h2_connect(addr).await;
+        let req = http::Request::builder()
+            .uri("https://agent/healthz")
+            .header("authorization", format!("Bearer {ROOT}"))
+            .header("x-big", "a".repeat(size))
+            .body(Empty::new())
+            .unwrap();
+        let status = match sender.send_request(req).await {
+            Ok(resp) => resp.status().as_u16().to_string(),
+            Err(e) => format!("refused: {e}"),
+        };
+        if want == "200" {
+            assert_eq!(status, "200", "HTTP/2, {size} bytes");
+        } else {
+            assert_ne!(status, "200", "HTTP/2, {size} bytes");
+        }
+    }
+}

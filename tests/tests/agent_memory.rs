@@ -1,8 +1,13 @@
-//! The agent's memory does not grow with the payload: a separate `nodegate-agent` process
-//! streams a 200 MB `/metrics/cadvisor` reply (generated on the fly by an upstream in this
-//! test, never held whole) through its Prometheus filter to curl, and its peak RSS (VmHWM of
-//! /proc/<pid>/status) is compared before and after. A regression guard with a generous bound,
-//! run by hand (it takes a while in a debug build):
+//! The agent's memory, measured on a separate `nodegate-agent` process (its peak RSS, VmHWM of
+//! /proc/<pid>/status, before and after), so nothing of the test's own allocations counts:
+//!
+//! - eight concurrent ~30 MB `/pods` answers from kubelet-sim, filtered for a namespace-scoped
+//!   caller, keep the agent within its JSON memory budget plus a fixed slack (runs with the
+//!   other tests; needs the agent binary, which `cargo test --workspace` builds);
+//! - the memory does not grow with the payload: a 200 MB `/metrics/cadvisor` reply (generated
+//!   on the fly by an upstream in this test, never held whole) streams through the Prometheus
+//!   filter to curl. A regression guard with a generous bound, run by hand (it takes a while
+//!   in a debug build):
 //!
 //! ```sh
 //! cargo build --release -p nodegate-agent
