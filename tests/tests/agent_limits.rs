@@ -3,7 +3,7 @@
 //! on HTTP/2 (no preface, or a stream whose headers never end) hold a slot only until the idle
 //! timeout, past the connection limit new connections are refused, and afterwards a normal
 //! client is answered; a request in flight (a slow upstream body) is never cut by the idle
-//! timeout, on HTTP/1.1 or HTTP/2. And the JSON filter fails closed on a kubelet answer that
+//! timeout, on HTTP/1.1 or HTTP/2, nor is a quiet WebSocket attach. And the JSON filter fails closed on a kubelet answer that
 //! lacks its list (issue 15 §2).
 //!
 //! The agent runs in-process with short timeouts, in front of a plain-HTTP fake kubelet;
@@ -73,6 +73,13 @@ struct Agent {
 }
 
 async fn agent(upstream: SocketAddr, max_connections: usize) -> Agent {
+    agent_before(http_upstream(upstream), max_connections).await
+}
+
+async fn agent_before(
+    upstream: nodegate_agent::upstream::UpstreamSettings,
+    max_connections: usize,
+) -> Agent {
     let pki = Pki::new("limits");
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: None,
@@ -104,7 +111,7 @@ async fn agent(upstream: SocketAddr, max_connections: usize) -> Agent {
             tls,
             authenticator,
             config,
-            upstream: Upstream::new(&http_upstream(upstream)).unwrap(),
+            upstream: Upstream::new(&upstream).unwrap(),
             access_reviewer: None,
             metrics: Metrics::new(),
         },
@@ -516,4 +523,53 @@ async fn oversized_headers_are_refused() {
             assert_ne!(status, "200", "HTTP/2, {size} bytes");
         }
     }
+}
+
+/// An upgraded connection (WebSocket attach through kubelet-sim, which echoes stdin to
+/// stdout) is a stream of its own: quiet for twice the idle timeout, it still echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_websocket_attach_outlives_the_idle_timeout() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sim = sim().await;
+    let agent = agent_before(upstream_of(&sim), 64).await;
+    let addr = agent.running.secure_addr;
+    let mut req = format!("wss://agent/attach/{TEAM}/web-0/app?stdin=true&stdout=true")
+        .into_client_request()
+        .unwrap();
+    let headers = req.headers_mut();
+    headers.insert(
+        "sec-websocket-protocol",
+        "v4.channel.k8s.io".parse().unwrap(),
+    );
+    headers.insert("authorization", format!("Bearer {ROOT}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls_stream(addr, &Cred::None).await)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut echoed = Vec::new();
+    for word in ["first", "second"] {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(word.as_bytes());
+        ws.send(Message::Binary(frame.into())).await.unwrap();
+        loop {
+            let msg = tokio::time::timeout(PATIENCE, ws.next())
+                .await
+                .expect("no echo")
+                .expect("the stream ended")
+                .expect("the stream failed");
+            // Channel 1 (stdout); an empty frame only announces the channel.
+            if let Message::Binary(b) = msg
+                && b.first() == Some(&1)
+                && b.len() > 1
+            {
+                echoed.push(String::from_utf8_lossy(&b[1..]).into_owned());
+                break;
+            }
+        }
+        tokio::time::sleep(IDLE * 2).await;
+    }
+    assert_eq!(echoed, ["first", "second"]);
+    let _ = ws.close(None).await;
 }
