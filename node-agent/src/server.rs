@@ -177,7 +177,7 @@ pub async fn start(settings: Settings, parts: Components) -> Result<Running, Sta
     let metrics = parts.metrics.clone();
     let limit_metrics = LimitMetrics::new();
     if let Err(e) = limit_metrics.register(&metrics) {
-        tracing::warn!(error = %e, "connection metrics not registered");
+        tracing::warn!(error = %e, "limit metrics (connections, JSON budget) not registered");
     }
     let json_budget = MemoryBudget::new(
         settings.json_budget_bytes,
