@@ -139,10 +139,10 @@ struct ServeArgs {
     max_json_bytes: usize,
     /// Bytes all JSON filtering (pods, stats) may hold at once: each answer is charged about
     /// twice its size while it is filtered. A request that cannot get its share within 2 s, or
-    /// outgrows the budget, is answered 503 with Retry-After. The default is half the chart's
-    /// 512 MiB memory limit.
-    #[arg(long, env = "NODEGATE_JSON_MEMORY_BUDGET_BYTES", default_value_t = nodegate_agent::memory_budget::DEFAULT_JSON_BUDGET_BYTES)]
-    json_memory_budget_bytes: usize,
+    /// outgrows the budget, is answered 503 with Retry-After. Default: half the memory limit
+    /// of the agent's cgroup (256 MiB under the chart's 512 MiB), 256 MiB without a limit.
+    #[arg(long, env = "NODEGATE_JSON_MEMORY_BUDGET_BYTES")]
+    json_memory_budget_bytes: Option<usize>,
     /// Open connections per listener (secure, read-only, healthz); past it a new connection
     /// is closed on arrival, logged and counted (nodegate_agent_connections_refused_total).
     #[arg(long, env = "NODEGATE_MAX_CONNECTIONS", default_value_t = connection::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
@@ -392,6 +392,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(tls.clone().run_reload_loop(Duration::from_secs(60)));
 
+    let json_budget_bytes = args
+        .json_memory_budget_bytes
+        .unwrap_or_else(nodegate_agent::memory_budget::default_budget_bytes);
+    tracing::info!(
+        json_budget_bytes,
+        "JSON filtering memory budget (--json-memory-budget-bytes)"
+    );
     let port = |p: u16, ip: IpAddr| (p != 0).then(|| SocketAddr::new(ip, p));
     let settings = Settings {
         node_name,
@@ -400,7 +407,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         healthz_addr: port(args.healthz_port, args.healthz_bind_address),
         authorization_mode: args.authorization_mode,
         max_json_bytes: args.max_json_bytes,
-        json_budget_bytes: args.json_memory_budget_bytes,
+        json_budget_bytes,
         connections: ConnectionSettings {
             max_connections: args.max_connections as usize,
             idle_timeout: Duration::from_secs(args.idle_timeout_seconds),

@@ -13,9 +13,33 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Default budget: half the chart's 512 MiB memory limit, enough for two documents of the
-/// largest size filtered (64 MiB, held twice) or many ordinary ones.
+/// Budget without a memory limit to derive it from: half the chart's 512 MiB limit, enough
+/// for two documents of the largest size filtered (64 MiB, held twice) or many ordinary ones.
 pub const DEFAULT_JSON_BUDGET_BYTES: usize = 256 * 1024 * 1024;
+
+/// The smallest budget derived from a memory limit.
+const MIN_DERIVED_BUDGET_BYTES: usize = 16 * 1024 * 1024;
+
+/// The default budget: half the memory limit of this process's cgroup (v2 `memory.max`, else
+/// v1 `memory.limit_in_bytes`), so a pod given less memory than the chart's default filters
+/// less at once; [`DEFAULT_JSON_BUDGET_BYTES`] without a limit.
+pub fn default_budget_bytes() -> usize {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let limit = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+    budget_for_limit(limit.as_deref())
+}
+
+/// Half of a cgroup memory limit as the file holds it; `max` (v2), v1's "unlimited" (a
+/// number near 2^63) or nothing readable give [`DEFAULT_JSON_BUDGET_BYTES`].
+pub fn budget_for_limit(limit: Option<&str>) -> usize {
+    match limit.map(str::trim).and_then(|l| l.parse::<u64>().ok()) {
+        Some(bytes) if bytes < 1 << 60 => usize::try_from(bytes / 2)
+            .unwrap_or(DEFAULT_JSON_BUDGET_BYTES)
+            .max(MIN_DERIVED_BUDGET_BYTES),
+        _ => DEFAULT_JSON_BUDGET_BYTES,
+    }
+}
 
 /// How long a request waits for its first reservation before it is refused.
 pub const DEFAULT_BUDGET_WAIT: Duration = Duration::from_secs(2);
@@ -240,6 +264,26 @@ impl http_body::Body for HeldBody {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn the_default_is_half_the_cgroup_memory_limit() {
+        const MIB: usize = 1024 * 1024;
+        assert_eq!(budget_for_limit(Some("536870912\n")), 256 * MIB);
+        assert_eq!(budget_for_limit(Some("268435456")), 128 * MIB);
+        assert_eq!(budget_for_limit(Some("1048576")), 16 * MIB);
+        for none in [
+            Some("max\n"),
+            Some("9223372036854771712\n"),
+            Some("junk"),
+            None,
+        ] {
+            assert_eq!(
+                budget_for_limit(none),
+                DEFAULT_JSON_BUDGET_BYTES,
+                "{none:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn reservations_come_back_when_dropped() {
