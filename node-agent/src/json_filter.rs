@@ -6,6 +6,8 @@
 //! filter expects, is an error, never passed through. The kubelet always writes its list: an
 //! empty pod list is `"items":null` (a nil Go slice) or `[]`, a node without pods has
 //! `"pods":[]` (or `null`) in its summary; a document without the key is not a kubelet answer.
+//! (The local cluster's kubelet with no pods answers `/pods` and `/runningpods/` with
+//! `"items":null` and `/stats/summary` with `"pods":[]`.)
 //!
 //! The list is filtered while it is parsed, one item at a time: only the kept items are written
 //! out (to a [`ListSink`], which may refuse to grow: the agent's memory budget), and the
