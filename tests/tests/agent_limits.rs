@@ -36,12 +36,19 @@ const IDLE: Duration = Duration::from_millis(1500);
 /// Long enough that a connection seen closed before it was closed by the idle timeout.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-/// A fake kubelet: `/containerLogs/...` streams 8 chunks 400 ms apart (3.2 s, longer than
-/// the idle timeout), everything else answers `ok` at once.
+/// A fake kubelet: `/containerLogs/...` streams 8 lines (or `tailLines`) 400 ms apart (3.2 s,
+/// longer than the idle timeout), everything else answers `ok` at once.
 async fn slow_kubelet() -> SocketAddr {
     fake_kubelet(|req: http::Request<hyper::body::Incoming>| {
         let slow = req.uri().path().starts_with("/containerLogs/");
-        let chunks = if slow { 8 } else { 1 };
+        // `tailLines=N` asks for N lines instead of 8.
+        let lines = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tailLines=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(8);
+        let chunks = if slow { lines } else { 1 };
         let body = futures::stream::unfold(0u32, move |i| async move {
             if i >= chunks {
                 return None;
@@ -80,6 +87,21 @@ async fn agent_before(
     upstream: nodegate_agent::upstream::UpstreamSettings,
     max_connections: usize,
 ) -> Agent {
+    agent_with(
+        upstream,
+        ConnectionSettings {
+            max_connections,
+            idle_timeout: IDLE,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn agent_with(
+    upstream: nodegate_agent::upstream::UpstreamSettings,
+    connections: ConnectionSettings,
+) -> Agent {
     let pki = Pki::new("limits");
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: None,
@@ -100,11 +122,7 @@ async fn agent_before(
     let config = ConfigStore::new();
     config.publish(spec_of(rules()));
     let mut settings = Settings::loopback(NODE);
-    settings.connections = ConnectionSettings {
-        max_connections,
-        idle_timeout: IDLE,
-        ..Default::default()
-    };
+    settings.connections = connections;
     let running = server::start(
         settings,
         Components {
@@ -572,4 +590,75 @@ async fn a_quiet_websocket_attach_outlives_the_idle_timeout() {
     }
     assert_eq!(echoed, ["first", "second"]);
     let _ = ws.close(None).await;
+}
+
+/// HTTP/2 keep-alive: a client that stops answering PINGs is closed after the keep-alive
+/// interval and timeout (1 s each here), even with a request in flight (a 12 s followed log),
+/// which the idle timeout (60 s here) would never cut. The client is written by hand: hyper's
+/// answers PINGs by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_answering_pings_is_closed() {
+    let agent = agent_with(
+        http_upstream(slow_kubelet().await),
+        ConnectionSettings {
+            idle_timeout: Duration::from_secs(60),
+            keep_alive_interval: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(agent.running.secure_addr)
+        .await
+        .unwrap();
+    let mut tls = client_tls_alpn(&Cred::None, &[b"h2"])
+        .connect(
+            rustls_pki_types::ServerName::try_from("agent").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // HPACK by hand: :method GET, :scheme https (indexed); :path, :authority and
+    // authorization as literals with their static name indexes (4, 1, 23).
+    let literal = |index: u8, value: &str| {
+        let mut b = vec![0x40 | index, u8::try_from(value.len()).unwrap()];
+        b.extend_from_slice(value.as_bytes());
+        b
+    };
+    let mut block = vec![0x82, 0x87];
+    block.extend(literal(
+        4,
+        "/containerLogs/team-a/web-0/app?follow=true&tailLines=30",
+    ));
+    block.extend(literal(1, "agent"));
+    block.extend(literal(23, &format!("Bearer {ROOT}")));
+    let len = u32::try_from(block.len()).unwrap().to_be_bytes();
+    // HEADERS, END_STREAM | END_HEADERS, stream 1.
+    let mut headers = vec![len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1];
+    headers.extend(block);
+    tls.write_all(PREFACE).await.unwrap();
+    tls.write_all(SETTINGS).await.unwrap();
+    tls.write_all(&headers).await.unwrap();
+    tls.flush().await.unwrap();
+    // Read (never answering a PING) until the agent closes the connection.
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the agent kept a connection whose PINGs go unanswered"),
+        }
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&received);
+    // The log had begun (the request was in flight) and was cut long before its 12 s.
+    assert!(text.contains("line 0"), "no log line before the close");
+    assert!(
+        !text.contains("line 29"),
+        "the whole log arrived: no keep-alive close"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
