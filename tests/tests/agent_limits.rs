@@ -662,3 +662,54 @@ async fn an_http2_client_that_stops_answering_pings_is_closed() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// The HTTP/2 limits are announced in the agent's SETTINGS (read from a raw connection):
+/// MAX_CONCURRENT_STREAMS (0x3) is `--http2-max-concurrent-streams` (100) and
+/// MAX_HEADER_LIST_SIZE (0x6) is `--max-header-bytes` (65536); hyper's defaults were 200 and
+/// 16384.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_announce_the_stream_and_header_limits() {
+    let agent = agent_with(
+        http_upstream(slow_kubelet().await),
+        ConnectionSettings::default(),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(agent.running.secure_addr)
+        .await
+        .unwrap();
+    let mut tls = client_tls_alpn(&Cred::None, &[b"h2"])
+        .connect(
+            rustls_pki_types::ServerName::try_from("agent").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(PREFACE).await.unwrap();
+    tls.write_all(SETTINGS).await.unwrap();
+    tls.flush().await.unwrap();
+    // The server's first frame is its SETTINGS.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(PATIENCE, tls.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (head[3], head[4]),
+        (0x4, 0),
+        "not a SETTINGS frame: {head:?}"
+    );
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).await.unwrap();
+    let settings: std::collections::BTreeMap<u16, u32> = payload
+        .chunks_exact(6)
+        .map(|p| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+            )
+        })
+        .collect();
+    assert_eq!(settings.get(&0x3), Some(&100), "{settings:?}");
+    assert_eq!(settings.get(&0x6), Some(&65536), "{settings:?}");
+}
