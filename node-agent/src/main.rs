@@ -9,6 +9,7 @@ use nodegate_agent::authn::{
 use nodegate_agent::config::{
     self, ApiSourceSettings, ConfigSource, ConfigSourceFlag, ConfigStore, NodeIdentity,
 };
+use nodegate_agent::connection::{self, ConnectionSettings};
 use nodegate_agent::explain::{Question, explain};
 use nodegate_agent::kubelet_access::KubeletAccess;
 use nodegate_agent::metrics::Metrics;
@@ -150,6 +151,36 @@ struct ServeArgs {
     /// Largest kubelet JSON document (pods, stats) the agent filters.
     #[arg(long, env = "NODEGATE_MAX_JSON_BYTES", default_value_t = nodegate_agent::json_filter::DEFAULT_MAX_JSON_BYTES)]
     max_json_bytes: usize,
+    /// Bytes all JSON filtering (pods, stats) may hold at once: each answer is charged about
+    /// twice its size while it is filtered. A request that cannot get its share within 2 s, or
+    /// outgrows the budget, is answered 503 with Retry-After. Default: half the memory limit
+    /// of the agent's cgroup (256 MiB under the chart's 512 MiB), 256 MiB without a limit.
+    #[arg(long, env = "NODEGATE_JSON_MEMORY_BUDGET_BYTES")]
+    json_memory_budget_bytes: Option<usize>,
+    /// Open connections per listener (secure, read-only, healthz); past it a new connection
+    /// is closed on arrival, logged and counted (nodegate_agent_connections_refused_total).
+    #[arg(long, env = "NODEGATE_MAX_CONNECTIONS", default_value_t = connection::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Seconds a connection (HTTP/1.1 or HTTP/2) may stay open with no request in flight. A
+    /// request is in flight until its response ends, so followed logs and exec are not cut.
+    #[arg(long, env = "NODEGATE_IDLE_TIMEOUT_SECONDS", default_value_t = connection::DEFAULT_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_seconds: u64,
+    /// Seconds an HTTP/1.1 client has to send a request's headers.
+    #[arg(long, env = "NODEGATE_HEADER_READ_TIMEOUT_SECONDS", default_value_t = connection::DEFAULT_HEADER_READ_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_seconds: u64,
+    /// Seconds between HTTP/2 keep-alive PINGs.
+    #[arg(long, env = "NODEGATE_HTTP2_KEEPALIVE_INTERVAL_SECONDS", default_value_t = connection::DEFAULT_KEEP_ALIVE_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    http2_keepalive_interval_seconds: u64,
+    /// Seconds an HTTP/2 PING may go unanswered before the connection is closed.
+    #[arg(long, env = "NODEGATE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = connection::DEFAULT_KEEP_ALIVE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    http2_keepalive_timeout_seconds: u64,
+    /// Streams an HTTP/2 client may have open at once on one connection.
+    #[arg(long, env = "NODEGATE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = connection::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    http2_max_concurrent_streams: u32,
+    /// Largest request header section in bytes (HTTP/2 header list; HTTP/1.1 read buffer, at
+    /// least 8192).
+    #[arg(long, env = "NODEGATE_MAX_HEADER_BYTES", default_value_t = connection::DEFAULT_MAX_HEADER_BYTES, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_header_bytes: u32,
     /// Worker threads of the async runtime. Default: the CPUs this process may use (its
     /// cgroup's CPU limit included, so the chart's 1-CPU limit gives one thread). Fewer threads
     /// wake each other less, so on a node whose cores the kubelet shares one thread costs less
@@ -429,6 +460,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     tokio::spawn(tls.clone().run_reload_loop(Duration::from_secs(60)));
 
+    let json_budget_bytes = args
+        .json_memory_budget_bytes
+        .unwrap_or_else(nodegate_agent::memory_budget::default_budget_bytes);
+    tracing::info!(
+        json_budget_bytes,
+        "JSON filtering memory budget (--json-memory-budget-bytes)"
+    );
     let port = |p: u16, ip: IpAddr| (p != 0).then(|| SocketAddr::new(ip, p));
     let settings = Settings {
         node_name,
@@ -438,6 +476,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         authorization_mode: args.authorization_mode,
         max_json_bytes: args.max_json_bytes,
         kubelet_access: args.kubelet_access.clone(),
+        json_budget_bytes,
+        connections: ConnectionSettings {
+            max_connections: args.max_connections as usize,
+            idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+            keep_alive_interval: Duration::from_secs(args.http2_keepalive_interval_seconds),
+            keep_alive_timeout: Duration::from_secs(args.http2_keepalive_timeout_seconds),
+            max_concurrent_streams: args.http2_max_concurrent_streams,
+            max_header_bytes: args.max_header_bytes,
+        },
     };
     let running = server::start(
         settings,

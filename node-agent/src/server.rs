@@ -7,8 +7,12 @@ use crate::audit::{AuditRecord, AuditedBody};
 use crate::authn::{AuthMethod, Authenticator, ConnectionBudget, UserInfo};
 use crate::authz::{self, Decision, FilterScope, Requester};
 use crate::config::ConfigStore;
+use crate::connection::{
+    Activity, Admitted, ConnectionLimit, ConnectionSettings, Ended, LimitMetrics,
+};
 use crate::json_filter;
 use crate::kubelet_access::{self, KubeletAccess};
+use crate::memory_budget::{self, BudgetedBuf, MemoryBudget};
 use crate::metrics::Metrics;
 use crate::tls::ReloadingTls;
 use crate::upgrade;
@@ -19,11 +23,10 @@ use crate::webhook::{AccessQuestion, AccessReviewer};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use nodegate_crds::attributes::{RequestAttributes, request_attributes};
 use nodegate_crds::catalogue::{Scope, kubelet_path};
 use nodegate_crds::{Endpoint, Port};
@@ -65,6 +68,10 @@ pub struct Settings {
     /// What the agent's kubelet credential is granted: requests it cannot make are refused
     /// here rather than sent to the kubelet.
     pub kubelet_access: KubeletAccess,
+    /// Bytes all JSON filtering may hold at once (see [`crate::memory_budget`]).
+    pub json_budget_bytes: usize,
+    /// Connection caps and timeouts of every listener.
+    pub connections: ConnectionSettings,
 }
 
 impl Settings {
@@ -79,6 +86,8 @@ impl Settings {
             authorization_mode: AuthorizationMode::Policy,
             max_json_bytes: json_filter::DEFAULT_MAX_JSON_BYTES,
             kubelet_access: KubeletAccess::all(),
+            json_budget_bytes: memory_budget::DEFAULT_JSON_BUDGET_BYTES,
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -135,6 +144,8 @@ impl Drop for Running {
 struct State {
     settings: Settings,
     parts: Components,
+    json_budget: MemoryBudget,
+    limit_metrics: LimitMetrics,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -165,7 +176,20 @@ pub async fn start(settings: Settings, parts: Components) -> Result<Running, Sta
     let read_only_addr = read_only.as_ref().map(|l| local(l, secure_addr));
     let healthz_addr = healthz.as_ref().map(|l| local(l, secure_addr));
     let metrics = parts.metrics.clone();
-    let state = Arc::new(State { settings, parts });
+    let limit_metrics = LimitMetrics::new();
+    if let Err(e) = limit_metrics.register(&metrics) {
+        tracing::warn!(error = %e, "limit metrics (connections, JSON budget) not registered");
+    }
+    let json_budget = MemoryBudget::new(
+        settings.json_budget_bytes,
+        memory_budget::DEFAULT_BUDGET_WAIT,
+    );
+    let state = Arc::new(State {
+        settings,
+        parts,
+        json_budget,
+        limit_metrics,
+    });
     let mut tasks = vec![tokio::spawn(serve_secure(secure, state.clone()))];
     if let Some(l) = read_only {
         tasks.push(tokio::spawn(serve_plain(
@@ -192,11 +216,16 @@ pub async fn start(settings: Settings, parts: Components) -> Result<Running, Sta
 }
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client must send a request's headers within this time (slow clients hold no connection
-/// open for free).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn serve_secure(listener: TcpListener, state: Arc<State>) {
+/// Accepts the next connection a listener may take: past `max_connections` a connection is
+/// closed on arrival (counted, and logged at most once a second), so a flood of idle or slow
+/// connections holds a bounded number of slots and memory, each for at most the idle timeout.
+async fn accept(
+    listener: &TcpListener,
+    limit: &ConnectionLimit,
+    name: &'static str,
+    last_refusal_log: &mut Option<Instant>,
+) -> (tokio::net::TcpStream, SocketAddr, Admitted) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(pair) => pair,
@@ -206,13 +235,61 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
+        let Some(admitted) = limit.admit() else {
+            if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *last_refusal_log = Some(Instant::now());
+                tracing::warn!(listener = name, %peer, "connection limit reached: connection closed");
+            }
+            drop(tcp);
+            continue;
+        };
         // Responses are written in several TLS records: without this, Nagle's algorithm and
         // delayed ACKs add ~40 ms to each.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
         }
+        return (tcp, peer, admitted);
+    }
+}
+
+fn log_end<E: std::fmt::Display>(
+    peer: SocketAddr,
+    listener: &'static str,
+    state: &State,
+    ended: Ended<Result<(), E>>,
+) {
+    match ended {
+        Ended::Done(Ok(())) => {}
+        Ended::Done(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        Ended::Idle(_) | Ended::Dropped => {
+            state
+                .limit_metrics
+                .idle_closed
+                .with_label_values(&[listener])
+                .inc();
+            tracing::debug!(%peer, listener, "idle connection closed");
+        }
+    }
+}
+
+async fn serve_secure(listener: TcpListener, state: Arc<State>) {
+    let limits = state.settings.connections;
+    let limit = ConnectionLimit::new(
+        limits.max_connections,
+        "secure",
+        state.limit_metrics.clone(),
+    );
+    let builder = Arc::new(limits.builder());
+    let mut last_refusal_log = None;
+    loop {
+        let (tcp, peer, admitted) =
+            accept(&listener, &limit, "secure", &mut last_refusal_log).await;
         let state = state.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let acceptor = state.parts.tls.acceptor();
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
@@ -245,25 +322,29 @@ async fn serve_secure(listener: TcpListener, state: Arc<State>) {
             // This connection's share of token-review capacity (one review at a time, within
             // its address's budget).
             let budget = state.parts.authenticator.connection(peer.ip());
-            let service = service_fn(move |req| {
+            let activity = Activity::default();
+            let service = service_fn({
                 let state = state.clone();
-                let certs = certs.clone();
-                let budget = budget.clone();
-                async move {
-                    Ok::<_, Infallible>(handle(state, Port::Secure, certs, Some(budget), req).await)
+                let activity = activity.clone();
+                move |req| {
+                    let state = state.clone();
+                    let certs = certs.clone();
+                    let budget = budget.clone();
+                    let activity = activity.clone();
+                    let in_flight = activity.begin();
+                    async move {
+                        let resp = handle(state, Port::Secure, certs, Some(budget), req).await;
+                        let (parts, body) = resp.into_parts();
+                        Ok::<_, Infallible>(Response::from_parts(
+                            parts,
+                            activity.track(body, in_flight),
+                        ))
+                    }
                 }
             });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let ended = crate::serve_with_idle_timeout!(conn, &activity, limits.idle_timeout);
+            log_end(peer, "secure", &state, ended);
         });
     }
 }
@@ -274,40 +355,55 @@ enum Listener {
     Healthz,
 }
 
-async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Responses are written in several TLS records: without this, Nagle's algorithm and
-        // delayed ACKs add ~40 ms to each.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::ReadOnly => "read-only",
+            Listener::Healthz => "healthz",
         }
+    }
+}
+
+async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) {
+    let limits = state.settings.connections;
+    let limit = ConnectionLimit::new(
+        limits.max_connections,
+        which.name(),
+        state.limit_metrics.clone(),
+    );
+    let builder = Arc::new(limits.builder().http1_only());
+    let mut last_refusal_log = None;
+    loop {
+        let (tcp, peer, admitted) =
+            accept(&listener, &limit, which.name(), &mut last_refusal_log).await;
         let state = state.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let _admitted = admitted;
+            let activity = Activity::default();
+            let service = service_fn({
                 let state = state.clone();
-                async move {
-                    Ok::<_, Infallible>(match which {
-                        Listener::ReadOnly => handle(state, Port::ReadOnly, None, None, req).await,
-                        Listener::Healthz => health(state, req).await,
-                    })
+                let activity = activity.clone();
+                move |req| {
+                    let state = state.clone();
+                    let activity = activity.clone();
+                    let in_flight = activity.begin();
+                    async move {
+                        let resp = match which {
+                            Listener::ReadOnly => handle(state, Port::ReadOnly, None, None, req).await,
+                            Listener::Healthz => health(state, req).await,
+                        };
+                        let (parts, body) = resp.into_parts();
+                        Ok::<_, Infallible>(Response::from_parts(
+                            parts,
+                            activity.track(body, in_flight),
+                        ))
+                    }
                 }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let ended = crate::serve_with_idle_timeout!(conn, &activity, limits.idle_timeout);
+            log_end(peer, which.name(), &state, ended);
         });
     }
 }
@@ -693,20 +789,30 @@ fn bad_gateway(state: &State, kind: &str, e: &UpstreamError) -> Response<ProxyBo
     )
 }
 
+/// A first reservation for an answer of unknown length (the kubelet streams large lists
+/// chunked); the buffers take more from the budget as they grow.
+const JSON_FIRST_RESERVATION: usize = 1024 * 1024;
+
+/// `/pods`, `/runningpods/`, `/stats/summary` scoped to the caller's namespaces.
+///
+/// The answer is read whole (up to `max_json_bytes`), then filtered item by item: the
+/// document is never held as a `Value`. The bytes held (the answer, then the kept items) are
+/// charged to the agent's JSON memory budget; a request that cannot get its share answers 503
+/// with `Retry-After` (see [`crate::memory_budget`]).
 async fn filter_json(
     state: &State,
     endpoint: Endpoint,
     mut parts: http::response::Parts,
-    body: Incoming,
+    mut body: Incoming,
     filter: &FilterScope,
 ) -> Response<ProxyBody> {
     let max = state.settings.max_json_bytes;
-    let declared_too_large = parts
+    let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > max);
+        .and_then(|v| v.parse::<usize>().ok());
+    let declared_too_large = declared.is_some_and(|n| n > max);
     if declared_too_large || parts.headers.contains_key(header::CONTENT_ENCODING) {
         let kind = if declared_too_large {
             "too_large"
@@ -724,36 +830,87 @@ async fn filter_json(
             "the kubelet's answer cannot be filtered\n",
         );
     }
-    let bytes = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            let kind = if e.is::<http_body_util::LengthLimitError>() {
-                "too_large"
-            } else {
-                "body"
-            };
+    // A known length: the answer and at most as much again of kept items, reserved at once.
+    let first = declared.map_or(JSON_FIRST_RESERVATION, |n| n.saturating_mul(2));
+    let Ok(reservation) = state.json_budget.reserve(first).await else {
+        return over_budget(state, endpoint);
+    };
+    let mut input = BudgetedBuf::new(reservation);
+    if let Some(n) = declared
+        && input.reserve(n).is_err()
+    {
+        return over_budget(state, endpoint);
+    }
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                state
+                    .parts
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&["body"])
+                    .inc();
+                tracing::warn!(error = %e, %endpoint, "reading the kubelet's answer failed");
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    "the kubelet's answer could not be read or is too large to filter\n",
+                );
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if input.len() + data.len() > max {
             state
                 .parts
                 .metrics
                 .upstream_errors
-                .with_label_values(&[kind])
+                .with_label_values(&["too_large"])
                 .inc();
             return text(
                 StatusCode::BAD_GATEWAY,
                 "the kubelet's answer could not be read or is too large to filter\n",
             );
         }
-    };
-    match json_filter::filter(endpoint, &bytes, filter) {
-        Ok(out) => {
+        if input.extend(&data).is_err() {
+            return over_budget(state, endpoint);
+        }
+    }
+    drop(body);
+    let (input, reservation) = input.into_parts();
+    let input_capacity = input.capacity();
+    let scope = filter.clone();
+    // Parsing tens of megabytes is CPU work: off the async workers, so other connections
+    // (health probes included) keep being served.
+    let filtered = tokio::task::spawn_blocking(move || {
+        let mut kept = BudgetedBuf::new(reservation);
+        let result = json_filter::filter_into(endpoint, &input, &scope, &mut kept);
+        drop(input);
+        let (kept, mut reservation) = kept.into_parts();
+        reservation.release(input_capacity);
+        result.map(|parts| (parts, kept, reservation))
+    })
+    .await;
+    match filtered {
+        Ok(Ok((filtered, kept, reservation))) => {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            Response::from_parts(parts, full(out))
+            // The kept items go out as they are (no copy into one buffer); their bytes stay
+            // charged to the budget until the body is sent or dropped.
+            let body = memory_budget::HeldBody::new(
+                [filtered.head, kept, filtered.tail].map(Bytes::from),
+                reservation,
+            )
+            .map_err(|never| match never {})
+            .boxed_unsync();
+            Response::from_parts(parts, body)
         }
-        Err(e) => {
+        Ok(Err(json_filter::FilterError::Budget)) => over_budget(state, endpoint),
+        Ok(Err(e)) => {
             state
                 .parts
                 .metrics
@@ -766,7 +923,27 @@ async fn filter_json(
                 "the kubelet's answer could not be filtered\n",
             )
         }
+        Err(e) => {
+            tracing::warn!(error = %e, %endpoint, "JSON filter task failed");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the kubelet's answer could not be filtered\n",
+            )
+        }
     }
+}
+
+/// 503 with `Retry-After`: the JSON memory budget cannot take this answer now.
+fn over_budget(state: &State, endpoint: Endpoint) -> Response<ProxyBody> {
+    state.limit_metrics.json_budget_refusals.inc();
+    tracing::warn!(%endpoint, budget = state.json_budget.total(), "JSON memory budget spent: 503");
+    let mut resp = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the agent is filtering as much as its memory budget allows; retry shortly\n",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// Prometheus text scoped to the caller's namespaces, filtered on the stream (never held

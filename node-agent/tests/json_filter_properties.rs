@@ -11,8 +11,9 @@
 //! (namespaces in and out of scope, empty, missing or not strings; items and `metadata` that are
 //! not objects; node-level sections; `null`, missing or malformed lists). Properties, for every
 //! input, endpoint and scope: no panic; the result is an error exactly when the document does not
-//! parse or lacks the list; otherwise the output parses, is canonical JSON (no duplicate keys),
-//! keeps every other top-level field unchanged, drops the node-level sections unless the scope
+//! parse, is not an object, or lacks its list (missing, or neither an array nor `null`: `{}` is
+//! refused, never relayed with only `node` removed); otherwise the output parses, is canonical
+//! JSON (no duplicate keys), keeps every other top-level field unchanged, drops the node-level sections unless the scope
 //! has `all`, and its list is exactly the input items that are in scope, unchanged and in order:
 //! no item of a namespace outside the scope survives, and an item without a (string, non-empty)
 //! namespace survives only for `all`.
@@ -113,7 +114,8 @@ fn check_one(shape: &Shape, grants: Grants, scope: &FilterScope, body: &[u8]) {
         return;
     };
     let input_list = input.get(shape.list);
-    if !matches!(input_list, None | Some(Value::Null | Value::Array(_))) {
+    // A document without its list is no kubelet answer (fail closed, whatever the scope).
+    if !matches!(input_list, Some(Value::Null | Value::Array(_))) {
         assert_eq!(result, Err(FilterError::Shape(shape.list)), "{}", ctx());
         return;
     }
@@ -353,6 +355,10 @@ fn regressions() {
         br#"{"pods":[{"podRef":{"namespace":"c"}},{"podRef":"a","namespace":"a"}],"node":{}}"#,
         br#"{"items":[{"metadata":{"namespace":"a"}},1,null,{"metadata":{"namespace":["a"]}}]}"#,
         b"{\"items\":[{\"metadata\":{\"namespace\":\"a\\u0000\"}}]}",
+        // No list at all: refused (they passed with only `node` removed before).
+        b"{}",
+        br#"{"kind":"PodList","apiVersion":"v1","metadata":{}}"#,
+        br#"{"node":{"nodeName":"n"},"systemContainers":[]}"#,
     ] {
         check_body(body);
     }

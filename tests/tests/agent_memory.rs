@@ -1,8 +1,13 @@
-//! The agent's memory does not grow with the payload: a separate `nodegate-agent` process
-//! streams a 200 MB `/metrics/cadvisor` reply (generated on the fly by an upstream in this
-//! test, never held whole) through its Prometheus filter to curl, and its peak RSS (VmHWM of
-//! /proc/<pid>/status) is compared before and after. A regression guard with a generous bound,
-//! run by hand (it takes a while in a debug build):
+//! The agent's memory, measured on a separate `nodegate-agent` process (its peak RSS, VmHWM of
+//! /proc/<pid>/status, before and after), so nothing of the test's own allocations counts:
+//!
+//! - eight concurrent ~30 MB `/pods` answers from kubelet-sim, filtered for a namespace-scoped
+//!   caller, keep the agent within its JSON memory budget plus a fixed slack (runs with the
+//!   other tests; needs the agent binary, which `cargo test --workspace` builds);
+//! - the memory does not grow with the payload: a 200 MB `/metrics/cadvisor` reply (generated
+//!   on the fly by an upstream in this test, never held whole) streams through the Prometheus
+//!   filter to curl. A regression guard with a generous bound, run by hand (it takes a while
+//!   in a debug build):
 //!
 //! ```sh
 //! cargo build --release -p nodegate-agent
@@ -289,5 +294,179 @@ async fn agent_peak_rss_stays_flat_while_streaming_200_mb_of_metrics() {
         growth < 64 * MIB,
         "peak RSS grew by {:.1} MiB while streaming {total} bytes",
         growth as f64 / MIB as f64
+    );
+}
+
+/// Budget given to the agent in the JSON test: room for about two of its 30 MB answers at
+/// once (each is charged its size, then its kept items, about a third).
+const JSON_BUDGET: u64 = 96 * MIB;
+/// Above the budget, what the agent may hold besides: the runtime, 8 connections' buffers,
+/// the one item `Value` each filter holds and the allocator's slack.
+const JSON_SLACK: u64 = 64 * MIB;
+const JSON_NAMESPACES: [&str; 3] = ["ns-a", "ns-b", "ns-c"];
+
+/// Eight concurrent `/pods` answers of ~30 MB each from kubelet-sim (streamed chunked, as
+/// the kubelet sends large lists), filtered for an anonymous caller who may read `ns-a`:
+/// the agent process's peak RSS grows by less than its JSON memory budget plus a fixed slack,
+/// and every answer is either exactly the sim's pod list reduced to `ns-a` (200) or 503 with
+/// `Retry-After`, and at least one is a 200. Before the budget and the item-by-item filter,
+/// the agent held each answer 5-7 times over, eight at once: about 1.4 GB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_pod_lists_stay_within_the_json_memory_budget() {
+    use nodegate_tests::sim::{Sim, SimOptions};
+    let binary = agent_binary();
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p nodegate-agent` (or set NODEGATE_AGENT_BIN)",
+        binary.display()
+    );
+    let options = |pods| SimOptions {
+        node_name: NODE.into(),
+        pods,
+        namespaces: JSON_NAMESPACES.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let probe = Sim::start(options(90)).await.unwrap();
+    let per_pod = probe.payloads().pods.body.len() / 90;
+    drop(probe);
+    let sim = Sim::start(options(30_000_000 / per_pod)).await.unwrap();
+    let body = sim.payloads().pods.body.clone();
+    println!("/pods from kubelet-sim: {:.1} MB", body.len() as f64 / 1e6);
+    assert!(body.len() > 28_000_000, "{}", body.len());
+    let mut expected: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    expected["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|pod| pod["metadata"]["namespace"] == "ns-a");
+    let kept = expected["items"].as_array().unwrap().len();
+    assert!(kept > 100, "{kept}");
+
+    let dir = std::env::temp_dir().join(format!(
+        "nodegate-json-memory-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rules = vec![rule(
+        "anonymous-pods",
+        vec![group("system:unauthenticated")],
+        &[Endpoint::Pods],
+        namespaces(&["ns-a"]),
+        &[Port::ReadOnly],
+    )];
+    let config_file = dir.join("config.yaml");
+    std::fs::write(
+        &config_file,
+        serde_yaml::to_string(&NodeAgentConfig::new(NODE, spec_of(rules))).unwrap(),
+    )
+    .unwrap();
+    let (secure, read_only, healthz) = (free_port(), free_port(), free_port());
+    let child = Command::new(&binary)
+        .args([
+            "--node-name",
+            NODE,
+            "--bind-address",
+            "127.0.0.1",
+            "--healthz-bind-address",
+            "127.0.0.1",
+        ])
+        .arg(format!("--config-source=file:{}", config_file.display()))
+        .arg(format!("--upstream={}", sim.url()))
+        .arg(format!("--secure-port={secure}"))
+        .arg(format!("--read-only-port={read_only}"))
+        .arg(format!("--healthz-port={healthz}"))
+        .arg(format!("--json-memory-budget-bytes={JSON_BUDGET}"))
+        .env("KUBECONFIG", "/nonexistent")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent = AgentProcess {
+        child,
+        dir: dir.clone(),
+    };
+    let pid = agent.child.id();
+    let healthz_addr = SocketAddr::from(([127, 0, 0, 1], healthz));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = request(healthz_addr, false, &Cred::None, "GET", "/readyz", &[]).await
+            && r.status == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent not ready in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, idle_hwm) = memory(pid);
+
+    // Eight curls at once, each saving its headers and body.
+    let curls: Vec<_> = (0..8)
+        .map(|i| {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let headers = dir.join(format!("headers-{i}"));
+                let body = dir.join(format!("body-{i}"));
+                let out = Command::new("curl")
+                    .args(["-sS", "-w", "%{http_code}", "-D"])
+                    .arg(&headers)
+                    .arg("-o")
+                    .arg(&body)
+                    .arg(format!("http://127.0.0.1:{read_only}/pods"))
+                    .output()
+                    .expect("curl must be installed");
+                assert!(
+                    out.status.success(),
+                    "curl: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let code: u16 = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+                (
+                    code,
+                    std::fs::read_to_string(headers).unwrap(),
+                    std::fs::read(body).unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for c in curls {
+        answers.push(c.await.unwrap());
+    }
+    let (rss, hwm) = memory(pid);
+    let growth = hwm.saturating_sub(idle_hwm) * 1024;
+    let ok = answers.iter().filter(|(code, _, _)| *code == 200).count();
+    println!(
+        "8 concurrent /pods: {ok} answered 200, {} 503; agent VmHWM {:.1} MiB (+{:.1} MiB over \
+         idle), VmRSS now {:.1} MiB; budget {} MiB",
+        answers.len() - ok,
+        mib(hwm),
+        growth as f64 / MIB as f64,
+        mib(rss),
+        JSON_BUDGET / MIB
+    );
+    for (code, headers, body) in &answers {
+        match code {
+            200 => {
+                let got: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert!(got == expected, "a 200 answer is not the filtered pod list");
+            }
+            503 => assert!(
+                headers.to_ascii_lowercase().contains("\nretry-after: "),
+                "503 without Retry-After: {headers}"
+            ),
+            other => panic!(
+                "unexpected status {other}: {}",
+                String::from_utf8_lossy(body)
+            ),
+        }
+    }
+    assert!(ok >= 1, "no answer got through");
+    assert!(
+        growth < JSON_BUDGET + JSON_SLACK,
+        "peak RSS grew by {:.1} MiB, over the {} MiB budget plus {} MiB",
+        growth as f64 / MIB as f64,
+        JSON_BUDGET / MIB,
+        JSON_SLACK / MIB
     );
 }

@@ -370,6 +370,11 @@ pub enum Cred {
 }
 
 pub fn client_tls(cred: &Cred) -> tokio_rustls::TlsConnector {
+    client_tls_alpn(cred, &[b"http/1.1"])
+}
+
+/// A TLS connector offering the ALPN protocols `alpn` (e.g. `h2` for an HTTP/2 client).
+pub fn client_tls_alpn(cred: &Cred, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -382,7 +387,7 @@ pub fn client_tls(cred: &Cred) -> tokio_rustls::TlsConnector {
             .unwrap(),
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
