@@ -390,7 +390,9 @@ async fn serve_plain(listener: TcpListener, state: Arc<State>, which: Listener) 
                     let in_flight = activity.begin();
                     async move {
                         let resp = match which {
-                            Listener::ReadOnly => handle(state, Port::ReadOnly, None, None, req).await,
+                            Listener::ReadOnly => {
+                                handle(state, Port::ReadOnly, None, None, req).await
+                            }
                             Listener::Healthz => health(state, req).await,
                         };
                         let (parts, body) = resp.into_parts();
