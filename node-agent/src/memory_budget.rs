@@ -5,13 +5,16 @@
 //! bound, eight concurrent 30 MB answers outgrow the pod's memory limit. Each such request
 //! reserves bytes from one shared budget before it reads (its `Content-Length` twice over:
 //! the input and the kept items, or a first slab when the length is unknown) and takes more
-//! as its buffers grow. Only the first reservation waits (briefly, holding nothing, so no two
-//! requests ever wait on each other); a request that cannot grow gives up at once and
-//! releases what it held. Either way the caller gets 503 with `Retry-After`.
+//! as its buffers grow. The first reservation waits (briefly, holding nothing). A request that
+//! cannot grow may wait only if it is the budget's one *leader* (the first to find the budget
+//! spent); every other one gives up at once and releases what it held, so the leader gets
+//! room and a burst of large answers serves at least one of them instead of refusing all (no
+//! two growing requests ever wait on each other, so nothing deadlocks). The caller of a
+//! request that gives up gets 503 with `Retry-After`.
 
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 /// Budget without a memory limit to derive it from: half the chart's 512 MiB limit, enough
 /// for two documents of the largest size filtered (64 MiB, held twice) or many ordinary ones.
@@ -50,7 +53,16 @@ pub struct MemoryBudget {
     semaphore: Arc<Semaphore>,
     total: usize,
     wait: Duration,
+    /// Held by the one request that may wait to grow.
+    leader: Arc<Mutex<()>>,
 }
+
+/// The right to wait for room to grow; one request holds it at a time.
+#[derive(Debug)]
+pub struct Leadership(#[allow(dead_code)] OwnedMutexGuard<()>);
+
+/// How long the leader waits for room before it gives up too.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// The budget is spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +78,13 @@ impl MemoryBudget {
             semaphore: Arc::new(Semaphore::new(total)),
             total,
             wait,
+            leader: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// The leadership, when no other request holds it.
+    pub fn lead(&self) -> Option<Leadership> {
+        self.leader.clone().try_lock_owned().ok().map(Leadership)
     }
 
     pub fn total(&self) -> usize {
@@ -134,6 +152,36 @@ impl Reservation {
     }
 
     /// Gives back `bytes` that were charged, and every permit held beyond what is used.
+    /// Waits (the leader only: see the module doc) until this reservation holds at least
+    /// `bytes`, at most the whole budget, for up to `timeout`.
+    pub async fn hold_at_least(
+        &mut self,
+        bytes: usize,
+        _leader: &Leadership,
+        timeout: Duration,
+    ) -> Result<(), Exhausted> {
+        let held = self.held();
+        if bytes <= held {
+            return Ok(());
+        }
+        let total = held + self.semaphore.available_permits();
+        let more = permits(bytes - held)?;
+        let acquire = self.semaphore.clone().acquire_many_owned(more);
+        match tokio::time::timeout(timeout, acquire).await {
+            Ok(Ok(more)) => {
+                match &mut self.permit {
+                    Some(p) => p.merge(more),
+                    None => self.permit = Some(more),
+                }
+                Ok(())
+            }
+            _ => {
+                tracing::debug!(bytes, total, "JSON budget: the leader found no room");
+                Err(Exhausted)
+            }
+        }
+    }
+
     pub fn release(&mut self, bytes: usize) {
         self.used = self.used.saturating_sub(bytes);
         let spare = self.held().saturating_sub(self.used);
@@ -198,6 +246,14 @@ impl BudgetedBuf {
     }
 
     /// The bytes and the reservation, its capacity still charged.
+    pub fn reservation_mut(&mut self) -> &mut Reservation {
+        &mut self.reservation
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     pub fn into_parts(self) -> (Vec<u8>, Reservation) {
         (self.buf, self.reservation)
     }
@@ -313,6 +369,33 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Ok(10));
         // Never more than the whole budget, so a large ask does not wait for ever.
         assert_eq!(budget.reserve(5000).await.unwrap().held(), 1000);
+    }
+
+    #[tokio::test]
+    async fn one_leader_waits_for_room_the_others_give_up() {
+        let budget = MemoryBudget::new(1000, Duration::from_millis(10));
+        let mut a = budget.reserve(600).await.unwrap();
+        let mut b = budget.reserve(400).await.unwrap();
+        let leader = budget.lead().unwrap();
+        assert!(budget.lead().is_none(), "one leader at a time");
+        // a leads and waits for b's bytes; b, no leader, gives up and releases them.
+        let waiting = tokio::spawn(async move {
+            let r = a.hold_at_least(900, &leader, Duration::from_secs(5)).await;
+            (r, a.held())
+        });
+        assert_eq!(b.charge(500), Err(Exhausted));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(b);
+        assert_eq!(waiting.await.unwrap(), (Ok(()), 900));
+        assert!(budget.lead().is_some(), "leadership ends with its holder");
+        // A leader that cannot get room in time gives up too.
+        let mut c = budget.reserve(100).await.unwrap();
+        let _held = budget.reserve(900).await.unwrap();
+        let leader = budget.lead().unwrap();
+        let r = c
+            .hold_at_least(500, &leader, Duration::from_millis(20))
+            .await;
+        assert_eq!(r, Err(Exhausted));
     }
 
     #[tokio::test]

@@ -838,6 +838,7 @@ async fn filter_json(
         return over_budget(state, endpoint);
     };
     let mut input = BudgetedBuf::new(reservation);
+    let mut leader = None;
     if let Some(n) = declared
         && input.reserve(n).is_err()
     {
@@ -876,10 +877,26 @@ async fn filter_json(
             );
         }
         if input.extend(&data).is_err() {
-            return over_budget(state, endpoint);
+            // Spent: the leader waits for room (its input, some growth, and as much again
+            // for the kept items), every other request gives up and frees what it held.
+            let need = input.len() + data.len();
+            let want = need.saturating_mul(2) + need / 4 + JSON_FIRST_RESERVATION;
+            if !lead_and_hold(state, &mut leader, &mut input, want).await
+                || input.extend(&data).is_err()
+            {
+                return over_budget(state, endpoint);
+            }
         }
     }
     drop(body);
+    // The leader also holds room for the kept items (at most the input) before it filters, so
+    // it cannot fail there; the others take that room as they go, or give up.
+    if leader.is_some() {
+        let want = input.capacity() + input.len();
+        if !lead_and_hold(state, &mut leader, &mut input, want).await {
+            return over_budget(state, endpoint);
+        }
+    }
     let (input, reservation) = input.into_parts();
     let input_capacity = input.capacity();
     let scope = filter.clone();
@@ -936,6 +953,27 @@ async fn filter_json(
 }
 
 /// 503 with `Retry-After`: the JSON memory budget cannot take this answer now.
+/// Makes this request the JSON budget's leader (unless another request is) and waits until
+/// `input`'s reservation holds `bytes`; false when it cannot lead or no room came in time.
+async fn lead_and_hold(
+    state: &State,
+    leader: &mut Option<memory_budget::Leadership>,
+    input: &mut BudgetedBuf,
+    bytes: usize,
+) -> bool {
+    if leader.is_none() {
+        *leader = state.json_budget.lead();
+    }
+    let Some(lead) = leader.as_ref() else {
+        return false;
+    };
+    input
+        .reservation_mut()
+        .hold_at_least(bytes, lead, memory_budget::LEADER_WAIT)
+        .await
+        .is_ok()
+}
+
 fn over_budget(state: &State, endpoint: Endpoint) -> Response<ProxyBody> {
     state.limit_metrics.json_budget_refusals.inc();
     tracing::warn!(%endpoint, budget = state.json_budget.total(), "JSON memory budget spent: 503");

@@ -109,8 +109,10 @@ struct RunArgs {
     #[arg(long, env = "NODEGATE_BACKOFF_BASE_MS", default_value_t = 500)]
     backoff_base_ms: u64,
 
-    /// Longest retry delay, in seconds.
-    #[arg(long, env = "NODEGATE_BACKOFF_MAX_SECONDS", default_value_t = 300)]
+    /// Longest retry delay, in seconds. A stale binding the API server would not delete still
+    /// grants until a retry succeeds, so the cap is also how late a revocation can land once
+    /// the refusal is lifted.
+    #[arg(long, env = "NODEGATE_BACKOFF_MAX_SECONDS", default_value_t = 60)]
     backoff_max_seconds: u64,
 
     /// Publish Events (events.k8s.io) for applies, conflicts and errors.

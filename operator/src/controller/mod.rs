@@ -72,7 +72,7 @@ impl Default for Settings {
             resync: Duration::from_secs(600),
             concurrency: 16,
             backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(300),
+            backoff_max: Duration::from_secs(60),
             events: true,
             reporter: "nodegate-operator".into(),
             reporter_instance: None,
