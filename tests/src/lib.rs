@@ -5,5 +5,6 @@
 
 pub mod cluster;
 pub mod sim;
+pub mod skip;
 
 pub use cluster::{Cluster, Error, FakeNodes, TestNamespace};
