@@ -22,4 +22,5 @@ pub mod webhook;
 /// fixtures: a dependency on that crate would be a cycle.
 #[cfg(test)]
 #[path = "../../tests/src/skip.rs"]
+#[allow(dead_code)] // the cluster classes are for nodegate-tests
 mod test_skip;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 // The counted-skip protocol of `nodegate-tests` (std only; a dependency on that crate would be a
 // cycle through the agent).
 #[path = "../../tests/src/skip.rs"]
+#[allow(dead_code)] // the cluster classes are for nodegate-tests
 mod skip;
 
 fn fixtures_dir() -> PathBuf {
