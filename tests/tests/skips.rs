@@ -10,7 +10,7 @@
 
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::unique_name;
-use nodegate_tests::skip::{Class, log_line};
+use nodegate_tests::skip::{Class, Counts, Tally, log_line};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -132,6 +132,51 @@ fn asked_to_skip_a_cluster_test_passes_in_libtest_and_records_one_counted_skip()
         [this_binary().as_str(), "needs_the_cluster", "cluster"],
         "{log}"
     );
+}
+
+/// The whole path of a `--no-cluster` run: the test binary's real libtest output (behind the
+/// `Running` line cargo prints for it) and its skip log, counted by xtask's reader.
+#[test]
+fn asked_to_skip_the_cluster_tests_are_counted_skipped_and_the_others_passed() {
+    let scratch = Scratch::new();
+    let one = Path::new("1");
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "needs_the_cluster",
+        "needs_the_local_cluster",
+        "what_ci_provides_is_a_skip_outside_ci_only",
+    ]);
+    for key in DECIDING {
+        cmd.env_remove(key);
+    }
+    let out = cmd
+        .env("NODEGATE_SKIP_LOG", scratch.0.join("skips.log"))
+        .env("NODEGATE_SKIP_CLUSTER", one)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let mut tally = Tally::default();
+    tally.line(&format!(
+        "     Running tests/skips.rs (target/debug/deps/{})",
+        this_binary()
+    ));
+    for line in stdout.lines() {
+        tally.line(line);
+    }
+    let (counts, unmatched) = tally.counts(&scratch.log());
+    assert_eq!(
+        counts,
+        Counts {
+            passed: 1,
+            failed: 0,
+            skipped: 2
+        },
+        "{stdout}\n{}",
+        scratch.log()
+    );
+    assert!(unmatched.is_empty(), "{unmatched:?}");
 }
 
 #[test]

@@ -2,9 +2,14 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use std::collections::BTreeSet;
+use skip::{Counts, Tally};
 use std::process::Command;
 use std::time::Instant;
+
+/// The counted-skip protocol, reader and writer in one file (std only) shared with the tests.
+#[path = "../../tests/src/skip.rs"]
+#[allow(dead_code)] // the writing half is for the tests
+mod skip;
 
 #[derive(Parser)]
 pub struct Args {
@@ -75,94 +80,6 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let out = f().with_context(|| format!("step `{name}` failed"))?;
     println!("<== {name} ({:.1?})", started.elapsed());
     Ok(out)
-}
-
-/// What the closing line reports.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Counts {
-    /// Tests libtest reported `ok` that did not record a skip.
-    passed: u64,
-    failed: u64,
-    /// `#[ignore]`d tests plus tests that recorded a skip (see `nodegate_tests::skip`).
-    skipped: u64,
-}
-
-/// Reads `cargo test`'s output (stdout and stderr in one stream, so that each test's result line
-/// comes after cargo's `Running … (<binary>)` line), remembering which tests of which binary
-/// passed.
-///
-/// Why a log of skips rather than name prefixes and `--skip`: whether a test lacks what it needs
-/// (a cluster, the local cluster's PKI, the shared fixtures, promtool) is known only when it runs,
-/// and a prefix a new test forgets would make it pass silently again; a recorded skip is written
-/// at the very line that would have returned early.
-#[derive(Debug, Default)]
-struct Tally {
-    binary: String,
-    passed: BTreeSet<(String, String)>,
-    libtest_passed: u64,
-    failed: u64,
-    ignored: u64,
-}
-
-impl Tally {
-    fn line(&mut self, line: &str) {
-        let trimmed = line.trim_start();
-        if let Some(rest) = trimmed.strip_prefix("Running ") {
-            // `Running tests/cluster.rs (target/debug/deps/cluster-0123abcd)`
-            if let Some((_, path)) = rest
-                .trim_end()
-                .strip_suffix(')')
-                .and_then(|r| r.rsplit_once('('))
-            {
-                self.binary = path.rsplit('/').next().unwrap_or(path).to_string();
-            }
-        } else if let Some(krate) = trimmed.strip_prefix("Doc-tests ") {
-            self.binary = format!("doc-tests {}", krate.trim());
-        } else if let Some(rest) = line.strip_prefix("test result: ") {
-            let number = |label: &str| {
-                rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(label))
-                    .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            self.libtest_passed += number(" passed");
-            self.failed += number(" failed");
-            self.ignored += number(" ignored");
-        } else if let Some(name) = line
-            .strip_prefix("test ")
-            .and_then(|r| r.strip_suffix(" ... ok"))
-        {
-            let name = name.strip_suffix(" - should panic").unwrap_or(name);
-            self.passed.insert((self.binary.clone(), name.to_string()));
-        }
-    }
-
-    /// The counts once the tests that recorded a skip in `log` (lines
-    /// `<binary>\t<test>\t<class>\t<reason>`) are moved from passed to skipped. A record that
-    /// names no passing test is returned as unmatched: it cannot be counted truly.
-    fn counts(&self, log: &str) -> (Counts, Vec<String>) {
-        let mut skipped = BTreeSet::new();
-        let mut unmatched = Vec::new();
-        for record in log.lines().filter(|l| !l.trim().is_empty()) {
-            let mut fields = record.splitn(4, '\t');
-            let key = (
-                fields.next().unwrap_or_default().to_string(),
-                fields.next().unwrap_or_default().to_string(),
-            );
-            if self.passed.contains(&key) {
-                skipped.insert(key);
-            } else {
-                unmatched.push(record.to_string());
-            }
-        }
-        let skipped = skipped.len() as u64;
-        let counts = Counts {
-            passed: self.libtest_passed.saturating_sub(skipped),
-            failed: self.failed,
-            skipped: self.ignored + skipped,
-        };
-        (counts, unmatched)
-    }
 }
 
 /// Runs `cargo test`, passing its output through, adds up libtest's `test result:` lines, and
