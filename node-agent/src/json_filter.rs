@@ -594,7 +594,11 @@ mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/kubelet");
         let Ok(entries) = std::fs::read_dir(&dir) else {
-            eprintln!("skipped: {} is absent", dir.display());
+            crate::test_skip::skip_or_fail(
+                crate::test_skip::Class::ProvidedByCi,
+                &format!("{} is absent", dir.display()),
+                "check out the shared fixtures next to the repository (../shared/fixtures/kubelet/)",
+            );
             return;
         };
         for entry in entries.flatten() {

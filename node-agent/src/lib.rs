@@ -17,3 +17,10 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod webhook;
+
+/// The counted-skip protocol of `nodegate-tests` (std only), for unit tests that read the shared
+/// fixtures: a dependency on that crate would be a cycle.
+#[cfg(test)]
+#[path = "../../tests/src/skip.rs"]
+#[allow(dead_code)] // the cluster classes are for nodegate-tests
+mod test_skip;

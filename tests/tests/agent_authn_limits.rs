@@ -390,10 +390,7 @@ async fn the_api_server_reads_the_last_cn_so_the_agent_refuses_two() -> TestResu
     let Some(cluster) = cluster().await else {
         return Ok(());
     };
-    let Some(state) = cluster.location().state_dir.clone() else {
-        eprintln!(
-            "skipped: the cluster is not the local one of cargo xtask cluster (no state dir with its PKI)"
-        );
+    let Some(state) = cluster.local_state_dir()? else {
         return Ok(());
     };
     let (ca_crt, ca_key) = (state.join("pki/ca.crt"), state.join("pki/ca.key"));

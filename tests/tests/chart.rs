@@ -98,7 +98,11 @@ fn helm() -> Option<PathBuf> {
     match found {
         Ok(path) => Some(path.clone()),
         Err(e) if skipping_cluster_tests() => {
-            eprintln!("SKIPPED: no helm ({e})");
+            // Counted as a skip (the run asked to skip cluster tests), never as a pass.
+            nodegate_tests::skip::record(
+                nodegate_tests::skip::Class::Cluster,
+                &format!("no helm ({e})"),
+            );
             None
         }
         Err(e) => panic!("{e}\nRun `cargo xtask test`, or set NODEGATE_HELM to a helm binary."),

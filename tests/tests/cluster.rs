@@ -640,8 +640,9 @@ async fn kube_proxy_is_healthy() -> TestResult {
     let Some(cluster) = cluster().await? else {
         return Ok(());
     };
-    if cluster.location().state_dir.is_none() {
-        // Not the local cluster: its kube-proxy, if any, is elsewhere.
+    if cluster.local_state_dir()?.is_none() {
+        // Not the local cluster and skipping such tests was asked: its kube-proxy, if any, is
+        // elsewhere.
         return Ok(());
     }
     let mut stream = tokio::net::TcpStream::connect(KUBE_PROXY_HEALTHZ).await?;

@@ -533,9 +533,10 @@ async fn cadvisor_is_shaped_like_the_capture() -> TestResult {
     let capture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/fixtures/kubelet/cadvisor-nri-kubernetes-minikube-k8s1.35.txt");
     let Ok(real) = std::fs::read_to_string(&capture) else {
-        eprintln!(
-            "SKIPPED: {} is absent (CI has ../shared)",
-            capture.display()
+        nodegate_tests::skip::skip_or_fail(
+            nodegate_tests::skip::Class::ProvidedByCi,
+            &format!("the kubelet capture {} is absent", capture.display()),
+            "check out the shared fixtures next to the repository (../shared/fixtures/kubelet/)",
         );
         return Ok(());
     };
@@ -1627,10 +1628,7 @@ async fn streaming_matches_the_real_kubelet() -> TestResult {
     let Some(cluster) = nodegate_tests::Cluster::get().await? else {
         return Ok(());
     };
-    let Some(state) = cluster.location().state_dir.clone() else {
-        eprintln!(
-            "SKIPPED: needs the local cluster's kubelet certificates (not a KUBECONFIG cluster)"
-        );
+    let Some(state) = cluster.local_state_dir()? else {
         return Ok(());
     };
     let admin = cluster.admin()?;

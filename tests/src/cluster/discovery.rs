@@ -1,12 +1,15 @@
 //! Which cluster the tests run against.
 //!
-//! 0. `NODEGATE_SKIP_CLUSTER=1` (`cargo xtask test --no-cluster`): skip, as asked.
+//! 0. `NODEGATE_SKIP_CLUSTER=1` (`cargo xtask test --no-cluster`): skip, as asked (each test's
+//!    skip is recorded and counted, see [`crate::skip`]).
 //! 1. `NODEGATE_CLUSTER_DIR` set (by `cargo xtask test` or `eval "$(cargo xtask cluster env)"`):
 //!    the local cluster in that state dir, admin kubeconfig and kubectl from there.
 //! 2. Else `KUBECONFIG` set: that cluster (a real one, e.g. a CI cluster), kubectl from PATH.
 //! 3. Else: start the local cluster with `cargo xtask cluster up` (cached build; a no-op when it
-//!    already runs) — unless this is not CI and Go is missing, in which case the tests skip
-//!    with a message saying how to run them. In CI (`CI` set) they never skip.
+//!    already runs); without Go to build it (outside CI), an error saying how to get a cluster.
+//!
+//! A cluster that is configured but missing (no kubeconfig at the path) is an error, and so is
+//! one that does not answer (the test's first API call fails): never a skip.
 
 use super::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ pub struct Location {
     pub state_dir: Option<PathBuf>,
 }
 
-/// `Ok(None)` means: skip (the reason was printed).
+/// `Ok(None)` means: skip, as the run asked (`NODEGATE_SKIP_CLUSTER=1`).
 pub fn locate() -> Result<Option<Location>> {
     static FOUND: OnceLock<Result<Option<Location>, String>> = OnceLock::new();
     FOUND
@@ -30,12 +33,12 @@ pub fn locate() -> Result<Option<Location>> {
 }
 
 fn locate_uncached() -> Result<Option<Location>> {
-    if std::env::var_os("NODEGATE_SKIP_CLUSTER").is_some_and(|v| v == "1") {
-        eprintln!("SKIPPED: NODEGATE_SKIP_CLUSTER=1 (cargo xtask test --no-cluster)");
+    if crate::skip::Class::Cluster.may_skip(|key| std::env::var(key).ok()) {
         return Ok(None);
     }
     if let Some(dir) = env_path("NODEGATE_CLUSTER_DIR") {
-        return Ok(Some(local(dir)));
+        let location = local(dir);
+        return existing(location, "NODEGATE_CLUSTER_DIR").map(Some);
     }
     if let Some(kubeconfig) = env_path("KUBECONFIG") {
         // Like kubectl, a list of files; the first one is taken here.
@@ -45,21 +48,36 @@ fn locate_uncached() -> Result<Option<Location>> {
             .next()
             .map(PathBuf::from);
         let kubeconfig = first.unwrap_or(kubeconfig);
-        return Ok(Some(Location {
+        let location = Location {
             kubeconfig,
             state_dir: None,
-        }));
+        };
+        return existing(location, "KUBECONFIG").map(Some);
     }
     let in_ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
     if !in_ci && Command::new("go").arg("version").output().is_err() {
-        eprintln!(
-            "SKIPPED: no cluster to test against (NODEGATE_CLUSTER_DIR and KUBECONFIG are unset) and \
-             no Go to build one. Run `cargo xtask test`, or `cargo xtask cluster up` and \
-             `eval \"$(cargo xtask cluster env)\"`, or point KUBECONFIG at a cluster."
-        );
-        return Ok(None);
+        return Err(Error::NoCluster(format!(
+            "NODEGATE_CLUSTER_DIR and KUBECONFIG are unset and there is no Go to build the local \
+             cluster. {HOW}"
+        )));
     }
     start_local().map(Some)
+}
+
+/// How to get a cluster, or skip the tests that need one.
+const HOW: &str = "Run `cargo xtask test`, or `cargo xtask cluster up` and \
+                   `eval \"$(cargo xtask cluster env)\"`, or point KUBECONFIG at a cluster; or set \
+                   NODEGATE_SKIP_CLUSTER=1 (`cargo xtask test --no-cluster`) to skip the cluster tests.";
+
+/// `location` if its kubeconfig exists; else an error naming the variable that pointed there.
+fn existing(location: Location, from: &str) -> Result<Location> {
+    if location.kubeconfig.is_file() {
+        return Ok(location);
+    }
+    Err(Error::NoCluster(format!(
+        "{from} points at {}, which does not exist (is the cluster up?). {HOW}",
+        location.kubeconfig.display()
+    )))
 }
 
 fn local(dir: PathBuf) -> Location {

@@ -19,6 +19,9 @@ pub enum Error {
     Timeout { what: String, secs: u64 },
     #[error("no test cluster: {0}")]
     NoCluster(String),
+    /// The test needs something this run lacks, and the run did not ask to skip it.
+    #[error("{0}")]
+    Missing(String),
     #[error("unexpected data: {0}")]
     Unexpected(String),
     #[error(transparent)]

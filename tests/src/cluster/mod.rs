@@ -18,6 +18,8 @@ pub use identity::UserCredentials;
 pub use objects::{FakeNodes, TestNamespace, busybox_pod};
 pub use outage::FlakyProxy;
 
+use crate::skip;
+
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use std::path::PathBuf;
@@ -39,13 +41,19 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The test cluster, or `None` when tests should skip (only outside CI, with no cluster
-    /// configured and no Go to build one; the reason is printed).
+    /// The test cluster, or `None` only when the run asked to skip cluster tests
+    /// (`NODEGATE_SKIP_CLUSTER=1`); the skip is then recorded for the running test (see
+    /// [`crate::skip`]), so call this from the test body. No cluster otherwise is an error that
+    /// says how to get one.
     pub async fn get() -> Result<Option<Self>> {
         let Some(location) = tokio::task::spawn_blocking(discovery::locate)
             .await
             .map_err(|e| Error::Unexpected(format!("cluster discovery panicked: {e}")))??
         else {
+            skip::record(
+                skip::Class::Cluster,
+                "NODEGATE_SKIP_CLUSTER=1: the cluster tests are skipped",
+            );
             return Ok(None);
         };
         let kubeconfig =
@@ -68,6 +76,28 @@ impl Cluster {
 
     pub fn location(&self) -> &Location {
         &self.location
+    }
+
+    /// The state dir of the local cluster of `cargo xtask cluster` (its PKI, its kubelet's
+    /// certificates), for tests that need more than API access. `Ok(None)` only when the run asked
+    /// to skip such tests (the skip is recorded); against another cluster (`KUBECONFIG`) it is
+    /// an error otherwise.
+    pub fn local_state_dir(&self) -> Result<Option<PathBuf>> {
+        if let Some(dir) = &self.location.state_dir {
+            return Ok(Some(dir.clone()));
+        }
+        skip::skip_or_error(
+            skip::Class::LocalCluster,
+            &format!(
+                "this test needs the local cluster of `cargo xtask cluster` (its PKI), not the \
+                 KUBECONFIG cluster {}",
+                self.location.kubeconfig.display()
+            ),
+            "run `cargo xtask test`, or `cargo xtask cluster up` and \
+             `eval \"$(cargo xtask cluster env)\"`",
+        )
+        .map_err(Error::Missing)?;
+        Ok(None)
     }
 
     /// The admin's connection settings (system:masters on the local cluster).
