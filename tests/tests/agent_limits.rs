@@ -518,11 +518,19 @@ async fn oversized_headers_are_refused() {
         })
         .await
         .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            want,
-            "HTTP/1.1, {size} bytes"
-        );
+        let code = String::from_utf8_lossy(&out.stdout);
+        if want == "200" {
+            assert_eq!(code, "200", "HTTP/1.1, {size} bytes");
+        } else {
+            // 431, or the connection reset under curl while it was still sending the header
+            // (hyper answers and closes as soon as its buffer is full): refused either way.
+            let reset = code == "000" && !out.status.success();
+            assert!(
+                code == want || reset,
+                "HTTP/1.1, {size} bytes: {code} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
 
         let (mut sender, _conn) = h2_connect(addr).await;
         let req = http::Request::builder()
