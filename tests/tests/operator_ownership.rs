@@ -1,0 +1,324 @@
+//! What the operator owns, against the real local API server: fields other managers set on
+//! nodegate's objects cause no write (only what nodegate's field manager owns is compared); a
+//! name taken between the ownership check and the write is never adopted; a NodeAgentConfig
+//! nodegate does not own is reported on the policies of its node.
+//!
+//! Run with `cargo test -p nodegate-tests --test operator_ownership` after
+//! `eval "$(cargo xtask cluster env)"`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+#[path = "operator_support.rs"]
+mod support;
+
+use http::{Method, StatusCode};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use nodegate_crds::NodeAgentConfig;
+use nodegate_tests::cluster::unique_name;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use support::*;
+
+/// Another field manager adds `imagePullSecrets` and `automountServiceAccountToken: false` to
+/// nodegate's ServiceAccount and labels to its ClusterRole and binding: three resyncs write
+/// nothing and move no resourceVersion. An edit of a field nodegate owns (the role's rules) is
+/// still put back, and the other manager's fields stay.
+#[tokio::test]
+async fn fields_of_other_managers_cause_no_writes() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("owned").await?;
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let mut settings = w.settings();
+    settings.resync = Duration::from_secs(1);
+    let client = w.client.clone();
+    let metrics = w.start_with(settings, None, client.clone());
+    let name = unique_name("owned");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "Group", "name": "owners"}],
+            "serviceAccounts": [{"name": "owned-sa", "namespace": ns.name()}],
+            "access": ["pods", "stats"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    eventually("RBACApplied", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await?;
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let created = roles.get(&role_name).await?;
+    let original_rules = created.rules.clone();
+    // Created (never applied over a name), then owned by apply, so a later apply without a
+    // field removes it: nodegate has exactly one entry, an Apply one.
+    let entries: Vec<(String, String)> = created
+        .managed_fields()
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some(nodegate_crds::FIELD_MANAGER))
+        .map(|m| (m.manager.clone().unwrap(), m.operation.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        entries,
+        [(
+            nodegate_crds::FIELD_MANAGER.to_string(),
+            "Apply".to_string()
+        )]
+    );
+
+    // Another manager, by server-side apply and by a plain patch.
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "owned-sa", "namespace": ns.name()},
+        "imagePullSecrets": [{"name": "registry"}],
+        "automountServiceAccountToken": false});
+    Api::<ServiceAccount>::namespaced(client.clone(), ns.name())
+        .patch("owned-sa", &PatchParams::apply("other"), &Patch::Apply(&sa))
+        .await?;
+    let label = json!({"metadata": {"labels": {"team": "platform"},
+                                    "annotations": {"reviewed": "yes"}}});
+    roles
+        .patch(&role_name, &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(&role_name, &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+
+    // Let the caches see those writes (and nodegate answer them, which it must not).
+    w.rounds(&metrics, 3).await?;
+    let versions = owned_versions(&client, &w.run).await;
+    let writes = metrics.writes();
+    w.rounds(&metrics, 3).await?;
+    assert_eq!(
+        metrics.writes(),
+        writes,
+        "fields of another manager are no reason to write"
+    );
+    assert_eq!(owned_versions(&client, &w.run).await, versions);
+    let sa_now = Api::<ServiceAccount>::namespaced(client.clone(), ns.name())
+        .get("owned-sa")
+        .await?;
+    assert_eq!(sa_now.automount_service_account_token, Some(false));
+    assert_eq!(sa_now.image_pull_secrets.unwrap()[0].name, "registry");
+
+    // A field nodegate owns, edited by someone else: restored, their label kept.
+    let widened = json!({"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]});
+    roles
+        .patch(&role_name, &PatchParams::default(), &Patch::Merge(&widened))
+        .await?;
+    let restored = eventually("rules restored", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| r.rules == original_rules)
+    })
+    .await?;
+    assert_eq!(
+        restored.labels().get("team").map(String::as_str),
+        Some("platform")
+    );
+    w.cleanup().await;
+    Ok(())
+}
+
+/// The controller's client, wrapped: the first time it asks who holds `path` and hears "no
+/// one" (404), someone else creates an object of that name before the answer reaches the
+/// controller. This is the race deterministically: the ownership check saw a free name, the
+/// write comes after the foreign object exists.
+fn racing_client(
+    admin: kube::Client,
+    path: String,
+    create_foreign: impl Fn(kube::Client) -> futures::future::BoxFuture<'static, ()>
+    + Send
+    + Sync
+    + 'static,
+    fired: Arc<AtomicUsize>,
+) -> kube::Client {
+    let create_foreign = Arc::new(create_foreign);
+    let inner = admin.clone();
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let inner = inner.clone();
+        let admin = admin.clone();
+        let path = path.clone();
+        let create_foreign = create_foreign.clone();
+        let fired = fired.clone();
+        async move {
+            let is_check = request.method() == Method::GET
+                && percent_encoding::percent_decode_str(request.uri().path()).decode_utf8_lossy()
+                    == path;
+            let response = inner.send(request).await?;
+            if is_check
+                && response.status() == StatusCode::NOT_FOUND
+                && fired.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                create_foreign(admin).await;
+            }
+            Ok::<_, kube::Error>(response)
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+/// A ClusterRole of the policy's name created by someone else after the ownership check
+/// found the name free: the controller's create fails with AlreadyExists, and the foreign
+/// role is reported, never taken over (no label, owner or rule of nodegate's, the same
+/// resourceVersion), and no binding to it is written.
+#[tokio::test]
+async fn a_name_taken_after_the_ownership_check_is_not_adopted() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let name = unique_name("race");
+    let role_name = format!("nodegate:{name}");
+    let fired = Arc::new(AtomicUsize::new(0));
+    let theirs_rv = Arc::new(std::sync::Mutex::new(None::<String>));
+    let record = theirs_rv.clone();
+    let foreign_name = role_name.clone();
+    let client = racing_client(
+        w.client.clone(),
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{role_name}"),
+        move |admin| {
+            let name = foreign_name.clone();
+            let record = record.clone();
+            Box::pin(async move {
+                let role = ClusterRole {
+                    metadata: ObjectMeta {
+                        name: Some(name),
+                        labels: Some(BTreeMap::from([("owner".into(), "someone-else".into())])),
+                        ..Default::default()
+                    },
+                    rules: Some(vec![PolicyRule {
+                        api_groups: Some(vec![String::new()]),
+                        resources: Some(vec!["configmaps".into()]),
+                        verbs: vec!["list".into()],
+                        ..Default::default()
+                    }]),
+                    aggregation_rule: None,
+                };
+                let created = Api::<ClusterRole>::all(admin)
+                    .create(&PostParams::default(), &role)
+                    .await
+                    .expect("the foreign role is created");
+                *record.lock().unwrap() = created.resource_version();
+            })
+        },
+        fired.clone(),
+    );
+    let settings = w.settings();
+    w.start_with(settings, None, client);
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "ivan"}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    let (status, _, message) = eventually("RBACApplied ForeignObject", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.1 == "ForeignObject")
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!("ClusterRole {role_name}")),
+        "{message}"
+    );
+    assert_eq!(
+        fired.load(Ordering::SeqCst),
+        1,
+        "the race happened exactly once"
+    );
+    // A few more rounds: still not taken.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let role = Api::<ClusterRole>::all(w.client.clone())
+        .get(&role_name)
+        .await?;
+    assert_eq!(
+        role.resource_version(),
+        theirs_rv.lock().unwrap().clone(),
+        "the foreign role was written to: {:?}",
+        role.metadata
+    );
+    assert!(role.owner_references().is_empty());
+    assert!(!role.labels().contains_key("app.kubernetes.io/managed-by"));
+    assert!(
+        Api::<ClusterRoleBinding>::all(w.client.clone())
+            .get_opt(&role_name)
+            .await?
+            .is_none(),
+        "no binding to a role nodegate does not own"
+    );
+    w.cleanup().await;
+    Api::<ClusterRole>::all(w.client.clone())
+        .delete(&role_name, &DeleteParams::default())
+        .await?;
+    Ok(())
+}
+
+/// A NodeAgentConfig of a selected node's name that nodegate does not own (no labels) is left
+/// alone and reported on the policy that selects the node, with a ForeignObject Event: the
+/// agent would enforce (or refuse) that object, not the policy.
+#[tokio::test]
+async fn a_foreign_node_agent_config_is_reported_on_the_nodes_policies() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let node = w.node_names()[0].clone();
+    let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
+    let theirs: NodeAgentConfig = serde_json::from_value(json!({
+        "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
+        "metadata": {"name": node}, "spec": {"hash": "theirs"},
+    }))?;
+    let theirs = configs.create(&PostParams::default(), &theirs).await?;
+    w.start();
+    let name = unique_name("nac");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "judy"}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    let (status, _, message) = eventually("ForeignObject", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.1 == "ForeignObject")
+    })
+    .await?;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!("NodeAgentConfig {node}")),
+        "{message}"
+    );
+    eventually("a ForeignObject event", WAIT, || async {
+        event_reasons(&w.client, &name)
+            .await
+            .contains(&"ForeignObject".to_string())
+            .then_some(())
+    })
+    .await?;
+    assert_eq!(
+        configs.get(&node).await?.resource_version(),
+        theirs.resource_version(),
+        "left as it was"
+    );
+    w.cleanup().await;
+    configs.delete(&node, &DeleteParams::default()).await?;
+    Ok(())
+}
