@@ -13,7 +13,7 @@ mod support;
 
 use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use nodegate_crds::NodeAgentConfig;
@@ -130,37 +130,48 @@ async fn fields_of_other_managers_cause_no_writes() -> TestResult {
     Ok(())
 }
 
-/// The controller's client, wrapped: the first time it asks who holds `path` and hears "no
-/// one" (404), someone else creates an object of that name before the answer reaches the
-/// controller. This is the race deterministically: the ownership check saw a free name, the
-/// write comes after the foreign object exists.
-fn racing_client(
+/// When an [`interposing_client`] acts.
+#[derive(Clone, Copy, PartialEq)]
+enum When {
+    /// After the API server answered 404 (the name is free), before the controller hears it.
+    AfterNotFound,
+    /// Before the request reaches the API server.
+    Before,
+}
+
+type Action = Arc<dyn Fn(kube::Client) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// The controller's client, wrapped: the first `method` request for `path` runs `action`
+/// (with the admin client) at `when`. This makes a race deterministic: someone else acts
+/// exactly between the controller's read and its write.
+fn interposing_client(
     admin: kube::Client,
+    method: Method,
     path: String,
-    create_foreign: impl Fn(kube::Client) -> futures::future::BoxFuture<'static, ()>
-    + Send
-    + Sync
-    + 'static,
+    when: When,
+    action: Action,
     fired: Arc<AtomicUsize>,
 ) -> kube::Client {
-    let create_foreign = Arc::new(create_foreign);
     let inner = admin.clone();
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
         let inner = inner.clone();
         let admin = admin.clone();
-        let path = path.clone();
-        let create_foreign = create_foreign.clone();
+        let action = action.clone();
         let fired = fired.clone();
+        let matches = request.method() == method
+            && percent_encoding::percent_decode_str(request.uri().path()).decode_utf8_lossy()
+                == path;
         async move {
-            let is_check = request.method() == Method::GET
-                && percent_encoding::percent_decode_str(request.uri().path()).decode_utf8_lossy()
-                    == path;
+            if matches && when == When::Before && fired.fetch_add(1, Ordering::SeqCst) == 0 {
+                action(admin.clone()).await;
+            }
             let response = inner.send(request).await?;
-            if is_check
+            if matches
+                && when == When::AfterNotFound
                 && response.status() == StatusCode::NOT_FOUND
                 && fired.fetch_add(1, Ordering::SeqCst) == 0
             {
-                create_foreign(admin).await;
+                action(admin).await;
             }
             Ok::<_, kube::Error>(response)
         }
@@ -184,34 +195,37 @@ async fn a_name_taken_after_the_ownership_check_is_not_adopted() -> TestResult {
     let theirs_rv = Arc::new(std::sync::Mutex::new(None::<String>));
     let record = theirs_rv.clone();
     let foreign_name = role_name.clone();
-    let client = racing_client(
+    let create_foreign: Action = Arc::new(move |admin| {
+        let name = foreign_name.clone();
+        let record = record.clone();
+        Box::pin(async move {
+            let role = ClusterRole {
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    labels: Some(BTreeMap::from([("owner".into(), "someone-else".into())])),
+                    ..Default::default()
+                },
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["configmaps".into()]),
+                    verbs: vec!["list".into()],
+                    ..Default::default()
+                }]),
+                aggregation_rule: None,
+            };
+            let created = Api::<ClusterRole>::all(admin)
+                .create(&PostParams::default(), &role)
+                .await
+                .expect("the foreign role is created");
+            *record.lock().unwrap() = created.resource_version();
+        })
+    });
+    let client = interposing_client(
         w.client.clone(),
+        Method::GET,
         format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{role_name}"),
-        move |admin| {
-            let name = foreign_name.clone();
-            let record = record.clone();
-            Box::pin(async move {
-                let role = ClusterRole {
-                    metadata: ObjectMeta {
-                        name: Some(name),
-                        labels: Some(BTreeMap::from([("owner".into(), "someone-else".into())])),
-                        ..Default::default()
-                    },
-                    rules: Some(vec![PolicyRule {
-                        api_groups: Some(vec![String::new()]),
-                        resources: Some(vec!["configmaps".into()]),
-                        verbs: vec!["list".into()],
-                        ..Default::default()
-                    }]),
-                    aggregation_rule: None,
-                };
-                let created = Api::<ClusterRole>::all(admin)
-                    .create(&PostParams::default(), &role)
-                    .await
-                    .expect("the foreign role is created");
-                *record.lock().unwrap() = created.resource_version();
-            })
-        },
+        When::AfterNotFound,
+        create_foreign,
         fired.clone(),
     );
     let settings = w.settings();
@@ -320,5 +334,91 @@ async fn a_foreign_node_agent_config_is_reported_on_the_nodes_policies() -> Test
     );
     w.cleanup().await;
     configs.delete(&node, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// A stale RoleBinding that someone else takes over (relabels as theirs) just before
+/// nodegate's delete reaches the API server: the delete's resourceVersion precondition fails
+/// (409), the re-read finds the same object still there, so it is not counted as deleted;
+/// the next round no longer sees it as nodegate's and leaves it alone.
+#[tokio::test]
+async fn a_delete_is_not_sent_through_to_an_object_changed_since_it_was_read() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let (ns_a, ns_b) = (
+        cluster.namespace("keep").await?,
+        cluster.namespace("drop").await?,
+    );
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let name = unique_name("del");
+    let binding = format!("nodegate:{name}");
+    let fired = Arc::new(AtomicUsize::new(0));
+    let (ns, target) = (ns_b.name().to_string(), binding.clone());
+    let take_over: Action = Arc::new(move |admin| {
+        let (ns, target) = (ns.clone(), target.clone());
+        Box::pin(async move {
+            let theirs = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "helm"}}});
+            Api::<RoleBinding>::namespaced(admin, &ns)
+                .patch(&target, &PatchParams::default(), &Patch::Merge(&theirs))
+                .await
+                .expect("relabelled");
+        })
+    });
+    let client = interposing_client(
+        w.client.clone(),
+        Method::DELETE,
+        format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings/{binding}",
+            ns_b.name()
+        ),
+        When::Before,
+        take_over,
+        fired.clone(),
+    );
+    let mut settings = w.settings();
+    // Resyncs, so "three more rounds" come whatever else happens in the cluster.
+    settings.resync = Duration::from_secs(1);
+    let metrics = w.start_with(settings, None, client);
+    let spec = |names: Vec<&str>| {
+        json!({
+            "subjects": [{"kind": "User", "name": "kim"}],
+            "access": ["pods"],
+            "namespaces": {"names": names},
+        })
+    };
+    w.create(&w.policy(&name, spec(vec![ns_a.name(), ns_b.name()])))
+        .await?;
+    let bindings_b: Api<RoleBinding> = Api::namespaced(w.client.clone(), ns_b.name());
+    let before = eventually("binding in b", WAIT, || async {
+        bindings_b.get_opt(&binding).await.ok().flatten()
+    })
+    .await?;
+    w.replace_spec(&name, spec(vec![ns_a.name()])).await?;
+    eventually("the delete attempted", WAIT, || async {
+        (fired.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await?;
+    w.rounds(&metrics, 3).await?;
+    let after = bindings_b
+        .get_opt(&binding)
+        .await?
+        .expect("an object changed since nodegate read it was deleted anyway");
+    assert_eq!(after.uid(), before.uid());
+    assert_eq!(
+        after
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("helm")
+    );
+    assert_eq!(
+        fired.load(Ordering::SeqCst),
+        1,
+        "one delete, not retried on a foreign object"
+    );
+    // It still names the policy as owner: the garbage collector takes it with the policy.
+    w.cleanup().await;
+    let _ = bindings_b.delete(&binding, &DeleteParams::default()).await;
     Ok(())
 }
