@@ -158,7 +158,14 @@ fn interposing_client(
         let admin = admin.clone();
         let action = action.clone();
         let fired = fired.clone();
+        // A PATCH counts only as a server-side apply (not the merge patch that records a
+        // created object's fields as applied).
+        let is_apply = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
         let matches = request.method() == method
+            && (method != Method::PATCH || is_apply)
             && percent_encoding::percent_decode_str(request.uri().path()).decode_utf8_lossy()
                 == path;
         async move {
@@ -420,5 +427,99 @@ async fn a_delete_is_not_sent_through_to_an_object_changed_since_it_was_read() -
     // It still names the policy as owner: the garbage collector takes it with the policy.
     w.cleanup().await;
     let _ = bindings_b.delete(&binding, &DeleteParams::default()).await;
+    Ok(())
+}
+
+/// nodegate's ClusterRole is replaced by someone else's of the same name (deleted and created
+/// again) just before nodegate's update reaches the API server: the apply carries the cached
+/// resourceVersion, so it fails instead of taking the new object over, and the next round
+/// reports it as foreign.
+#[tokio::test]
+async fn an_object_replaced_after_the_cache_read_is_not_adopted() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let name = unique_name("swap");
+    let role_name = format!("nodegate:{name}");
+    let fired = Arc::new(AtomicUsize::new(0));
+    let theirs_rv = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (record, target) = (theirs_rv.clone(), role_name.clone());
+    let replace: Action = Arc::new(move |admin| {
+        let (record, target) = (record.clone(), target.clone());
+        Box::pin(async move {
+            let roles = Api::<ClusterRole>::all(admin);
+            roles
+                .delete(&target, &DeleteParams::default())
+                .await
+                .expect("nodegate's role deleted");
+            let role = ClusterRole {
+                metadata: ObjectMeta {
+                    name: Some(target),
+                    labels: Some(BTreeMap::from([("owner".into(), "someone-else".into())])),
+                    ..Default::default()
+                },
+                rules: None,
+                aggregation_rule: None,
+            };
+            let created = roles
+                .create(&PostParams::default(), &role)
+                .await
+                .expect("the foreign role is created");
+            *record.lock().unwrap() = created.resource_version();
+        })
+    });
+    let client = interposing_client(
+        w.client.clone(),
+        Method::PATCH,
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{role_name}"),
+        When::Before,
+        replace,
+        fired.clone(),
+    );
+    let settings = w.settings();
+    w.start_with(settings, None, client);
+    let spec = |access: Vec<&str>| {
+        json!({
+            "subjects": [{"kind": "User", "name": "lee"}],
+            "access": access,
+            "namespaces": {"all": true},
+        })
+    };
+    w.create(&w.policy(&name, spec(vec!["pods"]))).await?;
+    eventually("RBACApplied", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await?;
+    assert_eq!(fired.load(Ordering::SeqCst), 0, "created, not patched");
+    // Wider access: the role is updated, and replaced just before the update lands.
+    w.replace_spec(&name, spec(vec!["pods", "stats"])).await?;
+    let (_, _, message) = eventually("RBACApplied ForeignObject", WAIT, || async {
+        w.condition(&name, "RBACApplied")
+            .await
+            .filter(|c| c.1 == "ForeignObject")
+    })
+    .await?;
+    assert!(
+        message.contains(&format!("ClusterRole {role_name}")),
+        "{message}"
+    );
+    assert_eq!(fired.load(Ordering::SeqCst), 1);
+    let role = Api::<ClusterRole>::all(w.client.clone())
+        .get(&role_name)
+        .await?;
+    assert_eq!(
+        role.resource_version(),
+        theirs_rv.lock().unwrap().clone(),
+        "the replacement was written to: {:?}",
+        role.metadata
+    );
+    assert!(role.rules.unwrap_or_default().is_empty());
+    w.cleanup().await;
+    let _ = Api::<ClusterRole>::all(w.client.clone())
+        .delete(&role_name, &DeleteParams::default())
+        .await;
     Ok(())
 }

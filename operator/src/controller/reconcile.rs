@@ -177,6 +177,8 @@ pub(crate) struct Reconciler {
     recorder: Option<Recorder>,
     failures: HashMap<Key, Failure>,
     json: JsonCache,
+    /// A write this round found its object changed since the cache read it.
+    behind: bool,
 }
 
 impl Reconciler {
@@ -198,6 +200,7 @@ impl Reconciler {
             recorder,
             failures: HashMap::new(),
             json: HashMap::new(),
+            behind: false,
         }
     }
 
@@ -449,6 +452,12 @@ impl Reconciler {
         .await;
 
         let mut next_retry = self.failures.values().map(|f| f.until).min();
+        // A write that found the object newer than the cache is tried again after one backoff
+        // step, whether or not that newer version's watch event starts a round by itself.
+        if std::mem::take(&mut self.behind) {
+            let later = Instant::now() + self.settings.backoff_base;
+            next_retry = Some(next_retry.map_or(later, |t| t.min(later)));
+        }
         if deferred > 0 {
             let soon = Instant::now() + self.settings.debounce.max(Duration::from_millis(100));
             next_retry = Some(next_retry.map_or(soon, |t| t.min(soon)));
@@ -518,6 +527,7 @@ impl Reconciler {
                 // Our cache is behind the server: its watch event starts the next round.
                 Ok(Written::Behind) => {
                     tracing::debug!(object = %output.key, "changed since cached; next round");
+                    self.behind = true;
                 }
                 // Created by someone else since the ownership check: left alone, reported.
                 Ok(Written::Foreign) => {
