@@ -523,3 +523,58 @@ async fn an_object_replaced_after_the_cache_read_is_not_adopted() -> TestResult 
         .await;
     Ok(())
 }
+
+/// A role nodegate created (not applied) loses every rule when its policy selects no node
+/// any more: nodegate's fields of a created object are its Apply entry, so an apply without
+/// `rules` removes them (with the create's Update entry still owning them, the rules would
+/// stay and keep granting), and the diff sees an owned field the desired body dropped.
+#[tokio::test]
+async fn rules_of_a_created_role_are_revoked_when_nothing_is_selected() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let pool = unique_name("pool");
+    let mut w = World::new(cluster.clone(), 1, &[("pool", pool.as_str())]).await?;
+    let node = w.node_names()[0].clone();
+    w.start();
+    let name = unique_name("revoke");
+    let role_name = format!("nodegate:{name}");
+    let spec = |pool: &str| {
+        json!({
+            "subjects": [{"kind": "User", "name": "mo"}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+            "nodeSelector": {"matchLabels": {"pool": pool}},
+        })
+    };
+    w.create(&w.policy(&name, spec(&pool))).await?;
+    let role = eventually("the role grants the node", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| rule_names(r) == [node.clone()])
+    })
+    .await?;
+    assert!(
+        role.managed_fields().iter().all(|m| m.manager.as_deref()
+            != Some(nodegate_crds::FIELD_MANAGER)
+            || m.operation.as_deref() == Some("Apply")),
+        "{:?}",
+        role.managed_fields()
+    );
+    eventually("mo may read pods through the agent", WAIT, || async {
+        allowed(&w.client, "mo", "get", "pods", &node, "default")
+            .await
+            .then_some(())
+    })
+    .await?;
+    w.replace_spec(&name, spec("no-such-pool")).await?;
+    eventually("every rule revoked", WAIT, || async {
+        w.cluster_role(&role_name)
+            .await
+            .filter(|r| r.rules.as_ref().is_none_or(Vec::is_empty))
+    })
+    .await?;
+    assert!(!allowed(&w.client, "mo", "get", "pods", &node, "default").await);
+    w.cleanup().await;
+    Ok(())
+}
