@@ -187,6 +187,13 @@ impl ConfigStore {
         self.inner.last_error.store(Some(Arc::new(error)));
     }
 
+    /// Back to deny-all, with `error` as the reason (a version that must not be enforced at
+    /// all, not merely a bad update to skip).
+    pub fn refuse(&self, error: String) {
+        self.clear(&error);
+        self.inner.last_error.store(Some(Arc::new(error)));
+    }
+
     /// Back to deny-all (this node's configuration was deleted).
     pub fn clear(&self, reason: &str) {
         tracing::warn!(%reason, "configuration removed: denying everything");
@@ -977,6 +984,10 @@ fn apply_object(
         .and_then(|s| serde_json::from_value(s.clone()).ok());
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
     observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
+    if let Some(error) = unowned(obj) {
+        store.refuse(error);
+        return;
+    }
     match validate_agent_spec(&format!("NodeAgentConfig {:?}", settings.node_name), &spec) {
         Ok(spec) => {
             store.publish(spec);
@@ -984,6 +995,28 @@ fn apply_object(
         Err(e) => store.reject(e.to_string()),
     }
 }
+
+/// Why a NodeAgentConfig the operator did not write must not be enforced: anyone allowed to
+/// create one of this node's name (a leftover, a hand-written copy, a colliding tool) would
+/// otherwise decide what this agent lets through. None when it carries nodegate's label.
+fn unowned(obj: &DynamicObject) -> Option<String> {
+    let managed_by = obj
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL));
+    (managed_by.map(String::as_str) != Some(nodegate_crds::MANAGED_BY)).then(|| {
+        format!(
+            "NodeAgentConfig {:?} is not managed by nodegate (label {MANAGED_BY_LABEL}={} \
+             missing): refusing everything",
+            obj.metadata.name.as_deref().unwrap_or_default(),
+            nodegate_crds::MANAGED_BY
+        )
+    })
+}
+
+/// `app.kubernetes.io/managed-by`, which the operator sets on everything it writes.
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 async fn write_status(
     api: &Api<DynamicObject>,

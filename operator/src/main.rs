@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 /// NodeAgentConfig per node.
 ///
 /// `run` (the default) watches policies, nodes, namespaces and the objects it generated, and
-/// writes only what differs from the compiled policies, by server-side apply (field manager
-/// `nodegate`). It never overwrites an object it does not own (label
+/// writes only what differs from the compiled policies in the fields it owns (field manager
+/// `nodegate`; fields other managers add are left alone): new objects by create, its own by
+/// server-side apply. It never overwrites an object it does not own (label
 /// app.kubernetes.io/managed-by=nodegate): the policy reports it in its RBACApplied condition.
 /// Run two replicas with leader election for failover. Every flag can be set by the
 /// environment variable shown.

@@ -583,7 +583,7 @@ fn agent_config(name: &str, hash: &str, namespaces: &[&str]) -> Value {
     json!({
         "apiVersion": "nodegate.io/v1alpha1",
         "kind": "NodeAgentConfig",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "nodegate"}},
         "spec": {
             "policies": "team-a",
             "hash": hash,
@@ -753,6 +753,84 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
     api.delete(&node, &DeleteParams::default()).await?;
     let s = store.clone();
     eventually("deny-all after deletion", move || !s.is_loaded()).await;
+    runner.abort();
+    Ok(())
+}
+
+/// A NodeAgentConfig of this node's name that nodegate did not write (no
+/// `app.kubernetes.io/managed-by: nodegate`) is not enforced: deny-all, the reason in its
+/// status; a config that loses the label drops the configuration in force.
+#[tokio::test]
+async fn api_source_refuses_a_config_nodegate_does_not_own() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else {
+        return Ok(());
+    };
+    let node = unique_name("agent-node");
+    let _cleanup = Cleanup {
+        name: node.clone(),
+        config: cluster.admin_config().clone(),
+    };
+    let client = cluster.admin()?;
+    let api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
+    let store = ConfigStore::new();
+    let runner = tokio::spawn(config::run_api(
+        client.clone(),
+        store.clone(),
+        ApiSourceSettings {
+            node_name: node.clone(),
+            serving_cert_expiry: None,
+            status_interval: Duration::from_millis(200),
+        },
+    ));
+    // Valid in every other way, but written by someone else.
+    let mut foreign = agent_config(&node, "h1", &["team-a"]);
+    foreign["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("labels");
+    api.create(&PostParams::default(), &serde_json::from_value(foreign)?)
+        .await?;
+    let obj = wait_status(&api, &node, "lastError: not managed", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("not managed by nodegate"))
+    })
+    .await;
+    assert!(
+        obj.data["status"].get("observedHash").is_none(),
+        "{:?}",
+        obj.data["status"]
+    );
+    assert!(!store.is_loaded(), "deny-all: nothing in force");
+    assert!(store.current().spec.rules.is_empty());
+
+    // Labelled as nodegate's: enforced.
+    let label = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "nodegate"}}});
+    api.patch(&node, &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+    let s = store.clone();
+    eventually("h1 in force", move || {
+        s.is_loaded() && s.current().spec.hash == "h1"
+    })
+    .await;
+    wait_status(&api, &node, "lastError cleared", |s| {
+        s.get("lastError").is_none() && s["observedHash"] == "h1"
+    })
+    .await;
+
+    // Someone relabels it: the configuration in force is dropped, not kept.
+    let relabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": "helm"}}});
+    api.patch(&node, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await?;
+    let s = store.clone();
+    eventually("deny-all after relabelling", move || !s.is_loaded()).await;
+    wait_status(&api, &node, "lastError: not managed", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("not managed by nodegate"))
+    })
+    .await;
     runner.abort();
     Ok(())
 }

@@ -17,7 +17,9 @@ pub struct Skipped {
 
 /// Removes from `desired` every object whose key is in `foreign`, and every binding whose
 /// roleRef names a foreign ClusterRole: binding the policy's subjects to a role someone else
-/// wrote would grant whatever that role grants. Returns what was left out.
+/// wrote would grant whatever that role grants. Returns what was left out. A foreign
+/// NodeAgentConfig belongs to every policy that selects its node: the agent enforces
+/// whatever that object says (or refuses it), not what those policies say.
 pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Skipped> {
     let mut skipped = Vec::new();
     if foreign.is_empty() {
@@ -45,6 +47,15 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
             verdicts.insert(key, Key::new(Kind::ClusterRole, None, &rb.role_ref.name));
         }
     }
+    let mut by_node: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for outcome in &desired.outcomes {
+        for node in &outcome.nodes {
+            by_node
+                .entry(node.clone())
+                .or_default()
+                .insert(outcome.policy.clone());
+        }
+    }
     for_each_meta(desired, |kind, meta| {
         let key = Key::new(
             kind,
@@ -57,9 +68,13 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
             verdicts.get(&key).cloned()
         };
         if let Some(because_of) = because_of {
+            let policies = match kind {
+                Kind::NodeAgentConfig => by_node.remove(&key.name).unwrap_or_default(),
+                _ => policies_of(meta),
+            };
             skipped.push(Skipped {
                 key,
-                policies: policies_of(meta),
+                policies,
                 because_of,
             });
         }
@@ -234,6 +249,45 @@ mod tests {
         assert_eq!(d.cluster_roles.len(), 2, "roles are unaffected");
         let by_policy = messages_by_policy(&skipped);
         assert_eq!(by_policy.keys().collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    #[test]
+    fn foreign_node_agent_config_is_reported_to_every_policy_on_its_node() {
+        use crate::compiler::PolicyOutcome;
+        use nodegate_crds::NodeAgentConfig;
+        let mut d = desired();
+        for node in ["n1", "n2"] {
+            d.node_agent_configs.push(NodeAgentConfig {
+                metadata: ObjectMeta {
+                    name: Some(node.into()),
+                    ..Default::default()
+                },
+                spec: nodegate_crds::agent_config::NodeAgentConfigSpec {
+                    policies: String::new(),
+                    hash: String::new(),
+                    rules: Vec::new(),
+                },
+                status: None,
+            });
+        }
+        for (policy, nodes) in [
+            ("a", vec!["n1"]),
+            ("b", vec!["n1", "n2"]),
+            ("c", vec!["n2"]),
+        ] {
+            d.outcomes.push(PolicyOutcome {
+                policy: policy.into(),
+                nodes: nodes.into_iter().map(String::from).collect(),
+                ..Default::default()
+            });
+        }
+        let config = Key::new(Kind::NodeAgentConfig, None, "n1");
+        let skipped = exclude_foreign(&mut d, &BTreeSet::from([config]));
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(d.node_agent_configs.len(), 1);
+        let by_policy = messages_by_policy(&skipped);
+        assert_eq!(by_policy.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(by_policy["a"][0].contains("NodeAgentConfig n1 exists and is not managed"));
     }
 
     #[test]

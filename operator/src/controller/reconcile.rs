@@ -11,9 +11,10 @@ use crate::compiler::{self, NamespaceInfo, NodeInfo};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta, Time};
 use kube::api::{
-    Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, Preconditions,
+    Api, DeleteParams, DynamicObject, PartialObjectMeta, Patch, PatchParams, PostParams,
+    Preconditions,
 };
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
@@ -84,8 +85,9 @@ impl Stores {
 
 use futures::FutureExt;
 
-/// JSON of cached objects by key, with the resourceVersion it was made from.
-type JsonCache = HashMap<Key, (String, Arc<Value>)>;
+/// JSON of cached objects by key, with the resourceVersion it was made from and the fields
+/// nodegate owns in it.
+type JsonCache = HashMap<Key, (String, Arc<Value>, Option<Arc<Value>>)>;
 
 fn add<K>(map: &mut BTreeMap<Key, Existing>, cache: &mut JsonCache, kind: Kind, store: &Store<K>)
 where
@@ -99,25 +101,50 @@ where
             meta.name.as_deref().unwrap_or_default(),
         );
         let rv = meta.resource_version.clone().unwrap_or_default();
-        let body = match cache.get(&key) {
-            Some((seen, body)) if !rv.is_empty() && *seen == rv => body.clone(),
+        let (body, owned) = match cache.get(&key) {
+            Some((seen, body, owned)) if !rv.is_empty() && *seen == rv => {
+                (body.clone(), owned.clone())
+            }
             _ => {
-                let Ok(body) = serde_json::to_value(&*object) else {
+                let Ok(mut body) = serde_json::to_value(&*object) else {
                     continue;
                 };
+                // Kept apart (and unstripped: an owned leaf is an empty map).
+                let owned = applied_fields(meta).map(Arc::new);
+                if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("managedFields");
+                }
                 let body = Arc::new(objects::strip_empty(body));
-                cache.insert(key.clone(), (rv, body.clone()));
-                body
+                cache.insert(key.clone(), (rv.clone(), body.clone(), owned.clone()));
+                (body, owned)
             }
         };
         map.insert(
             key,
             Existing {
-                uid: meta.uid.clone(),
+                version: diff::Version {
+                    uid: meta.uid.clone(),
+                    resource_version: (!rv.is_empty()).then_some(rv),
+                },
                 body,
+                owned,
             },
         );
     }
+}
+
+/// The fields nodegate's field manager owns by apply (`fieldsV1` of its Apply entry).
+fn applied_fields(meta: &ObjectMeta) -> Option<Value> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .find(|m| {
+            m.manager.as_deref() == Some(FIELD_MANAGER)
+                && m.operation.as_deref() == Some("Apply")
+                && m.subresource.is_none()
+        })
+        .and_then(|m| m.fields_v1.as_ref())
+        .map(|f| f.0.clone())
 }
 
 /// What a round leaves for the loop.
@@ -150,6 +177,8 @@ pub(crate) struct Reconciler {
     recorder: Option<Recorder>,
     failures: HashMap<Key, Failure>,
     json: JsonCache,
+    /// A write this round found its object changed since the cache read it.
+    behind: bool,
 }
 
 impl Reconciler {
@@ -171,6 +200,7 @@ impl Reconciler {
             recorder,
             failures: HashMap::new(),
             json: HashMap::new(),
+            behind: false,
         }
     }
 
@@ -264,7 +294,7 @@ impl Reconciler {
             .into_iter()
             .partition(|s| foreign.contains(&s.because_of));
         self.metrics.foreign(really_foreign.len());
-        let foreign_messages = ownership::messages_by_policy(&really_foreign);
+        let mut foreign_messages = ownership::messages_by_policy(&really_foreign);
         for s in &really_foreign {
             tracing::debug!(object = %s.key, because_of = %s.because_of, "left alone: not managed by nodegate");
         }
@@ -306,8 +336,13 @@ impl Reconciler {
             .partition(|o| matches!(o.key.kind, Kind::ClusterRoleBinding | Kind::RoleBinding));
         let mut applied_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut failed_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let applied = self.apply_all(first, concurrency).await;
-        self.record_applies(applied, &mut applied_by_policy, &mut failed_by_policy);
+        let applied = self.apply_all(first, &existing, concurrency).await;
+        self.record_applies(
+            applied,
+            &mut applied_by_policy,
+            &mut failed_by_policy,
+            &mut foreign_messages,
+        );
         // The API server checks a binding against its own cache of roles: a role created
         // this round may not be there yet, so its bindings wait for the round its watch
         // event starts (ours sees it about when the API server's does). A role that is
@@ -342,27 +377,19 @@ impl Reconciler {
             }
         }
         let deferred = deferred_policies.len();
-        let applied = self.apply_all(ready_bindings, concurrency).await;
-        self.record_applies(applied, &mut applied_by_policy, &mut failed_by_policy);
+        let applied = self.apply_all(ready_bindings, &existing, concurrency).await;
+        self.record_applies(
+            applied,
+            &mut applied_by_policy,
+            &mut failed_by_policy,
+            &mut foreign_messages,
+        );
         let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(deletes_due)
-            .map(|(key, uid)| {
+            .map(|(key, version)| {
                 let api = self.api(&key);
                 let metrics = self.metrics.clone();
                 async move {
-                    metrics.write(key.kind.as_str(), "delete");
-                    let params = DeleteParams {
-                        preconditions: Some(Preconditions {
-                            uid,
-                            resource_version: None,
-                        }),
-                        ..DeleteParams::default()
-                    };
-                    let result = match api.delete(&key.name, &params).await {
-                        Ok(_) => Ok(()),
-                        // Gone already (garbage collected with its owner), or replaced.
-                        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-                        Err(e) => Err(e),
-                    };
+                    let result = delete(&api, &key, version, &metrics).await;
                     (key, result)
                 }
             })
@@ -425,6 +452,12 @@ impl Reconciler {
         .await;
 
         let mut next_retry = self.failures.values().map(|f| f.until).min();
+        // A write that found the object newer than the cache is tried again after one backoff
+        // step, whether or not that newer version's watch event starts a round by itself.
+        if std::mem::take(&mut self.behind) {
+            let later = Instant::now() + self.settings.backoff_base;
+            next_retry = Some(next_retry.map_or(later, |t| t.min(later)));
+        }
         if deferred > 0 {
             let soon = Instant::now() + self.settings.debounce.max(Duration::from_millis(100));
             next_retry = Some(next_retry.map_or(soon, |t| t.min(soon)));
@@ -448,23 +481,30 @@ impl Reconciler {
         RoundReport { next_retry }
     }
 
-    /// Applies `outputs`, `concurrency` at a time.
+    /// Writes `outputs`, `concurrency` at a time: a name the cache does not hold is created
+    /// (never applied: an apply would take over an object someone created since the
+    /// ownership check), a cached one is applied with its cached resourceVersion as
+    /// precondition (it may have been replaced since).
     async fn apply_all(
         &self,
         outputs: Vec<Output>,
+        existing: &BTreeMap<Key, Existing>,
         concurrency: usize,
-    ) -> Vec<(Output, Result<(), kube::Error>)> {
+    ) -> Vec<(Output, Result<Written, kube::Error>)> {
+        let instance = self.settings.instance.clone();
         futures::stream::iter(outputs)
             .map(|output| {
                 let api = self.api(&output.key);
                 let metrics = self.metrics.clone();
+                let cached = existing
+                    .get(&output.key)
+                    .and_then(|e| e.version.resource_version.clone());
+                let instance = instance.clone();
                 async move {
-                    metrics.write(output.key.kind.as_str(), "apply");
-                    let params = PatchParams::apply(FIELD_MANAGER).force();
-                    let result = api
-                        .patch(&output.key.name, &params, &Patch::Apply(&output.body))
-                        .await
-                        .map(|_| ());
+                    let result = match cached {
+                        Some(rv) => update(&api, &output, rv, &metrics).await,
+                        None => create(&api, &output, instance.as_deref(), &metrics).await,
+                    };
                     (output, result)
                 }
             })
@@ -477,13 +517,31 @@ impl Reconciler {
     /// reported on their policies.
     fn record_applies(
         &mut self,
-        results: Vec<(Output, Result<(), kube::Error>)>,
+        results: Vec<(Output, Result<Written, kube::Error>)>,
         applied_by_policy: &mut BTreeMap<String, Vec<String>>,
         failed_by_policy: &mut BTreeMap<String, Vec<String>>,
+        foreign_by_policy: &mut BTreeMap<String, Vec<String>>,
     ) {
         for (output, result) in results {
             match result {
-                Ok(()) => {
+                // Our cache is behind the server: its watch event starts the next round.
+                Ok(Written::Behind) => {
+                    tracing::debug!(object = %output.key, "changed since cached; next round");
+                    self.behind = true;
+                }
+                // Created by someone else since the ownership check: left alone, reported.
+                Ok(Written::Foreign) => {
+                    tracing::warn!(object = %output.key, "created by someone else meanwhile: left alone");
+                    self.failures.remove(&output.key);
+                    let message = format!("{} exists and is not managed by nodegate", output.key);
+                    for p in &output.policies {
+                        foreign_by_policy
+                            .entry(p.clone())
+                            .or_default()
+                            .push(message.clone());
+                    }
+                }
+                Ok(Written::Applied) => {
                     tracing::info!(object = %output.key, "applied");
                     self.failures.remove(&output.key);
                     for p in &output.policies {
@@ -755,6 +813,148 @@ impl Reconciler {
                 tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
             }
         }
+    }
+}
+
+/// How a write went, when the API server did not refuse it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    Applied,
+    /// The name was taken by an object nodegate does not own: nothing written.
+    Foreign,
+    /// The object changed since the cache saw it: nothing written, its watch event follows.
+    Behind,
+}
+
+/// Creates `output`: 409 AlreadyExists means someone took the name since the ownership
+/// check, so it is read again and reported as foreign unless it is ours (our cache lags).
+async fn create(
+    api: &Api<DynamicObject>,
+    output: &Output,
+    instance: Option<&str>,
+    metrics: &Metrics,
+) -> Result<Written, kube::Error> {
+    let kind = output.key.kind.as_str();
+    let object: DynamicObject =
+        serde_json::from_value(output.body.clone()).map_err(kube::Error::SerdeError)?;
+    metrics.write(kind, "create");
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &object).await {
+        Ok(created) => {
+            own_by_apply(api, kind, &created, metrics).await;
+            Ok(Written::Applied)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            metrics.read(kind);
+            let now = api.get_metadata_opt(&output.key.name).await?;
+            Ok(match now {
+                Some(o) if !objects::is_owned(o.metadata.labels.as_ref(), instance) => {
+                    Written::Foreign
+                }
+                _ => Written::Behind,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A create records nodegate's fields under an Update entry, and server-side apply never
+/// removes a field that another entry (its own Update entry included) still owns: a later
+/// narrowing (rules or subjects emptied, an owner reference dropped) would leave it. So the
+/// entry becomes nodegate's Apply entry, as `kubectl`'s csaupgrade does, guarded by the
+/// created resourceVersion. If that fails, the next round finds no Apply entry and applies.
+async fn own_by_apply(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    created: &DynamicObject,
+    metrics: &Metrics,
+) {
+    let (Some(name), Some(rv)) = (
+        created.metadata.name.as_deref(),
+        created.metadata.resource_version.as_deref(),
+    ) else {
+        return;
+    };
+    let entries: Vec<ManagedFieldsEntry> = created
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .cloned()
+        .map(|mut m| {
+            if m.manager.as_deref() == Some(FIELD_MANAGER) && m.subresource.is_none() {
+                m.operation = Some("Apply".into());
+            }
+            m
+        })
+        .collect();
+    metrics.write(kind, "own");
+    let patch = json!({"metadata": {"resourceVersion": rv, "managedFields": entries}});
+    if let Err(error) = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        metrics.error(kind, "own");
+        tracing::warn!(object = %name, %error, "could not record the created fields as applied");
+    }
+}
+
+/// Applies `output` to the object the cache holds at `rv`: a 409 means it changed (or was
+/// replaced) since, so nothing is forced onto it.
+async fn update(
+    api: &Api<DynamicObject>,
+    output: &Output,
+    rv: String,
+    metrics: &Metrics,
+) -> Result<Written, kube::Error> {
+    metrics.write(output.key.kind.as_str(), "apply");
+    let mut body = output.body.clone();
+    if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), Value::String(rv));
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch(&output.key.name, &params, &Patch::Apply(&body))
+        .await
+    {
+        Ok(_) => Ok(Written::Applied),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(Written::Behind),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the object the cache holds at `version` (uid and resourceVersion preconditions).
+/// 404 is success; a 409 (changed since cached) is read again: success only if the object
+/// meant is gone or replaced, else it is still there and the delete is retried.
+async fn delete(
+    api: &Api<DynamicObject>,
+    key: &Key,
+    version: diff::Version,
+    metrics: &Metrics,
+) -> Result<(), kube::Error> {
+    metrics.write(key.kind.as_str(), "delete");
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: version.uid.clone(),
+            resource_version: version.resource_version,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&key.name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone already (garbage collected with its owner).
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            metrics.read(key.kind.as_str());
+            match api.get_metadata_opt(&key.name).await? {
+                Some(o) if o.metadata.uid == version.uid => Err(kube::Error::Api(s)),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
