@@ -95,6 +95,7 @@ where
 
 /// One test's world: a run label for its policies and an in-process controller.
 pub struct World {
+    pub cluster: Cluster,
     pub client: kube::Client,
     pub run: String,
     pub nodes: Option<FakeNodes>,
@@ -130,6 +131,7 @@ impl World {
             None
         };
         Ok(Self {
+            cluster,
             client,
             run: unique_name("op"),
             nodes,
@@ -263,6 +265,20 @@ impl World {
             .policies()
             .delete_collection(&DeleteParams::default(), &lp)
             .await;
+    }
+}
+
+/// A test that fails before its `cleanup` still deletes its policies (their outputs go with
+/// them), so no later operator without a policy selector (the demo's) enforces them.
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .kubectl()
+            .args(["delete", "nodeapipolicies", "-l"])
+            .arg(format!("{TEST_LABEL}={}", self.run))
+            .args(["--ignore-not-found", "--wait=false"])
+            .output();
     }
 }
 
