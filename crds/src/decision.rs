@@ -269,6 +269,29 @@ pub fn webhook_filter(
 /// namespace: not a DNS label, so no namespace has this name and only `namespaces.all` grants it.
 const ANY_NAMESPACE: &str = "Any-Namespace";
 
+/// The user and groups a SubjectAccessReview asks about for an RBAC binding subject, as the API
+/// server authenticates such a caller: a user of that name, a member of that group (as a
+/// stand-in user), or that service account with its groups; always `system:authenticated`.
+/// The RBAC property of the compiler and the SubjectAccessReview grid on a real API server ask
+/// the same question this way.
+pub fn review_identity(subject: &Subject) -> (String, Vec<String>) {
+    let mut groups = vec!["system:authenticated".to_string()];
+    let user = match subject.kind {
+        SubjectKind::User => subject.name.clone(),
+        SubjectKind::Group => {
+            groups.push(subject.name.clone());
+            "nodegate-grid-user".to_string()
+        }
+        SubjectKind::ServiceAccount => {
+            let ns = subject.namespace.clone().unwrap_or_default();
+            groups.push("system:serviceaccounts".into());
+            groups.push(format!("system:serviceaccounts:{ns}"));
+            format!("system:serviceaccount:{ns}:{}", subject.name)
+        }
+    };
+    (user, groups)
+}
+
 /// What RBAC on nodegate's resource must answer for `who` asking `verb` on
 /// `nodeagentconfigs/<endpoint>` of this node, in `namespace` (`None`: cluster scope, which
 /// stands for every namespace and data of none): the agent's own decision ([`authorize`], on the

@@ -104,25 +104,6 @@ impl Drop for ClusterRbac<'_> {
     }
 }
 
-/// The identity a SubjectAccessReview asks about for an RBAC subject.
-fn review_identity(subject: &Subject) -> (String, Vec<String>) {
-    let mut groups = vec!["system:authenticated".to_string()];
-    let user = match subject.kind {
-        SubjectKind::User => subject.name.clone(),
-        SubjectKind::Group => {
-            groups.push(subject.name.clone());
-            "nodegate-grid-user".to_string()
-        }
-        SubjectKind::ServiceAccount => {
-            let ns = subject.namespace.clone().unwrap_or_default();
-            groups.push("system:serviceaccounts".into());
-            groups.push(format!("system:serviceaccounts:{ns}"));
-            format!("system:serviceaccount:{ns}:{}", subject.name)
-        }
-    };
-    (user, groups)
-}
-
 fn review(
     subject: &Subject,
     endpoint: Endpoint,
@@ -130,7 +111,7 @@ fn review(
     node: &str,
     namespace: Option<&str>,
 ) -> SubjectAccessReview {
-    let (user, groups) = review_identity(subject);
+    let (user, groups) = nodegate_crds::decision::review_identity(subject);
     SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user),
@@ -281,7 +262,7 @@ async fn rbac_on_nodegates_resource_answers_like_the_agent_configs() -> TestResu
                 for verb in [Verb::Get, Verb::Create] {
                     for namespace in &scopes {
                         // The agent's own decision function, as RBAC must answer it.
-                        let (user, groups) = review_identity(subject);
+                        let (user, groups) = nodegate_crds::decision::review_identity(subject);
                         let who = Requester {
                             name: &user,
                             groups: &groups,

@@ -1021,27 +1021,6 @@ proptest! {
     }
 }
 
-/// The identity a SubjectAccessReview for an RBAC subject asks about (as the `grants` test of
-/// `nodegate-tests` sends it to a real API server): a user of that name, a member of that
-/// group, or that service account, always with `system:authenticated`.
-fn identity(subject: &Subject) -> (String, Vec<String>) {
-    let mut groups = vec!["system:authenticated".to_string()];
-    let user = match subject.kind {
-        SubjectKind::User => subject.name.clone(),
-        SubjectKind::Group => {
-            groups.push(subject.name.clone());
-            "nodegate-grid-user".to_string()
-        }
-        SubjectKind::ServiceAccount => {
-            let ns = subject.namespace.clone().unwrap_or_default();
-            groups.push("system:serviceaccounts".into());
-            groups.push(format!("system:serviceaccounts:{ns}"));
-            format!("system:serviceaccount:{ns}:{}", subject.name)
-        }
-    };
-    (user, groups)
-}
-
 /// Whether an RBAC binding subject names the user, as the RBAC authorizer matches them.
 fn rbac_subject_matches(s: &RbacSubject, user: &str, groups: &[String]) -> bool {
     match s.kind.as_str() {
@@ -1126,7 +1105,7 @@ proptest! {
         for config in &d.node_agent_configs {
             let node = config.metadata.name.as_deref().unwrap();
             for subject in &subjects {
-                let (user, groups) = identity(subject);
+                let (user, groups) = nodegate_crds::decision::review_identity(subject);
                 let who = Requester { name: &user, groups: &groups };
                 for endpoint in Endpoint::all() {
                     for verb in verbs {
