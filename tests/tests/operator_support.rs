@@ -18,7 +18,6 @@ use nodegate_tests::cluster::{FakeNodes, TEST_LABEL, unique_name};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
@@ -33,39 +32,10 @@ pub fn repo(path: &str) -> PathBuf {
 
 /// The cluster with the CRDs installed (once per test process).
 pub async fn cluster() -> Result<Option<Cluster>, BoxError> {
-    static INSTALLED: Mutex<bool> = Mutex::new(false);
     let Some(cluster) = Cluster::get().await? else {
         return Ok(None);
     };
-    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if !*installed {
-        let out = cluster
-            .kubectl()
-            .args(["apply", "--server-side", "--force-conflicts", "-f"])
-            .arg(repo("crds/nodeapipolicies.yaml"))
-            .arg("-f")
-            .arg(repo("crds/nodeagentconfigs.yaml"))
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = cluster
-            .kubectl()
-            .args(["wait", "--for=condition=Established", "--timeout=60s"])
-            .args([
-                "crd/nodeapipolicies.nodegate.io",
-                "crd/nodeagentconfigs.nodegate.io",
-            ])
-            .output()?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        *installed = true;
-    }
+    cluster.install_crds().await?;
     Ok(Some(cluster))
 }
 
