@@ -3,7 +3,7 @@
 //! `--config-source=api` watches this node's own `NodeAgentConfig` (and nothing else: the
 //! operator has already resolved selectors, so the agent needs no list access);
 //! `--config-source=file:PATH` reads a `NodeAgentConfig`, or `NodeApiPolicy` documents that are
-//! compiled for this node with the operator's own compiler (clusters without the operator).
+//! compiled for this node with the operator's compiler, `nodegate-compiler` (clusters without the operator).
 //!
 //! Every new version is validated before it is used; an invalid one never replaces the last
 //! good one (the agent keeps enforcing what it enforced, and says why in status and logs).
@@ -20,18 +20,13 @@
 
 use arc_swap::ArcSwapOption;
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
-};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
+use nodegate_compiler::validation::{Invalid, validate_agent_spec, validate_policy};
+use nodegate_compiler::{self as compiler, NodeInfo};
 use nodegate_crds::agent_config::NodeAgentConfigStatus;
-use nodegate_crds::{
-    AgentRule, Endpoint, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, Port, SubjectKind,
-    rules,
-};
-use nodegate_operator::compiler::{self, NodeInfo};
+use nodegate_crds::{NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -203,9 +198,6 @@ impl ConfigStore {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Validation
-
 /// Why a configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -215,361 +207,8 @@ pub enum ConfigError {
     Yaml(String),
     #[error("{0}")]
     Document(String),
-    #[error("{object} is invalid: {}", .errors.join("; "))]
-    Invalid { object: String, errors: Vec<String> },
-}
-
-fn invalid(object: impl Into<String>, errors: Vec<String>) -> ConfigError {
-    ConfigError::Invalid {
-        object: object.into(),
-        errors,
-    }
-}
-
-/// Checks `value` against a structural schema the way the API server does: unknown fields,
-/// enum values, list and string bounds. Errors name the field path.
-pub fn schema_errors(
-    schema: &JSONSchemaProps,
-    value: &Value,
-    path: &str,
-    errors: &mut Vec<String>,
-) {
-    if value.is_null() {
-        return;
-    }
-    if let Some(allowed) = &schema.enum_
-        && !allowed.iter().any(|a| a.0 == *value)
-    {
-        errors.push(format!("{path}: Unsupported value: {value}"));
-    }
-    match value {
-        Value::Object(map) => {
-            if let Some(max) = schema.max_properties
-                && map.len() as i64 > max
-            {
-                errors.push(format!("{path}: Too many: {} (at most {max})", map.len()));
-            }
-            for required in schema.required.iter().flatten() {
-                if !map.contains_key(required) {
-                    errors.push(format!("{path}.{required}: Required value"));
-                }
-            }
-            let preserve = schema.x_kubernetes_preserve_unknown_fields == Some(true);
-            for (key, child) in map {
-                let child_path = format!("{path}.{key}");
-                if let Some(props) = schema.properties.as_ref().and_then(|p| p.get(key)) {
-                    schema_errors(props, child, &child_path, errors);
-                } else {
-                    match &schema.additional_properties {
-                        Some(JSONSchemaPropsOrBool::Schema(values)) => {
-                            schema_errors(values, child, &child_path, errors)
-                        }
-                        Some(JSONSchemaPropsOrBool::Bool(true)) => {}
-                        _ if preserve => {}
-                        _ => errors.push(format!("{path}: unknown field \"{key}\"")),
-                    }
-                }
-            }
-        }
-        Value::Array(items) => {
-            if let Some(max) = schema.max_items
-                && items.len() as i64 > max
-            {
-                errors.push(format!("{path}: Too many: {} (at most {max})", items.len()));
-            }
-            if let Some(min) = schema.min_items
-                && (items.len() as i64) < min
-            {
-                errors.push(format!("{path}: at least {min} item(s) required"));
-            }
-            if let Some(JSONSchemaPropsOrArray::Schema(item)) = &schema.items {
-                for (i, child) in items.iter().enumerate() {
-                    schema_errors(item, child, &format!("{path}[{i}]"), errors);
-                }
-            }
-            if schema.x_kubernetes_list_type.as_deref() == Some("set") {
-                let mut seen = BTreeSet::new();
-                for item in items {
-                    if !seen.insert(item.to_string()) {
-                        errors.push(format!("{path}: Duplicate value: {item}"));
-                    }
-                }
-            }
-        }
-        Value::String(s) => {
-            let chars = s.chars().count() as i64;
-            if let Some(max) = schema.max_length
-                && chars > max
-            {
-                errors.push(format!(
-                    "{path}: Too long: may not be more than {max} characters"
-                ));
-            }
-            if let Some(min) = schema.min_length
-                && chars < min
-            {
-                errors.push(format!("{path}: at least {min} character(s) required"));
-            }
-        }
-        _ => {}
-    }
-}
-
-/// The schema of `spec` in a CRD.
-fn spec_schema(
-    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-) -> Option<JSONSchemaProps> {
-    crd.spec
-        .versions
-        .first()?
-        .schema
-        .as_ref()?
-        .open_api_v3_schema
-        .as_ref()?
-        .properties
-        .as_ref()?
-        .get("spec")
-        .cloned()
-}
-
-fn node_agent_config_schema() -> &'static Option<JSONSchemaProps> {
-    static SCHEMA: std::sync::OnceLock<Option<JSONSchemaProps>> = std::sync::OnceLock::new();
-    SCHEMA.get_or_init(|| spec_schema(&nodegate_crds::crd::node_agent_config()))
-}
-
-fn node_api_policy_schema() -> &'static Option<JSONSchemaProps> {
-    static SCHEMA: std::sync::OnceLock<Option<JSONSchemaProps>> = std::sync::OnceLock::new();
-    SCHEMA.get_or_init(|| spec_schema(&nodegate_crds::crd::node_api_policy()))
-}
-
-/// A NodeAgentConfig `spec` as JSON → validated spec, ready to enforce. Refuses what the
-/// schema refuses (unknown fields or endpoints, bounds, duplicates in sets) and what the
-/// policy rules would have refused (the NodeAgentConfig CRD carries no CEL, so a hand-written
-/// object could hold anything).
-pub fn validate_agent_spec(object: &str, spec: &Value) -> Result<NodeAgentConfigSpec, ConfigError> {
-    let mut errors = Vec::new();
-    if let Some(schema) = node_agent_config_schema() {
-        schema_errors(schema, spec, "spec", &mut errors);
-    }
-    if !errors.is_empty() {
-        return Err(invalid(object, errors));
-    }
-    let mut parsed: NodeAgentConfigSpec = serde_json::from_value(spec.clone())
-        .map_err(|e| invalid(object, vec![format!("spec: {e}")]))?;
-    let errors = agent_spec_violations(&parsed);
-    if !errors.is_empty() {
-        return Err(invalid(object, errors));
-    }
-    for rule in &mut parsed.rules {
-        rule.namespaces.names.sort();
-    }
-    Ok(parsed)
-}
-
-fn message(rule: rules::RuleFn) -> String {
-    match rule().message {
-        Some(kube::core::Message::Message(m)) => m,
-        Some(kube::core::Message::Expression(e)) => e,
-        None => rule().rule,
-    }
-}
-
-/// A DNS-1123 label (namespace names).
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// A DNS-1123 subdomain (service account names).
-pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| !l.is_empty() && is_dns_label(l))
-}
-
-fn is_label_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn is_metric_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn is_anonymous_subject(s: &nodegate_crds::Subject) -> bool {
-    (s.kind == SubjectKind::User && s.name == crate::authn::ANONYMOUS_USER)
-        || (s.kind == SubjectKind::Group && s.name == crate::authn::UNAUTHENTICATED_GROUP)
-}
-
-/// The rules shared by policies and compiled agent rules, given their parts.
-struct GrantParts<'a> {
-    subjects: &'a [nodegate_crds::Subject],
-    creates_service_accounts: bool,
-    endpoints: &'a [Endpoint],
-    all_namespaces: bool,
-    ports: &'a [Port],
-    metrics: Option<&'a nodegate_crds::policy::MetricsTransform>,
-}
-
-fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
-    let node_wide: BTreeSet<Endpoint> = Endpoint::node_wide().collect();
-    let streaming: BTreeSet<Endpoint> = Endpoint::streaming().collect();
-    let read_only: BTreeSet<Endpoint> = Endpoint::read_only().collect();
-    if g.endpoints.iter().any(|e| node_wide.contains(e)) && !g.all_namespaces {
-        errors.push(message(rules::node_wide_needs_all));
-    }
-    if g.ports.contains(&Port::ReadOnly) {
-        if g.endpoints.iter().any(|e| streaming.contains(e)) {
-            errors.push(message(rules::no_streaming_on_read_only_port));
-        }
-        if !g
-            .endpoints
-            .iter()
-            .all(|e| read_only.contains(e) || streaming.contains(e))
-        {
-            errors.push(message(rules::read_only_port_serves_reads_only));
-        }
-        if !g.subjects.iter().all(is_anonymous_subject) || g.creates_service_accounts {
-            errors.push(message(rules::read_only_port_is_anonymous));
-        }
-    }
-    if g.ports.contains(&Port::Secure) && g.subjects.iter().any(is_anonymous_subject) {
-        errors.push(message(rules::anonymous_only_on_read_only_port));
-    }
-    for s in g.subjects {
-        if (s.kind == SubjectKind::ServiceAccount) != s.namespace.is_some() {
-            errors.push(message(rules::subject_namespace));
-        }
-        if s.kind == SubjectKind::ServiceAccount
-            && (!is_dns_subdomain(&s.name)
-                || s.namespace.as_deref().is_some_and(|n| !is_dns_label(n)))
-        {
-            errors.push(message(rules::service_account_subject_name));
-        }
-    }
-    if let Some(m) = g.metrics {
-        if m.add_labels
-            .keys()
-            .any(|k| k == "namespace" || !is_label_name(k) || k.starts_with("__"))
-        {
-            errors.push(message(rules::add_labels_valid));
-        }
-        if !m.drop.iter().chain(&m.keep).all(|n| is_metric_name(n)) {
-            errors.push(message(rules::metric_names_valid));
-        }
-    }
-}
-
-/// What makes compiled rules unsafe or ambiguous to enforce.
-pub fn agent_spec_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
-    let mut errors = Vec::new();
-    let mut policies = BTreeSet::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
-        let at = |what: &str| format!("spec.rules[{i}] ({}): {what}", rule.policy);
-        if !policies.insert(rule.policy.as_str()) {
-            errors.push(at("duplicate policy"));
-        }
-        let mut rule_errors = Vec::new();
-        check_rule(rule, &mut rule_errors);
-        errors.extend(rule_errors.iter().map(|e| at(e)));
-    }
-    errors
-}
-
-fn check_rule(rule: &AgentRule, errors: &mut Vec<String>) {
-    if rule.subjects.is_empty() {
-        errors.push(message(rules::has_subject));
-    }
-    if rule.endpoints.is_empty() {
-        errors.push("no endpoints".into());
-    }
-    if rule.ports.is_empty() {
-        errors.push("no ports".into());
-    }
-    let unique = |n: usize, m: usize| n == m;
-    if !unique(
-        rule.endpoints.iter().collect::<BTreeSet<_>>().len(),
-        rule.endpoints.len(),
-    ) {
-        errors.push("duplicate endpoint".into());
-    }
-    if !unique(
-        rule.ports.iter().collect::<BTreeSet<_>>().len(),
-        rule.ports.len(),
-    ) {
-        errors.push("duplicate port".into());
-    }
-    if !unique(
-        rule.subjects.iter().collect::<BTreeSet<_>>().len(),
-        rule.subjects.len(),
-    ) {
-        errors.push("duplicate subject".into());
-    }
-    let names = &rule.namespaces.names;
-    if names.iter().any(|n| !is_dns_label(n)) {
-        errors.push(message(rules::namespace_names_valid));
-    }
-    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
-        errors.push("duplicate namespace".into());
-    }
-    if rule.namespaces.all && !names.is_empty() {
-        errors.push(message(rules::exactly_one_namespace_scope));
-    }
-    grant_violations(
-        &GrantParts {
-            subjects: &rule.subjects,
-            creates_service_accounts: false,
-            endpoints: &rule.endpoints,
-            all_namespaces: rule.namespaces.all,
-            ports: &rule.ports,
-            metrics: rule.metrics.as_ref(),
-        },
-        errors,
-    );
-}
-
-/// A NodeApiPolicy document (JSON) → the policy, or every schema and rule error: unknown
-/// fields and bounds by the CRD's structural schema, then the CRD's CEL rules.
-pub fn validate_policy(doc: &Value) -> Result<NodeApiPolicy, ConfigError> {
-    let name = doc
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let object = format!("NodeApiPolicy {name:?}");
-    if name.is_empty() {
-        return Err(invalid(
-            object,
-            vec!["metadata.name: Required value".into()],
-        ));
-    }
-    let mut errors = Vec::new();
-    let spec = doc.get("spec").cloned().unwrap_or(Value::Null);
-    if spec.is_null() {
-        return Err(invalid(object, vec!["spec: Required value".into()]));
-    }
-    if let Some(schema) = node_api_policy_schema() {
-        schema_errors(schema, &spec, "spec", &mut errors);
-    }
-    if !errors.is_empty() {
-        return Err(invalid(object, errors));
-    }
-    // The CRD's own CEL rules, by kube's client-side evaluator: the same messages as
-    // `kubectl apply`, and no second copy of the rules to drift.
-    nodegate_crds::validation::validate_policy(doc).map_err(|e| match e {
-        nodegate_crds::validation::Invalid::Rules(errors) => invalid(&object, errors),
-        other => invalid(&object, vec![other.to_string()]),
-    })
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,10 +368,10 @@ pub fn parse_config_file(
                     node.name
                 )));
             }
-            validate_agent_spec(
+            Ok(validate_agent_spec(
                 &format!("NodeAgentConfig {:?}", node.name),
                 doc.get("spec").unwrap_or(&Value::Null),
-            )
+            )?)
         }
         ["NodeApiPolicy"] => {
             let mut policies = Vec::new();
@@ -763,7 +402,7 @@ pub fn parse_config_file(
     }
 }
 
-/// Compiles policies for this node with the operator's compiler.
+/// Compiles policies for this node with the operator's compiler (`nodegate-compiler`).
 pub fn compile_for_node(
     policies: &[NodeApiPolicy],
     node: &NodeIdentity,
@@ -786,10 +425,10 @@ pub fn compile_for_node(
         .ok_or_else(|| ConfigError::Document("the compiler produced no configuration".into()))?;
     let spec =
         serde_json::to_value(&config.spec).map_err(|e| ConfigError::Document(e.to_string()))?;
-    validate_agent_spec(
+    Ok(validate_agent_spec(
         &format!("compiled configuration of node {:?}", node.name),
         &spec,
-    )
+    )?)
 }
 
 /// Helper so the YAML stream yields values without naming serde's `Deserialize` at the call.
@@ -1160,6 +799,8 @@ fn condition(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use nodegate_compiler::validation::{agent_spec_violations, is_dns_label, message};
+    use nodegate_crds::{Endpoint, Port, rules};
     use serde_json::json;
     use std::path::Path;
 
@@ -1645,17 +1286,5 @@ mod tests {
         assert!(parse_node_labels("").unwrap().is_empty());
         assert!(parse_node_labels("pool").is_err());
         assert!(parse_node_labels("=x").is_err());
-    }
-
-    #[test]
-    fn dns_names() {
-        for ok in ["a", "team-a", "a1", &"a".repeat(63)] {
-            assert!(is_dns_label(ok), "{ok}");
-        }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64)] {
-            assert!(!is_dns_label(bad), "{bad}");
-        }
-        assert!(is_dns_subdomain("a.b-c.d"));
-        assert!(!is_dns_subdomain("a..b") && !is_dns_subdomain(".a"));
     }
 }

@@ -1,6 +1,7 @@
 //! nodegate-operator: turns NodeApiPolicies into RBAC, service accounts and per-node agent
-//! configuration. [`compiler`] decides; the controller (next) reads the cluster and applies.
+//! configuration. The [`compiler`] (its own crate, which the agent shares) decides; the
+//! controller reads the cluster and applies.
 
-pub mod compiler;
+pub use nodegate_compiler as compiler;
 pub mod controller;
 pub mod render;

@@ -15,11 +15,11 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use nodegate_compiler::{self as compiler, NamespaceInfo, NodeInfo};
 use nodegate_crds::catalogue::AGENT_API_GROUP;
 use nodegate_crds::decision::{Requester, rbac_answer};
 use nodegate_crds::selector::LabelSelector;
 use nodegate_crds::{Endpoint, NodeApiPolicy, Subject, SubjectKind, Verb};
-use nodegate_operator::compiler::{self, NamespaceInfo, NodeInfo};
 use nodegate_operator::render;
 use nodegate_tests::cluster::{NODE_NAME, unique_name};
 use nodegate_tests::{Cluster, TestNamespace};

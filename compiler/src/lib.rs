@@ -30,6 +30,8 @@ use nodegate_crds::{
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod validation;
+
 /// What the compiler needs to know of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
