@@ -347,6 +347,114 @@ async fn namespace_created_later_is_resolved() -> TestResult {
     Ok(())
 }
 
+/// A narrowing removes the RBAC that granted the wider scope, not only the NodeAgentConfig's
+/// rule: `all` → `names: [a, b]` deletes the ClusterRoleBinding (RoleBindings in a and b
+/// replace it), `[a, b]` → `[a]` deletes b's RoleBinding; at each step the API server's own
+/// authorizer (SubjectAccessReview) and the node's config answer for exactly the new scope.
+#[tokio::test]
+async fn narrowing_removes_the_bindings_of_the_wider_scope() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    w.start();
+    let (a, b) = (
+        cluster.namespace("narrow-a").await?,
+        cluster.namespace("narrow-b").await?,
+    );
+    let other = cluster.namespace("narrow-c").await?;
+    let node = w.node_names()[0].clone();
+    let name = unique_name("narrowing");
+    let binding = format!("nodegate:{name}");
+    let user = unique_name("nora");
+    let spec = |namespaces: serde_json::Value| {
+        json!({
+            "subjects": [{"kind": "User", "name": user}],
+            "access": ["pods"],
+            "namespaces": namespaces,
+        })
+    };
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(w.client.clone());
+    let role_bindings = |ns: &str| Api::<RoleBinding>::namespaced(w.client.clone(), ns);
+    let may = |ns: String| {
+        let (client, user, node) = (w.client.clone(), user.clone(), node.clone());
+        async move { allowed(&client, &user, "get", "pods", &node, &ns).await }
+    };
+    let config_names = |c: &NodeAgentConfig| -> Option<(bool, Vec<String>)> {
+        let rule = c.spec.rules.first()?;
+        Some((rule.namespaces.all, rule.namespaces.names.clone()))
+    };
+
+    w.create(&w.policy(&name, spec(json!({"all": true}))))
+        .await?;
+    eventually("ClusterRoleBinding for all", WAIT, || async {
+        cluster_bindings.get_opt(&binding).await.ok()?
+    })
+    .await?;
+    eventually("SubjectAccessReview allows any namespace", WAIT, || async {
+        may(other.name().to_string()).await.then_some(())
+    })
+    .await?;
+
+    // all → [a, b]: the cluster-wide binding goes, one RoleBinding per namespace comes.
+    // (A merge patch: `all` must be removed explicitly.)
+    w.replace_spec(
+        &name,
+        spec(json!({"all": null, "names": [a.name(), b.name()]})),
+    )
+    .await?;
+    eventually("ClusterRoleBinding deleted", WAIT, || async {
+        cluster_bindings
+            .get_opt(&binding)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    for ns in [&a, &b] {
+        eventually("RoleBinding per namespace", WAIT, || async {
+            role_bindings(ns.name()).get_opt(&binding).await.ok()?
+        })
+        .await?;
+    }
+    eventually("config holds a and b", WAIT, || async {
+        let c = w.config(&node).await?;
+        let mut want = vec![a.name().to_string(), b.name().to_string()];
+        want.sort();
+        (config_names(&c)? == (false, want)).then_some(())
+    })
+    .await?;
+    assert!(!may(other.name().to_string()).await, "c is out of scope");
+    assert!(may(a.name().to_string()).await && may(b.name().to_string()).await);
+
+    // [a, b] → [a]: b's RoleBinding goes.
+    w.replace_spec(&name, spec(json!({"names": [a.name()]})))
+        .await?;
+    eventually("b's RoleBinding deleted", WAIT, || async {
+        role_bindings(b.name())
+            .get_opt(&binding)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    eventually("config holds a only", WAIT, || async {
+        let c = w.config(&node).await?;
+        (config_names(&c)? == (false, vec![a.name().to_string()])).then_some(())
+    })
+    .await?;
+    assert!(
+        role_bindings(a.name()).get_opt(&binding).await?.is_some(),
+        "a keeps its binding"
+    );
+    assert!(!may(b.name().to_string()).await, "b is out of scope");
+    assert!(may(a.name().to_string()).await, "a stays in scope");
+    w.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn generated_objects_are_restored() -> TestResult {
     let Some(cluster) = cluster().await? else {
@@ -397,20 +505,32 @@ async fn generated_objects_are_restored() -> TestResult {
     .await?;
 
     // The binding's subjects edited away: restored.
+    // The binding must exist first: a check that skips a missing binding would pass when the
+    // binding is never written at all.
     let bindings: Api<ClusterRoleBinding> = Api::all(w.client.clone());
-    if bindings.get_opt(&role_name).await?.is_some() {
-        bindings
-            .patch(&role_name, &PatchParams::default(), &Patch::Merge(&json!({"subjects": [{"kind": "User", "name": "mallory", "apiGroup": "rbac.authorization.k8s.io"}]})))
-            .await?;
-        eventually("binding restored", WAIT, || async {
-            let b = bindings.get_opt(&role_name).await.ok()??;
-            b.subjects?
-                .iter()
-                .all(|s| s.name != "mallory")
-                .then_some(())
-        })
+    let original_binding = eventually("ClusterRoleBinding", WAIT, || async {
+        bindings.get_opt(&role_name).await.ok()?
+    })
+    .await?;
+    let subjects_of = |b: &ClusterRoleBinding| -> Vec<(String, String)> {
+        b.subjects
+            .iter()
+            .flatten()
+            .map(|s| (s.kind.clone(), s.name.clone()))
+            .collect()
+    };
+    assert_eq!(
+        subjects_of(&original_binding),
+        [("User".to_string(), "dave".to_string())]
+    );
+    bindings
+        .patch(&role_name, &PatchParams::default(), &Patch::Merge(&json!({"subjects": [{"kind": "User", "name": "mallory", "apiGroup": "rbac.authorization.k8s.io"}]})))
         .await?;
-    }
+    eventually("binding restored", WAIT, || async {
+        let b = bindings.get_opt(&role_name).await.ok()??;
+        (subjects_of(&b) == subjects_of(&original_binding)).then_some(())
+    })
+    .await?;
 
     // A NodeAgentConfig edited by hand is rewritten.
     let node = w.node_names()[0].clone();
@@ -864,7 +984,7 @@ async fn watches_resume_after_an_api_server_outage() -> TestResult {
     let proxy = nodegate_tests::cluster::FlakyProxy::start(apiserver).await?;
     let proxied = kube::Client::try_from(proxy.config_through(cluster.admin_config()))?;
     let settings = w.settings();
-    w.start_with(settings, None, proxied);
+    let metrics = w.start_with(settings, None, proxied);
     let name = unique_name("outage");
     let role_name = format!("nodegate:{name}");
     w.create(&w.policy(
@@ -881,6 +1001,7 @@ async fn watches_resume_after_an_api_server_outage() -> TestResult {
     })
     .await?;
 
+    let watch_errors_before = metrics.watch_errors();
     proxy.outage(true);
     w.replace_spec(
         &name,
@@ -891,11 +1012,16 @@ async fn watches_resume_after_an_api_server_outage() -> TestResult {
         }),
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The controller must have lost its watches (else the forwarder cut nothing and the test
+    // proves nothing), and the change cannot have been applied through the cut.
+    eventually("the controller sees the outage", WAIT, || async {
+        (metrics.watch_errors() > watch_errors_before).then_some(())
+    })
+    .await?;
     let during = w.cluster_role(&role_name).await.ok_or("role vanished")?;
     assert!(
         !format!("{:?}", during.rules).contains("nodeagentconfigs/cadvisor"),
-        "nothing reaches the API server during the outage"
+        "the change was applied although every connection of the controller was cut"
     );
     proxy.outage(false);
     eventually(

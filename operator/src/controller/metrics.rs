@@ -245,6 +245,11 @@ impl Metrics {
     pub fn is_leader(&self) -> bool {
         self.inner.leader.get() == 1
     }
+
+    /// Watch stream errors so far (each one is retried by the watcher).
+    pub fn watch_errors(&self) -> u64 {
+        self.inner.watch_errors.get()
+    }
 }
 
 fn sum(vec: &IntCounterVec) -> u64 {
