@@ -5,6 +5,7 @@
 //! [`skip`] is how a test that lacks what it needs fails, or (only when the run asked) is counted
 //! as skipped instead of passing.
 
+pub mod binaries;
 pub mod cluster;
 pub mod sim;
 pub mod skip;

@@ -55,6 +55,22 @@ pub fn run(args: Args) -> Result<()> {
         env
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // Cargo builds a package's binaries only for that package's own integration tests; the
+    // tests that run the operator or the agent as a process (to SIGKILL it, to measure it)
+    // find them beside their own executable (`nodegate_tests::binaries`).
+    step("binaries", || {
+        cargo(
+            &[
+                "build",
+                "-p",
+                "nodegate-operator",
+                "-p",
+                "nodegate-agent",
+                "--bins",
+            ],
+            &[],
+        )
+    })?;
     let counts = step("cargo test", || {
         cargo_test(&["test", "--workspace", "--no-fail-fast"], &env)
     })?;
