@@ -66,7 +66,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
             .unwrap_or(100),
     );
     println!("chaos seed {seed} (replay: NODEGATE_CHAOS_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let rng = StdRng::seed_from_u64(seed);
 
     let w = World::new(cluster.clone(), NODES, &[]).await?;
     let client = w.client.clone();
@@ -79,8 +79,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
         label_namespace(&client, ns.name(), &run, Some("red")).await?;
         fixed.push(ns);
     }
-    let mut names: Vec<String> = fixed.iter().map(|n| n.name().to_string()).collect();
-    let mut dynamic: Vec<String> = Vec::new();
+    let names: Vec<String> = fixed.iter().map(|n| n.name().to_string()).collect();
     let _sweep = NamespaceSweep {
         cluster: cluster.clone(),
         run: run.clone(),
@@ -104,88 +103,79 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     println!("operator log: {}", log.display());
 
     let mut checker = Checker::new(users.clone(), nodes.clone());
-    let mut policies: Vec<String> = Vec::new();
-    let mut counter = 0usize;
+    let mut world = Chaos {
+        rng,
+        run: run.clone(),
+        client: client.clone(),
+        users: users.clone(),
+        nodes: nodes.clone(),
+        names,
+        dynamic: Vec::new(),
+        policies: Vec::new(),
+        counter: 0,
+    };
     let started = Instant::now();
     let mut ops: BTreeMap<&'static str, usize> = BTreeMap::new();
-    while started.elapsed() < chaos_for {
-        let op = match rng.random_range(0..100) {
-            0..30 => "create policy",
-            30..55 => "update policy",
-            55..65 => "delete policy",
-            65..72 => "create namespace",
-            72..78 => "delete namespace",
-            78..88 => "relabel node",
-            88..94 => "kill operator",
-            _ => "cut the API server",
-        };
-        *ops.entry(op).or_default() += 1;
-        match op {
-            "create policy" if policies.len() < 6 => {
-                counter += 1;
-                let name = format!("{run}-p{counter}");
-                let spec = random_spec(&mut rng, &users, &names);
-                w.create(&w.policy(&name, spec)).await?;
-                policies.push(name);
-            }
-            "update policy" | "create policy" => {
-                if let Some(name) = policies.choose(&mut rng).cloned() {
-                    let spec = random_spec(&mut rng, &users, &names);
-                    replace_spec(&w.policies(), &name, spec).await?;
-                }
-            }
-            "delete policy" => {
-                if !policies.is_empty() {
-                    let name = policies.remove(rng.random_range(0..policies.len()));
-                    w.policies().delete(&name, &DeleteParams::default()).await?;
-                }
-            }
-            "create namespace" => {
-                let name = format!("{run}-d{}", dynamic.len());
-                let team = ["red", "blue"].choose(&mut rng).copied();
-                create_namespace(&client, &name, &run, team).await?;
-                dynamic.push(name.clone());
-                names.push(name);
-            }
-            "delete namespace" => {
-                // Deleted dynamic namespaces stay in `names`: policies may still name them.
-                if let Some(name) = dynamic.iter().choose(&mut rng).cloned() {
-                    let _ = Api::<Namespace>::all(client.clone())
-                        .delete(&name, &DeleteParams::default())
-                        .await;
-                }
-            }
-            "relabel node" => {
-                let node = nodes.choose(&mut rng).unwrap();
-                let pool = [Some("a"), Some("b"), None]
-                    .choose(&mut rng)
-                    .copied()
-                    .flatten();
-                Api::<Node>::all(client.clone())
-                    .patch(
-                        node,
-                        &PatchParams::default(),
-                        &Patch::Merge(&json!({"metadata": {"labels": {POOL_LABEL: pool}}})),
-                    )
-                    .await?;
-            }
-            "kill operator" => {
-                if let Some(mut child) = operator.take() {
-                    child.start_kill()?; // SIGKILL
-                    let _ = child.wait().await;
-                }
-                tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
-                operator = Some(spawn_operator(&binary, &kubeconfig, &args, &log)?);
-            }
-            _ => {
-                proxy.outage(true);
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1000..5000))).await;
-                proxy.outage(false);
-            }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // The checker samples on its own clock, also while the operator is dead or cut off.
+    let sampling = async {
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            checker.sample(&client, &run).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        checker.sample(&client, &run).await?;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
-    }
+        Ok::<(), BoxError>(())
+    };
+    let chaos = async {
+        let result: Result<(), BoxError> = async {
+            while started.elapsed() < chaos_for {
+                let op = match world.rng.random_range(0..100) {
+                    0..30 => "create policy",
+                    30..55 => "update policy",
+                    55..65 => "delete policy",
+                    65..72 => "create namespace",
+                    72..78 => "delete namespace",
+                    78..88 => "relabel node",
+                    88..94 => "kill operator",
+                    _ => "cut the API server",
+                };
+                *ops.entry(op).or_default() += 1;
+                // The timeline, shown with the failure (libtest prints a failed test's output).
+                println!("{:>6.1}s {op}", started.elapsed().as_secs_f64());
+                match op {
+                    // A change made while the operator is dead (then restarted) or cut off
+                    // from the API server: it must land after it recovers.
+                    "kill operator" => {
+                        if let Some(mut child) = operator.take() {
+                            child.start_kill()?; // SIGKILL
+                            let _ = child.wait().await;
+                        }
+                        world.change(&w, "update policy").await?;
+                        let pause = world.rng.random_range(200..2000);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        operator = Some(spawn_operator(&binary, &kubeconfig, &args, &log)?);
+                    }
+                    "cut the API server" => {
+                        proxy.outage(true);
+                        world.change(&w, "update policy").await?;
+                        let pause = world.rng.random_range(1000..5000);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        proxy.outage(false);
+                    }
+                    op => world.change(&w, op).await?,
+                }
+                let pause = world.rng.random_range(100..1500);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Ok(())
+        }
+        .await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        result
+    };
+    let (chaos, sampling) = tokio::join!(chaos, sampling);
+    chaos?;
+    sampling?;
+    let policies = world.policies;
     println!("chaos operations: {ops:?}");
 
     // Quiet: whatever the last operation was, within the window every grant is as the policies
@@ -255,6 +245,82 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The test's side of the world and its random source.
+struct Chaos {
+    rng: StdRng,
+    run: String,
+    client: kube::Client,
+    users: Vec<String>,
+    nodes: Vec<String>,
+    /// Namespace names policies may name (deleted ones included).
+    names: Vec<String>,
+    /// Namespaces created during the run.
+    dynamic: Vec<String>,
+    /// Policies that exist.
+    policies: Vec<String>,
+    counter: usize,
+}
+
+impl Chaos {
+    /// One change to policies, namespaces or node labels.
+    async fn change(&mut self, w: &World, op: &str) -> TestResult {
+        let client = &self.client;
+        match op {
+            "create policy" if self.policies.len() < 6 => {
+                self.counter += 1;
+                let name = format!("{}-p{}", self.run, self.counter);
+                let spec = random_spec(&mut self.rng, &self.users, &self.names);
+                w.create(&w.policy(&name, spec)).await?;
+                self.policies.push(name);
+            }
+            "update policy" | "create policy" => {
+                if let Some(name) = self.policies.choose(&mut self.rng).cloned() {
+                    let spec = random_spec(&mut self.rng, &self.users, &self.names);
+                    replace_spec(&w.policies(), &name, spec).await?;
+                }
+            }
+            "delete policy" => {
+                if !self.policies.is_empty() {
+                    let i = self.rng.random_range(0..self.policies.len());
+                    let name = self.policies.remove(i);
+                    w.policies().delete(&name, &DeleteParams::default()).await?;
+                }
+            }
+            "create namespace" => {
+                let name = format!("{}-d{}", self.run, self.dynamic.len());
+                let team = ["red", "blue"].choose(&mut self.rng).copied();
+                create_namespace(client, &name, &self.run, team).await?;
+                self.dynamic.push(name.clone());
+                self.names.push(name);
+            }
+            "delete namespace" => {
+                // Deleted namespaces stay in `names`: policies may still name them.
+                if let Some(name) = self.dynamic.iter().choose(&mut self.rng).cloned() {
+                    let _ = Api::<Namespace>::all(client.clone())
+                        .delete(&name, &DeleteParams::default())
+                        .await;
+                }
+            }
+            "relabel node" => {
+                let node = self.nodes.choose(&mut self.rng).ok_or("no node")?;
+                let pool = [Some("a"), Some("b"), None]
+                    .choose(&mut self.rng)
+                    .copied()
+                    .flatten();
+                Api::<Node>::all(client.clone())
+                    .patch(
+                        node,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"metadata": {"labels": {POOL_LABEL: pool}}})),
+                    )
+                    .await?;
+            }
+            other => return Err(format!("unknown change {other}").into()),
+        }
+        Ok(())
+    }
 }
 
 /// Deletes every namespace the test made, also when it fails.
