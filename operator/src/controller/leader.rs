@@ -353,7 +353,11 @@ async fn elected(
     metrics.set_ready(true);
     tracing::info!(identity = %leader.identity, lease = %leader.lease_name, "standing by for the lease");
     loop {
-        match elector.try_acquire_or_renew().await {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            attempt = elector.try_acquire_or_renew() => attempt,
+        };
+        match attempt {
             Ok(Attempt::Held) => break,
             Ok(Attempt::HeldBy(holder)) => {
                 tracing::debug!(%holder, "the lease is held");
