@@ -11,6 +11,8 @@
 //!   connection attempt, no byte at the forwarder, before and after the cut is healed), it has
 //!   exited non-zero, and the new leader deletes the RoleBinding of the removed namespace
 //!   (a SubjectAccessReview answers no);
+//! - a leader whose writes and renewals hang steps down at its renew deadline: the round in
+//!   flight is cancelled and the held write is never sent (in-process, an interposing client);
 //! - `/healthz` of a controller whose round is stuck on a write fails after the stall bound, and
 //!   recovers when the round ends (`/readyz` stays ready).
 //!
@@ -25,13 +27,13 @@ use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::Api;
-use nodegate_operator::controller::{self, CancellationToken, Metrics};
+use nodegate_operator::controller::{self, CancellationToken, LeaderSettings, Metrics};
 use nodegate_tests::cluster::{FlakyProxy, unique_name};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -411,17 +413,28 @@ async fn a_partitioned_leader_sends_nothing_after_its_renew_deadline_and_the_new
     Ok(())
 }
 
-/// The controller's client, wrapped: every request other than a GET (or a watch) waits while
-/// `hang` is set, as a write stuck on a dead connection would.
-fn hanging_client(admin: kube::Client, hang: Arc<AtomicBool>) -> kube::Client {
+/// What a [`hanging_client`] does: while `on`, every request other than a GET (or a watch)
+/// waits, as a write stuck on a dead connection would.
+#[derive(Default)]
+struct Hang {
+    on: AtomicBool,
+    /// Requests that were held.
+    held: AtomicUsize,
+    /// Held requests sent on once `on` was cleared (a dropped one never is).
+    released: AtomicUsize,
+}
+
+fn hanging_client(admin: kube::Client, hang: Arc<Hang>) -> kube::Client {
     let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
         let inner = admin.clone();
         let hang = hang.clone();
         async move {
-            if request.method() != Method::GET {
-                while hang.load(Ordering::SeqCst) {
+            if request.method() != Method::GET && hang.on.load(Ordering::SeqCst) {
+                hang.held.fetch_add(1, Ordering::SeqCst);
+                while hang.on.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                hang.released.fetch_add(1, Ordering::SeqCst);
             }
             inner.send(request).await
         }
@@ -448,7 +461,7 @@ async fn healthz_fails_while_a_round_is_stuck_past_the_stall_bound() -> TestResu
         return Ok(());
     };
     let mut w = World::new(cluster.clone(), 1, &[]).await?;
-    let hang = Arc::new(AtomicBool::new(false));
+    let hang = Arc::new(Hang::default());
     let stall = Duration::from_secs(3);
     let settings = controller::Settings {
         stall_after: stall,
@@ -469,7 +482,7 @@ async fn healthz_fails_while_a_round_is_stuck_past_the_stall_bound() -> TestResu
     })
     .await?;
 
-    hang.store(true, Ordering::SeqCst);
+    hang.on.store(true, Ordering::SeqCst);
     let name = unique_name("stall");
     let role_name = format!("nodegate:{name}");
     let created = Instant::now();
@@ -506,7 +519,7 @@ async fn healthz_fails_while_a_round_is_stuck_past_the_stall_bound() -> TestResu
         "the write is stuck"
     );
 
-    hang.store(false, Ordering::SeqCst);
+    hang.on.store(false, Ordering::SeqCst);
     eventually("the round finishes and /healthz recovers", WAIT, || async {
         let role = w.cluster_role(&role_name).await;
         (role.is_some() && curl_status(addr, "/healthz").await.0 == 200).then_some(())
@@ -514,6 +527,71 @@ async fn healthz_fails_while_a_round_is_stuck_past_the_stall_bound() -> TestResu
     .await?;
     shutdown.cancel();
     server.await??;
+    w.cleanup().await;
+    Ok(())
+}
+
+/// A leader whose writes and renewals hang (as on a dead connection) steps down at its renew
+/// deadline: the round in flight is cancelled, the controller ends with LeadershipLost, and the
+/// held write is dropped, never sent, also once the connection would work again.
+#[tokio::test]
+async fn passing_the_renew_deadline_cancels_the_round_in_flight() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let lease_ns = cluster.namespace("leader").await?;
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let hang = Arc::new(Hang::default());
+    let client = hanging_client(w.client.clone(), hang.clone());
+    let leader = LeaderSettings {
+        lease_duration: LEASE_DURATION,
+        renew_deadline: RENEW_DEADLINE,
+        retry_period: RETRY_PERIOD,
+        ..LeaderSettings::new(unique_name("cancel-lease"), lease_ns.name(), "cancel")
+    };
+    let settings = w.settings();
+    let metrics = w.start_with(settings, Some(leader), client);
+    eventually("leading, caches synced", WAIT, || async {
+        (metrics.is_leader() && metrics.is_ready()).then_some(())
+    })
+    .await?;
+
+    hang.on.store(true, Ordering::SeqCst);
+    let hung = Instant::now();
+    let name = unique_name("cancel");
+    let role_name = format!("nodegate:{name}");
+    w.create(&w.policy(
+        &name,
+        json!({"subjects": [{"kind": "User", "name": "cal"}], "access": ["pods"], "namespaces": {"all": true}}),
+    ))
+    .await?;
+    let running = w.controllers.pop().unwrap();
+    let ended = tokio::time::timeout(WAIT, running.task).await??;
+    let stepped_down = hung.elapsed();
+    assert!(
+        matches!(ended, Err(controller::Error::LeadershipLost(_))),
+        "{ended:?}"
+    );
+    assert!(
+        stepped_down <= RENEW_DEADLINE + Duration::from_secs(1),
+        "stepped down {stepped_down:?} after the hang, deadline {RENEW_DEADLINE:?}"
+    );
+    assert!(!metrics.is_leader());
+    let held = hang.held.load(Ordering::SeqCst);
+    assert!(
+        held >= 2,
+        "the round's write and a renewal were held: {held}"
+    );
+
+    hang.on.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        hang.released.load(Ordering::SeqCst),
+        0,
+        "no held request was sent after the step-down"
+    );
+    assert!(w.cluster_role(&role_name).await.is_none());
+    eprintln!("stepped down {stepped_down:?} after the hang; {held} requests held, none sent");
     w.cleanup().await;
     Ok(())
 }

@@ -372,8 +372,8 @@ async fn elected(
     }
 
     tracing::info!(identity = %leader.identity, "leading: starting the reconcile loop");
-    metrics.set_leader(true);
     metrics.set_ready(false);
+    metrics.set_leader(true);
     let fence = elector.fence.clone();
     let active = shutdown.child_token();
     let mut controller = tokio::spawn(super::lead(
