@@ -179,9 +179,6 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     let identity = args
         .identity
         .clone()
@@ -214,6 +211,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid lease flags: {e}"))?;
     }
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     let metrics = Metrics::new().context("registering metrics")?;
     let shutdown = CancellationToken::new();
     let (addr, server) =
