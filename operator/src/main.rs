@@ -72,7 +72,7 @@ struct RunArgs {
     identity: Option<String>,
 
     /// Seconds a standby waits after it last saw the lease renewed before taking it over:
-    /// the longest failover after a crash (plus up to two retry periods).
+    /// the longest failover after a crash (plus up to a retry period to see the last renewal).
     #[arg(long, env = "NODEGATE_LEASE_DURATION", default_value_t = 15)]
     lease_duration_seconds: u64,
 

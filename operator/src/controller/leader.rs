@@ -40,7 +40,7 @@ pub struct LeaderSettings {
     /// This replica's identity in the lease (pod name).
     pub identity: String,
     /// How long a standby waits after it last saw the lease change before taking it: the
-    /// longest failover after a crash (plus up to two retry periods of polling). Whole
+    /// longest failover after a crash (plus up to one retry period to see the last renewal). Whole
     /// seconds (the Lease stores seconds).
     pub lease_duration: Duration,
     /// The leader writes only within this long of its last successful renewal, and steps
@@ -105,30 +105,34 @@ impl LeaderSettings {
 enum Attempt {
     /// This replica holds the lease (acquired or renewed by this attempt).
     Held,
-    /// Another replica holds an unexpired lease.
-    HeldBy(String),
+    /// Another replica holds a lease this replica counts as valid until `until`.
+    HeldBy { holder: String, until: Instant },
     /// Someone wrote the Lease between our read and our write (409): try again.
     Conflict,
 }
 
-/// Whether this replica may write the Lease now: it holds it, nobody does, or the holder has
-/// not renewed for the record's duration since `observed_at` (when this replica last saw the
-/// record change).
-fn may_take(spec: Option<&LeaseSpec>, me: &str, observed_at: Instant, now: Instant) -> bool {
-    let Some(spec) = spec else {
-        return true;
-    };
+/// Until when another replica's lease keeps this one out: the record's duration after
+/// `observed_at` (when this replica last saw the record change). None when nobody else holds
+/// it (free, released, missing, or ours).
+fn held_until(spec: Option<&LeaseSpec>, me: &str, observed_at: Instant) -> Option<Instant> {
+    let spec = spec?;
     match spec.holder_identity.as_deref() {
-        None | Some("") => true,
-        Some(holder) if holder == me => true,
+        None | Some("") => None,
+        Some(holder) if holder == me => None,
         Some(_) => {
             let duration = spec
                 .lease_duration_seconds
                 .and_then(|s| u64::try_from(s).ok())
                 .unwrap_or(0);
-            now >= observed_at + Duration::from_secs(duration)
+            Some(observed_at + Duration::from_secs(duration))
         }
     }
+}
+
+/// Whether this replica may write the Lease at `now`.
+#[cfg(test)]
+fn may_take(spec: Option<&LeaseSpec>, me: &str, observed_at: Instant, now: Instant) -> bool {
+    held_until(spec, me, observed_at).is_none_or(|until| now >= until)
 }
 
 /// The record this replica writes to take or renew the lease: a new holder gets a new
@@ -243,13 +247,15 @@ impl Elector {
         };
         let now = Instant::now();
         let observed_at = self.observe(&lease, now);
-        if !may_take(lease.spec.as_ref(), &me, observed_at, now) {
+        if let Some(until) = held_until(lease.spec.as_ref(), &me, observed_at)
+            && now < until
+        {
             let holder = lease
                 .spec
                 .as_ref()
                 .and_then(|s| s.holder_identity.clone())
                 .unwrap_or_default();
-            return Ok(Attempt::HeldBy(holder));
+            return Ok(Attempt::HeldBy { holder, until });
         }
         lease.spec = Some(taken(
             lease.spec.as_ref(),
@@ -357,17 +363,20 @@ async fn elected(
             _ = shutdown.cancelled() => return Ok(()),
             attempt = elector.try_acquire_or_renew() => attempt,
         };
+        let mut next = Instant::now() + jittered(leader.retry_period);
         match attempt {
             Ok(Attempt::Held) => break,
-            Ok(Attempt::HeldBy(holder)) => {
+            Ok(Attempt::HeldBy { holder, until }) => {
                 tracing::debug!(%holder, "the lease is held");
+                // Try again as soon as it would expire, not up to a retry period later.
+                next = next.min(until);
             }
             Ok(Attempt::Conflict) => tracing::debug!("lease changed meanwhile; trying again"),
             Err(error) => tracing::warn!(%error, "could not read or take the lease"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(jittered(leader.retry_period)) => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 
@@ -403,7 +412,7 @@ async fn elected(
                 // A renewal that has not answered by the deadline is given up with it.
                 match tokio::time::timeout_at(deadline, elector.try_acquire_or_renew()).await {
                     Ok(Ok(Attempt::Held)) => {}
-                    Ok(Ok(Attempt::HeldBy(holder))) => {
+                    Ok(Ok(Attempt::HeldBy { holder, .. })) => {
                         break Ended::Lost(format!("the lease is held by {holder}"));
                     }
                     Ok(Ok(Attempt::Conflict)) => {
@@ -474,6 +483,10 @@ mod tests {
             seen,
             seen + Duration::from_secs(6)
         ));
+        assert_eq!(
+            held_until(Some(&other), "a", seen),
+            Some(seen + Duration::from_secs(6))
+        );
         // Ours, free, released or missing: take it now.
         assert!(may_take(Some(&spec(Some("a"), 6, 0)), "a", seen, seen));
         assert!(may_take(Some(&spec(None, 6, 0)), "a", seen, seen));
