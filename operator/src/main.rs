@@ -71,13 +71,28 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
 
-    /// Seconds a lease lasts without renewal: the longest failover after a crash.
+    /// Seconds a standby waits after it last saw the lease renewed before taking it over:
+    /// the longest failover after a crash (plus up to a retry period to see the last renewal).
     #[arg(long, env = "NODEGATE_LEASE_DURATION", default_value_t = 15)]
     lease_duration_seconds: u64,
 
-    /// The leader renews this many seconds before its lease expires.
-    #[arg(long, env = "NODEGATE_LEASE_GRACE", default_value_t = 5)]
-    lease_grace_seconds: u64,
+    /// The leader sends no write unless it renewed the lease within this many seconds, and
+    /// steps down (the process exits, to restart as a standby) when a renewal has not
+    /// succeeded for this long. Less than --lease-duration-seconds: the difference covers
+    /// requests in flight.
+    #[arg(long, env = "NODEGATE_LEASE_RENEW_DEADLINE", default_value_t = 10)]
+    lease_renew_deadline_seconds: u64,
+
+    /// Seconds between the leader's renewals and a standby's attempts to take the lease.
+    /// Less than --lease-renew-deadline-seconds.
+    #[arg(long, env = "NODEGATE_LEASE_RETRY_PERIOD", default_value_t = 2)]
+    lease_retry_period_seconds: u64,
+
+    /// /healthz fails when the leader's reconcile loop has spent longer than this in one
+    /// round (or waiting for its caches after winning the lease), so a liveness probe
+    /// restarts a stuck replica. Waiting idle or standing by is healthy.
+    #[arg(long, env = "NODEGATE_HEALTHZ_STALL_SECONDS", default_value_t = 120)]
+    healthz_stall_seconds: u64,
 
     /// Reconcile only NodeApiPolicies matching this label selector.
     #[arg(long, env = "NODEGATE_POLICY_SELECTOR")]
@@ -164,9 +179,6 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     let identity = args
         .identity
         .clone()
@@ -184,16 +196,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         events: args.events,
         reporter: "nodegate-operator".into(),
         reporter_instance: Some(identity.clone()),
+        stall_after: Duration::from_secs(args.healthz_stall_seconds.max(1)),
     };
     let leader = args.leader_elect.then(|| LeaderSettings {
         lease_name: args.lease_name.clone(),
         lease_namespace: args.lease_namespace.clone(),
         identity: identity.clone(),
-        duration_seconds: args.lease_duration_seconds.max(2),
-        grace_seconds: args
-            .lease_grace_seconds
-            .clamp(1, args.lease_duration_seconds.max(2) - 1),
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        renew_deadline: Duration::from_secs(args.lease_renew_deadline_seconds),
+        retry_period: Duration::from_secs(args.lease_retry_period_seconds),
     });
+    if let Some(leader) = &leader {
+        leader
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid lease flags: {e}"))?;
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     let metrics = Metrics::new().context("registering metrics")?;
     let shutdown = CancellationToken::new();
     let (addr, server) =
@@ -209,8 +229,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     result.map_err(Into::into)
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT; the controller finishes its round's requests,
-/// releases the lease and exits.
+/// Cancels `shutdown` on SIGTERM or SIGINT; the controller abandons its round (every write
+/// is idempotent: the next leader completes it), releases the lease and exits.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (

@@ -783,8 +783,9 @@ async fn leader_failover() -> TestResult {
         lease_name: lease.clone(),
         lease_namespace: ns.name().to_string(),
         identity: id.into(),
-        duration_seconds: 4,
-        grace_seconds: 1,
+        lease_duration: Duration::from_secs(4),
+        renew_deadline: Duration::from_secs(3),
+        retry_period: Duration::from_secs(1),
     };
     let settings = w.settings();
     let client = w.client.clone();

@@ -196,8 +196,9 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
         lease_name: unique_name("rbac-lease"),
         lease_namespace: NAMESPACE.into(),
         identity: run.clone(),
-        duration_seconds: 4,
-        grace_seconds: 1,
+        lease_duration: Duration::from_secs(4),
+        renew_deadline: Duration::from_secs(3),
+        retry_period: Duration::from_secs(1),
     };
     let metrics = Metrics::new()?;
     let stop = CancellationToken::new();

@@ -5,8 +5,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What started a reconcile round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +52,9 @@ struct Inner {
     leader: IntGauge,
     watch_errors: IntCounter,
     ready: AtomicBool,
+    /// Since when the reconcile loop has been busy (in a round, or waiting for its caches
+    /// after winning the lease) and how long it may be; None while it waits idle or stands by.
+    busy: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Metrics {
@@ -151,6 +155,7 @@ impl Metrics {
                 leader,
                 watch_errors,
                 ready: AtomicBool::new(false),
+                busy: Mutex::new(None),
             }),
         })
     }
@@ -213,6 +218,27 @@ impl Metrics {
         self.inner.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// The reconcile loop starts work that should end within `bound` (a round, or the cache
+    /// sync after winning the lease).
+    pub(crate) fn loop_busy(&self, bound: Duration) {
+        if let Ok(mut busy) = self.inner.busy.lock() {
+            *busy = Some((Instant::now(), bound));
+        }
+    }
+
+    /// The reconcile loop finished its work: it waits idle (or no longer leads).
+    pub(crate) fn loop_idle(&self) {
+        if let Ok(mut busy) = self.inner.busy.lock() {
+            *busy = None;
+        }
+    }
+
+    /// How long the reconcile loop has been busy past its bound, if it has: `/healthz` fails.
+    pub fn stalled(&self) -> Option<Duration> {
+        let busy = self.inner.busy.lock().map(|b| *b).unwrap_or(None);
+        stalled(busy, Instant::now())
+    }
+
     /// Whether the replica is ready: caches synced while leading, or standing by.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Relaxed)
@@ -252,6 +278,13 @@ impl Metrics {
     }
 }
 
+/// How long work that started at `since` with `bound` has been over it at `now`.
+fn stalled(busy: Option<(Instant, Duration)>, now: Instant) -> Option<Duration> {
+    let (since, bound) = busy?;
+    let busy_for = now.saturating_duration_since(since);
+    (busy_for > bound).then_some(busy_for)
+}
+
 fn sum(vec: &IntCounterVec) -> u64 {
     use prometheus::core::Collector;
     vec.collect()
@@ -265,6 +298,22 @@ fn sum(vec: &IntCounterVec) -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stalled_only_when_busy_past_the_bound() {
+        let t0 = Instant::now();
+        let bound = Duration::from_secs(120);
+        assert_eq!(stalled(None, t0 + Duration::from_secs(1000)), None, "idle");
+        assert_eq!(stalled(Some((t0, bound)), t0 + bound), None);
+        let over = bound + Duration::from_secs(1);
+        assert_eq!(stalled(Some((t0, bound)), t0 + over), Some(over));
+        let m = Metrics::new().unwrap();
+        m.loop_busy(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(m.stalled().is_some());
+        m.loop_idle();
+        assert_eq!(m.stalled(), None);
+    }
 
     #[test]
     fn counts_writes_and_renders_prefixed_series() {

@@ -8,6 +8,7 @@
 //! diff makes a round with nothing to do send no request.
 
 pub mod diff;
+pub mod fence;
 pub mod leader;
 pub mod metrics;
 pub mod objects;
@@ -16,6 +17,7 @@ mod reconcile;
 pub mod server;
 pub mod status;
 
+pub use fence::{Fence, Fenced};
 pub use leader::LeaderSettings;
 pub use metrics::{Metrics, RoundCause};
 /// Re-exported so callers stop the controller without depending on tokio-util themselves.
@@ -60,6 +62,9 @@ pub struct Settings {
     /// The reporting controller and instance of Events.
     pub reporter: String,
     pub reporter_instance: Option<String>,
+    /// `/healthz` fails while the leader's loop has been in one round (or waiting for its
+    /// caches after winning the lease) for longer than this: the loop is stuck.
+    pub stall_after: Duration,
 }
 
 impl Default for Settings {
@@ -76,6 +81,7 @@ impl Default for Settings {
             events: true,
             reporter: "nodegate-operator".into(),
             reporter_instance: None,
+            stall_after: Duration::from_secs(120),
         }
     }
 }
@@ -84,8 +90,10 @@ impl Default for Settings {
 pub enum Error {
     #[error("a watch cache writer stopped before the cache was ready")]
     CacheNotReady,
-    #[error("leader election: {0}")]
-    Leader(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("leader election settings: {0}")]
+    LeaderSettings(String),
+    #[error("lost the lease ({0}): stopped reconciling")]
+    LeadershipLost(String),
     #[error("metrics and health endpoint on {addr}: {source}")]
     Serve {
         addr: std::net::SocketAddr,
@@ -113,15 +121,45 @@ pub async fn run(
     }
 }
 
-/// Watches and reconciles until `shutdown` is cancelled (this replica leads).
+/// Watches and reconciles until `shutdown` is cancelled (this replica leads, unfenced).
 pub async fn run_active(
     client: Client,
     settings: Settings,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let trigger = Arc::new(Notify::new());
     let stop = shutdown.child_token();
+    let mut watches = start_watches(client.clone(), &settings, metrics.clone(), stop.clone());
+    let result = lead(
+        client,
+        settings,
+        metrics,
+        watches.stores.clone(),
+        watches.trigger.clone(),
+        Fence::unfenced(),
+        stop.clone(),
+    )
+    .await;
+    stop.cancel();
+    watches.tasks.shutdown().await;
+    result
+}
+
+/// The watch caches and what they share: a change in any of them notifies `trigger`.
+pub(crate) struct Watches {
+    pub stores: reconcile::Stores,
+    pub trigger: Arc<Notify>,
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Starts every watch; they run until `stop` is cancelled, whether or not this replica leads.
+pub(crate) fn start_watches(
+    client: Client,
+    settings: &Settings,
+    metrics: Metrics,
+    stop: CancellationToken,
+) -> Watches {
+    let trigger = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
     let owned = objects::owned_selector(settings.instance.as_deref());
     let cfg = |selector: Option<&str>| match selector {
@@ -194,21 +232,40 @@ pub async fn run_active(
             &metrics,
         ),
     };
+    Watches {
+        stores,
+        trigger,
+        tasks,
+    }
+}
+
+/// Reconciles once the caches are synced, until `stop` is cancelled; every write passes
+/// `fence`.
+pub(crate) async fn lead(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    stores: reconcile::Stores,
+    trigger: Arc<Notify>,
+    fence: Fence,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    // Caches that never sync are a stall as much as a round that never ends.
+    metrics.loop_busy(settings.stall_after);
     let result = tokio::select! {
         _ = stop.cancelled() => Ok(()),
         ready = stores.wait_until_ready() => match ready {
             Ok(()) => {
                 tracing::info!("watch caches synced; reconciling");
                 metrics.set_ready(true);
-                let mut reconciler = reconcile::Reconciler::new(client, settings, metrics.clone(), stores);
+                let mut reconciler = reconcile::Reconciler::new(client, settings, metrics.clone(), stores, fence);
                 reconcile_loop(&mut reconciler, &trigger, &stop).await;
                 Ok(())
             }
             Err(()) => Err(Error::CacheNotReady),
         },
     };
-    stop.cancel();
-    tasks.shutdown().await;
+    metrics.loop_idle();
     result
 }
 
@@ -222,6 +279,7 @@ async fn reconcile_loop(
     let mut next_resync = Instant::now();
     let mut next_retry: Option<Instant> = None;
     loop {
+        reconciler.metrics().loop_idle();
         let retry_at = next_retry.unwrap_or(next_resync);
         let cause = tokio::select! {
             _ = stop.cancelled() => return,
@@ -237,7 +295,16 @@ async fn reconcile_loop(
             _ = tokio::time::sleep_until(next_resync) => RoundCause::Resync,
             _ = tokio::time::sleep_until(retry_at), if next_retry.is_some() => RoundCause::Retry,
         };
-        let report = reconciler.round(cause).await;
+        reconciler
+            .metrics()
+            .loop_busy(reconciler.settings().stall_after);
+        // Losing the lease (or shutting down) cancels the round in flight: its remaining
+        // writes are never sent.
+        let report = tokio::select! {
+            _ = stop.cancelled() => return,
+            report = reconciler.round(cause) => report,
+        };
+        reconciler.metrics().loop_idle();
         next_resync = Instant::now() + resync;
         next_retry = report.next_retry;
     }

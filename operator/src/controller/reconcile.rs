@@ -3,6 +3,7 @@
 
 use super::Settings;
 use super::diff::{self, Existing};
+use super::fence::{Fence, Fenced};
 use super::metrics::{Metrics, RoundCause};
 use super::objects::{self, INSTANCE_LABEL, Key, Kind, Output};
 use super::ownership;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The watch caches a round reads.
+#[derive(Clone)]
 pub(crate) struct Stores {
     pub policies: Store<NodeApiPolicy>,
     pub nodes: Store<PartialObjectMeta<Node>>,
@@ -158,7 +160,7 @@ type StatusWrite = (
     NodeApiPolicy,
     NodeApiPolicyStatus,
     Option<NodeApiPolicyStatus>,
-    Result<(), kube::Error>,
+    Result<(), WriteError>,
 );
 
 /// A failing object and when it may be tried again.
@@ -167,6 +169,66 @@ struct Failure {
     until: Instant,
     message: String,
     policies: BTreeSet<String>,
+}
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    /// Leadership not confirmed: nothing is recorded, the round is being cancelled.
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// Whether a refused write can succeed by itself on a retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ErrorClass {
+    /// The API server (or admission, or RBAC) refused this request as it is: it fails the
+    /// same way until someone changes the cluster or the policy.
+    Permanent,
+    /// Overload, a timeout, a restart or a network fault: it may pass on the next try.
+    Transient,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Transient => "transient",
+        }
+    }
+}
+
+/// 4xx other than 408 (timeout), 409 (conflict) and 429 (throttled) is permanent; 5xx,
+/// those three and every error without an answer (connection, TLS, timeout) are transient.
+/// A body that does not (de)serialize cannot change by retrying: permanent.
+pub(crate) fn classify(error: &kube::Error) -> ErrorClass {
+    match error {
+        kube::Error::Api(s) => match s.code {
+            408 | 409 | 429 => ErrorClass::Transient,
+            400..=499 => ErrorClass::Permanent,
+            _ => ErrorClass::Transient,
+        },
+        kube::Error::SerdeError(_) | kube::Error::BuildRequest(_) => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// Delay before retry number `count` (1-based) of a write that failed with `class`: a
+/// transient error doubles from `base`; a permanent one starts at a quarter of `max` (it will
+/// not pass by itself, so retrying fast only loads the API server) and reaches `max` at the
+/// third failure.
+pub(crate) fn retry_delay(
+    class: ErrorClass,
+    base: Duration,
+    max: Duration,
+    count: u32,
+) -> Duration {
+    match class {
+        ErrorClass::Transient => backoff(base, max, count),
+        ErrorClass::Permanent => backoff((max / 4).max(base), max, count),
+    }
 }
 
 pub(crate) struct Reconciler {
@@ -179,10 +241,18 @@ pub(crate) struct Reconciler {
     json: JsonCache,
     /// A write this round found its object changed since the cache read it.
     behind: bool,
+    /// Every write passes it: none is sent unless leadership is confirmed.
+    fence: Fence,
 }
 
 impl Reconciler {
-    pub fn new(client: Client, settings: Settings, metrics: Metrics, stores: Stores) -> Self {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Metrics,
+        stores: Stores,
+        fence: Fence,
+    ) -> Self {
         let recorder = settings.events.then(|| {
             Recorder::new(
                 client.clone(),
@@ -201,11 +271,16 @@ impl Reconciler {
             failures: HashMap::new(),
             json: HashMap::new(),
             behind: false,
+            fence,
         }
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn api(&self, key: &Key) -> Api<DynamicObject> {
@@ -384,12 +459,13 @@ impl Reconciler {
             &mut failed_by_policy,
             &mut foreign_messages,
         );
-        let deleted: Vec<(Key, Result<(), kube::Error>)> = futures::stream::iter(deletes_due)
+        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(deletes_due)
             .map(|(key, version)| {
                 let api = self.api(&key);
                 let metrics = self.metrics.clone();
+                let fence = self.fence.clone();
                 async move {
-                    let result = delete(&api, &key, version, &metrics).await;
+                    let result = delete(&api, &key, version, &metrics, &fence).await;
                     (key, result)
                 }
             })
@@ -403,7 +479,10 @@ impl Reconciler {
                     tracing::info!(object = %key, "deleted: no policy asks for it");
                     self.failures.remove(&key);
                 }
-                Err(error) => {
+                Err(WriteError::Fenced(fenced)) => {
+                    tracing::debug!(object = %key, %fenced, "delete not sent");
+                }
+                Err(WriteError::Kube(error)) => {
                     // A stale object still grants what no policy asks for any more: the
                     // policies it belonged to are not Ready until it is gone.
                     self.metrics.error(key.kind.as_str(), "delete");
@@ -411,6 +490,7 @@ impl Reconciler {
                         .get(&key)
                         .map(|e| policies_of_body(&e.body))
                         .unwrap_or_default();
+                    let class = classify(&error);
                     let message = format!(
                         "{key}: no longer wanted but could not be deleted, so it still grants \
                          access: {}",
@@ -423,7 +503,7 @@ impl Reconciler {
                             .or_default()
                             .push(message.clone());
                     }
-                    self.fail(key, message, policies);
+                    self.fail_as(class, key, message, policies);
                 }
             }
         }
@@ -490,7 +570,7 @@ impl Reconciler {
         outputs: Vec<Output>,
         existing: &BTreeMap<Key, Existing>,
         concurrency: usize,
-    ) -> Vec<(Output, Result<Written, kube::Error>)> {
+    ) -> Vec<(Output, Result<Written, WriteError>)> {
         let instance = self.settings.instance.clone();
         futures::stream::iter(outputs)
             .map(|output| {
@@ -500,10 +580,11 @@ impl Reconciler {
                     .get(&output.key)
                     .and_then(|e| e.version.resource_version.clone());
                 let instance = instance.clone();
+                let fence = self.fence.clone();
                 async move {
                     let result = match cached {
-                        Some(rv) => update(&api, &output, rv, &metrics).await,
-                        None => create(&api, &output, instance.as_deref(), &metrics).await,
+                        Some(rv) => update(&api, &output, rv, &metrics, &fence).await,
+                        None => create(&api, &output, instance.as_deref(), &metrics, &fence).await,
                     };
                     (output, result)
                 }
@@ -517,7 +598,7 @@ impl Reconciler {
     /// reported on their policies.
     fn record_applies(
         &mut self,
-        results: Vec<(Output, Result<Written, kube::Error>)>,
+        results: Vec<(Output, Result<Written, WriteError>)>,
         applied_by_policy: &mut BTreeMap<String, Vec<String>>,
         failed_by_policy: &mut BTreeMap<String, Vec<String>>,
         foreign_by_policy: &mut BTreeMap<String, Vec<String>>,
@@ -551,8 +632,12 @@ impl Reconciler {
                             .push(output.key.to_string());
                     }
                 }
-                Err(error) => {
+                Err(WriteError::Fenced(fenced)) => {
+                    tracing::debug!(object = %output.key, %fenced, "write not sent");
+                }
+                Err(WriteError::Kube(error)) => {
                     self.metrics.error(output.key.kind.as_str(), "apply");
+                    let class = classify(&error);
                     let message = format!("{}: {}", output.key, error_message(&error));
                     tracing::warn!(object = %output.key, %error, "apply failed; will retry");
                     for p in &output.policies {
@@ -561,7 +646,7 @@ impl Reconciler {
                             .or_default()
                             .push(message.clone());
                     }
-                    self.fail(output.key, message, output.policies);
+                    self.fail_as(class, output.key, message, output.policies);
                 }
             }
         }
@@ -580,6 +665,17 @@ impl Reconciler {
     }
 
     fn fail(&mut self, key: Key, message: String, policies: BTreeSet<String>) {
+        self.fail_as(ErrorClass::Transient, key, message, policies);
+    }
+
+    /// Records a failure of `key` and when to retry it, by `class` ([`retry_delay`]).
+    fn fail_as(
+        &mut self,
+        class: ErrorClass,
+        key: Key,
+        message: String,
+        policies: BTreeSet<String>,
+    ) {
         let (base, max) = (self.settings.backoff_base, self.settings.backoff_max);
         let entry = self.failures.entry(key).or_insert(Failure {
             count: 0,
@@ -588,7 +684,7 @@ impl Reconciler {
             policies: BTreeSet::new(),
         });
         entry.count = entry.count.saturating_add(1);
-        entry.until = Instant::now() + backoff(base, max, entry.count);
+        entry.until = Instant::now() + retry_delay(class, base, max, entry.count);
         entry.message = message;
         entry.policies = policies;
     }
@@ -713,18 +809,23 @@ impl Reconciler {
             .map(|(policy, new, new_v, previous)| {
                 let api = api.clone();
                 let metrics = metrics.clone();
+                let fence = self.fence.clone();
                 async move {
-                    metrics.write("NodeApiPolicy", "status");
                     let body = json!({
                         "apiVersion": NodeApiPolicy::api_version(&()),
                         "kind": NodeApiPolicy::kind(&()),
                         "status": new_v,
                     });
                     let params = PatchParams::apply(FIELD_MANAGER).force();
-                    let result = api
-                        .patch_status(&policy.name_any(), &params, &Patch::Apply(&body))
+                    let name = policy.name_any();
+                    let result = fence
+                        .guard(async {
+                            metrics.write("NodeApiPolicy", "status");
+                            api.patch_status(&name, &params, &Patch::Apply(&body)).await
+                        })
                         .await
-                        .map(|_| ());
+                        .map_err(WriteError::from)
+                        .and_then(|r| r.map(|_| ()).map_err(WriteError::from));
                     (policy, new, previous, result)
                 }
             })
@@ -732,7 +833,7 @@ impl Reconciler {
             .collect()
             .await;
         for (policy, _, _, result) in &results {
-            if let Err(error) = result {
+            if let Err(WriteError::Kube(error)) = result {
                 self.metrics.error("NodeApiPolicy", "status");
                 tracing::warn!(policy = %policy.name_any(), %error, "status update failed; next round retries");
             }
@@ -807,10 +908,24 @@ impl Reconciler {
             }
         }
         for (policy, event) in events {
-            self.metrics.write("Event", "create");
-            if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
-                self.metrics.error("Event", "create");
-                tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
+            let reference = policy.object_ref(&());
+            let published = self
+                .fence
+                .guard(async {
+                    self.metrics.write("Event", "create");
+                    recorder.publish(&event, &reference).await
+                })
+                .await;
+            match published {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    self.metrics.error("Event", "create");
+                    tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
+                }
+                Err(fenced) => {
+                    tracing::debug!(policy = %policy.name_any(), %fenced, "event not sent");
+                    return;
+                }
             }
         }
     }
@@ -833,23 +948,32 @@ async fn create(
     output: &Output,
     instance: Option<&str>,
     metrics: &Metrics,
-) -> Result<Written, kube::Error> {
+    fence: &Fence,
+) -> Result<Written, WriteError> {
     let kind = output.key.kind.as_str();
     let object: DynamicObject =
         serde_json::from_value(output.body.clone()).map_err(kube::Error::SerdeError)?;
-    metrics.write(kind, "create");
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    match api.create(&params, &object).await {
+    let created = fence
+        .guard(async {
+            metrics.write(kind, "create");
+            api.create(&params, &object).await
+        })
+        .await?;
+    match created {
         Ok(created) => {
-            own_by_apply(api, kind, &created, metrics).await;
+            own_by_apply(api, kind, &created, metrics, fence).await;
             Ok(Written::Applied)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             metrics.read(kind);
-            let now = api.get_metadata_opt(&output.key.name).await?;
+            let now = api
+                .get_metadata_opt(&output.key.name)
+                .await
+                .map_err(WriteError::Kube)?;
             Ok(match now {
                 Some(o) if !objects::is_owned(o.metadata.labels.as_ref(), instance) => {
                     Written::Foreign
@@ -857,7 +981,7 @@ async fn create(
                 _ => Written::Behind,
             })
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -871,6 +995,7 @@ async fn own_by_apply(
     kind: &str,
     created: &DynamicObject,
     metrics: &Metrics,
+    fence: &Fence,
 ) {
     let (Some(name), Some(rv)) = (
         created.metadata.name.as_deref(),
@@ -891,14 +1016,21 @@ async fn own_by_apply(
             m
         })
         .collect();
-    metrics.write(kind, "own");
     let patch = json!({"metadata": {"resourceVersion": rv, "managedFields": entries}});
-    if let Err(error) = api
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        metrics.error(kind, "own");
-        tracing::warn!(object = %name, %error, "could not record the created fields as applied");
+    let owned = fence
+        .guard(async {
+            metrics.write(kind, "own");
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        })
+        .await;
+    match owned {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            metrics.error(kind, "own");
+            tracing::warn!(object = %name, %error, "could not record the created fields as applied");
+        }
+        Err(fenced) => tracing::debug!(object = %name, %fenced, "not recorded as applied"),
     }
 }
 
@@ -909,20 +1041,24 @@ async fn update(
     output: &Output,
     rv: String,
     metrics: &Metrics,
-) -> Result<Written, kube::Error> {
-    metrics.write(output.key.kind.as_str(), "apply");
+    fence: &Fence,
+) -> Result<Written, WriteError> {
     let mut body = output.body.clone();
     if let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("resourceVersion".into(), Value::String(rv));
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api
-        .patch(&output.key.name, &params, &Patch::Apply(&body))
-        .await
-    {
+    let patched = fence
+        .guard(async {
+            metrics.write(output.key.kind.as_str(), "apply");
+            api.patch(&output.key.name, &params, &Patch::Apply(&body))
+                .await
+        })
+        .await?;
+    match patched {
         Ok(_) => Ok(Written::Applied),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(Written::Behind),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -934,8 +1070,8 @@ async fn delete(
     key: &Key,
     version: diff::Version,
     metrics: &Metrics,
-) -> Result<(), kube::Error> {
-    metrics.write(key.kind.as_str(), "delete");
+    fence: &Fence,
+) -> Result<(), WriteError> {
     let params = DeleteParams {
         preconditions: Some(Preconditions {
             uid: version.uid.clone(),
@@ -943,18 +1079,24 @@ async fn delete(
         }),
         ..DeleteParams::default()
     };
-    match api.delete(&key.name, &params).await {
+    let deleted = fence
+        .guard(async {
+            metrics.write(key.kind.as_str(), "delete");
+            api.delete(&key.name, &params).await
+        })
+        .await?;
+    match deleted {
         Ok(_) => Ok(()),
         // Gone already (garbage collected with its owner).
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             metrics.read(key.kind.as_str());
             match api.get_metadata_opt(&key.name).await? {
-                Some(o) if o.metadata.uid == version.uid => Err(kube::Error::Api(s)),
+                Some(o) if o.metadata.uid == version.uid => Err(kube::Error::Api(s).into()),
                 _ => Ok(()),
             }
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -977,10 +1119,13 @@ fn truncate(mut s: String) -> String {
     s
 }
 
+/// The API server's message, its code and whether the error is permanent or transient
+/// (what the policy's condition and Event say).
 fn error_message(error: &kube::Error) -> String {
+    let class = classify(error).as_str();
     match error {
-        kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
-        other => other.to_string(),
+        kube::Error::Api(s) => format!("{} ({} {class})", s.message, s.code),
+        other => format!("{other} ({class})"),
     }
 }
 
@@ -1015,8 +1160,136 @@ fn generated_by_policy(outputs: &[Output]) -> BTreeMap<String, GeneratedObjects>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use kube::core::Status;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(
+            Status::failure("refused", "Reason").with_code(code),
+        ))
+    }
+
+    #[test]
+    fn refusals_are_permanent_and_overload_or_faults_transient() {
+        for code in [400, 401, 403, 404, 410, 413, 415, 422] {
+            assert_eq!(classify(&api_error(code)), ErrorClass::Permanent, "{code}");
+        }
+        for code in [408, 409, 429, 500, 502, 503, 504] {
+            assert_eq!(classify(&api_error(code)), ErrorClass::Transient, "{code}");
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            classify(&kube::Error::ReadEvents(io)),
+            ErrorClass::Transient
+        );
+        let serde = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(
+            classify(&kube::Error::SerdeError(serde)),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            error_message(&api_error(422)),
+            "refused (422 permanent)",
+            "the condition says which"
+        );
+        assert_eq!(error_message(&api_error(503)), "refused (503 transient)");
+    }
+
+    #[test]
+    fn permanent_errors_reach_the_cap_by_the_third_failure() {
+        let (b, m) = (Duration::from_millis(500), Duration::from_secs(60));
+        let transient: Vec<_> = (1..=4)
+            .map(|n| retry_delay(ErrorClass::Transient, b, m, n))
+            .collect();
+        assert_eq!(transient, [0.5, 1.0, 2.0, 4.0].map(Duration::from_secs_f64));
+        let permanent: Vec<_> = (1..=4)
+            .map(|n| retry_delay(ErrorClass::Permanent, b, m, n))
+            .collect();
+        assert_eq!(permanent, [15, 30, 60, 60].map(Duration::from_secs));
+        // A cap below four bases: a permanent error still waits at least the base.
+        let small = Duration::from_secs(1);
+        assert_eq!(retry_delay(ErrorClass::Permanent, b, small, 1), b);
+        assert_eq!(retry_delay(ErrorClass::Permanent, b, small, 2), small);
+    }
+
+    /// A client for a local listener that counts the connections made to it (and closes them).
+    async fn counting_client() -> (kube::Client, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let config = kube::Config::new(url.parse().unwrap());
+        (kube::Client::try_from(config).unwrap(), connections)
+    }
+
+    fn role_output() -> Output {
+        Output {
+            key: Key::new(Kind::ClusterRole, None, "nodegate:p"),
+            policies: BTreeSet::from(["p".to_string()]),
+            body: json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": "nodegate:p"},
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn past_the_renew_deadline_no_write_is_sent() {
+        let (client, connections) = counting_client().await;
+        let output = role_output();
+        let api = Api::<DynamicObject>::all_with(client, &output.key.kind.api_resource());
+        let metrics = Metrics::new().unwrap();
+        // Confirmed long enough ago that the deadline has passed.
+        let fence = Fence::new(Duration::from_millis(50));
+        fence.confirm(Instant::now() - Duration::from_secs(1));
+        let version = diff::Version {
+            uid: Some("u".into()),
+            resource_version: Some("1".into()),
+        };
+
+        let created = create(&api, &output, None, &metrics, &fence).await;
+        assert!(matches!(
+            created,
+            Err(WriteError::Fenced(Fenced::NotConfirmed))
+        ));
+        let updated = update(&api, &output, "1".into(), &metrics, &fence).await;
+        assert!(matches!(
+            updated,
+            Err(WriteError::Fenced(Fenced::NotConfirmed))
+        ));
+        let deleted = delete(&api, &output.key, version.clone(), &metrics, &fence).await;
+        assert!(matches!(
+            deleted,
+            Err(WriteError::Fenced(Fenced::NotConfirmed))
+        ));
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "nodegate:p", "resourceVersion": "1"},
+        }))
+        .unwrap();
+        own_by_apply(&api, "ClusterRole", &object, &metrics, &fence).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 0, "no connection made");
+        assert_eq!(metrics.writes(), 0, "no write counted as sent");
+
+        // The same write with leadership confirmed does reach the listener.
+        fence.confirm(Instant::now());
+        let sent = update(&api, &output, "1".into(), &metrics, &fence).await;
+        assert!(matches!(sent, Err(WriteError::Kube(_))), "{sent:?}");
+        assert!(connections.load(Ordering::SeqCst) >= 1);
+        assert_eq!(metrics.writes(), 1);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -24,7 +24,7 @@ pub async fn bind(
         .map_err(|source| Error::Serve { addr, source })?;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(metrics);
     let serve = async move {
@@ -46,6 +46,22 @@ async fn metrics_text(
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         metrics.render(),
     )
+}
+
+/// Fails while the leader's reconcile loop has been in one round (or waiting for its caches
+/// after winning the lease) for longer than `--healthz-stall-seconds`: a liveness probe then
+/// restarts a replica whose loop is stuck. A replica waiting idle or standing by is healthy.
+async fn healthz(State(metrics): State<Metrics>) -> (StatusCode, String) {
+    match metrics.stalled() {
+        None => (StatusCode::OK, "ok".into()),
+        Some(busy) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: the reconcile loop has been busy for {} s without finishing a round",
+                busy.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn readyz(State(metrics): State<Metrics>) -> (StatusCode, &'static str) {
@@ -86,6 +102,13 @@ mod tests {
         .await
         .unwrap();
         let server = tokio::spawn(serve);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        metrics.loop_busy(std::time::Duration::ZERO);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let stalled = get(addr, "/healthz").await;
+        assert!(stalled.starts_with("HTTP/1.1 503"), "{stalled}");
+        assert!(stalled.contains("stalled"), "{stalled}");
+        metrics.loop_idle();
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         metrics.set_ready(true);
