@@ -216,6 +216,15 @@ impl ComponentUpstreams {
     pub fn new(settings: &ComponentSettings) -> Result<Self, UpstreamError> {
         let mut clients = BTreeMap::new();
         for (upstream, s) in &settings.upstreams {
+            if s.insecure_skip_tls_verify {
+                tracing::warn!(
+                    %upstream,
+                    url = %s.url,
+                    "component serving certificate is NOT verified \
+                     (--component-insecure-skip-tls-verify): the agent's token goes to whatever \
+                     listens there"
+                );
+            }
             clients.insert(*upstream, (Upstream::new(s)?, s.url.to_string()));
         }
         Ok(ComponentUpstreams {
