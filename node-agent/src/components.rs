@@ -68,6 +68,8 @@ pub enum ComponentConfigError {
     NoEtcdCertificate,
     #[error("{0} is configured but its component is not enabled (--components)")]
     NotEnabled(ComponentUpstream),
+    #[error("{0} gets the agent's token: its URL must be https, never plain HTTP")]
+    TokenOverHttp(ComponentUpstream),
 }
 
 /// Parses a comma-separated list of component names (blanks ignored).
@@ -144,6 +146,9 @@ impl ComponentSettings {
             }
             match upstream.credential() {
                 UpstreamCredential::AgentToken => {
+                    if !https {
+                        return Err(ComponentConfigError::TokenOverHttp(upstream));
+                    }
                     s.token_file = Some(
                         flags
                             .token_file
@@ -349,6 +354,13 @@ mod tests {
         assert_eq!(
             ComponentSettings::from_flags(&f).unwrap_err(),
             ComponentConfigError::NoToken(ComponentUpstream::KubeScheduler)
+        );
+        let mut f = flags("kube-controller-manager");
+        let (u, url) = parse_assignment("kube-controller-manager=http://127.0.0.1:10252").unwrap();
+        f.urls = vec![(u, url.parse().unwrap())];
+        assert_eq!(
+            ComponentSettings::from_flags(&f).unwrap_err(),
+            ComponentConfigError::TokenOverHttp(ComponentUpstream::KubeControllerManager)
         );
         let mut f = flags("etcd");
         let (u, url) = parse_assignment("etcd=https://127.0.0.1:2379").unwrap();

@@ -924,3 +924,101 @@ async fn a_component_that_is_down_is_502_and_status_says_which_are_present() -> 
     drop(agent);
     Ok(())
 }
+
+/// What goes upstream to a component without credentials (kube-proxy, etcd's metrics port):
+/// exactly the catalogue path without `/components/<name>` and the caller's query, and none of
+/// the caller's credentials or identity headers — nor the agent's token.
+#[tokio::test]
+async fn components_without_credentials_get_only_the_path_and_no_credential() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<String>)>::new()));
+    let record = seen.clone();
+    let fake = fake_kubelet(move |req: http::Request<hyper::body::Incoming>| {
+        let headers = req
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        record
+            .lock()
+            .unwrap()
+            .push((req.uri().to_string(), headers));
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"# TYPE up gauge\nup 1\n",
+        )))
+    })
+    .await;
+    let dir = TempDir::new("components-headers");
+    let token_file = write_file(&dir.0, "agent.token", "agent-secret-token-0123456789");
+    let flags = ComponentFlags {
+        enabled: vec![Component::KubeProxy, Component::Etcd],
+        urls: [
+            ComponentUpstream::KubeProxy,
+            ComponentUpstream::KubeProxyHealthz,
+            ComponentUpstream::Etcd,
+        ]
+        .into_iter()
+        .map(|u| (u, format!("http://{fake}").parse().unwrap()))
+        .collect(),
+        token_file: Some(token_file),
+        ..Default::default()
+    };
+    let pki = serving_pki(&dir.0);
+    let rules = vec![rule(
+        "root",
+        vec![user("root")],
+        &Endpoint::components().collect::<Vec<_>>(),
+        all_namespaces(),
+        &[Port::Secure],
+    )];
+    let agent = start_component_agent(
+        &pki,
+        Arc::new(FakeReviewer(tokens())),
+        rules,
+        ComponentSettings::from_flags(&flags).unwrap(),
+    )
+    .await;
+    let cred = Cred::Token("tok-root-1234567890".into());
+    for (target, upstream) in [
+        ("/components/kube-proxy/metrics?x=1", "/metrics?x=1"),
+        ("/components/kube-proxy/livez", "/livez"),
+        (
+            "/components/etcd/health?serializable=true",
+            "/health?serializable=true",
+        ),
+        ("/components/etcd/metrics", "/metrics"),
+    ] {
+        seen.lock().unwrap().clear();
+        let r = request(
+            agent.secure_addr,
+            true,
+            &cred,
+            "GET",
+            target,
+            &[
+                ("cookie", "session=1"),
+                ("impersonate-user", "admin"),
+                ("x-remote-user", "admin"),
+                ("x-forwarded-for", "10.0.0.1"),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{target}");
+        let (uri, headers) = &seen[0];
+        assert!(uri.ends_with(upstream), "{target}: asked {uri}");
+        for banned in [
+            "authorization",
+            "cookie",
+            "impersonate-user",
+            "x-remote-user",
+            "x-forwarded-for",
+        ] {
+            assert!(
+                !headers.iter().any(|h| h == banned),
+                "{target}: {banned} sent: {headers:?}"
+            );
+        }
+    }
+}
