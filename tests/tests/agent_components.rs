@@ -1022,3 +1022,95 @@ async fn components_without_credentials_get_only_the_path_and_no_credential() {
         }
     }
 }
+
+/// etcd's client port (2379, TLS with client certificates) instead of its metrics port: the
+/// agent presents the configured client certificate (here the API server's etcd client
+/// certificate of the local cluster, which etcd trusts) and verifies etcd against the CA; the
+/// metrics and health are served, and the key-value API a certificate etcd trusts would open is
+/// never asked (nothing sent).
+#[tokio::test]
+async fn etcd_client_port_with_a_client_certificate_serves_metrics_and_never_the_key_space()
+-> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let Some(state) = cluster.local_state_dir()? else {
+        return Ok(());
+    };
+    let dir = TempDir::new("components-etcd");
+    let forwarder = Forwarder::to(SocketAddr::from(([127, 0, 0, 1], 2379))).await;
+    let flags = ComponentFlags {
+        enabled: vec![Component::Etcd],
+        urls: vec![(
+            ComponentUpstream::Etcd,
+            format!("https://{}", forwarder.addr).parse().unwrap(),
+        )],
+        ca_files: vec![(ComponentUpstream::Etcd, state.join("pki/ca.crt"))],
+        etcd_client_cert_file: Some(state.join("pki/apiserver-etcd-client.crt")),
+        etcd_client_key_file: Some(state.join("pki/apiserver-etcd-client.key")),
+        ..Default::default()
+    };
+    let pki = serving_pki(&dir.0);
+    let rules = vec![rule(
+        "root",
+        vec![user("root")],
+        &[Endpoint::EtcdMetrics, Endpoint::EtcdHealth],
+        all_namespaces(),
+        &[Port::Secure],
+    )];
+    let agent = start_component_agent(
+        &pki,
+        Arc::new(FakeReviewer(tokens())),
+        rules,
+        ComponentSettings::from_flags(&flags).unwrap(),
+    )
+    .await;
+    let cred = Cred::Token("tok-root-1234567890".into());
+    let r = request(
+        agent.secure_addr,
+        true,
+        &cred,
+        "GET",
+        "/components/etcd/metrics",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("etcd_server_has_leader"),
+        "etcd's own metrics"
+    );
+    let r = request(
+        agent.secure_addr,
+        true,
+        &cred,
+        "GET",
+        "/components/etcd/health",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("\"health\":\"true\""), "{}", r.text());
+    let before = forwarder.sent();
+    for (method, path) in [
+        ("POST", "/components/etcd/v3/kv/range"),
+        ("GET", "/components/etcd/v3/kv/range"),
+        ("POST", "/components/etcd/v3/kv/put"),
+        ("POST", "/components/etcd/v3/lease/grant"),
+        ("GET", "/components/etcd/version"),
+        ("GET", "/components/etcd/debug/vars"),
+    ] {
+        let r = request(agent.secure_addr, true, &cred, method, path, &[])
+            .await
+            .unwrap();
+        assert!(
+            [403, 404, 405].contains(&r.status),
+            "{method} {path}: {}",
+            r.status
+        );
+    }
+    assert_eq!(forwarder.sent(), before, "a key-value request reached etcd");
+    Ok(())
+}
