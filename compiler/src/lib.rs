@@ -462,11 +462,15 @@ fn agent_rules(endpoints: &[Endpoint], resource_names: &Option<Vec<String>>) -> 
 /// endpoints that use it.
 fn core_rules(endpoints: &[Endpoint], resource_names: &Option<Vec<String>>) -> Vec<PolicyRule> {
     let mut grants: BTreeMap<Subresource, BTreeSet<Verb>> = BTreeMap::new();
+    // Component endpoints have no kubelet subresource: only the agent serves them, so a
+    // direct grant has nothing to write for them.
     for endpoint in endpoints {
-        grants
-            .entry(endpoint.rbac_subresource())
-            .or_default()
-            .extend(endpoint.verbs());
+        if let Some(subresource) = endpoint.rbac_subresource() {
+            grants
+                .entry(subresource)
+                .or_default()
+                .extend(endpoint.verbs());
+        }
     }
     grants
         .into_iter()

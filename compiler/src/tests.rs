@@ -869,7 +869,7 @@ proptest! {
                 for resource in rule.resources.as_ref().unwrap() {
                     for verb in &rule.verbs {
                         let asked = p.spec.access.iter().any(|e| {
-                            let r = if core { format!("nodes/{}", e.rbac_subresource()) } else { e.agent_resource() };
+                            let r = if core { e.rbac_subresource().map(|s| format!("nodes/{s}")).unwrap_or_default() } else { e.agent_resource() };
                             r == *resource && e.verbs().iter().any(|v| v.as_str() == verb)
                         });
                         prop_assert!(asked, "{} grants {} {} unasked", name, verb, resource);

@@ -228,8 +228,15 @@ fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
     let node_wide: BTreeSet<Endpoint> = Endpoint::node_wide().collect();
     let streaming: BTreeSet<Endpoint> = Endpoint::streaming().collect();
     let read_only: BTreeSet<Endpoint> = Endpoint::read_only().collect();
-    if g.endpoints.iter().any(|e| node_wide.contains(e)) && !g.all_namespaces {
+    if g.endpoints
+        .iter()
+        .any(|e| node_wide.contains(e) && e.component().is_none())
+        && !g.all_namespaces
+    {
         errors.push(message(rules::node_wide_needs_all));
+    }
+    if g.endpoints.iter().any(|e| e.component().is_some()) && !g.all_namespaces {
+        errors.push(message(rules::components_need_all));
     }
     if g.ports.contains(&Port::ReadOnly) {
         if g.endpoints.iter().any(|e| streaming.contains(e)) {

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     doc = "The compiled access rules one node's nodegate agent enforces. Written by nodegate-operator; do not edit.",
     printcolumn = r#"{"name":"Policies","type":"string","description":"Policies that apply to this node","jsonPath":".spec.policies"}"#,
     printcolumn = r#"{"name":"In-Sync","type":"string","description":"Whether the node's agent enforces this version","jsonPath":".status.conditions[?(@.type==\"InSync\")].status"}"#,
+    printcolumn = r#"{"name":"Components","type":"string","description":"The node's components (kube-proxy, kube-controller-manager, kube-scheduler, etcd) its agent found listening and serves","jsonPath":".status.components"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -51,7 +52,7 @@ pub struct AgentRule {
     #[schemars(length(max = 48))]
     pub subjects: Vec<Subject>,
     /// The granted endpoints.
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 48))]
     pub endpoints: Vec<Endpoint>,
     /// Whose data the endpoints may return, selectors resolved.
     pub namespaces: ResolvedNamespaces,
@@ -107,6 +108,12 @@ pub struct NodeAgentConfigStatus {
     /// The agent's last error loading or serving this configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The node's components besides the kubelet that the agent is configured to serve and
+    /// found listening (probed at start and every 30 s), comma-separated: kube-proxy,
+    /// kube-controller-manager, kube-scheduler, etcd. Absent when none is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub components: Option<String>,
 }
 
 #[cfg(test)]

@@ -171,9 +171,14 @@ pub fn request_attributes(
     } else {
         Verb::from_method(method)
     };
+    // A component's endpoint is no kubelet path: no kubelet subresource is checked for it.
+    let subresources = match &route {
+        Some(r) if r.endpoint.component().is_some() => Vec::new(),
+        _ => kubelet_subresources(&path),
+    };
     Ok(RequestAttributes {
         method: method.to_string(),
-        subresources: kubelet_subresources(&path),
+        subresources,
         path,
         query,
         verb,
@@ -420,6 +425,39 @@ mod tests {
             ("/debug/pprof/", Endpoint::Pprof),
             ("/debug/pprof/heap", Endpoint::Pprof),
             ("/debug/flags/v", Endpoint::DebugFlags),
+            ("/components/kube-proxy/metrics", Endpoint::KubeProxyMetrics),
+            (
+                "/components/kube-proxy/metrics/slis",
+                Endpoint::KubeProxySlis,
+            ),
+            ("/components/kube-proxy/healthz", Endpoint::KubeProxyHealth),
+            ("/components/kube-proxy/livez", Endpoint::KubeProxyHealth),
+            (
+                "/components/kube-controller-manager/metrics",
+                Endpoint::ControllerManagerMetrics,
+            ),
+            (
+                "/components/kube-controller-manager/metrics/slis",
+                Endpoint::ControllerManagerSlis,
+            ),
+            (
+                "/components/kube-controller-manager/healthz",
+                Endpoint::ControllerManagerHealth,
+            ),
+            (
+                "/components/kube-scheduler/metrics",
+                Endpoint::SchedulerMetrics,
+            ),
+            (
+                "/components/kube-scheduler/metrics/slis",
+                Endpoint::SchedulerSlis,
+            ),
+            (
+                "/components/kube-scheduler/readyz",
+                Endpoint::SchedulerHealth,
+            ),
+            ("/components/etcd/metrics", Endpoint::EtcdMetrics),
+            ("/components/etcd/health", Endpoint::EtcdHealth),
         ];
         // Kubelets removed `/spec/` in 1.21 and nodegate does not serve it either.
         assert_eq!(match_route("/spec/"), None);

@@ -60,6 +60,30 @@ pub enum Endpoint {
     Pprof,
     /// `/debug/flags/v`: change the kubelet's log verbosity (node-wide, needs `all`).
     DebugFlags,
+    /// `/components/kube-proxy/metrics`: kube-proxy's metrics (its port 10249; needs `all`).
+    KubeProxyMetrics,
+    /// `/components/kube-proxy/metrics/slis`: kube-proxy's health SLIs (10249; needs `all`).
+    KubeProxySlis,
+    /// `/components/kube-proxy/{healthz,livez}`: kube-proxy's health (its port 10256; needs
+    /// `all`).
+    KubeProxyHealth,
+    /// `/components/kube-controller-manager/metrics`: the controller manager's metrics
+    /// (10257; needs `all`).
+    ControllerManagerMetrics,
+    /// `/components/kube-controller-manager/metrics/slis`: its health SLIs (needs `all`).
+    ControllerManagerSlis,
+    /// `/components/kube-controller-manager/healthz`: its health (needs `all`).
+    ControllerManagerHealth,
+    /// `/components/kube-scheduler/metrics`: the scheduler's metrics (10259; needs `all`).
+    SchedulerMetrics,
+    /// `/components/kube-scheduler/metrics/slis`: its health SLIs (needs `all`).
+    SchedulerSlis,
+    /// `/components/kube-scheduler/{healthz,livez,readyz}`: its health (needs `all`).
+    SchedulerHealth,
+    /// `/components/etcd/metrics`: etcd's metrics (its metrics port 2381; needs `all`).
+    EtcdMetrics,
+    /// `/components/etcd/{health,livez,readyz}`: etcd's health (needs `all`).
+    EtcdHealth,
 }
 
 /// The kubelet authorization subresource of `nodes` a request is checked against.
@@ -212,6 +236,9 @@ pub struct EndpointSpec {
     /// A streaming endpoint (upgrade to SPDY/WebSocket, or long-running command output):
     /// always authorized as `create`, whatever the HTTP method.
     pub streaming: bool,
+    /// For the node's other components: the upstream that serves it (kubelet endpoints:
+    /// `None`). A component endpoint's path is `/components/<component>/<path upstream>`.
+    pub component: Option<ComponentUpstream>,
 }
 
 use Subresource as S;
@@ -226,6 +253,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: true,
         scope: Scope::Unscoped,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Pods,
@@ -238,6 +266,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
             node_level: &[],
         },
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::RunningPods,
@@ -250,6 +279,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
             node_level: &[],
         },
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Stats,
@@ -262,6 +292,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
             node_level: &["node", "systemContainers"],
         },
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Metrics,
@@ -271,6 +302,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: true,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Cadvisor,
@@ -280,6 +312,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: true,
         scope: Scope::MetricsLabel,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Resource,
@@ -290,6 +323,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: true,
         scope: Scope::MetricsLabel,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Probes,
@@ -299,6 +333,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: true,
         scope: Scope::MetricsLabel,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Slis,
@@ -309,6 +344,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         // Its series (`kubernetes_healthcheck{name,type}`, …) carry no namespace at all.
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Configz,
@@ -318,6 +354,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Statusz,
@@ -327,6 +364,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Flagz,
@@ -337,6 +375,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Logs,
@@ -346,6 +385,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::ContainerLogs,
@@ -355,6 +395,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Exec,
@@ -367,6 +408,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: true,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Attach,
@@ -379,6 +421,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: true,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::PortForward,
@@ -391,6 +434,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: true,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Run,
@@ -403,6 +447,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: true,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Checkpoint,
@@ -412,6 +457,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::Path,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::Pprof,
@@ -421,6 +467,7 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
     },
     EndpointSpec {
         endpoint: Endpoint::DebugFlags,
@@ -430,6 +477,131 @@ pub static CATALOGUE: &[EndpointSpec] = &[
         read_only: false,
         scope: Scope::NodeWide,
         streaming: false,
+        component: None,
+    },
+    // The node's other components: only their metrics, SLIs and health, never pprof,
+    // `/configz`, `/flagz`, `/debug` or etcd's key-value API. Their data belongs to no
+    // namespace (cluster-level): every one needs `all`.
+    EndpointSpec {
+        endpoint: Endpoint::KubeProxyMetrics,
+        patterns: &["/components/kube-proxy/metrics"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeProxy),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::KubeProxySlis,
+        patterns: &["/components/kube-proxy/metrics/slis"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeProxy),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::KubeProxyHealth,
+        patterns: &[
+            "/components/kube-proxy/healthz",
+            "/components/kube-proxy/livez",
+        ],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeProxyHealthz),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::ControllerManagerMetrics,
+        patterns: &["/components/kube-controller-manager/metrics"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeControllerManager),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::ControllerManagerSlis,
+        patterns: &["/components/kube-controller-manager/metrics/slis"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeControllerManager),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::ControllerManagerHealth,
+        patterns: &["/components/kube-controller-manager/healthz"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeControllerManager),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::SchedulerMetrics,
+        patterns: &["/components/kube-scheduler/metrics"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeScheduler),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::SchedulerSlis,
+        patterns: &["/components/kube-scheduler/metrics/slis"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeScheduler),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::SchedulerHealth,
+        patterns: &[
+            "/components/kube-scheduler/healthz",
+            "/components/kube-scheduler/livez",
+            "/components/kube-scheduler/readyz",
+        ],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::KubeScheduler),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::EtcdMetrics,
+        patterns: &["/components/etcd/metrics"],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::Etcd),
+    },
+    EndpointSpec {
+        endpoint: Endpoint::EtcdHealth,
+        patterns: &[
+            "/components/etcd/health",
+            "/components/etcd/livez",
+            "/components/etcd/readyz",
+        ],
+        methods: &["GET"],
+        subresources: &[],
+        read_only: false,
+        scope: Scope::NodeWide,
+        streaming: false,
+        component: Some(ComponentUpstream::Etcd),
     },
 ];
 
@@ -438,6 +610,186 @@ pub const AGENT_API_GROUP: &str = "nodegate.io";
 /// The resource whose subresources (one per endpoint name) carry through-agent grants: the
 /// NodeAgentConfig, which API discovery knows, so `kubectl auth can-i` can resolve it.
 pub const AGENT_RESOURCE: &str = "nodeagentconfigs";
+
+/// A component of the node besides the kubelet whose metrics and health the agent serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    KubeProxy,
+    KubeControllerManager,
+    KubeScheduler,
+    Etcd,
+}
+
+/// The path prefix of component endpoints on the agent: `/components/<component>/…`.
+pub const COMPONENT_PREFIX: &str = "/components/";
+
+impl Component {
+    pub const ALL: [Component; 4] = [
+        Component::KubeProxy,
+        Component::KubeControllerManager,
+        Component::KubeScheduler,
+        Component::Etcd,
+    ];
+
+    /// Its name in paths (`/components/<name>/…`), flags, chart values and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::KubeProxy => "kube-proxy",
+            Component::KubeControllerManager => "kube-controller-manager",
+            Component::KubeScheduler => "kube-scheduler",
+            Component::Etcd => "etcd",
+        }
+    }
+
+    /// The Prometheus `job` label the kubernetes-mixin dashboards and alerts select
+    /// (`job="kube-proxy"`, `job="kube-controller-manager"`, `job="kube-scheduler"`); for etcd,
+    /// kube-prometheus-stack's `kube-etcd`, which the etcd mixin's `job=~".*etcd.*"` matches.
+    pub fn job(self) -> &'static str {
+        match self {
+            Component::Etcd => "kube-etcd",
+            other => other.name(),
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Component> {
+        Component::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The upstreams that serve it (kube-proxy: metrics 10249 and health 10256).
+    pub fn upstreams(self) -> impl Iterator<Item = ComponentUpstream> {
+        ComponentUpstream::ALL
+            .into_iter()
+            .filter(move |u| u.component() == self)
+    }
+
+    /// Its endpoints in the catalogue.
+    pub fn endpoints(self) -> impl Iterator<Item = Endpoint> {
+        Endpoint::components().filter(move |e| e.component().map(|u| u.component()) == Some(self))
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The credential the agent presents to a component upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamCredential {
+    /// None: a plain-HTTP port without authentication (kube-proxy, etcd's metrics port).
+    None,
+    /// The agent's own service-account token: the controller manager and the scheduler
+    /// delegate authentication (TokenReview) and authorization (SubjectAccessReview of
+    /// `nonResourceURLs`) to the API server, so they see the agent's identity.
+    AgentToken,
+    /// A client certificate the installation configures (etcd's client port 2379, where a
+    /// certificate etcd trusts also opens its whole key space: the agent asks it only for
+    /// `/metrics` and health).
+    ClientCertificate,
+}
+
+impl UpstreamCredential {
+    pub fn describe(self) -> &'static str {
+        match self {
+            UpstreamCredential::None => "none (plain HTTP)",
+            UpstreamCredential::AgentToken => "the agent's service-account token",
+            UpstreamCredential::ClientCertificate => "a configured client certificate",
+        }
+    }
+}
+
+/// One listening port of a component, which the agent sends that component's requests to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ComponentUpstream {
+    /// kube-proxy's metrics port (`--metrics-bind-address`, 127.0.0.1:10249 under kubeadm).
+    KubeProxy,
+    /// kube-proxy's health port (`--healthz-bind-address`, 10256).
+    KubeProxyHealthz,
+    /// kube-controller-manager's secure port (127.0.0.1:10257 under kubeadm).
+    KubeControllerManager,
+    /// kube-scheduler's secure port (127.0.0.1:10259 under kubeadm).
+    KubeScheduler,
+    /// etcd's metrics listener (`--listen-metrics-urls`, http://127.0.0.1:2381 under kubeadm);
+    /// an installation may point it at the client port 2379 with a client certificate.
+    Etcd,
+}
+
+impl ComponentUpstream {
+    pub const ALL: [ComponentUpstream; 5] = [
+        ComponentUpstream::KubeProxy,
+        ComponentUpstream::KubeProxyHealthz,
+        ComponentUpstream::KubeControllerManager,
+        ComponentUpstream::KubeScheduler,
+        ComponentUpstream::Etcd,
+    ];
+
+    /// Its name in the agent's flags and the chart's values.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComponentUpstream::KubeProxy => "kube-proxy",
+            ComponentUpstream::KubeProxyHealthz => "kube-proxy-healthz",
+            ComponentUpstream::KubeControllerManager => "kube-controller-manager",
+            ComponentUpstream::KubeScheduler => "kube-scheduler",
+            ComponentUpstream::Etcd => "etcd",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ComponentUpstream> {
+        ComponentUpstream::ALL
+            .into_iter()
+            .find(|u| u.name() == name)
+    }
+
+    pub fn component(self) -> Component {
+        match self {
+            ComponentUpstream::KubeProxy | ComponentUpstream::KubeProxyHealthz => {
+                Component::KubeProxy
+            }
+            ComponentUpstream::KubeControllerManager => Component::KubeControllerManager,
+            ComponentUpstream::KubeScheduler => Component::KubeScheduler,
+            ComponentUpstream::Etcd => Component::Etcd,
+        }
+    }
+
+    /// Where kubeadm makes it listen: loopback, the reason users cannot scrape it.
+    pub fn default_url(self) -> &'static str {
+        match self {
+            ComponentUpstream::KubeProxy => "http://127.0.0.1:10249",
+            ComponentUpstream::KubeProxyHealthz => "http://127.0.0.1:10256",
+            ComponentUpstream::KubeControllerManager => "https://127.0.0.1:10257",
+            ComponentUpstream::KubeScheduler => "https://127.0.0.1:10259",
+            ComponentUpstream::Etcd => "http://127.0.0.1:2381",
+        }
+    }
+
+    /// The credential the agent uses there by default (etcd: a client certificate when the
+    /// installation points it at the client port over https).
+    pub fn credential(self) -> UpstreamCredential {
+        match self {
+            ComponentUpstream::KubeControllerManager | ComponentUpstream::KubeScheduler => {
+                UpstreamCredential::AgentToken
+            }
+            ComponentUpstream::KubeProxy
+            | ComponentUpstream::KubeProxyHealthz
+            | ComponentUpstream::Etcd => UpstreamCredential::None,
+        }
+    }
+
+    /// The path to ask it for: a component endpoint's path without `/components/<component>`.
+    /// `None` when the path is not under this upstream's component.
+    pub fn upstream_path(self, path: &str) -> Option<&str> {
+        let rest = path.strip_prefix(COMPONENT_PREFIX)?;
+        let rest = rest.strip_prefix(self.component().name())?;
+        rest.starts_with('/').then_some(rest)
+    }
+}
+
+impl fmt::Display for ComponentUpstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Paths nodegate serves that current kubelets no longer do, and the kubelet path that answers
 /// them. Kubelet 1.37 answers 404 for `/metrics/resource/v1alpha1`, which kube-prometheus-stack
@@ -493,6 +845,17 @@ impl Endpoint {
             Endpoint::Checkpoint => "checkpoint",
             Endpoint::Pprof => "pprof",
             Endpoint::DebugFlags => "debugFlags",
+            Endpoint::KubeProxyMetrics => "kubeProxyMetrics",
+            Endpoint::KubeProxySlis => "kubeProxySlis",
+            Endpoint::KubeProxyHealth => "kubeProxyHealth",
+            Endpoint::ControllerManagerMetrics => "controllerManagerMetrics",
+            Endpoint::ControllerManagerSlis => "controllerManagerSlis",
+            Endpoint::ControllerManagerHealth => "controllerManagerHealth",
+            Endpoint::SchedulerMetrics => "schedulerMetrics",
+            Endpoint::SchedulerSlis => "schedulerSlis",
+            Endpoint::SchedulerHealth => "schedulerHealth",
+            Endpoint::EtcdMetrics => "etcdMetrics",
+            Endpoint::EtcdHealth => "etcdHealth",
         }
     }
 
@@ -521,13 +884,10 @@ impl Endpoint {
     }
 
     /// The core `nodes/<subresource>` RBAC the real kubelet checks for this endpoint: the most
-    /// specific one. Written only for policies that opt into direct kubelet access.
-    pub fn rbac_subresource(self) -> Subresource {
-        self.spec()
-            .subresources
-            .first()
-            .copied()
-            .unwrap_or(Subresource::Proxy)
+    /// specific one. Written only for policies that opt into direct kubelet access. `None` for
+    /// component endpoints: nothing but the agent serves them, so no core RBAC grants them.
+    pub fn rbac_subresource(self) -> Option<Subresource> {
+        self.spec().subresources.first().copied()
     }
 
     /// Endpoints whose data is node-wide, which a policy may grant only with `namespaces.all`.
@@ -554,7 +914,36 @@ impl Endpoint {
                 | Endpoint::Resource
                 | Endpoint::Probes
                 | Endpoint::Slis
+                | Endpoint::KubeProxyMetrics
+                | Endpoint::KubeProxySlis
+                | Endpoint::ControllerManagerMetrics
+                | Endpoint::ControllerManagerSlis
+                | Endpoint::SchedulerMetrics
+                | Endpoint::SchedulerSlis
+                | Endpoint::EtcdMetrics
         )
+    }
+
+    /// The component upstream serving this endpoint; `None` for the kubelet's.
+    pub fn component(self) -> Option<ComponentUpstream> {
+        self.spec().component
+    }
+
+    /// The endpoints of the node's other components (kube-proxy, controller manager,
+    /// scheduler, etcd).
+    pub fn components() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE
+            .iter()
+            .filter(|s| s.component.is_some())
+            .map(|s| s.endpoint)
+    }
+
+    /// The kubelet's endpoints.
+    pub fn kubelet() -> impl Iterator<Item = Endpoint> {
+        CATALOGUE
+            .iter()
+            .filter(|s| s.component.is_none())
+            .map(|s| s.endpoint)
     }
 
     /// Streaming endpoints (exec, attach, portForward, run).
@@ -566,7 +955,7 @@ impl Endpoint {
     /// for exec, attach and portForward over a WebSocket GET, so such a grant is only honest
     /// when the policy lists those too.
     pub fn direct_proxy() -> impl Iterator<Item = Endpoint> {
-        Endpoint::all().filter(|e| e.rbac_subresource() == Subresource::Proxy)
+        Endpoint::all().filter(|e| e.rbac_subresource() == Some(Subresource::Proxy))
     }
 
     /// What a `get nodes/proxy` grant already allows on a kubelet (WebSocket GET upgrades).
@@ -596,17 +985,49 @@ pub fn markdown_table() -> String {
                 .map(|v| v.to_string())
                 .collect(),
         );
+        let (subresources, core) = match spec.endpoint.rbac_subresource() {
+            Some(first) => (
+                join(spec.subresources.iter().map(|s| s.to_string()).collect()),
+                format!("`nodes/{first}`: {verbs}"),
+            ),
+            None => (
+                "– (not the kubelet's)".to_string(),
+                "none: only the agent serves it".to_string(),
+            ),
+        };
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | `{}`: {verbs} | `nodes/{}`: {verbs} | {} | {} | {} |\n",
+            "| `{}` | {} | {} | {subresources} | `{}`: {verbs} | {core} | {} | {} | {} |\n",
             spec.endpoint,
             join(spec.patterns.iter().map(|p| format!("`{p}`")).collect()),
             spec.methods.join(", "),
-            join(spec.subresources.iter().map(|s| s.to_string()).collect()),
             spec.endpoint.agent_resource(),
-            spec.endpoint.rbac_subresource(),
             if spec.read_only { "yes" } else { "no" },
             scope,
             spec.scope.node_level_data(),
+        ));
+    }
+    out
+}
+
+/// The component upstreams as a Markdown table, for `docs/endpoints.md`.
+pub fn component_markdown_table() -> String {
+    let mut out = String::from(
+        "| component | Prometheus `job` | upstream (agent flag name) | default URL | credential | endpoints |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for upstream in ComponentUpstream::ALL {
+        let endpoints: Vec<String> = Endpoint::components()
+            .filter(|e| e.component() == Some(upstream))
+            .map(|e| format!("`{e}`"))
+            .collect();
+        out.push_str(&format!(
+            "| {} | `{}` | `{}` | `{}` | {} | {} |\n",
+            upstream.component(),
+            upstream.component().job(),
+            upstream,
+            upstream.default_url(),
+            upstream.credential().describe(),
+            endpoints.join(", "),
         ));
     }
     out
@@ -631,7 +1052,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", e.name()));
         }
         // A variant missing from the catalogue would silently map to the first row.
-        assert_eq!(variants.len(), 21);
+        assert_eq!(variants.len(), 32);
     }
 
     #[test]
@@ -680,10 +1101,95 @@ mod tests {
 
     #[test]
     fn rbac_grants_the_fine_grained_subresource() {
-        assert_eq!(Endpoint::Pods.rbac_subresource(), Subresource::Pods);
-        assert_eq!(Endpoint::Healthz.rbac_subresource(), Subresource::Healthz);
-        assert_eq!(Endpoint::Cadvisor.rbac_subresource(), Subresource::Metrics);
-        assert_eq!(Endpoint::Exec.rbac_subresource(), Subresource::Proxy);
+        assert_eq!(Endpoint::Pods.rbac_subresource(), Some(Subresource::Pods));
+        assert_eq!(
+            Endpoint::Healthz.rbac_subresource(),
+            Some(Subresource::Healthz)
+        );
+        assert_eq!(
+            Endpoint::Cadvisor.rbac_subresource(),
+            Some(Subresource::Metrics)
+        );
+        assert_eq!(Endpoint::Exec.rbac_subresource(), Some(Subresource::Proxy));
         assert_eq!(Endpoint::Stats.verbs(), vec![Verb::Get, Verb::Create]);
+    }
+
+    /// Component endpoints: GET only, node-wide (so they need `all`), never on the read-only
+    /// port, no kubelet subresource (so no core RBAC), every path under its component's prefix,
+    /// and nothing but metrics, SLIs and health.
+    #[test]
+    fn component_endpoints_serve_only_metrics_slis_and_health() {
+        let mut count = 0;
+        for e in Endpoint::components() {
+            count += 1;
+            let spec = e.spec();
+            let upstream = spec.component.unwrap();
+            assert_eq!(spec.methods, &["GET"], "{e}");
+            assert_eq!(spec.scope, Scope::NodeWide, "{e}");
+            assert!(!spec.read_only && !spec.streaming, "{e}");
+            assert_eq!(e.rbac_subresource(), None, "{e}");
+            assert!(Endpoint::node_wide().any(|n| n == e), "{e}");
+            assert!(!Endpoint::direct_proxy().any(|n| n == e), "{e}");
+            for pattern in spec.patterns {
+                let path = upstream.upstream_path(pattern).unwrap();
+                assert!(
+                    [
+                        "/metrics",
+                        "/metrics/slis",
+                        "/healthz",
+                        "/livez",
+                        "/readyz",
+                        "/health"
+                    ]
+                    .contains(&path),
+                    "{e}: {pattern}"
+                );
+                assert_eq!(
+                    e.serves_prometheus(),
+                    path.starts_with("/metrics"),
+                    "{e}: {pattern}"
+                );
+                let route = crate::attributes::match_route(pattern).unwrap();
+                assert_eq!(route.endpoint, e);
+            }
+        }
+        assert_eq!(count, 11);
+        assert_eq!(Endpoint::kubelet().count() + count, CATALOGUE.len());
+        for c in Component::ALL {
+            assert!(c.endpoints().count() >= 2, "{c}");
+            assert_eq!(Component::from_name(c.name()), Some(c));
+        }
+        for u in ComponentUpstream::ALL {
+            assert_eq!(ComponentUpstream::from_name(u.name()), Some(u));
+        }
+        for (path, served) in [
+            ("/components/kube-scheduler/configz", false),
+            ("/components/kube-scheduler/flagz", false),
+            ("/components/kube-scheduler/debug/pprof/profile", false),
+            ("/components/kube-controller-manager/livez", false),
+            ("/components/etcd/v3/kv/range", false),
+            ("/components/etcd/version", false),
+            ("/components/kube-proxy/proxyMode", false),
+            ("/components/kube-proxy/metrics/", false),
+            ("/components/etcd/health", true),
+        ] {
+            assert_eq!(
+                crate::attributes::match_route(path).is_some(),
+                served,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            ComponentUpstream::Etcd.upstream_path("/components/etcd/metrics"),
+            Some("/metrics")
+        );
+        assert_eq!(
+            ComponentUpstream::Etcd.upstream_path("/components/etcdx/metrics"),
+            None
+        );
+        assert_eq!(
+            ComponentUpstream::KubeProxyHealthz.upstream_path("/components/kube-proxy/livez"),
+            Some("/livez")
+        );
     }
 }

@@ -73,8 +73,14 @@ pub fn endpoints_doc() -> String {
          The endpoints a `NodeApiPolicy` can grant in `spec.access`. Paths are matched after \
          percent-decoding and dot-segment normalisation. Streaming endpoints (exec, attach, \
          portForward, run) are authorized as `create` whatever the HTTP method. RBAC grants only \
-         the first (most specific) subresource.\n\n{}",
-        crate::catalogue::markdown_table()
+         the first (most specific) subresource.\n\n{}\n\
+         ## The node's other components\n\n\
+         The `/components/…` endpoints above are served by the agent from these upstreams \
+         (the agent's `--component-upstream NAME=URL` and the chart's values override the URL; \
+         see [components.md](components.md)). Only the listed paths are ever asked upstream: \
+         never pprof, `/configz`, `/flagz`, `/debug` or etcd's key-value API.\n\n{}",
+        crate::catalogue::markdown_table(),
+        crate::catalogue::component_markdown_table()
     )
 }
 

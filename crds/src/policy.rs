@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = rules::has_subject())]
 #[x_kube(validation = rules::node_wide_needs_all())]
+#[x_kube(validation = rules::components_need_all())]
 #[x_kube(validation = rules::no_streaming_on_read_only_port())]
 #[x_kube(validation = rules::read_only_port_serves_reads_only())]
 #[x_kube(validation = rules::read_only_port_is_anonymous())]
@@ -61,8 +62,11 @@ pub struct NodeApiPolicySpec {
     /// cadvisor, resource, probes, slis, configz, statusz, flagz, logs, containerLogs, exec,
     /// attach, portForward, run, checkpoint, pprof, debugFlags, spec. Each maps to the kubelet's
     /// authorization subresource and verbs; exec, attach, portForward and run are authorized as
-    /// `create`.
-    #[schemars(length(min = 1, max = 32), extend("x-kubernetes-list-type" = "set"))]
+    /// `create`. The node's other components (served by the agent under `/components/…`, and
+    /// needing `all: true`): kubeProxyMetrics, kubeProxySlis, kubeProxyHealth,
+    /// controllerManagerMetrics, controllerManagerSlis, controllerManagerHealth,
+    /// schedulerMetrics, schedulerSlis, schedulerHealth, etcdMetrics, etcdHealth.
+    #[schemars(length(min = 1, max = 48), extend("x-kubernetes-list-type" = "set"))]
     pub access: Vec<Endpoint>,
 
     /// Whose data the granted endpoints may return: exactly one of `names`, `selector` or

@@ -21,6 +21,7 @@ pub type RuleFn = fn() -> Rule;
 pub const ALL: &[(&str, RuleFn)] = &[
     ("has-subject", has_subject),
     ("node-wide-needs-all", node_wide_needs_all),
+    ("components-need-all", components_need_all),
     (
         "no-streaming-on-read-only-port",
         no_streaming_on_read_only_port,
@@ -72,14 +73,32 @@ pub fn has_subject() -> Rule {
     .message("a policy needs at least one subject: list subjects, or serviceAccounts for nodegate to create")
 }
 
+/// The kubelet's node-wide endpoints (the components' have a rule of their own).
+fn kubelet_node_wide() -> impl Iterator<Item = Endpoint> {
+    Endpoint::node_wide().filter(|e| e.component().is_none())
+}
+
 pub fn node_wide_needs_all() -> Rule {
     Rule::new(format!(
         "!self.access.exists(a, a in {}) || (has(self.namespaces.all) && self.namespaces.all)",
-        cel_list(Endpoint::node_wide())
+        cel_list(kubelet_node_wide())
     ))
     .message(Message::Message(format!(
         "node-wide endpoints ({}) return every namespace's data and need namespaces.all: true",
-        names(Endpoint::node_wide())
+        names(kubelet_node_wide())
+    )))
+}
+
+pub fn components_need_all() -> Rule {
+    Rule::new(format!(
+        "!self.access.exists(a, a in {}) || (has(self.namespaces.all) && self.namespaces.all)",
+        cel_list(Endpoint::components())
+    ))
+    .message(Message::Message(format!(
+        "component endpoints ({}) serve cluster-level data of kube-proxy, the controller \
+         manager, the scheduler and etcd, which belongs to no namespace: they need \
+         namespaces.all: true",
+        names(Endpoint::components())
     )))
 }
 

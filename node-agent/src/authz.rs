@@ -6,9 +6,20 @@ use nodegate_crds::Endpoint;
 use nodegate_crds::attributes::RequestAttributes;
 pub use nodegate_crds::decision::*;
 
-/// The kubelet's 403 body.
+/// The kubelet's 403 body; for the node's other components (no kubelet subresource), the
+/// endpoint and path instead.
 pub fn forbidden_body(user: &str, attrs: &RequestAttributes) -> String {
     let verb = attrs.verb.map_or("", |v| v.as_str());
+    if attrs
+        .path
+        .starts_with(nodegate_crds::catalogue::COMPONENT_PREFIX)
+    {
+        let endpoint = endpoint_of(attrs).map_or("none", |e| e.name());
+        return format!(
+            "Forbidden (user={user}, verb={verb}, endpoint={endpoint}, path={})\n",
+            attrs.path
+        );
+    }
     let subresources: Vec<&str> = attrs.subresources.iter().map(|s| s.as_str()).collect();
     format!(
         "Forbidden (user={user}, verb={verb}, resource=nodes, subresource(s)=[{}])\n",

@@ -523,6 +523,8 @@ pub struct ApiSourceSettings {
     pub serving_cert_expiry: Option<Arc<dyn Fn() -> Option<SystemTime> + Send + Sync>>,
     /// How often status is re-checked (certificate rotations, readiness).
     pub status_interval: Duration,
+    /// The node's components found listening, reported in status.
+    pub components: Option<crate::components::ComponentPresence>,
 }
 
 impl std::fmt::Debug for ApiSourceSettings {
@@ -664,6 +666,7 @@ async fn write_status(
     observed: &mut Observed,
 ) {
     let expiry = settings.serving_cert_expiry.as_ref().and_then(|f| f());
+    let components = settings.components.as_ref().and_then(|p| p.summary());
     let current = store.current();
     let enforced = store.is_loaded().then_some(current.spec.hash.as_str());
     let desired = desired_status(
@@ -672,6 +675,7 @@ async fn write_status(
             spec_hash: observed.spec_hash.as_deref(),
             last_error: store.last_error().as_deref(),
             serving_cert_expiry: expiry,
+            components: components.as_deref(),
         },
         observed.status.as_ref(),
         SystemTime::now(),
@@ -707,6 +711,8 @@ pub struct StatusInputs<'a> {
     pub spec_hash: Option<&'a str>,
     pub last_error: Option<&'a str>,
     pub serving_cert_expiry: Option<SystemTime>,
+    /// The present components, comma-separated.
+    pub components: Option<&'a str>,
 }
 
 /// The status to write: conditions keep their transition time while their status holds, so
@@ -748,6 +754,7 @@ pub fn desired_status(
         conditions,
         serving_cert_expiry: inputs.serving_cert_expiry.and_then(to_time),
         last_error: inputs.last_error.map(|e| truncate(e, 1024)),
+        components: inputs.components.map(String::from),
     }
 }
 
@@ -1208,8 +1215,10 @@ mod tests {
             spec_hash: Some("h1"),
             last_error: None,
             serving_cert_expiry: Some(expiry),
+            components: Some("kube-proxy,etcd"),
         };
         let synced = desired_status(&inputs, Some(&pending), t0);
+        assert_eq!(synced.components.as_deref(), Some("kube-proxy,etcd"));
         assert_eq!(synced.observed_hash.as_deref(), Some("h1"));
         assert_eq!(cond(&synced, "InSync").status, "True");
         assert_eq!(cond(&synced, "Ready").reason, "ConfigLoaded");
@@ -1222,6 +1231,7 @@ mod tests {
             spec_hash: Some("h2"),
             last_error: Some("NodeAgentConfig \"node-a\" is invalid: unknown endpoint"),
             serving_cert_expiry: Some(expiry),
+            components: None,
         };
         let invalid = desired_status(&broken, Some(&synced), t1);
         assert_eq!(invalid.observed_hash.as_deref(), Some("h1"));

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod authn;
 pub mod authz;
+pub mod components;
 pub mod config;
 pub mod connection;
 pub mod explain;

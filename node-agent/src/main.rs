@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use nodegate_agent::authn::{
     Authenticator, AuthnSettings, BoxFuture, ReviewOutcome, TokenReviewer, parse_audiences,
 };
+use nodegate_agent::components::{self, ComponentConfigError, ComponentFlags, ComponentSettings};
 use nodegate_agent::config::{
     self, ApiSourceSettings, ConfigSource, ConfigSourceFlag, ConfigStore, NodeIdentity,
 };
@@ -109,6 +110,53 @@ struct ServeArgs {
     /// node (docs/security.md).
     #[arg(long, env = "NODEGATE_KUBELET_ACCESS", default_value = nodegate_agent::kubelet_access::DEFAULT_FLAG)]
     kubelet_access: KubeletAccess,
+    /// The node's other components to serve under `/components/<name>/…` (comma-separated:
+    /// kube-proxy, kube-controller-manager, kube-scheduler, etcd). None by default: the agent
+    /// offers its token only to ports an installation named (docs/components.md).
+    #[arg(long, env = "NODEGATE_COMPONENTS", default_value = "")]
+    components: String,
+    /// `NAME=URL`: where a component upstream listens, instead of kubeadm's loopback default
+    /// (NAME: kube-proxy 10249, kube-proxy-healthz 10256, kube-controller-manager 10257,
+    /// kube-scheduler 10259, etcd 2381). Repeatable or comma-separated.
+    #[arg(
+        long = "component-upstream",
+        env = "NODEGATE_COMPONENT_UPSTREAMS",
+        value_delimiter = ','
+    )]
+    component_upstreams: Vec<String>,
+    /// `NAME=PATH`: CA bundle verifying an https component upstream's serving certificate.
+    #[arg(
+        long = "component-ca-file",
+        env = "NODEGATE_COMPONENT_CA_FILES",
+        value_delimiter = ','
+    )]
+    component_ca_files: Vec<String>,
+    /// Component upstreams whose serving certificate is not verified (kubeadm's controller
+    /// manager and scheduler serve a self-signed certificate made in memory; logged at
+    /// startup). Repeatable or comma-separated.
+    #[arg(
+        long = "component-insecure-skip-tls-verify",
+        env = "NODEGATE_COMPONENT_INSECURE_SKIP_TLS_VERIFY",
+        value_delimiter = ','
+    )]
+    component_insecure_skip_tls_verify: Vec<String>,
+    /// The agent's token for kube-controller-manager and kube-scheduler (which review it with
+    /// the API server); default `--upstream-token-file`.
+    #[arg(long, env = "NODEGATE_COMPONENT_TOKEN_FILE")]
+    component_token_file: Option<PathBuf>,
+    /// Client certificate for etcd's client port (`--component-upstream etcd=https://…:2379`).
+    #[arg(
+        long,
+        env = "NODEGATE_ETCD_CLIENT_CERT_FILE",
+        requires = "etcd_client_key_file"
+    )]
+    etcd_client_cert_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "NODEGATE_ETCD_CLIENT_KEY_FILE",
+        requires = "etcd_client_cert_file"
+    )]
+    etcd_client_key_file: Option<PathBuf>,
     #[arg(
         long,
         env = "NODEGATE_AUTHORIZATION_MODE",
@@ -380,6 +428,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     upstream.client_cert_file = args.upstream_client_cert_file.clone();
     upstream.client_key_file = args.upstream_client_key_file.clone();
     let upstream = Upstream::new(&upstream)?;
+    let components = component_settings(&args)?;
 
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: args.tls_cert_file.clone(),
@@ -429,6 +478,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node_name: node_name.clone(),
         serving_cert_expiry: Some(Arc::new(move || expiry_tls.serving_cert_expiry())),
         status_interval: Duration::from_secs(60),
+        components: Some(components.presence.clone()),
     };
     let unlabelled = NodeIdentity {
         name: node_name.clone(),
@@ -486,6 +536,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_concurrent_streams: args.http2_max_concurrent_streams,
             max_header_bytes: args.max_header_bytes,
         },
+        components,
     };
     let running = server::start(
         settings,
@@ -511,4 +562,57 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The component upstreams from the `--component*` and `--etcd-client-*` flags.
+fn component_settings(args: &ServeArgs) -> anyhow::Result<ComponentSettings> {
+    let mut flags = ComponentFlags {
+        enabled: components::parse_components(&args.components)?,
+        token_file: args
+            .component_token_file
+            .clone()
+            .or_else(|| args.upstream_token_file.clone()),
+        etcd_client_cert_file: args.etcd_client_cert_file.clone(),
+        etcd_client_key_file: args.etcd_client_key_file.clone(),
+        ..Default::default()
+    };
+    for item in args
+        .component_upstreams
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let (upstream, url) = components::parse_assignment(item)?;
+        let url: http::Uri = url
+            .parse()
+            .map_err(|_| ComponentConfigError::BadUrl(upstream, url.clone()))?;
+        flags.urls.push((upstream, url));
+    }
+    for item in args
+        .component_ca_files
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let (upstream, path) = components::parse_assignment(item)?;
+        flags.ca_files.push((upstream, PathBuf::from(path)));
+    }
+    for name in args
+        .component_insecure_skip_tls_verify
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+    {
+        flags
+            .insecure_skip_tls_verify
+            .push(components::parse_upstream(name)?);
+    }
+    let settings = ComponentSettings::from_flags(&flags)?;
+    for (upstream, s) in &settings.upstreams {
+        tracing::info!(
+            component = %upstream.component(),
+            %upstream,
+            url = %s.url,
+            credential = upstream.credential().describe(),
+            "serving a node component"
+        );
+    }
+    Ok(settings)
 }

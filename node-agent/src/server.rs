@@ -6,6 +6,7 @@
 use crate::audit::{AuditRecord, AuditedBody};
 use crate::authn::{AuthMethod, Authenticator, ConnectionBudget, UserInfo};
 use crate::authz::{self, Decision, FilterScope, Requester};
+use crate::components::{ComponentSettings, ComponentUpstreams};
 use crate::config::ConfigStore;
 use crate::connection::{
     Activity, Admitted, ConnectionLimit, ConnectionSettings, Ended, LimitMetrics,
@@ -28,7 +29,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nodegate_crds::attributes::{RequestAttributes, request_attributes};
-use nodegate_crds::catalogue::{Scope, kubelet_path};
+use nodegate_crds::catalogue::{Component, ComponentUpstream, Scope, kubelet_path};
 use nodegate_crds::{Endpoint, Port};
 use rustls_pki_types::CertificateDer;
 use std::convert::Infallible;
@@ -72,6 +73,8 @@ pub struct Settings {
     pub json_budget_bytes: usize,
     /// Connection caps and timeouts of every listener.
     pub connections: ConnectionSettings,
+    /// The node's other components the agent serves under `/components/…` (none by default).
+    pub components: ComponentSettings,
 }
 
 impl Settings {
@@ -88,6 +91,7 @@ impl Settings {
             kubelet_access: KubeletAccess::all(),
             json_budget_bytes: memory_budget::DEFAULT_JSON_BUDGET_BYTES,
             connections: ConnectionSettings::default(),
+            components: ComponentSettings::default(),
         }
     }
 }
@@ -113,6 +117,8 @@ pub enum StartError {
     },
     #[error("--authorization-mode {0:?} needs a SubjectAccessReview client")]
     NoAccessReviewer(AuthorizationMode),
+    #[error("component upstreams: {0}")]
+    Components(#[from] UpstreamError),
 }
 
 /// A running agent. Dropping it stops its listeners (open connections finish on their own).
@@ -144,6 +150,7 @@ impl Drop for Running {
 struct State {
     settings: Settings,
     parts: Components,
+    components: ComponentUpstreams,
     json_budget: MemoryBudget,
     limit_metrics: LimitMetrics,
 }
@@ -184,13 +191,22 @@ pub async fn start(settings: Settings, parts: Components) -> Result<Running, Sta
         settings.json_budget_bytes,
         memory_budget::DEFAULT_BUDGET_WAIT,
     );
+    let components = ComponentUpstreams::new(&settings.components)?;
+    let probes = settings
+        .components
+        .probe_interval
+        .filter(|_| !components.is_empty());
     let state = Arc::new(State {
         settings,
         parts,
+        components: components.clone(),
         json_budget,
         limit_metrics,
     });
     let mut tasks = vec![tokio::spawn(serve_secure(secure, state.clone()))];
+    if let Some(interval) = probes {
+        tasks.insert(0, tokio::spawn(components.run_probes(interval)));
+    }
     if let Some(l) = read_only {
         tasks.push(tokio::spawn(serve_plain(
             l,
@@ -674,6 +690,10 @@ async fn pipeline(
         );
     };
 
+    if let Some(upstream) = route.endpoint.component() {
+        return component_request(state, upstream, &attrs, &decision, req, record).await;
+    }
+
     // Upstream, if the agent's own credential may make the request.
     if let Err(missing) = state.settings.kubelet_access.reaches(route.endpoint) {
         record.decision = "unavailable";
@@ -771,6 +791,111 @@ async fn pipeline(
             "no filter for this endpoint\n",
         ),
     }
+}
+
+/// A request to one of the node's other components, already authorized: only the catalogue's
+/// path (without `/components/<name>`) and the caller's query go upstream, with the agent's
+/// credential for that component; Prometheus answers get the applying rules' transforms.
+async fn component_request(
+    state: &State,
+    upstream: ComponentUpstream,
+    attrs: &RequestAttributes,
+    decision: &Decision,
+    req: Request<Incoming>,
+    record: &mut AuditRecord,
+) -> Response<ProxyBody> {
+    let component = upstream.component();
+    let Some((client, url)) = state.components.get(upstream) else {
+        record.decision = "unavailable";
+        record.reason = format!("{component} is not enabled on this agent");
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Not Found: this node's agent does not serve {component} (agent flag \
+                 --components, chart value agent.components)\n"
+            ),
+        );
+    };
+    let Some(path) = upstream.upstream_path(&attrs.path) else {
+        // The catalogue's patterns are all under the component's prefix.
+        return text(StatusCode::NOT_FOUND, "404 page not found\n");
+    };
+    let mut target_attrs = attrs.clone();
+    target_attrs.path = path.to_string();
+    let target = match client.uri(&target_attrs.upstream_target()) {
+        Ok(t) => t,
+        Err(e) => return component_bad_gateway(state, component, url, "request", &e),
+    };
+    let filter = decision.filter.clone().filter(|f| !f.unrestricted());
+    let mut headers = forward_headers(req.headers(), None);
+    let client_gzip = crate::prometheus::negotiate::client_accepts_gzip(
+        req.headers()
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let endpoint = attrs.route.as_ref().map(|r| r.endpoint);
+    if filter.is_some() && endpoint.is_some_and(Endpoint::serves_prometheus) {
+        headers.remove(header::ACCEPT_ENCODING);
+        let accept = crate::prometheus::negotiate::upstream_accept(
+            req.headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static(crate::prometheus::negotiate::ACCEPT_ENCODING),
+        );
+    }
+    let mut upstream_req = Request::new(empty());
+    *upstream_req.method_mut() = Method::GET;
+    *upstream_req.uri_mut() = target;
+    *upstream_req.headers_mut() = headers;
+    let resp = match client.send(upstream_req).await {
+        Ok(r) => r,
+        Err(e) => return component_bad_gateway(state, component, url, "connect", &e),
+    };
+    if resp.status().is_redirection() {
+        state
+            .parts
+            .metrics
+            .upstream_errors
+            .with_label_values(&["redirect"])
+            .inc();
+        record.reason = "upstream redirect refused".into();
+        return text(
+            StatusCode::BAD_GATEWAY,
+            format!("{component} answered with a redirect, which the agent does not follow\n"),
+        );
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.headers = response_headers(&parts.headers, false);
+    match filter {
+        Some(filter) if parts.status.is_success() => {
+            filter_metrics(state, parts, body, &filter, client_gzip)
+        }
+        _ => Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync()),
+    }
+}
+
+fn component_bad_gateway(
+    state: &State,
+    component: Component,
+    url: &str,
+    kind: &str,
+    e: &UpstreamError,
+) -> Response<ProxyBody> {
+    state
+        .parts
+        .metrics
+        .upstream_errors
+        .with_label_values(&[kind])
+        .inc();
+    tracing::warn!(error = %e, %component, upstream = url, "component request failed");
+    text(
+        StatusCode::BAD_GATEWAY,
+        format!("Bad Gateway: {component} could not be reached at {url}\n"),
+    )
 }
 
 fn method_name(m: AuthMethod) -> &'static str {

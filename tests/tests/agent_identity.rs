@@ -656,6 +656,7 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
             node_name: node.clone(),
             serving_cert_expiry: Some(Arc::new(move || Some(expiry))),
             status_interval: Duration::from_millis(200),
+            components: None,
         },
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -781,6 +782,7 @@ async fn api_source_refuses_a_config_nodegate_does_not_own() -> TestResult {
             node_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
+            components: None,
         },
     ));
     // Valid in every other way, but written by someone else.
@@ -860,6 +862,7 @@ async fn api_source_resumes_after_the_api_server_goes_away() -> TestResult {
             node_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
+            components: None,
         },
     ));
     api.create(
@@ -1040,6 +1043,7 @@ async fn documented_permissions_suffice_and_only_this_nodes_config_is_read() -> 
             node_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
+            components: None,
         },
     ));
     let api: Api<DynamicObject> =

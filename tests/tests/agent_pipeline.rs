@@ -95,6 +95,9 @@ fn expect(caller: Caller, port: Port, endpoint: Endpoint, other_ns: bool, method
         return Expect::Refused(405);
     }
     match caller {
+        // Allowed, but this agent serves no component (none enabled): 404, and a component's
+        // request never goes to the kubelet.
+        Caller::Root if endpoint.component().is_some() => Expect::Refused(404),
         Caller::Root => reach,
         Caller::AliceCert | Caller::AliceToken => match spec.scope {
             Scope::Unscoped => reach,

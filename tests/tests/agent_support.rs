@@ -659,6 +659,8 @@ pub fn endpoint_target(
         Endpoint::Pprof => "/debug/pprof/".into(),
         // An empty body: a real kubelet refuses it (400), so verbosity never changes.
         Endpoint::DebugFlags => "/debug/flags/v".into(),
+        // The node's other components: the endpoint's first path.
+        component => component.spec().patterns[0].into(),
     }
 }
 

@@ -1440,3 +1440,185 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     }
     Ok(())
 }
+
+/// The node's other components (docs/components.md): nothing by default; enabled, the agent's
+/// flags, the ClusterRole that lets its token get the controller manager's and scheduler's
+/// /metrics (and /metrics/slis) and nothing else, the scrape configs and ServiceMonitors with
+/// the kubernetes-mixin job names; refused without host networking or a CA for Prometheus.
+#[test]
+fn components_render_flags_rbac_and_scrape_jobs() {
+    let Some(helm) = helm() else { return };
+    let args_of = |objs: &[Value]| -> Vec<String> {
+        let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        ds["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let default = objects(&template(&helm, "rel", "ns", &[]).unwrap());
+    assert!(
+        !args_of(&default)
+            .iter()
+            .any(|a| a.starts_with("--component"))
+    );
+    assert!(find(&default, "ClusterRole", "rel-nodegate-agent-components").is_none());
+    assert!(
+        !default
+            .iter()
+            .any(|o| o["metadata"]["name"] == "rel-nodegate-agent-component-scrape-configs")
+    );
+
+    let all = [
+        "--set",
+        "agent.hostNetwork=true",
+        "--set",
+        "agent.components.enabled={kube-proxy,kube-controller-manager,kube-scheduler,etcd}",
+        "--set",
+        "agent.components.scrape.caFile=/etc/prometheus/agent-ca.crt",
+        "--set",
+        "agent.components.scrape.serviceMonitors=true",
+    ];
+    let objs = objects(&template(&helm, "rel", "ns", &all).unwrap());
+    let args = args_of(&objs);
+    for want in [
+        "--components=kube-proxy,kube-controller-manager,kube-scheduler,etcd",
+        "--component-insecure-skip-tls-verify=kube-controller-manager",
+        "--component-insecure-skip-tls-verify=kube-scheduler",
+        "--component-token-file=/var/run/secrets/nodegate/component-token/token",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} missing: {args:?}");
+    }
+    let role = find(&objs, "ClusterRole", "rel-nodegate-agent-components").unwrap();
+    assert_eq!(
+        role["rules"],
+        json!([{"nonResourceURLs": ["/metrics", "/metrics/slis"], "verbs": ["get"]}])
+    );
+    let binding = find(&objs, "ClusterRoleBinding", "rel-nodegate-agent-components").unwrap();
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "rel-nodegate-agent", "namespace": "ns"}])
+    );
+    let map = find(
+        &objs,
+        "ConfigMap",
+        "rel-nodegate-agent-component-scrape-configs",
+    )
+    .unwrap();
+    let jobs: Vec<Value> =
+        serde_yaml::from_str(map["data"]["scrape-configs.yaml"].as_str().unwrap()).unwrap();
+    let rows: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| {
+            assert_eq!(j["scheme"], "https");
+            assert_eq!(j["tls_config"]["ca_file"], "/etc/prometheus/agent-ca.crt");
+            assert_eq!(j["relabel_configs"][0]["replacement"], "${1}:10350");
+            (
+                j["job_name"].as_str().unwrap().to_string(),
+                j["metrics_path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = nodegate_crds::catalogue::Component::ALL
+        .iter()
+        .map(|c| (c.job().to_string(), format!("/components/{c}/metrics")))
+        .collect();
+    assert_eq!(rows, expected);
+    let monitors: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ServiceMonitor")
+        .filter(|o| o["metadata"]["name"] != "rel-nodegate-agent")
+        .collect();
+    let monitored: Vec<(String, String)> = monitors
+        .iter()
+        .map(|m| {
+            let e = &m["spec"]["endpoints"][0];
+            assert_eq!(e["port"], "secure");
+            assert_eq!(e["relabelings"][0]["targetLabel"], "job");
+            (
+                e["relabelings"][0]["replacement"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                e["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(monitored, expected);
+    let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+
+    // kube-proxy alone: no token, no RBAC, no skipped verification.
+    let proxy = objects(
+        &template(
+            &helm,
+            "rel",
+            "ns",
+            &[
+                "--set",
+                "agent.hostNetwork=true",
+                "--set",
+                "agent.components.enabled={kube-proxy}",
+                "--set",
+                "agent.components.scrape.caFile=/ca.crt",
+            ],
+        )
+        .unwrap(),
+    );
+    let args = args_of(&proxy);
+    assert!(
+        args.iter().any(|a| a == "--components=kube-proxy"),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("--component-token-file")
+            || a.starts_with("--component-insecure-skip-tls-verify")),
+        "{args:?}"
+    );
+    assert!(find(&proxy, "ClusterRole", "rel-nodegate-agent-components").is_none());
+
+    // Refused: components without host networking, scrape jobs without a CA.
+    let e = template(
+        &helm,
+        "rel",
+        "ns",
+        &[
+            "--set",
+            "agent.components.enabled={kube-proxy}",
+            "--set",
+            "agent.components.scrape.caFile=/ca.crt",
+        ],
+    )
+    .unwrap_err();
+    assert!(e.contains("needs agent.hostNetwork: true"), "{e}");
+    let e = template(
+        &helm,
+        "rel",
+        "ns",
+        &[
+            "--set",
+            "agent.hostNetwork=true",
+            "--set",
+            "agent.components.enabled={etcd}",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("agent.components.scrape.caFile is required"),
+        "{e}"
+    );
+    let e = template(
+        &helm,
+        "rel",
+        "ns",
+        &[
+            "--set",
+            "agent.hostNetwork=true",
+            "--set",
+            "agent.components.enabled={kubelet}",
+        ],
+    )
+    .unwrap_err();
+    assert!(e.contains("enabled"), "{e}");
+}

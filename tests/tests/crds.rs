@@ -198,7 +198,11 @@ async fn node_agent_config_columns_list_policies() -> TestResult {
     let table = table?;
     let mut lines = table.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "POLICIES", "IN-SYNC", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        ["NAME", "POLICIES", "IN-SYNC", "COMPONENTS", "AGE"],
+        "{table}"
+    );
     assert!(lines.next().unwrap().contains("alpha,beta"), "{table}");
     Ok(())
 }

@@ -157,3 +157,39 @@ ClusterRole <fullname>-agent-kubelet grants the same).
 {{- if .Values.agent.kubeletAccess.checkpoint }}{{ $names = append $names "checkpoint" }}{{ end -}}
 {{- join "," $names -}}
 {{- end }}
+
+{{/*
+The agent's flags for the node's other components (agent.components; docs/components.md).
+*/}}
+{{- define "nodegate.agent.componentArgs" -}}
+{{- $c := .Values.agent.components -}}
+{{- if $c.enabled -}}
+- --components={{ join "," $c.enabled }}
+{{- range $upstream, $url := $c.upstreams }}
+- --component-upstream={{ $upstream }}={{ $url }}
+{{- end }}
+{{- range $upstream, $_ := $c.caBundles }}
+- --component-ca-file={{ $upstream }}=/etc/nodegate/component-ca/{{ $upstream }}.crt
+{{- end }}
+{{- range $upstream := $c.insecureSkipTLSVerify }}
+{{- if and (has (trimSuffix "-healthz" $upstream) $c.enabled) (not (hasKey $c.caBundles $upstream)) }}
+- --component-insecure-skip-tls-verify={{ $upstream }}
+{{- end }}
+{{- end }}
+{{- if include "nodegate.agent.componentToken" . }}
+- --component-token-file=/var/run/secrets/nodegate/component-token/token
+{{- end }}
+{{- with $c.etcdClientCertificate.secretName }}
+- --etcd-client-cert-file=/etc/nodegate/etcd-client/{{ $c.etcdClientCertificate.certKey }}
+- --etcd-client-key-file=/etc/nodegate/etcd-client/{{ $c.etcdClientCertificate.keyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when the agent needs its token for a component (the controller manager or scheduler).
+*/}}
+{{- define "nodegate.agent.componentToken" -}}
+{{- $c := .Values.agent.components -}}
+{{- if or (has "kube-controller-manager" $c.enabled) (has "kube-scheduler" $c.enabled) }}true{{ end -}}
+{{- end }}

@@ -114,6 +114,8 @@ fn kubelet_methods(endpoint: Endpoint) -> Option<&'static [Method]> {
         }
         Endpoint::Run | Endpoint::Checkpoint => Some(POST),
         Endpoint::DebugFlags => Some(PUT),
+        // Not the kubelet's: it answers 404 whatever the method.
+        _ => None,
     }
 }
 
@@ -325,6 +327,10 @@ async fn serve_endpoint(
             payload_response(payload, headers)
         }
     };
+    if route.endpoint.component().is_some() {
+        // The node's other components are not the kubelet's: it has no such path.
+        return not_found();
+    }
     match route.endpoint {
         Endpoint::Healthz => match route.rest.as_deref() {
             None | Some("") | Some("ping") | Some("log") | Some("syncloop") => {
@@ -393,6 +399,7 @@ async fn serve_endpoint(
                 Err(_) => respond(400, PLAIN, format!("invalid log level {level:?}")),
             }
         }
+        _ => not_found(),
     }
 }
 
