@@ -35,7 +35,8 @@ enum Command {
     },
     /// Run everything CI runs: fmt, clippy, the generated-files check, unit and integration tests.
     Test(test::Args),
-    /// Build (once, cached) and run a local Kubernetes control plane and node on loopback.
+    /// Build (once, cached) and run a local Kubernetes control plane on loopback and two real nodes
+    /// (node-1 with kubelet 1.37 on the host, node-2 with kubelet 1.35 in its own network namespace).
     Cluster(cluster::Args),
     /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
     /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
