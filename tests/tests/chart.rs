@@ -21,7 +21,7 @@ use kube::api::{Api, Patch, PatchParams};
 use nodegate_agent::kubelet_access::KubeletAccess;
 use nodegate_crds::{Endpoint, NodeAgentConfig};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::{NODE_NAME, TEST_LABEL, unique_name};
+use nodegate_tests::cluster::{NODE_NAME, NODE2_NAME, TEST_LABEL, unique_name};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -1212,11 +1212,17 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     let (op_repo, op_tag) = split_image(&operator_image);
     let (agent_repo, agent_tag) = split_image(&agent_image);
 
-    // node-1's NodeAgentConfig is written by whichever operator instance owns it, and an
-    // instance never overwrites another's: drop a config a previous run left, so this
-    // release's operator writes it (no other test binary runs at the same time).
+    // The real nodes' NodeAgentConfigs are written by whichever operator instance owns them,
+    // and an instance never overwrites another's: drop configs a previous run left, so this
+    // release's operator writes them (no other test binary runs at the same time).
     let _ = cluster
-        .run_kubectl(&["delete", "nodeagentconfig", NODE_NAME, "--ignore-not-found"])
+        .run_kubectl(&[
+            "delete",
+            "nodeagentconfig",
+            NODE_NAME,
+            NODE2_NAME,
+            "--ignore-not-found",
+        ])
         .await;
     let _outputs = ClusterScoped {
         cluster: &cluster,
@@ -1252,17 +1258,27 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
         "agent.image.pullPolicy=Never".to_string(),
         format!("operator.instance={release}"),
         format!("operator.policySelector={TEST_LABEL}={release}"),
-        format!("operator.nodeLabelSelector=kubernetes.io/hostname={NODE_NAME}"),
     ];
     let mut args: Vec<String> = vec![];
     if let Some(state) = &cluster.location().state_dir {
-        // The local kubelet's serving certificate is self-signed and names the host.
+        // The real nodes only (not the fake Node objects of tests running alongside): the
+        // DaemonSet's agent on each real node becomes ready once its config is loaded. Helm's
+        // --set splits on an unescaped comma.
+        sets.push(format!(
+            "operator.nodeLabelSelector=kubernetes.io/hostname in ({NODE_NAME}\\,{NODE2_NAME})"
+        ));
+        // The local kubelets' serving certificates are self-signed and name their node: the
+        // bundle of both, and each agent checks its own node's name.
         args.push("--set-file".into());
         args.push(format!(
             "agent.upstream.ca.bundle={}",
-            state.join("kubelet/pki/kubelet.crt").display()
+            state.join("kubelets-ca.crt").display()
         ));
-        sets.push(format!("agent.upstream.serverName={NODE_NAME}"));
+        sets.push("agent.upstream.serverName=$(NODE_NAME)".to_string());
+    } else {
+        sets.push(format!(
+            "operator.nodeLabelSelector=kubernetes.io/hostname={NODE_NAME}"
+        ));
     }
     for s in &sets {
         args.push("--set".into());

@@ -69,7 +69,7 @@ fn node2_release(layout: &Layout) -> Release<'_> {
         wrapper: "xtask/k8s-v1.35",
         cache: &layout.node2_cache,
         binaries: &NODE2_BINARIES,
-        cold: "a cold build takes about 11 minutes on 2 cores, module download included",
+        cold: "a cold build took 15 minutes on 2 cores shared with other builds, module download included",
     }
 }
 

@@ -138,6 +138,12 @@ impl Layout {
     pub fn images(&self) -> PathBuf {
         self.state.join("images")
     }
+    /// The serving certificates of the running nodes' kubelets (each self-signed, with its own
+    /// CA), one PEM file: what an agent DaemonSet on every node verifies its kubelet with (the
+    /// chart's `agent.upstream.ca.bundle`, with `agent.upstream.serverName=$(NODE_NAME)`).
+    pub fn kubelets_ca(&self) -> PathBuf {
+        self.state.join("kubelets-ca.crt")
+    }
     /// A link to the cached kubectl inside the state dir, so tools that only know the state dir
     /// (the tests' harness) find the right kubectl without a PATH change.
     pub fn kubectl_link(&self) -> PathBuf {

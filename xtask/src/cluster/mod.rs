@@ -108,6 +108,9 @@ fn up(layout: &Layout, nodes: usize) -> Result<()> {
     for node in NODES.iter().take(nodes) {
         step(&format!("node {}", node.name), || node::start(layout, node))?;
     }
+    if nodes > 0 {
+        node::write_kubelets_ca(layout, &NODES[..nodes])?;
+    }
     // `--nodes 1` means one node: a node-2 left running by an earlier `up` is stopped, and its
     // Node object deleted so the scheduler and DaemonSets count one node.
     if nodes == 1 && node_runs(layout, &NODE2) {

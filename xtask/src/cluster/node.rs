@@ -581,6 +581,32 @@ pub fn stop(layout: &Layout, node: &NodeDef) -> Result<()> {
     Ok(())
 }
 
+/// Writes [`Layout::kubelets_ca`]: the serving certificates (with their self-made CAs) of the
+/// kubelets of `nodes`, which made them at their first start.
+pub fn write_kubelets_ca(layout: &Layout, nodes: &[NodeDef]) -> Result<()> {
+    let mut bundle = String::new();
+    for node in nodes {
+        let crt = node.kubelet_dir(layout).join("pki/kubelet.crt");
+        let pem = std::fs::read_to_string(&crt).with_context(|| {
+            format!(
+                "cannot read {}'s kubelet certificate {}",
+                node.name,
+                crt.display()
+            )
+        })?;
+        bundle.push_str(&pem);
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+    }
+    let path = layout.kubelets_ca();
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
+        std::fs::write(&path, bundle)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The sockets of the nodes' containerds that run, with the node's name.
 pub fn containerd_sockets(layout: &Layout) -> Vec<(&'static str, PathBuf)> {
     NODES
