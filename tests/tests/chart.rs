@@ -1267,6 +1267,10 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
         sets.push(format!(
             "operator.nodeLabelSelector=kubernetes.io/hostname in ({NODE_NAME}\\,{NODE2_NAME})"
         ));
+        // The DaemonSet on the nodes a kubelet registered (they carry kubernetes.io/os), not on
+        // Node objects without a kubelet that other tests' fake nodes are: a pod there never
+        // becomes ready and the rollout would never finish.
+        sets.push("agent.nodeSelector.kubernetes\\.io/os=linux".to_string());
         // The local kubelets' serving certificates are self-signed and name their node: the
         // bundle of both, and each agent checks its own node's name.
         args.push("--set-file".into());
@@ -1332,6 +1336,26 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
         if let Err(e) = cluster.run_kubectl(&args).await {
             panic!("{what}: {e}\n{}", diagnose(&cluster, ns.name()).await);
         }
+    }
+
+    // On the local cluster the DaemonSet runs a ready agent on each real node: node-2's (its own
+    // address, kubelet 1.35) got its config and verifies its own kubelet by the bundle.
+    if cluster.location().state_dir.is_some() {
+        let ready = cluster
+            .run_kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                ns.name(),
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                r#"jsonpath={range .items[?(@.status.containerStatuses[0].ready==true)]}{.spec.nodeName}{"\n"}{end}"#,
+            ])
+            .await?;
+        let mut nodes: Vec<&str> = ready.lines().collect();
+        nodes.sort();
+        assert_eq!(nodes, [NODE_NAME, NODE2_NAME], "nodes with a ready agent");
     }
 
     // A policy for this release's operator: a caller may read /healthz and /pods of this
@@ -1426,6 +1450,48 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     // No credential: anonymous, whom no policy names on the secure port.
     let (code, body) = curl(&["-k", &url]);
     assert!(code == 401 || code == 403, "no credential: {code} {body}");
+
+    // The same caller through node-2's agent on the local cluster: answered by node-2's own
+    // kubelet (1.35), which the agent verified by the bundle and its node's name (with node-1's
+    // name it would answer 502).
+    if cluster.location().state_dir.is_some() {
+        let ip2 = cluster
+            .run_kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                ns.name(),
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "--field-selector",
+                &format!("spec.nodeName={NODE2_NAME}"),
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+            ])
+            .await?;
+        let url2 = format!("https://{}:10350/pods", ip2.trim());
+        let started = Instant::now();
+        loop {
+            let (code, body) = curl(&[
+                "-k",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &url2,
+            ]);
+            if code == 200 {
+                let pods: Value =
+                    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+                assert!(pods["items"].is_array(), "{body}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the caller's /pods through node-2's agent: {code} {body}\n{}",
+                diagnose(&cluster, ns.name()).await
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
 
     // The agent reports its node's config as in sync (the status write the admission policy
     // allows it).
