@@ -617,3 +617,179 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
         .await;
     result
 }
+
+/// Prometheus 3 built by xtask (`cargo xtask test` passes it as `NODEGATE_PROMETHEUS_K8S_SD`),
+/// else the one `cargo xtask prometheus` cached: Debian's Prometheus has no Kubernetes service
+/// discovery. Missing, the test fails and says how to get it.
+fn prometheus_with_kubernetes_sd() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("NODEGATE_PROMETHEUS_K8S_SD").filter(|p| !p.is_empty()) {
+        return path.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_default();
+    let cached = cache.join("nodegate/prometheus-v0.316.0/prometheus");
+    assert!(
+        cached.is_file(),
+        "no Prometheus with Kubernetes service discovery: run `cargo xtask test`, or          `cargo xtask prometheus` once (it builds {})",
+        cached.display()
+    );
+    cached
+}
+
+/// A real Prometheus with `kubernetes_sd_configs` (role: node) discovers both real nodes from the
+/// API server and scrapes each node's agent (in-process here, one per node in front of its
+/// node's kubelet; the relabelling sends each discovered node to its agent, as a DaemonSet's
+/// pod address would): each target's `kubelet_node_name` comes from its own node's kubelet.
+#[tokio::test]
+async fn prometheus_discovers_both_nodes_and_scrapes_both_agents() -> TestResult {
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let Some(state) = cluster.local_state_dir()? else {
+        return Ok(());
+    };
+    let token = format!("prom-{}", rand_suffix());
+    let tokens = BTreeMap::from([(token.clone(), ("prometheus".to_string(), vec![]))]);
+    let mut agents = Vec::new();
+    for node in REAL_NODES {
+        let ip = node_ip_of(&cluster, node).await;
+        let agent = start_agent_with(
+            node,
+            kubelet_upstream_of(&state, node, &ip),
+            state.join("pki/ca.crt"),
+            Arc::new(FakeReviewer(tokens.clone())),
+            vec![rule(
+                "prometheus",
+                vec![user("prometheus")],
+                &[nodegate_crds::Endpoint::Metrics],
+                all_namespaces(),
+                &[nodegate_crds::Port::Secure],
+            )],
+        )
+        .await;
+        agents.push((node, agent));
+    }
+    let dir = std::env::temp_dir().join(unique_name("prom-sd"));
+    std::fs::create_dir_all(&dir)?;
+    let mut relabel = format!(
+        r#"      - source_labels: [__meta_kubernetes_node_name]
+        regex: "{NODE_NAME}|{NODE2_NAME}"
+        action: keep
+      - source_labels: [__meta_kubernetes_node_name]
+        target_label: target_node
+"#
+    );
+    for (node, agent) in &agents {
+        relabel.push_str(&format!(
+            r#"      - source_labels: [__meta_kubernetes_node_name]
+        regex: "{node}"
+        target_label: __address__
+        replacement: "{}"
+"#,
+            agent.running.secure_addr
+        ));
+    }
+    let config = format!(
+        r#"global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: kubelets-through-nodegate
+    scheme: https
+    metrics_path: /metrics
+    honor_labels: true
+    authorization:
+      credentials: "{token}"
+    tls_config:
+      insecure_skip_verify: true
+    kubernetes_sd_configs:
+      - role: node
+        kubeconfig_file: "{kubeconfig}"
+    relabel_configs:
+{relabel}"#,
+        kubeconfig = cluster.location().kubeconfig.display(),
+    );
+    std::fs::write(dir.join("prometheus.yml"), &config)?;
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let binary = prometheus_with_kubernetes_sd();
+    let mut child = std::process::Command::new(&binary)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let query = |promql: &'static str| async move {
+        let encoded =
+            percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+        let r = request(
+            addr,
+            false,
+            &Cred::None,
+            "GET",
+            &format!("/api/v1/query?query={encoded}"),
+            &[],
+        )
+        .await
+        .ok()?;
+        let doc: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let pairs: std::collections::BTreeSet<(String, String, String)> = doc["data"]["result"]
+            .as_array()?
+            .iter()
+            .map(|s| {
+                let label = |k: &str| s["metric"][k].as_str().unwrap_or("").to_string();
+                (
+                    label("target_node"),
+                    label("node"),
+                    s["value"][1].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        Some(pairs)
+    };
+    let want = |value: &str| -> std::collections::BTreeSet<(String, String, String)> {
+        [NODE_NAME, NODE2_NAME]
+            .iter()
+            .map(|n| (n.to_string(), n.to_string(), value.to_string()))
+            .collect()
+    };
+    let result = async {
+        // Each discovered node's target scraped its own kubelet through its own agent.
+        eventually("kubelet_node_name from both targets", Duration::from_secs(60), || async {
+            query("kubelet_node_name").await.filter(|p| *p == want("1"))
+        })
+        .await?;
+        let up = eventually("both targets up", Duration::from_secs(30), || async {
+            query(r#"label_replace(up{job="kubelets-through-nodegate"}, "node", "$1", "target_node", "(.*)")"#)
+                .await
+                .filter(|p| *p == want("1"))
+        })
+        .await?;
+        assert_eq!(up, want("1"));
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    if result.is_err() {
+        eprintln!(
+            "prometheus log:\n{}",
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
