@@ -3,9 +3,11 @@
 //! Policies name endpoints ([`Endpoint`]), never raw paths. The operator derives RBAC from this
 //! table, the CRD's CEL rules are generated from it, and the agent routes, authorizes and filters
 //! by it. Reference: kubelet `pkg/kubelet/server/{server,auth}.go`. The subresources match
-//! kubelets 1.36 and later (fine-grained authorization on by default; `statusz` and `flagz`
-//! without a `proxy` fallback), checked against a real kubelet 1.37 by `nodegate-tests`'
-//! `kubelet_attributes`; older kubelets check some of these paths as `proxy` only.
+//! kubelets 1.33 and later (fine-grained authorization, `KubeletFineGrainedAuthz`, on by default
+//! since 1.33; `statusz` and `flagz` without a `proxy` fallback), checked against real kubelets
+//! 1.37 and 1.35 ([`CHECKED_KUBELET_MINORS`]) by `nodegate-tests`' `kubelet_attributes`; older
+//! kubelets check `/pods`, `/runningpods/`, `/healthz` and `/configz` as `proxy` only. What a
+//! kubelet serves differs by version: [`SERVED_SINCE`].
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -791,6 +793,41 @@ impl fmt::Display for ComponentUpstream {
     }
 }
 
+/// The kubelet minor versions (1.x) the catalogue was checked against: the local cluster's node-2
+/// (1.35, the oldest the 1.37 API server supports that is built here) and node-1 (1.37), by
+/// `nodegate-tests`' `kubelet_attributes` and `agent_kubelet`. Both derive the same request
+/// attributes for every catalogue path; they differ only in what they serve ([`SERVED_SINCE`]).
+pub const CHECKED_KUBELET_MINORS: std::ops::RangeInclusive<u32> = 35..=37;
+
+/// Endpoints a kubelet serves (with its default feature gates) only from a minor version on:
+/// `/statusz` and `/flagz` sit behind the `ComponentStatusz` and `ComponentFlagz` feature gates,
+/// alpha (off) in 1.32 to 1.35 and beta (on) from 1.36. An older kubelet answers them 404 before
+/// any authorization; the agent relays that 404 (a grant of them then reads nothing).
+pub static SERVED_SINCE: &[(Endpoint, u32)] = &[(Endpoint::Statusz, 36), (Endpoint::Flagz, 36)];
+
+/// The kubelet minor version (1.x) from which the kubelet itself speaks the WebSocket stream
+/// protocol `v5.channel.k8s.io` on exec, attach and portForward (feature gate
+/// `ExtendWebSocketsToKubelet`, beta and on from 1.36: it translates to the runtime's SPDY).
+/// Older kubelets hand a WebSocket upgrade to the container runtime's stream server as it is;
+/// containerd 1.6's speaks `v4.channel.k8s.io` and older and refuses a request offering only v5
+/// in the handshake, with a bare 403. The agent forwards the caller's subprotocol list as it
+/// came (less a bearer-token protocol), so a client that also offers v4, as kubectl does, gets v4
+/// from an older kubelet and v5 from a newer one; checked on both by `agent_kubelet`.
+pub const WEBSOCKET_V5_SINCE: u32 = 36;
+
+/// The minor version of a kubelet version string (`v1.35.4` → 35), as Node objects report it
+/// in `status.nodeInfo.kubeletVersion`.
+pub fn kubelet_minor(version: &str) -> Option<u32> {
+    let rest = version.strip_prefix('v').unwrap_or(version);
+    let mut parts = rest.split('.');
+    if parts.next()? != "1" {
+        return None;
+    }
+    let minor = parts.next()?;
+    let digits: String = minor.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// Paths nodegate serves that current kubelets no longer do, and the kubelet path that answers
 /// them. Kubelet 1.37 answers 404 for `/metrics/resource/v1alpha1`, which kube-prometheus-stack
 /// still scrapes by default.
@@ -806,6 +843,15 @@ pub fn kubelet_path(path: &str) -> &str {
 }
 
 impl Endpoint {
+    /// Whether a kubelet of minor version `minor` (1.`minor`) serves this endpoint with its
+    /// default feature gates ([`SERVED_SINCE`]).
+    pub fn served_by_kubelet(self, minor: u32) -> bool {
+        SERVED_SINCE
+            .iter()
+            .find(|(endpoint, _)| *endpoint == self)
+            .is_none_or(|(_, since)| minor >= *since)
+    }
+
     /// Every endpoint, in catalogue order.
     pub fn all() -> impl Iterator<Item = Endpoint> {
         CATALOGUE.iter().map(|spec| spec.endpoint)
@@ -1042,6 +1088,24 @@ impl fmt::Display for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubelet_minor_reads_node_info_versions() {
+        assert_eq!(kubelet_minor("v1.35.4"), Some(35));
+        assert_eq!(kubelet_minor("v1.37.1"), Some(37));
+        assert_eq!(kubelet_minor("v1.36.0-rc.1"), Some(36));
+        assert_eq!(kubelet_minor("v2.0.0"), None);
+        assert_eq!(kubelet_minor("garbage"), None);
+    }
+
+    #[test]
+    fn statusz_and_flagz_are_served_from_1_36() {
+        for minor in [35, 36, 37] {
+            assert!(Endpoint::Pods.served_by_kubelet(minor));
+            assert_eq!(Endpoint::Statusz.served_by_kubelet(minor), minor >= 36);
+            assert_eq!(Endpoint::Flagz.served_by_kubelet(minor), minor >= 36);
+        }
+    }
 
     #[test]
     fn every_variant_has_exactly_one_row_and_serde_name_matches() {

@@ -1,18 +1,18 @@
-//! nodegate-agent in front of the real kubelet of the local cluster (`node-1`): the agent
-//! reaches it with the API server's kubelet client certificate, verifying the kubelet's
-//! self-signed serving certificate by its own file; callers are users certified by the
-//! cluster's CA. `/pods` arrives filtered, container logs and exec work in scope and are
-//! refused out of it.
+//! nodegate-agent in front of each real kubelet of the local cluster (`node-1`, kubelet 1.37, and
+//! `node-2`, kubelet 1.35): the agent reaches it with the API server's kubelet client
+//! certificate, verifying the kubelet's self-signed serving certificate by its own file; callers
+//! are users certified by the cluster's CA. `/pods` arrives filtered, container logs and exec
+//! work in scope and are refused out of it, on both kubelet versions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "agent_support.rs"]
 mod support;
 
 use futures::StreamExt;
-use nodegate_crds::catalogue::Scope;
+use nodegate_crds::catalogue::{Scope, WEBSOCKET_V5_SINCE, kubelet_minor};
 use nodegate_crds::{Endpoint, Port};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::NODE_NAME;
+use nodegate_tests::cluster::{NODE_NAME, NODE2_NAME};
 use rustls_pki_types::ServerName;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +23,16 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[tokio::test]
 async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() {
+    through_the_agent(NODE_NAME).await;
+}
+
+/// The same against node-2's older kubelet (1.35).
+#[tokio::test]
+async fn older_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() {
+    through_the_agent(NODE2_NAME).await;
+}
+
+async fn through_the_agent(node: &str) {
     let Some(cluster) = Cluster::get().await.unwrap() else {
         return;
     };
@@ -32,7 +42,8 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     let t0 = std::time::Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let cmd = ["sh", "-c", "echo line-one; echo line-two; sleep 3600"];
-    let (ns_a, ns_b) = two_namespaces_running(&cluster, ("agent-a", "agent-b"), "web", &cmd).await;
+    let (ns_a, ns_b) =
+        two_namespaces_running_on(&cluster, ("agent-a", "agent-b"), "web", node, &cmd).await;
     step("pods running");
     let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
 
@@ -62,10 +73,20 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
             &[Port::Secure],
         ),
     ];
-    let ip = node_ip(&cluster).await;
+    let ip = node_ip_of(&cluster, node).await;
+    let version = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.admin().unwrap())
+        .get(node)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .node_info
+        .unwrap()
+        .kubelet_version;
+    let minor = kubelet_minor(&version).unwrap();
     let agent = start_agent_with(
-        NODE_NAME,
-        kubelet_upstream(&state, &ip),
+        node,
+        kubelet_upstream_of(&state, node, &ip),
         state.join("pki/ca.crt"),
         Arc::new(FakeReviewer(BTreeMap::new())),
         rules,
@@ -157,22 +178,40 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
     }
 
     step("pods, logs, metrics");
-    // exec over WebSocket: the member (create on exec) runs a command in namespace a.
+    // exec over WebSocket: the member (create on exec) runs a command in namespace a. Offered
+    // like kubectl does (v5, then v4): the agent forwards the list, and the kubelet picks v5
+    // from 1.36 on, v4 before (its runtime's stream server speaks no v5).
     let uri = format!(
         "wss://agent/exec/{a}/web/main?command=echo&command=through-nodegate&output=1&stdout=true"
     );
-    let mut req = uri.as_str().into_client_request().unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "v5.channel.k8s.io".parse().unwrap(),
-    );
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = client_tls(&member)
-        .connect(ServerName::try_from("agent").unwrap(), tcp)
+    let websocket = |protocols: &'static str| {
+        let mut req = uri.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        let member = member.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let tls = client_tls(&member)
+                .connect(ServerName::try_from("agent").unwrap(), tcp)
+                .await
+                .unwrap();
+            tokio_tungstenite::client_async(req, tls).await
+        }
+    };
+    let (mut ws, resp) = websocket("v5.channel.k8s.io, v4.channel.k8s.io")
         .await
         .unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
     assert_eq!(resp.status(), 101);
+    let expected = if minor >= WEBSOCKET_V5_SINCE {
+        "v5.channel.k8s.io"
+    } else {
+        "v4.channel.k8s.io"
+    };
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        expected,
+        "the subprotocol kubelet {version} chose"
+    );
     let mut stdout = Vec::new();
     let read = async {
         while let Some(Ok(msg)) = ws.next().await {
@@ -187,6 +226,19 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&stdout), "through-nodegate\n");
+    // v5 alone: a newer kubelet speaks it, an older one refuses the handshake (a bare 403 from
+    // its runtime's stream server, which the agent relays).
+    match websocket("v5.channel.k8s.io").await {
+        Ok((_, resp)) => {
+            assert!(minor >= WEBSOCKET_V5_SINCE, "kubelet {version} took v5");
+            assert_eq!(resp.status(), 101);
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert!(minor < WEBSOCKET_V5_SINCE, "kubelet {version}: {resp:?}");
+            assert_eq!(resp.status(), 403);
+        }
+        Err(e) => panic!("v5 alone on kubelet {version}: {e}"),
+    }
 
     step("exec");
     // The reader may read logs but not exec, also with a WebSocket GET.
@@ -303,7 +355,7 @@ async fn real_kubelet_through_the_agent_filters_pods_and_scopes_logs_and_exec() 
             }
         }
     }
-    eprintln!("{cases} cases against the real kubelet");
+    eprintln!("{cases} cases against the real kubelet of {node}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The alias kube-prometheus-stack scrapes, which kubelet 1.37 itself answers 404.
     let r = request(addr, true, &root, "GET", "/metrics/resource/v1alpha1", &[])

@@ -602,8 +602,14 @@ pub async fn tls_stream(
 
 /// node-1's InternalIP, where its kubelet listens.
 pub async fn node_ip(cluster: &nodegate_tests::Cluster) -> String {
+    node_ip_of(cluster, nodegate_tests::cluster::NODE_NAME).await
+}
+
+/// A real node's InternalIP (node-1's on the host, node-2's in its namespace), where its kubelet
+/// listens.
+pub async fn node_ip_of(cluster: &nodegate_tests::Cluster, node: &str) -> String {
     let node = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.admin().unwrap())
-        .get(nodegate_tests::cluster::NODE_NAME)
+        .get(node)
         .await
         .unwrap();
     node.status
@@ -613,15 +619,26 @@ pub async fn node_ip(cluster: &nodegate_tests::Cluster) -> String {
         .into_iter()
         .find(|a| a.type_ == "InternalIP")
         .map(|a| a.address)
-        .expect("node-1 has an InternalIP")
+        .expect("a real node has an InternalIP")
 }
 
-/// The kubelet as the agent reaches it on the local cluster.
+/// node-1's kubelet as the agent reaches it on the local cluster.
 pub fn kubelet_upstream(state: &std::path::Path, ip: &str) -> UpstreamSettings {
+    kubelet_upstream_of(state, nodegate_tests::cluster::NODE_NAME, ip)
+}
+
+/// A real node's kubelet as the agent reaches it on the local cluster: its self-signed serving
+/// certificate is in that node's kubelet dir (node-2's files are under `<state>/node-2`).
+pub fn kubelet_upstream_of(state: &std::path::Path, node: &str, ip: &str) -> UpstreamSettings {
     let mut s = UpstreamSettings::new(format!("https://{ip}:10250").parse().unwrap());
+    let node_dir = if node == nodegate_tests::cluster::NODE_NAME {
+        state.to_path_buf()
+    } else {
+        state.join(node)
+    };
     // The kubelet's self-signed certificate names the host, not the IP.
-    s.ca_file = Some(state.join("kubelet/pki/kubelet.crt"));
-    s.server_name = Some(nodegate_tests::cluster::NODE_NAME.into());
+    s.ca_file = Some(node_dir.join("kubelet/pki/kubelet.crt"));
+    s.server_name = Some(node.into());
     s.client_cert_file = Some(state.join("pki/apiserver-kubelet-client.crt"));
     s.client_key_file = Some(state.join("pki/apiserver-kubelet-client.key"));
     s
@@ -715,16 +732,34 @@ pub fn free_port() -> u16 {
 }
 
 /// Two fresh namespaces (`prefix_a-…`, `prefix_b-…`), each running a busybox pod `name` with
-/// `command`, started together; returns once both pods run.
+/// `command` on node-1, started together; returns once both pods run.
 pub async fn two_namespaces_running(
+    cluster: &nodegate_tests::Cluster,
+    prefixes: (&str, &str),
+    name: &str,
+    command: &[&str],
+) -> (nodegate_tests::TestNamespace, nodegate_tests::TestNamespace) {
+    two_namespaces_running_on(
+        cluster,
+        prefixes,
+        name,
+        nodegate_tests::cluster::NODE_NAME,
+        command,
+    )
+    .await
+}
+
+/// [`two_namespaces_running`] with the pods on the real node `node`.
+pub async fn two_namespaces_running_on(
     cluster: &nodegate_tests::Cluster,
     (prefix_a, prefix_b): (&str, &str),
     name: &str,
+    node: &str,
     command: &[&str],
 ) -> (nodegate_tests::TestNamespace, nodegate_tests::TestNamespace) {
     let ns_a = cluster.namespace(prefix_a).await.unwrap();
     let ns_b = cluster.namespace(prefix_b).await.unwrap();
-    let pod = nodegate_tests::cluster::busybox_pod(name, command);
+    let pod = nodegate_tests::cluster::busybox_pod_on(name, node, command);
     let timeout = std::time::Duration::from_secs(120);
     let (pa, pb) = tokio::join!(ns_a.run_pod(&pod, timeout), ns_b.run_pod(&pod, timeout));
     pa.unwrap();

@@ -21,7 +21,7 @@ use kube::api::{Api, Patch, PatchParams};
 use nodegate_agent::kubelet_access::KubeletAccess;
 use nodegate_crds::{Endpoint, NodeAgentConfig};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::{NODE_NAME, TEST_LABEL, unique_name};
+use nodegate_tests::cluster::{NODE_NAME, NODE2_NAME, TEST_LABEL, unique_name};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -1212,11 +1212,17 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     let (op_repo, op_tag) = split_image(&operator_image);
     let (agent_repo, agent_tag) = split_image(&agent_image);
 
-    // node-1's NodeAgentConfig is written by whichever operator instance owns it, and an
-    // instance never overwrites another's: drop a config a previous run left, so this
-    // release's operator writes it (no other test binary runs at the same time).
+    // The real nodes' NodeAgentConfigs are written by whichever operator instance owns them,
+    // and an instance never overwrites another's: drop configs a previous run left, so this
+    // release's operator writes them (no other test binary runs at the same time).
     let _ = cluster
-        .run_kubectl(&["delete", "nodeagentconfig", NODE_NAME, "--ignore-not-found"])
+        .run_kubectl(&[
+            "delete",
+            "nodeagentconfig",
+            NODE_NAME,
+            NODE2_NAME,
+            "--ignore-not-found",
+        ])
         .await;
     let _outputs = ClusterScoped {
         cluster: &cluster,
@@ -1252,17 +1258,31 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
         "agent.image.pullPolicy=Never".to_string(),
         format!("operator.instance={release}"),
         format!("operator.policySelector={TEST_LABEL}={release}"),
-        format!("operator.nodeLabelSelector=kubernetes.io/hostname={NODE_NAME}"),
     ];
     let mut args: Vec<String> = vec![];
     if let Some(state) = &cluster.location().state_dir {
-        // The local kubelet's serving certificate is self-signed and names the host.
+        // The real nodes only (not the fake Node objects of tests running alongside): the
+        // DaemonSet's agent on each real node becomes ready once its config is loaded. Helm's
+        // --set splits on an unescaped comma.
+        sets.push(format!(
+            "operator.nodeLabelSelector=kubernetes.io/hostname in ({NODE_NAME}\\,{NODE2_NAME})"
+        ));
+        // The DaemonSet on the nodes a kubelet registered (they carry kubernetes.io/os), not on
+        // Node objects without a kubelet that other tests' fake nodes are: a pod there never
+        // becomes ready and the rollout would never finish.
+        sets.push("agent.nodeSelector.kubernetes\\.io/os=linux".to_string());
+        // The local kubelets' serving certificates are self-signed and name their node: the
+        // bundle of both, and each agent checks its own node's name.
         args.push("--set-file".into());
         args.push(format!(
             "agent.upstream.ca.bundle={}",
-            state.join("kubelet/pki/kubelet.crt").display()
+            state.join("kubelets-ca.crt").display()
         ));
-        sets.push(format!("agent.upstream.serverName={NODE_NAME}"));
+        sets.push("agent.upstream.serverName=$(NODE_NAME)".to_string());
+    } else {
+        sets.push(format!(
+            "operator.nodeLabelSelector=kubernetes.io/hostname={NODE_NAME}"
+        ));
     }
     for s in &sets {
         args.push("--set".into());
@@ -1316,6 +1336,26 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
         if let Err(e) = cluster.run_kubectl(&args).await {
             panic!("{what}: {e}\n{}", diagnose(&cluster, ns.name()).await);
         }
+    }
+
+    // On the local cluster the DaemonSet runs a ready agent on each real node: node-2's (its own
+    // address, kubelet 1.35) got its config and verifies its own kubelet by the bundle.
+    if cluster.location().state_dir.is_some() {
+        let ready = cluster
+            .run_kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                ns.name(),
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                r#"jsonpath={range .items[?(@.status.containerStatuses[0].ready==true)]}{.spec.nodeName}{"\n"}{end}"#,
+            ])
+            .await?;
+        let mut nodes: Vec<&str> = ready.lines().collect();
+        nodes.sort();
+        assert_eq!(nodes, [NODE_NAME, NODE2_NAME], "nodes with a ready agent");
     }
 
     // A policy for this release's operator: a caller may read /healthz and /pods of this
@@ -1410,6 +1450,48 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     // No credential: anonymous, whom no policy names on the secure port.
     let (code, body) = curl(&["-k", &url]);
     assert!(code == 401 || code == 403, "no credential: {code} {body}");
+
+    // The same caller through node-2's agent on the local cluster: answered by node-2's own
+    // kubelet (1.35), which the agent verified by the bundle and its node's name (with node-1's
+    // name it would answer 502).
+    if cluster.location().state_dir.is_some() {
+        let ip2 = cluster
+            .run_kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                ns.name(),
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "--field-selector",
+                &format!("spec.nodeName={NODE2_NAME}"),
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+            ])
+            .await?;
+        let url2 = format!("https://{}:10350/pods", ip2.trim());
+        let started = Instant::now();
+        loop {
+            let (code, body) = curl(&[
+                "-k",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &url2,
+            ]);
+            if code == 200 {
+                let pods: Value =
+                    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+                assert!(pods["items"].is_array(), "{body}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the caller's /pods through node-2's agent: {code} {body}\n{}",
+                diagnose(&cluster, ns.name()).await
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
 
     // The agent reports its node's config as in sync (the status write the admission policy
     // allows it).

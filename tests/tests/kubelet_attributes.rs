@@ -1,4 +1,5 @@
-//! Request attributes against a real kubelet (node-1 of the local cluster, v1.37).
+//! Request attributes against the real kubelets: node-1 of the local cluster (v1.37) and node-2
+//! (v1.35), each test once per node.
 //!
 //! A user with no grants calls the kubelet directly with curl and a client certificate; the
 //! kubelet's 403 names the verb and the subresources it checked. They must be what
@@ -11,9 +12,9 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use nodegate_crds::Verb;
 use nodegate_crds::attributes::{Rejection, kubelet_subresources, match_route, request_attributes};
-use nodegate_crds::catalogue::{KUBELET_ALIASES, kubelet_path};
+use nodegate_crds::catalogue::{KUBELET_ALIASES, kubelet_minor, kubelet_path};
 use nodegate_tests::Cluster;
-use nodegate_tests::cluster::{NODE_NAME, unique_name};
+use nodegate_tests::cluster::{NODE_NAME, NODE2_NAME, unique_name};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -59,15 +60,19 @@ const REQUESTS: &[(&str, &str)] = &[
 struct Kubelet {
     url: String,
     dir: PathBuf,
+    /// Its `kubeletVersion` (v1.37.x on node-1, v1.35.x on node-2).
+    version: String,
 }
 
 impl Kubelet {
-    /// node-1's kubelet, and the credentials of a fresh user with no grants.
+    /// The kubelet of `node`, and the credentials of a fresh user with no grants.
     async fn with_ungranted_user(
         cluster: &Cluster,
+        node: &str,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let node = Api::<Node>::all(cluster.admin()?).get(NODE_NAME).await?;
+        let node = Api::<Node>::all(cluster.admin()?).get(node).await?;
         let status = node.status.unwrap();
+        let version = status.node_info.as_ref().unwrap().kubelet_version.clone();
         let ip = status
             .addresses
             .unwrap()
@@ -90,6 +95,7 @@ impl Kubelet {
         Ok(Self {
             url: format!("https://{ip}:{port}"),
             dir,
+            version,
         })
     }
 
@@ -149,13 +155,38 @@ fn parse_forbidden(body: &str) -> (String, Vec<String>) {
 
 #[tokio::test]
 async fn attributes_match_the_real_kubelet() -> TestResult {
+    attributes_match(NODE_NAME).await
+}
+
+#[tokio::test]
+async fn attributes_match_the_older_kubelet() -> TestResult {
+    attributes_match(NODE2_NAME).await
+}
+
+async fn attributes_match(node: &str) -> TestResult {
     let Some(cluster) = Cluster::get().await? else {
         return Ok(());
     };
-    let kubelet = Kubelet::with_ungranted_user(&cluster).await?;
+    let kubelet = Kubelet::with_ungranted_user(&cluster, node).await?;
+    let minor = kubelet_minor(&kubelet.version).unwrap();
     for (method, path) in REQUESTS {
         let (status, body) = kubelet.call(method, path);
-        assert_eq!(status, 403, "{method} {path}: {body}");
+        // What this kubelet version serves is what the catalogue records (SERVED_SINCE): a
+        // path it does not serve is 404 before any authorization.
+        let served = match_route(path).is_none_or(|r| r.endpoint.served_by_kubelet(minor));
+        if !served {
+            assert_eq!(
+                status, 404,
+                "{method} {path} on {}: {body}",
+                kubelet.version
+            );
+            continue;
+        }
+        assert_eq!(
+            status, 403,
+            "{method} {path} on {}: {body}",
+            kubelet.version
+        );
         let (kubelet_verb, kubelet_subs) = parse_forbidden(&body);
         let ours: Vec<String> = kubelet_subresources(path)
             .iter()
@@ -196,10 +227,19 @@ async fn attributes_match_the_real_kubelet() -> TestResult {
 
 #[tokio::test]
 async fn methods_without_a_verb_are_refused_by_the_kubelet_too() -> TestResult {
+    methods_without_a_verb(NODE_NAME).await
+}
+
+#[tokio::test]
+async fn methods_without_a_verb_are_refused_by_the_older_kubelet_too() -> TestResult {
+    methods_without_a_verb(NODE2_NAME).await
+}
+
+async fn methods_without_a_verb(node: &str) -> TestResult {
     let Some(cluster) = Cluster::get().await? else {
         return Ok(());
     };
-    let kubelet = Kubelet::with_ungranted_user(&cluster).await?;
+    let kubelet = Kubelet::with_ungranted_user(&cluster, node).await?;
     let (status, _) = kubelet.call("HEAD", "/pods");
     assert_eq!(status, 403);
     assert_eq!(
@@ -214,10 +254,19 @@ async fn methods_without_a_verb_are_refused_by_the_kubelet_too() -> TestResult {
 
 #[tokio::test]
 async fn paths_the_kubelet_does_not_serve() -> TestResult {
+    paths_not_served(NODE_NAME).await
+}
+
+#[tokio::test]
+async fn paths_the_older_kubelet_does_not_serve() -> TestResult {
+    paths_not_served(NODE2_NAME).await
+}
+
+async fn paths_not_served(node: &str) -> TestResult {
     let Some(cluster) = Cluster::get().await? else {
         return Ok(());
     };
-    let kubelet = Kubelet::with_ungranted_user(&cluster).await?;
+    let kubelet = Kubelet::with_ungranted_user(&cluster, node).await?;
     // Near misses: no kubelet route, and no catalogue route either.
     for path in ["/podsx", "/metricsx", "/"] {
         let (status, body) = kubelet.call("GET", path);

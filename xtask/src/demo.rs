@@ -199,7 +199,9 @@ impl Demo {
     fn install(&self, helm: &std::path::Path, images: &crate::image::Images) -> Result<()> {
         let (op_repo, op_tag) = split_ref(&images.operator)?;
         let (ag_repo, ag_tag) = split_ref(&images.agent)?;
-        let ca = self.state.join("kubelet/pki/kubelet.crt");
+        // Both nodes' kubelet certificates (self-signed, each naming its node), written by
+        // `cluster up`; each agent checks its own node's name.
+        let ca = self.state.join("kubelets-ca.crt");
         let helm = helm.display().to_string();
         let ca_arg = format!("agent.upstream.ca.bundle={}", ca.display());
         let sets = [
@@ -207,8 +209,8 @@ impl Demo {
             format!("operator.image.tag={op_tag}"),
             format!("agent.image.repository={ag_repo}"),
             format!("agent.image.tag={ag_tag}"),
-            // The local kubelet's serving certificate is self-signed and names the host.
-            "agent.upstream.serverName=node-1".to_string(),
+            // The local kubelets' serving certificates are self-signed and name their node.
+            "agent.upstream.serverName=$(NODE_NAME)".to_string(),
             // The demo shows container logs through the agent: they need the kubelet's
             // nodes/proxy, which the chart grants the agent only on request (on every node:
             // docs/security.md says what a thief of the agent's token then gets).

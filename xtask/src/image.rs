@@ -18,7 +18,7 @@
 //! `helm install` and `kubectl apply -k config` with their defaults find an image on the local
 //! node. That tag moves: to roll pods onto a new build, use the digest tag.
 
-use crate::cluster::images::{append, ctr, docker_archive, has_image, hex, import};
+use crate::cluster::images::{append, ctr_at, docker_archive, has_image, hex, import};
 use crate::cluster::layout::Layout;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -114,7 +114,8 @@ struct Built {
 }
 
 /// Builds both release binaries, assembles their images and imports into the local cluster's
-/// containerd (`k8s.io` namespace) the ones it does not have yet. Needs the cluster to be up.
+/// containerds (`k8s.io` namespace; node-2 has its own when it runs) the ones they do not have
+/// yet. Needs the cluster to be up.
 pub fn build_and_import() -> Result<Images> {
     let layout = Layout::from_env()?;
     let socket = layout.containerd_socket();
@@ -126,27 +127,29 @@ pub fn build_and_import() -> Result<Images> {
         );
     }
     let (images, built) = build()?;
-    for image in &built {
-        if has_image(&layout, &image.reference)? {
-            eprintln!("containerd already has {}", image.reference);
-            continue;
+    for (node, socket) in crate::cluster::containerd_sockets(&layout) {
+        for image in &built {
+            if has_image(&socket, &image.reference)? {
+                eprintln!("{node}'s containerd already has {}", image.reference);
+                continue;
+            }
+            let started = Instant::now();
+            import(&socket, &image.archive, &image.reference)?;
+            eprintln!(
+                "imported {} into {node}'s containerd ({:.1?})",
+                image.reference,
+                started.elapsed()
+            );
         }
-        let started = Instant::now();
-        import(&layout, &image.archive, &image.reference)?;
-        eprintln!(
-            "imported {} into containerd ({:.1?})",
-            image.reference,
-            started.elapsed()
-        );
-    }
-    for image in &built {
-        let release = release_reference(image.name);
-        ctr(
-            &layout,
-            &["images", "tag", "--force", &image.reference, &release],
-        )
-        .with_context(|| format!("cannot tag {} as {release}", image.reference))?;
-        eprintln!("tagged {release} -> {}", image.reference);
+        for image in &built {
+            let release = release_reference(image.name);
+            ctr_at(
+                &socket,
+                &["images", "tag", "--force", &image.reference, &release],
+            )
+            .with_context(|| format!("cannot tag {} as {release}", image.reference))?;
+            eprintln!("tagged {release} -> {} on {node}", image.reference);
+        }
     }
     Ok(images)
 }

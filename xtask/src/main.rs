@@ -6,6 +6,7 @@ mod demo;
 mod generate;
 mod helm;
 mod image;
+mod prometheus;
 mod test;
 
 use anyhow::Result;
@@ -35,7 +36,8 @@ enum Command {
     },
     /// Run everything CI runs: fmt, clippy, the generated-files check, unit and integration tests.
     Test(test::Args),
-    /// Build (once, cached) and run a local Kubernetes control plane and node on loopback.
+    /// Build (once, cached) and run a local Kubernetes control plane on loopback and two real nodes
+    /// (node-1 with kubelet 1.37 on the host, node-2 with kubelet 1.35 in its own network namespace).
     Cluster(cluster::Args),
     /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
     /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
@@ -45,6 +47,9 @@ enum Command {
     Image(image::Args),
     /// Run helm, built once from its Go module and cached: `cargo xtask helm -- version`.
     Helm(helm::Args),
+    /// Build (once, cached) Prometheus 3 from its Go module, for the test that discovers the nodes
+    /// with kubernetes_sd_configs (Debian's Prometheus lacks it); `--path` prints where it is.
+    Prometheus(prometheus::Args),
     /// The whole system on the local cluster: cluster, images, chart, a sample policy, and five
     /// real requests showing what is allowed, filtered and refused (`--down` removes it).
     Demo(demo::Args),
@@ -59,6 +64,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
+        Command::Prometheus(args) => prometheus::run(args),
         Command::Demo(args) => demo::run(args),
     }
 }

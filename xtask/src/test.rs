@@ -50,6 +50,12 @@ pub fn run(args: Args) -> Result<()> {
             crate::demo::remove_if_installed(env.clone(), &helm)
         })?;
         env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
+        // Prometheus 3 with Kubernetes service discovery, for tests/tests/two_nodes.rs.
+        let prometheus = step("prometheus", crate::prometheus::ensure)?;
+        env.push((
+            "NODEGATE_PROMETHEUS_K8S_SD".into(),
+            prometheus.display().to_string(),
+        ));
         let images = step("images", crate::image::build_and_import)?;
         env.extend(images.env());
         env

@@ -15,7 +15,7 @@ mod outage;
 pub use discovery::Location;
 pub use error::{Error, Result};
 pub use identity::UserCredentials;
-pub use objects::{FakeNodes, TestNamespace, busybox_pod};
+pub use objects::{FakeNodes, TestNamespace, busybox_pod, busybox_pod_on};
 pub use outage::FlakyProxy;
 
 use crate::skip;
@@ -26,8 +26,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Name of the real node of `cargo xtask cluster`.
+/// Name of the first real node of `cargo xtask cluster` (kubelet 1.37, on the host).
 pub const NODE_NAME: &str = "node-1";
+/// Name of the second real node (kubelet 1.35, its own network namespace).
+pub const NODE2_NAME: &str = "node-2";
+/// The real nodes of `cargo xtask cluster`, for tests run against each kubelet.
+pub const REAL_NODES: [&str; 2] = [NODE_NAME, NODE2_NAME];
 /// The test image imported into the local node's containerd.
 pub const BUSYBOX_IMAGE: &str = "nodegate.local/busybox:1";
 /// Label put on every object the harness creates, valued with the creating test's run id.

@@ -116,13 +116,18 @@ pub async fn wait_pod_running(pods: &Api<Pod>, name: &str, timeout: Duration) ->
 /// A pod on the local real node running `command` in the busybox image (imported, never
 /// pulled).
 pub fn busybox_pod(name: &str, command: &[&str]) -> Pod {
+    busybox_pod_on(name, NODE_NAME, command)
+}
+
+/// [`busybox_pod`] on the real node `node` (node-1 or node-2).
+pub fn busybox_pod_on(name: &str, node: &str, command: &[&str]) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             ..Default::default()
         },
         spec: Some(PodSpec {
-            node_name: Some(NODE_NAME.to_string()),
+            node_name: Some(node.to_string()),
             termination_grace_period_seconds: Some(0),
             containers: vec![Container {
                 name: "main".into(),

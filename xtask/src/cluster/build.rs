@@ -1,5 +1,6 @@
 //! Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl and
-//! etcd from the Go module proxy through the wrapper module in `xtask/k8s`, once per version.
+//! etcd from the Go module proxy through the wrapper module in `xtask/k8s`, once per version; and
+//! node-2's older kubelet and kube-proxy through `xtask/k8s-v1.35`, cached beside them.
 //!
 //! The flags are upstream's release flags (static, trimmed paths, `selinux,notest` tags, version
 //! stamped with `-X`), so `/version` reports a real semver and the Go build cache is reused by
@@ -9,7 +10,7 @@
 //! into `bin/` only once the whole build succeeded, so a killed build is never mistaken for a
 //! finished one.
 
-use super::layout::{K8S_VERSION, Layout};
+use super::layout::{K8S_NODE2_VERSION, K8S_VERSION, Layout};
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -32,52 +33,104 @@ pub const BINARIES: [(&str, &str); 7] = [
     ("etcd", "go.etcd.io/etcd/server/v3"),
 ];
 
+/// node-2's binaries (Kubernetes 1.35): the node components only.
+pub const NODE2_BINARIES: [(&str, &str); 2] = [
+    ("kubelet", "k8s.io/kubernetes/cmd/kubelet"),
+    ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+];
+
 /// Oldest Go that builds Kubernetes 1.37 (its go.mod says `go 1.26.0`).
 const MIN_GO_MINOR: u32 = 26;
 
+/// One Kubernetes release built from its wrapper module into its own cache dir.
+struct Release<'a> {
+    version: &'static str,
+    /// The wrapper module, relative to the workspace root.
+    wrapper: &'static str,
+    cache: &'a Path,
+    binaries: &'static [(&'static str, &'static str)],
+    /// What a cold build of all of them costs here, for the message before it starts.
+    cold: &'static str,
+}
+
+fn main_release(layout: &Layout) -> Release<'_> {
+    Release {
+        version: K8S_VERSION,
+        wrapper: "xtask/k8s",
+        cache: &layout.cache,
+        binaries: &BINARIES,
+        cold: "a cold build takes 12 to 17 minutes on 2 cores, module download included",
+    }
+}
+
+fn node2_release(layout: &Layout) -> Release<'_> {
+    Release {
+        version: K8S_NODE2_VERSION,
+        wrapper: "xtask/k8s-v1.35",
+        cache: &layout.node2_cache,
+        binaries: &NODE2_BINARIES,
+        cold: "a cold build took 15 minutes on 2 cores shared with other builds, module download included",
+    }
+}
+
 pub fn is_built(layout: &Layout) -> bool {
-    missing(layout).is_empty()
+    missing(&main_release(layout)).is_empty()
+}
+
+pub fn is_node2_built(layout: &Layout) -> bool {
+    missing(&node2_release(layout)).is_empty()
 }
 
 /// The binaries not in `bin/` yet, with their packages.
-fn missing(layout: &Layout) -> Vec<(&'static str, &'static str)> {
-    BINARIES
-        .into_iter()
-        .filter(|(name, _)| !layout.bin(name).is_file())
+fn missing(release: &Release<'_>) -> Vec<(&'static str, &'static str)> {
+    release
+        .binaries
+        .iter()
+        .copied()
+        .filter(|(name, _)| !release.cache.join("bin").join(name).is_file())
         .collect()
 }
 
 /// Builds the binaries the cache does not have yet (all of them the first time).
 pub fn ensure_built(layout: &Layout) -> Result<()> {
-    let missing = missing(layout);
+    build_release(&main_release(layout))
+}
+
+/// Builds node-2's kubelet and kube-proxy (Kubernetes 1.35) unless cached.
+pub fn ensure_node2_built(layout: &Layout) -> Result<()> {
+    build_release(&node2_release(layout))
+}
+
+fn build_release(release: &Release<'_>) -> Result<()> {
+    let version = release.version;
+    let missing = missing(release);
     if missing.is_empty() {
         return Ok(());
     }
     check_go()?;
-    let wrapper = crate::workspace_root().join("xtask/k8s");
-    let tmp = layout.cache.join("bin.partial");
+    let wrapper = crate::workspace_root().join(release.wrapper);
+    let cache = release.cache;
+    let tmp = cache.join("bin.partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let log_path = layout.cache.join("build.log");
+    let log_path = cache.join("build.log");
 
     let names: Vec<&str> = missing.iter().map(|(name, _)| *name).collect();
-    if missing.len() == BINARIES.len() {
+    if missing.len() == release.binaries.len() {
         println!(
-            "building Kubernetes {K8S_VERSION} and etcd from the Go module proxy (once; cached in {})",
-            layout.cache.display()
+            "building {} (Kubernetes {version}) from the Go module proxy (once; cached in {})",
+            names.join(", "),
+            cache.display()
         );
-        println!(
-            "  a cold build takes 12 to 17 minutes on 2 cores, module download included; full log: {}",
-            log_path.display()
-        );
+        println!("  {}; full log: {}", release.cold, log_path.display());
     } else {
         println!(
-            "building {} (Kubernetes {K8S_VERSION}; the other binaries are cached in {})",
+            "building {} (Kubernetes {version}; the other binaries are cached in {})",
             names.join(", "),
-            layout.cache.display()
+            cache.display()
         );
         println!(
             "  one more binary takes 1 to 5 minutes with a warm Go build cache; full log: {}",
@@ -86,7 +139,7 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
     }
     let started = Instant::now();
     let packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
-    go_build(&wrapper, &tmp, &packages, &log_path)?;
+    go_build(&wrapper, version, &tmp, &packages, &log_path)?;
     if names.contains(&"etcd") {
         let etcd = ["server", "v3"]
             .map(|n| tmp.join(n))
@@ -108,10 +161,10 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
             );
         }
     }
-    let bin = layout.bin_dir();
+    let bin = cache.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
     for name in &names {
-        std::fs::rename(tmp.join(name), layout.bin(name))
+        std::fs::rename(tmp.join(name), bin.join(name))
             .with_context(|| format!("cannot move {name} to {}", bin.display()))?;
     }
     std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
@@ -121,7 +174,13 @@ pub fn ensure_built(layout: &Layout) -> Result<()> {
 
 /// Runs `go build -v`, counting the packages it compiles to show progress, and keeps the output
 /// in a log so a failure can be read in full.
-fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> Result<()> {
+fn go_build(
+    wrapper: &Path,
+    version: &str,
+    out: &Path,
+    packages: &[&str],
+    log_path: &Path,
+) -> Result<()> {
     let mut cmd = Command::new("go");
     cmd.current_dir(wrapper)
         .env("CGO_ENABLED", "0")
@@ -133,7 +192,7 @@ fn go_build(wrapper: &Path, out: &Path, packages: &[&str], log_path: &Path) -> R
             "selinux,notest",
             "-ldflags",
         ])
-        .arg(ldflags())
+        .arg(ldflags(version))
         .arg("-o")
         .arg(format!("{}/", out.display()))
         .args(packages);
@@ -178,15 +237,15 @@ pub(crate) fn run_with_progress(cmd: &mut Command, what: &str, log_path: &Path) 
 
 /// Version stamps: without them `/version` says v0.0.0-master and clients warn about skew.
 /// Commit and date are fixed (not the build's), so every build of a version is the same.
-fn ldflags() -> String {
-    let minor = K8S_VERSION.split('.').nth(1).unwrap_or("0");
+fn ldflags(version: &str) -> String {
+    let minor = version.split('.').nth(1).unwrap_or("0");
     let mut flags = String::from("-s -w");
     for pkg in [
         "k8s.io/component-base/version",
         "k8s.io/client-go/pkg/version",
     ] {
         for (key, value) in [
-            ("gitVersion", K8S_VERSION),
+            ("gitVersion", version),
             ("gitMajor", "1"),
             ("gitMinor", minor),
             ("gitCommit", "0000000000000000000000000000000000000000"),

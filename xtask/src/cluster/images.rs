@@ -38,9 +38,9 @@ fn images() -> [Image; 2] {
     ]
 }
 
-/// Builds the archives (once) and imports those containerd does not have yet.
-pub fn ensure_imported(layout: &Layout) -> Result<()> {
-    let present = ctr(layout, &["images", "ls", "-q"])?;
+/// Builds the archives (once) and imports those the containerd at `socket` does not have yet.
+pub fn ensure_imported(layout: &Layout, socket: &Path) -> Result<()> {
+    let present = ctr_at(socket, &["images", "ls", "-q"])?;
     let dir = layout.images();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for image in images() {
@@ -49,7 +49,7 @@ pub fn ensure_imported(layout: &Layout) -> Result<()> {
         }
         let archive = dir.join(image.file);
         write_archive(&archive, &image)?;
-        import(layout, &archive, image.name)?;
+        import(socket, &archive, image.name)?;
     }
     Ok(())
 }
@@ -96,16 +96,16 @@ pub(crate) fn docker_archive(
     out.into_inner().context("cannot finish the image archive")
 }
 
-/// Whether containerd's `k8s.io` namespace already has an image of that name.
-pub(crate) fn has_image(layout: &Layout, name: &str) -> Result<bool> {
-    let present = ctr(layout, &["images", "ls", "-q"])?;
+/// Whether the `k8s.io` namespace of the containerd at `socket` already has an image of that name.
+pub(crate) fn has_image(socket: &Path, name: &str) -> Result<bool> {
+    let present = ctr_at(socket, &["images", "ls", "-q"])?;
     Ok(present.lines().any(|l| l.trim() == name))
 }
 
 /// Imports (and unpacks, so the kubelet can start it at once) a docker-archive into containerd.
-pub(crate) fn import(layout: &Layout, archive: &Path, name: &str) -> Result<()> {
+pub(crate) fn import(socket: &Path, archive: &Path, name: &str) -> Result<()> {
     let archive = archive.display().to_string();
-    ctr(layout, &["images", "import", "--no-unpack=false", &archive])
+    ctr_at(socket, &["images", "import", "--no-unpack=false", &archive])
         .with_context(|| format!("cannot import {name} into containerd"))?;
     Ok(())
 }
@@ -173,11 +173,12 @@ pub(crate) fn append(
         .with_context(|| format!("cannot add {path} to an archive"))
 }
 
-/// Runs `ctr` (Debian's containerd client) against our containerd, in the CRI's namespace.
-pub fn ctr(layout: &Layout, args: &[&str]) -> Result<String> {
+/// Runs `ctr` (Debian's containerd client) against one of our containerds (node-1's or
+/// node-2's socket), in the CRI's namespace.
+pub fn ctr_at(socket: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("ctr")
         .arg("--address")
-        .arg(layout.containerd_socket())
+        .arg(socket)
         .args(["--namespace", "k8s.io"])
         .args(args)
         .output()

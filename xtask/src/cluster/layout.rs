@@ -9,11 +9,17 @@ use std::path::{Path, PathBuf};
 
 /// Kubernetes release the binaries are built from (must match `xtask/k8s/go.mod`).
 pub const K8S_VERSION: &str = "v1.37.1";
+/// Kubernetes release of node-2's kubelet and kube-proxy (must match `xtask/k8s-v1.35/go.mod`):
+/// the oldest minor the 1.37 API server supports (three older) that the Go module proxy serves,
+/// so the cluster has the version skew every real cluster has during an upgrade.
+pub const K8S_NODE2_VERSION: &str = "v1.35.4";
 /// etcd release pinned in `xtask/k8s/go.mod` (the one Kubernetes 1.37 is tested with).
 pub const ETCD_VERSION: &str = "v3.7.0";
 
 /// Name the real node registers as.
 pub const NODE_NAME: &str = "node-1";
+/// Name the second real node (older kubelet, own network namespace) registers as.
+pub const NODE2_NAME: &str = "node-2";
 
 /// Loopback ports. Upstream defaults where they exist; none collides with the nodegate agent's
 /// defaults (10350, 10355, 10348).
@@ -46,6 +52,10 @@ pub const POD_BRIDGE: &str = "nodegate0";
 pub const POD_GATEWAY: &str = "10.89.0.1";
 /// Prefix length of `POD_SUBNET`, for the gateway's address on the bridge.
 pub const POD_PREFIX_LEN: u8 = 16;
+/// Every pod address of the cluster: node-1's 10.89.0.0/16 and node-2's 10.90.0.0/16. Traffic
+/// between two pods is never masqueraded (the CNI bridge's `ipMasq` would, for a destination
+/// outside its own node's subnet).
+pub const CLUSTER_POD_CIDR: &str = "10.88.0.0/14";
 pub const SERVICE_SUBNET: &str = "10.0.0.0/24";
 pub const SERVICE_IP_KUBERNETES: &str = "10.0.0.1";
 
@@ -53,6 +63,8 @@ pub const SERVICE_IP_KUBERNETES: &str = "10.0.0.1";
 pub struct Layout {
     /// `~/.cache/nodegate/k8s-<version>`: the Go build output, shared by all clusters.
     pub cache: PathBuf,
+    /// `~/.cache/nodegate/k8s-v1.35.4`: node-2's kubelet and kube-proxy.
+    pub node2_cache: PathBuf,
     /// The state dir of this cluster.
     pub state: PathBuf,
 }
@@ -69,12 +81,18 @@ impl Layout {
                 .unwrap_or_else(|| home.join(".local/state"))
                 .join("nodegate/cluster"),
         };
-        let cache = std::env::var_os("XDG_CACHE_HOME")
+        let caches = std::env::var_os("XDG_CACHE_HOME")
             .map(PathBuf::from)
             .unwrap_or_else(|| home.join(".cache"))
-            .join(format!("nodegate/k8s-{K8S_VERSION}"));
+            .join("nodegate");
+        let cache = caches.join(format!("k8s-{K8S_VERSION}"));
+        let node2_cache = caches.join(format!("k8s-{K8S_NODE2_VERSION}"));
         let state = absolute(&state)?;
-        Ok(Self { cache, state })
+        Ok(Self {
+            cache,
+            node2_cache,
+            state,
+        })
     }
 
     pub fn bin_dir(&self) -> PathBuf {
@@ -82,6 +100,10 @@ impl Layout {
     }
     pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir().join(name)
+    }
+    /// A binary of node-2's (older) Kubernetes release.
+    pub fn node2_bin(&self, name: &str) -> PathBuf {
+        self.node2_cache.join("bin").join(name)
     }
     pub fn pki(&self) -> PathBuf {
         self.state.join("pki")
@@ -113,17 +135,14 @@ impl Layout {
     pub fn containerd_socket(&self) -> PathBuf {
         self.containerd().join("containerd.sock")
     }
-    pub fn cni_conf_dir(&self) -> PathBuf {
-        self.state.join("cni/net.d")
-    }
-    pub fn kubelet(&self) -> PathBuf {
-        self.state.join("kubelet")
-    }
-    pub fn kube_proxy(&self) -> PathBuf {
-        self.state.join("kube-proxy")
-    }
     pub fn images(&self) -> PathBuf {
         self.state.join("images")
+    }
+    /// The serving certificates of the running nodes' kubelets (each self-signed, with its own
+    /// CA), one PEM file: what an agent DaemonSet on every node verifies its kubelet with (the
+    /// chart's `agent.upstream.ca.bundle`, with `agent.upstream.serverName=$(NODE_NAME)`).
+    pub fn kubelets_ca(&self) -> PathBuf {
+        self.state.join("kubelets-ca.crt")
     }
     /// A link to the cached kubectl inside the state dir, so tools that only know the state dir
     /// (the tests' harness) find the right kubectl without a PATH change.

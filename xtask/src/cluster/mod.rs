@@ -3,21 +3,26 @@
 //!
 //! `up` builds the components once (cached per version), makes the PKI once per state dir, then
 //! starts whatever is not running yet, in dependency order, waiting for each to be ready; so it
-//! is idempotent and also repairs a half-dead cluster. `down` stops everything it started.
+//! is idempotent and also repairs a half-dead cluster. It starts two nodes: `node-1` (the host,
+//! kubelet 1.37) and `node-2` (its own network namespace, kubelet 1.35). `down` stops everything
+//! it started.
 
 pub(crate) mod build;
 mod control_plane;
 pub(crate) mod images;
 mod kubeconfig;
 pub(crate) mod layout;
+mod netns;
 mod node;
 mod pki;
 mod process;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use layout::{Layout, NODE_NAME, ports};
+use layout::{Layout, ports};
 use nix::fcntl::{Flock, FlockArg};
+use node::{NODE2, NODES, NodeDef};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -33,12 +38,20 @@ pub enum ClusterCommand {
         /// Only the control plane (etcd, API server, controller manager, scheduler): no node.
         #[arg(long)]
         no_node: bool,
+        /// How many real nodes: 2 is node-1 (kubelet 1.37, on the host) and node-2 (kubelet
+        /// 1.35, its own network namespace); 1 is node-1 alone (a running node-2 is stopped and
+        /// its Node object deleted).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        nodes: u8,
     },
     /// Stop every process of the cluster (idempotent). The state (PKI, etcd data) is kept.
     Down {
         /// Also delete the state dir (PKI, etcd data, images, logs).
         #[arg(long)]
         purge: bool,
+        /// Stop this node only (`node-2`), leaving the control plane and node-1 running.
+        #[arg(long, conflicts_with = "purge")]
+        node: Option<String>,
     },
     /// Say what runs where.
     Status,
@@ -50,12 +63,16 @@ pub enum ClusterCommand {
 pub fn run(args: Args) -> Result<()> {
     let layout = Layout::from_env()?;
     match args.command {
-        ClusterCommand::Up { no_node } => {
-            up(&layout, !no_node)?;
+        ClusterCommand::Up { no_node, nodes } => {
+            up(&layout, if no_node { 0 } else { usize::from(nodes) })?;
             println!("cluster is up; use it with: eval \"$(cargo xtask cluster env)\"");
             Ok(())
         }
-        ClusterCommand::Down { purge } => down(&layout, purge),
+        ClusterCommand::Down {
+            purge: _,
+            node: Some(name),
+        } => down_node(&layout, &name),
+        ClusterCommand::Down { purge, node: None } => down(&layout, purge),
         ClusterCommand::Status => status(&layout),
         ClusterCommand::Env => {
             for (key, value) in env_vars(&layout) {
@@ -70,22 +87,39 @@ pub fn run(args: Args) -> Result<()> {
 /// tests and tools at it (KUBECONFIG, NODEGATE_CLUSTER_DIR, …).
 pub fn ensure_up() -> Result<Vec<(String, String)>> {
     let layout = Layout::from_env()?;
-    up(&layout, true)?;
+    up(&layout, NODES.len())?;
     Ok(env_vars(&layout))
 }
 
-fn up(layout: &Layout, with_node: bool) -> Result<()> {
+/// Starts the control plane and the first `nodes` nodes.
+fn up(layout: &Layout, nodes: usize) -> Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(&layout.state)
         .with_context(|| format!("cannot create the state dir {}", layout.state.display()))?;
     let _lock = lock(layout)?;
     build::ensure_built(layout)?;
+    if nodes > 1 {
+        build::ensure_node2_built(layout)?;
+    }
     link_kubectl(layout)?;
     pki::ensure(layout)?;
     kubeconfig::ensure(layout)?;
     step("control plane", || control_plane::start(layout))?;
-    if with_node {
-        step(&format!("node {NODE_NAME}"), || node::start(layout))?;
+    for node in NODES.iter().take(nodes) {
+        step(&format!("node {}", node.name), || node::start(layout, node))?;
+    }
+    if nodes > 0 {
+        node::write_kubelets_ca(layout, &NODES[..nodes])?;
+    }
+    // `--nodes 1` means one node: a node-2 left running by an earlier `up` is stopped, and its
+    // Node object deleted so the scheduler and DaemonSets count one node.
+    if nodes == 1 && node_runs(layout, &NODE2) {
+        node::stop(layout, &NODE2)?;
+        kubeconfig::kubectl(
+            layout,
+            &["delete", "node", NODE2.name, "--ignore-not-found"],
+        )?;
+        println!("stopped {} (--nodes 1)", NODE2.name);
     }
     println!(
         "up in {} (state: {})",
@@ -102,9 +136,18 @@ fn step(what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     Ok(())
 }
 
+fn node_runs(layout: &Layout, node: &NodeDef) -> bool {
+    ["containerd", "kubelet", "kube-proxy"]
+        .iter()
+        .any(|c| process::find(layout, &node.component(c)).is_some())
+}
+
 fn down(layout: &Layout, purge: bool) -> Result<()> {
     let _lock = layout.state.exists().then(|| lock(layout)).transpose()?;
-    node::stop(layout)?;
+    // node-2 first: node-1's unmount sweeps the whole state dir, node-2's dir included.
+    for node in NODES.iter().rev() {
+        node::stop(layout, node)?;
+    }
     for name in control_plane::COMPONENTS.iter().rev() {
         if process::stop(layout, name, Duration::from_secs(15))? {
             println!("stopped {name}");
@@ -119,10 +162,29 @@ fn down(layout: &Layout, purge: bool) -> Result<()> {
     Ok(())
 }
 
+/// `down --node node-2`: that node only (its Node object stays, NotReady, like node-1's after
+/// `down`).
+fn down_node(layout: &Layout, name: &str) -> Result<()> {
+    let node = node::by_name(name)?;
+    if node.name != NODE2.name {
+        anyhow::bail!("only node-2 can be stopped alone (`down` stops node-1 with the cluster)");
+    }
+    let _lock = lock(layout)?;
+    node::stop(layout, &node)?;
+    println!("{} is down", node.name);
+    Ok(())
+}
+
+/// The sockets of the nodes' running containerds, with the node's name (images are imported
+/// into each).
+pub fn containerd_sockets(layout: &Layout) -> Vec<(&'static str, PathBuf)> {
+    node::containerd_sockets(layout)
+}
+
 fn status(layout: &Layout) -> Result<()> {
-    let where_ = [
+    let mut where_ = vec![
         (
-            "etcd",
+            "etcd".to_string(),
             format!(
                 "https://127.0.0.1:{} (metrics http://127.0.0.1:{})",
                 ports::ETCD_CLIENT,
@@ -130,7 +192,7 @@ fn status(layout: &Layout) -> Result<()> {
             ),
         ),
         (
-            "kube-apiserver",
+            "kube-apiserver".to_string(),
             format!(
                 "{} (all interfaces; advertised {}:{}, the `kubernetes` Service {}:443)",
                 kubeconfig::server_url(),
@@ -140,36 +202,17 @@ fn status(layout: &Layout) -> Result<()> {
             ),
         ),
         (
-            "kube-controller-manager",
+            "kube-controller-manager".to_string(),
             format!("https://127.0.0.1:{}", ports::CONTROLLER_MANAGER),
         ),
         (
-            "kube-scheduler",
+            "kube-scheduler".to_string(),
             format!("https://127.0.0.1:{}", ports::SCHEDULER),
         ),
-        (
-            "containerd",
-            format!("unix://{}", layout.containerd_socket().display()),
-        ),
-        (
-            "kubelet",
-            format!(
-                "node {NODE_NAME} at {}: https :{}, read-only http :{}, healthz 127.0.0.1:{}",
-                node::node_ip().unwrap_or_else(|| "?".into()),
-                ports::KUBELET,
-                ports::KUBELET_READ_ONLY,
-                ports::KUBELET_HEALTHZ
-            ),
-        ),
-        (
-            "kube-proxy",
-            format!(
-                "iptables mode, healthz http://127.0.0.1:{}/healthz, metrics http://127.0.0.1:{}",
-                ports::KUBE_PROXY_HEALTHZ,
-                ports::KUBE_PROXY_METRICS
-            ),
-        ),
     ];
+    for node in NODES {
+        where_.extend(node_status(layout, &node));
+    }
     println!("state dir: {}", layout.state.display());
     println!(
         "binaries:  {} (Kubernetes {}, etcd {}){}",
@@ -182,7 +225,18 @@ fn status(layout: &Layout) -> Result<()> {
             " — not built yet"
         }
     );
+    println!(
+        "node-2:    {} (Kubernetes {}){}",
+        layout.node2_cache.join("bin").display(),
+        layout::K8S_NODE2_VERSION,
+        if build::is_node2_built(layout) {
+            ""
+        } else {
+            " — not built yet"
+        }
+    );
     for (name, at) in where_ {
+        let name = name.as_str();
         match process::find(layout, name) {
             Some(running) => println!("  {name:<24} running  pid {:<7} {at}", running.pid),
             None => println!("  {name:<24} stopped"),
@@ -190,6 +244,55 @@ fn status(layout: &Layout) -> Result<()> {
         println!("  {:<24}          log {}", "", layout.log(name).display());
     }
     Ok(())
+}
+
+/// `status` lines of one node's components: (component name, where it listens).
+fn node_status(layout: &Layout, node: &NodeDef) -> Vec<(String, String)> {
+    let ip = node.node_ip().unwrap_or_else(|| "?".into());
+    let netns = node
+        .netns
+        .map(|ns| {
+            format!(
+                ", network namespace {} (host end {} {})",
+                ns.name, ns.host_link, ns.host_ip
+            )
+        })
+        .unwrap_or_default();
+    let version = if node.older {
+        layout::K8S_NODE2_VERSION
+    } else {
+        layout::K8S_VERSION
+    };
+    let proxy = node.proxy_bind();
+    vec![
+        (
+            node.component("containerd"),
+            format!(
+                "node {}: unix://{}",
+                node.name,
+                node.containerd_socket(layout).display()
+            ),
+        ),
+        (
+            node.component("kubelet"),
+            format!(
+                "node {} {version} at {ip}{netns}: https :{}, read-only http :{}, pods {}",
+                node.name,
+                ports::KUBELET,
+                ports::KUBELET_READ_ONLY,
+                node.pod_subnet,
+            ),
+        ),
+        (
+            node.component("kube-proxy"),
+            format!(
+                "node {}: iptables mode, healthz http://{proxy}:{}/healthz, metrics http://{proxy}:{}",
+                node.name,
+                ports::KUBE_PROXY_HEALTHZ,
+                ports::KUBE_PROXY_METRICS
+            ),
+        ),
+    ]
 }
 
 fn env_vars(layout: &Layout) -> Vec<(String, String)> {

@@ -1,6 +1,9 @@
-//! The real node `node-1`: Debian's containerd (own config, root, state and socket under the state
-//! dir, so a system containerd is never touched), runc, Debian's CNI plugins, our kubelet, and
-//! kube-proxy (iptables mode), so pods reach Services, the API server's included.
+//! The real nodes. `node-1`: Debian's containerd (own config, root, state and socket under the
+//! state dir, so a system containerd is never touched), runc, Debian's CNI plugins, our kubelet,
+//! and kube-proxy (iptables mode), so pods reach Services, the API server's included. `node-2`:
+//! the same with an older kubelet and kube-proxy (1.35), in its own network namespace
+//! ([`super::netns`]) with its own address, containerd, CNI bridge, pod subnet and cgroup root, so
+//! the API server, pods and agents see a second host.
 //!
 //! This VM is cgroup v1 and containerd 1.6 lacks the CRI RuntimeConfig RPC, hence cgroupfs on both
 //! sides and `failCgroupV1: false`.
@@ -8,23 +11,154 @@
 use super::images;
 use super::kubeconfig::kubectl;
 use super::layout::{
-    Layout, NODE_NAME, PAUSE_IMAGE, POD_BRIDGE, POD_GATEWAY, POD_PREFIX_LEN, POD_SUBNET, ports,
+    CLUSTER_POD_CIDR, Layout, NODE_NAME, NODE2_NAME, PAUSE_IMAGE, POD_BRIDGE, POD_GATEWAY,
+    POD_PREFIX_LEN, POD_SUBNET, ports,
 };
+use super::netns::{self, Netns};
 use super::process::{self, kill_trees, pids_with_cmdline};
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
-pub fn start(layout: &Layout) -> Result<()> {
-    start_containerd(layout)?;
-    images::ensure_imported(layout)?;
-    start_kubelet(layout)?;
-    start_kube_proxy(layout)?;
+/// One real node: where its files live, what its processes are called, its network.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeDef {
+    pub name: &'static str,
+    /// Subdir of the state dir with its containerd, kubelet, kube-proxy and CNI files; node-1's
+    /// are in the state dir itself (its layout predates node-2, and a running cluster keeps it).
+    subdir: Option<&'static str>,
+    /// Prefix of its components' names (pid and log files): none for node-1.
+    prefix: &'static str,
+    /// Its pods' subnet (the CNI bridge's host-local range).
+    pub pod_subnet: &'static str,
+    bridge: &'static str,
+    /// kube-proxy's `clusterCIDR` (what counts as pod traffic).
+    proxy_cluster_cidr: &'static str,
+    /// Its own network namespace and link to the host; node-1 is the host itself.
+    pub netns: Option<Netns>,
+    /// Runs node-2's older release (the binaries in `Layout::node2_cache`).
+    pub older: bool,
+    /// Its kubelet's `cgroupRoot`: two kubelets under one `/kubepods` would each delete the
+    /// other's pod cgroups as orphans.
+    pub cgroup_root: Option<&'static str>,
+}
+
+pub const NODE1: NodeDef = NodeDef {
+    name: NODE_NAME,
+    subdir: None,
+    prefix: "",
+    pod_subnet: POD_SUBNET,
+    bridge: POD_BRIDGE,
+    proxy_cluster_cidr: POD_SUBNET,
+    netns: None,
+    older: false,
+    cgroup_root: None,
+};
+
+pub const NODE2: NodeDef = NodeDef {
+    name: NODE2_NAME,
+    subdir: Some("node-2"),
+    prefix: "node-2-",
+    pod_subnet: "10.90.0.0/16",
+    bridge: "nodegate2",
+    proxy_cluster_cidr: CLUSTER_POD_CIDR,
+    netns: Some(Netns {
+        name: "nodegate-node-2",
+        host_link: "ng-node-2",
+        host_ip: "10.87.0.1",
+        node_ip: "10.87.0.2",
+        prefix_len: 30,
+    }),
+    older: true,
+    cgroup_root: Some("/nodegate-node-2"),
+};
+
+/// The nodes `up --nodes N` starts, in order.
+pub const NODES: [NodeDef; 2] = [NODE1, NODE2];
+
+impl NodeDef {
+    fn base(&self, layout: &Layout) -> PathBuf {
+        match self.subdir {
+            Some(dir) => layout.state.join(dir),
+            None => layout.state.clone(),
+        }
+    }
+    /// The name of one of its components (pid file, log file, `status`).
+    pub fn component(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    pub fn containerd_dir(&self, layout: &Layout) -> PathBuf {
+        self.base(layout).join("containerd")
+    }
+    pub fn containerd_socket(&self, layout: &Layout) -> PathBuf {
+        self.containerd_dir(layout).join("containerd.sock")
+    }
+    fn cni_conf_dir(&self, layout: &Layout) -> PathBuf {
+        self.base(layout).join("cni/net.d")
+    }
+    fn kubelet_dir(&self, layout: &Layout) -> PathBuf {
+        self.base(layout).join("kubelet")
+    }
+    fn kube_proxy_dir(&self, layout: &Layout) -> PathBuf {
+        self.base(layout).join("kube-proxy")
+    }
+    /// The kubeconfig of its kubelet (`kubelet`, `kubelet-node-2`) or kube-proxy.
+    fn kubeconfig(&self, layout: &Layout, component: &str) -> PathBuf {
+        match self.subdir {
+            Some(_) => layout.kubeconfig(&format!("{component}-{}", self.name)),
+            None => layout.kubeconfig(component),
+        }
+    }
+    fn bin(&self, layout: &Layout, name: &str) -> PathBuf {
+        if self.older {
+            layout.node2_bin(name)
+        } else {
+            layout.bin(name)
+        }
+    }
+    /// Its InternalIP: node-2's own address, node-1's the default route interface's.
+    pub fn node_ip(&self) -> Option<String> {
+        match self.netns {
+            Some(ns) => Some(ns.node_ip.to_string()),
+            None => node_ip(),
+        }
+    }
+    /// Where kube-proxy's healthz and metrics listen: loopback on node-1, node-2's address on
+    /// node-2 (so `up` can reach them from the host).
+    pub fn proxy_bind(&self) -> Ipv4Addr {
+        self.netns
+            .and_then(|ns| ns.node_ip.parse().ok())
+            .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+    fn netns_name(&self) -> Option<&'static str> {
+        self.netns.map(|ns| ns.name)
+    }
+}
+
+/// The node named `name`.
+pub fn by_name(name: &str) -> Result<NodeDef> {
+    NODES
+        .into_iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no node {name}; the nodes are node-1 and node-2"))
+}
+
+pub fn start(layout: &Layout, node: &NodeDef) -> Result<()> {
+    if let Some(ns) = node.netns {
+        netns::ensure(&ns, node.pod_subnet)?;
+    }
+    if let Some(root) = node.cgroup_root {
+        netns::ensure_cgroup_root(root)?;
+    }
+    start_containerd(layout, node)?;
+    images::ensure_imported(layout, &node.containerd_socket(layout))?;
+    start_kubelet(layout, node)?;
+    start_kube_proxy(layout, node)?;
     Ok(())
 }
 
@@ -68,32 +202,41 @@ fn ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn start_containerd(layout: &Layout) -> Result<()> {
-    let dir = layout.containerd();
+fn start_containerd(layout: &Layout, node: &NodeDef) -> Result<()> {
+    let dir = node.containerd_dir(layout);
+    let name = node.component("containerd");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_cni_config(layout)?;
+    write_cni_config(layout, node)?;
     let config = dir.join("config.toml");
-    process::write_config(layout, "containerd", &config, &containerd_config(layout))?;
+    process::write_config(layout, &name, &config, &containerd_config(layout, node))?;
     let args = vec!["--config".to_string(), config.display().to_string()];
-    process::start(
+    process::start_in(
         layout,
-        "containerd",
+        &name,
+        node.netns_name(),
         Path::new("/usr/bin/containerd"),
         &args,
     )
     .context("cannot start containerd; install it (bash .ci/install-deps)")?;
-    let socket = layout.containerd_socket();
+    let socket = node.containerd_socket(layout);
     process::wait_ready(
         layout,
-        "containerd",
+        &name,
         "its socket answers",
         Duration::from_secs(30),
-        || socket.exists() && images::ctr(layout, &["version"]).is_ok(),
+        || socket.exists() && images::ctr_at(&socket, &["version"]).is_ok(),
     )
 }
 
-fn containerd_config(layout: &Layout) -> String {
-    let dir = layout.containerd();
+fn containerd_config(layout: &Layout, node: &NodeDef) -> String {
+    let dir = node.containerd_dir(layout);
+    // node-2's runc keeps its state under its own dir, not in runc's default /run/containerd/runc
+    // that node-1's shares with any system containerd. (node-1's config stays as it was: a
+    // changed config restarts containerd.)
+    let runc_root = match node.subdir {
+        Some(_) => format!("\n        Root = \"{}\"", dir.join("runc").display()),
+        None => String::new(),
+    };
     format!(
         r#"# Written by `cargo xtask cluster up`; a change restarts the component.
 version = 2
@@ -125,23 +268,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
+        SystemdCgroup = false{runc_root}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
 "#,
         root = dir.join("root").display(),
         state = dir.join("state").display(),
-        socket = layout.containerd_socket().display(),
+        socket = node.containerd_socket(layout).display(),
         dir = dir.display(),
         pause = PAUSE_IMAGE,
         cni_bin = CNI_BIN_DIR,
-        cni_conf = layout.cni_conf_dir().display(),
+        cni_conf = node.cni_conf_dir(layout).display(),
     )
 }
 
-fn write_cni_config(layout: &Layout) -> Result<()> {
-    let dir = layout.cni_conf_dir();
+fn write_cni_config(layout: &Layout, node: &NodeDef) -> Result<()> {
+    let dir = node.cni_conf_dir(layout);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conflist = serde_json::json!({
         "cniVersion": "1.0.0",
@@ -149,15 +292,15 @@ fn write_cni_config(layout: &Layout) -> Result<()> {
         "plugins": [
             {
                 "type": "bridge",
-                "bridge": POD_BRIDGE,
+                "bridge": node.bridge,
                 "isGateway": true,
                 "ipMasq": true,
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{ "subnet": POD_SUBNET }]],
+                    "ranges": [[{ "subnet": node.pod_subnet }]],
                     "routes": [{ "dst": "0.0.0.0/0" }],
-                    "dataDir": layout.state.join("cni/ipam").display().to_string(),
+                    "dataDir": node.base(layout).join("cni/ipam").display().to_string(),
                 },
             },
             { "type": "portmap", "capabilities": { "portMappings": true } },
@@ -170,63 +313,84 @@ fn write_cni_config(layout: &Layout) -> Result<()> {
     .context("cannot write the CNI config")
 }
 
-fn start_kubelet(layout: &Layout) -> Result<()> {
-    let dir = layout.kubelet();
+fn start_kubelet(layout: &Layout, node: &NodeDef) -> Result<()> {
+    let dir = node.kubelet_dir(layout);
+    let name = node.component("kubelet");
     std::fs::create_dir_all(dir.join("root"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let config = dir.join("config.yaml");
-    process::write_config(layout, "kubelet", &config, &kubelet_config(layout))?;
+    process::write_config(layout, &name, &config, &kubelet_config(layout, node))?;
     let mut args = vec![
         format!("--config={}", config.display()),
-        format!("--kubeconfig={}", layout.kubeconfig("kubelet").display()),
-        format!("--hostname-override={NODE_NAME}"),
+        format!(
+            "--kubeconfig={}",
+            node.kubeconfig(layout, "kubelet").display()
+        ),
+        format!("--hostname-override={}", node.name),
         format!("--root-dir={}", dir.join("root").display()),
         format!("--cert-dir={}", dir.join("pki").display()),
     ];
-    // The kubelet rejects a loopback node IP; use the address of the default route's interface,
-    // which the API server reaches the kubelet on (InternalIP).
-    if let Some(ip) = node_ip() {
+    // The kubelet rejects a loopback node IP; node-1 uses the address of the default route's
+    // interface, node-2 its own. The API server reaches the kubelet there (InternalIP).
+    if let Some(ip) = node.node_ip() {
         args.push(format!("--node-ip={ip}"));
     }
     // A Node object left from an earlier run still says Ready for a while: wait for a heartbeat
     // newer than the one seen before this kubelet started.
-    let stale_heartbeat = if process::find(layout, "kubelet").is_none() {
-        ready_heartbeat(layout)
+    let stale_heartbeat = if process::find(layout, &name).is_none() {
+        ready_heartbeat(layout, node.name)
     } else {
         None
     };
-    process::start(layout, "kubelet", &layout.bin("kubelet"), &args)?;
+    process::start_in(
+        layout,
+        &name,
+        node.netns_name(),
+        &node.bin(layout, "kubelet"),
+        &args,
+    )?;
     process::wait_ready(
         layout,
-        "kubelet",
-        &format!("node {NODE_NAME} is Ready"),
+        &name,
+        &format!("node {} is Ready", node.name),
         Duration::from_secs(120),
-        || ready_heartbeat(layout).is_some_and(|beat| Some(&beat) != stale_heartbeat.as_ref()),
+        || {
+            ready_heartbeat(layout, node.name)
+                .is_some_and(|beat| Some(&beat) != stale_heartbeat.as_ref())
+        },
     )
 }
 
-/// kube-proxy as a host process with its own identity (`system:kube-proxy`, which the default
-/// `system:node-proxier` ClusterRoleBinding grants what it needs). Started after the kubelet:
-/// it reads node-1's addresses from its Node object.
-fn start_kube_proxy(layout: &Layout) -> Result<()> {
-    let dir = layout.kube_proxy();
+/// kube-proxy as a host process (node-2's in its namespace) with its own identity
+/// (`system:kube-proxy`, which the default `system:node-proxier` ClusterRoleBinding grants what
+/// it needs). Started after the kubelet: it reads its node's addresses from its Node object.
+fn start_kube_proxy(layout: &Layout, node: &NodeDef) -> Result<()> {
+    let dir = node.kube_proxy_dir(layout);
+    let name = node.component("kube-proxy");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config = dir.join("config.yaml");
-    process::write_config(layout, "kube-proxy", &config, &kube_proxy_config(layout))?;
+    process::write_config(layout, &name, &config, &kube_proxy_config(layout, node))?;
     let args = vec![format!("--config={}", config.display())];
-    process::start(layout, "kube-proxy", &layout.bin("kube-proxy"), &args).context(
-        "cannot start kube-proxy; it needs iptables and conntrack (bash .ci/install-deps)",
-    )?;
+    process::start_in(
+        layout,
+        &name,
+        node.netns_name(),
+        &node.bin(layout, "kube-proxy"),
+        &args,
+    )
+    .context("cannot start kube-proxy; it needs iptables and conntrack (bash .ci/install-deps)")?;
     // /healthz says ok while kube-proxy is still starting; its last-sync metric says the rules
     // (the `kubernetes` Service's among them) are in place.
+    let at = IpAddr::V4(node.proxy_bind());
     process::wait_ready(
         layout,
-        "kube-proxy",
+        &name,
         "/healthz says ok and its first iptables sync is done",
         Duration::from_secs(60),
         || {
-            http_get(ports::KUBE_PROXY_HEALTHZ, "/healthz").is_some_and(|(code, _)| code == 200)
-                && http_get(ports::KUBE_PROXY_METRICS, "/metrics")
+            http_get_at(at, ports::KUBE_PROXY_HEALTHZ, "/healthz")
+                .is_some_and(|(code, _)| code == 200)
+                && http_get_at(at, ports::KUBE_PROXY_METRICS, "/metrics")
                     .is_some_and(|(_, body)| synced(&body))
         },
     )
@@ -241,7 +405,7 @@ fn synced(metrics: &str) -> bool {
         .any(|t| t > 0.0)
 }
 
-fn kube_proxy_config(layout: &Layout) -> String {
+fn kube_proxy_config(layout: &Layout, node: &NodeDef) -> String {
     format!(
         r#"# Written by `cargo xtask cluster up`; a change restarts the component.
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -252,8 +416,8 @@ hostnameOverride: {node}
 mode: iptables
 clusterCIDR: {cluster_cidr}
 detectLocalMode: ClusterCIDR
-healthzBindAddress: 127.0.0.1:{healthz}
-metricsBindAddress: 127.0.0.1:{metrics}
+healthzBindAddress: {bind}:{healthz}
+metricsBindAddress: {bind}:{metrics}
 # NodePorts on the node IP only, not on every local address (the pod bridge's included).
 nodePortAddresses: ["primary"]
 # Leave the machine's settings alone where kube-proxy offers to: the conntrack table's size and
@@ -268,20 +432,20 @@ iptables:
   localhostNodePorts: false
 oomScoreAdj: 0
 "#,
-        kubeconfig = layout.kubeconfig("kube-proxy").display(),
-        node = NODE_NAME,
-        cluster_cidr = POD_SUBNET,
+        kubeconfig = node.kubeconfig(layout, "kube-proxy").display(),
+        node = node.name,
+        cluster_cidr = node.proxy_cluster_cidr,
+        bind = node.proxy_bind(),
         healthz = ports::KUBE_PROXY_HEALTHZ,
         metrics = ports::KUBE_PROXY_METRICS,
     )
 }
 
-/// A plain HTTP GET on loopback: (status code, body), or `None` if nothing answers.
-pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// A plain HTTP GET to `ip:port`: (status code, body), or `None` if nothing answers.
+pub fn http_get_at(ip: IpAddr, port: u16, path: &str) -> Option<(u16, String)> {
     let timeout = Duration::from_secs(2);
     let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300))
-            .ok()?;
+        TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(300)).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     stream.set_write_timeout(Some(timeout)).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
@@ -292,8 +456,17 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body.to_string()))
 }
 
-fn kubelet_config(layout: &Layout) -> String {
-    let dir = layout.kubelet();
+fn kubelet_config(layout: &Layout, node: &NodeDef) -> String {
+    let dir = node.kubelet_dir(layout);
+    let cgroup_root = node
+        .cgroup_root
+        .map(|root| {
+            format!(
+                "# Its own cgroup root: one kubelet removes pod cgroups it does not know under its root.\n\
+                 cgroupRoot: {root}\n"
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"# Written by `cargo xtask cluster up`; a change restarts the component.
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -332,8 +505,8 @@ evictionHard:
   nodefs.available: "1%"
   imagefs.available: "1%"
   nodefs.inodesFree: "1%"
-"#,
-        socket = layout.containerd_socket().display(),
+{cgroup_root}"#,
+        socket = node.containerd_socket(layout).display(),
         ca = layout.pki_file("ca.crt").display(),
         port = ports::KUBELET,
         ro_port = ports::KUBELET_READ_ONLY,
@@ -343,13 +516,13 @@ evictionHard:
 }
 
 /// The Ready condition's last heartbeat, if the node is Ready.
-fn ready_heartbeat(layout: &Layout) -> Option<String> {
+fn ready_heartbeat(layout: &Layout, name: &str) -> Option<String> {
     let out = kubectl(
         layout,
         &[
             "get",
             "node",
-            NODE_NAME,
+            name,
             "-o",
             r#"jsonpath={.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}"#,
         ],
@@ -367,17 +540,18 @@ pub fn node_ip() -> Option<String> {
     (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
 }
 
-/// Stops the node and everything it started: kube-proxy (its iptables rules stay, like the
+/// Stops the node and everything it started: kube-proxy (node-1's iptables rules stay, like the
 /// bridge's, and are rewritten by the next one), kubelet, the containers (children of containerd's
 /// shims, which daemonize out of containerd's process group), containerd, then the mounts the
-/// kubelet and containerd left under the state dir (pod volumes, rootfs, netns, shm).
-pub fn stop(layout: &Layout) -> Result<()> {
-    for name in ["kube-proxy", "kubelet"] {
-        if process::stop(layout, name, Duration::from_secs(10))? {
+/// kubelet and containerd left under its dir (pod volumes, rootfs, netns, shm). node-2's network
+/// namespace (with its bridge, veth pair, route and rules) and cgroup root are removed too.
+pub fn stop(layout: &Layout, node: &NodeDef) -> Result<()> {
+    for name in ["kube-proxy", "kubelet"].map(|c| node.component(c)) {
+        if process::stop(layout, &name, Duration::from_secs(10))? {
             println!("stopped {name}");
         }
     }
-    let socket = layout.containerd_socket().display().to_string();
+    let socket = node.containerd_socket(layout).display().to_string();
     let shims = pids_with_cmdline(&socket)
         .into_iter()
         .filter(|&pid| {
@@ -387,15 +561,59 @@ pub fn stop(layout: &Layout) -> Result<()> {
         .collect::<Vec<_>>();
     if !shims.is_empty() {
         println!(
-            "stopped {} containerd shims and their containers",
-            shims.len()
+            "stopped {} containerd shims and their containers ({})",
+            shims.len(),
+            node.name
         );
     }
     kill_trees(&shims)?;
-    if process::stop(layout, "containerd", Duration::from_secs(10))? {
-        println!("stopped containerd");
+    let containerd = node.component("containerd");
+    if process::stop(layout, &containerd, Duration::from_secs(10))? {
+        println!("stopped {containerd}");
     }
-    unmount_under(&layout.state)
+    unmount_under(&node.base(layout))?;
+    if let Some(ns) = node.netns {
+        netns::remove(&ns, node.pod_subnet)?;
+    }
+    if let Some(root) = node.cgroup_root {
+        netns::remove_cgroup_root(root);
+    }
+    Ok(())
+}
+
+/// Writes [`Layout::kubelets_ca`]: the serving certificates (with their self-made CAs) of the
+/// kubelets of `nodes`, which made them at their first start.
+pub fn write_kubelets_ca(layout: &Layout, nodes: &[NodeDef]) -> Result<()> {
+    let mut bundle = String::new();
+    for node in nodes {
+        let crt = node.kubelet_dir(layout).join("pki/kubelet.crt");
+        let pem = std::fs::read_to_string(&crt).with_context(|| {
+            format!(
+                "cannot read {}'s kubelet certificate {}",
+                node.name,
+                crt.display()
+            )
+        })?;
+        bundle.push_str(&pem);
+        if !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+    }
+    let path = layout.kubelets_ca();
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(bundle.as_str()) {
+        std::fs::write(&path, bundle)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The sockets of the nodes' containerds that run, with the node's name.
+pub fn containerd_sockets(layout: &Layout) -> Vec<(&'static str, PathBuf)> {
+    NODES
+        .iter()
+        .filter(|n| process::find(layout, &n.component("containerd")).is_some())
+        .map(|n| (n.name, n.containerd_socket(layout)))
+        .collect()
 }
 
 /// Unmounts every mount point under `dir`, deepest first.

@@ -5,7 +5,7 @@
 //! the CSR signer of the controller manager. Keys are ECDSA P-256 (fast to make, accepted by Go
 //! and rustls). A separate key pair signs service-account tokens.
 
-use super::layout::{Layout, NODE_NAME, POD_GATEWAY, SERVICE_IP_KUBERNETES};
+use super::layout::{Layout, NODE_NAME, NODE2_NAME, POD_GATEWAY, SERVICE_IP_KUBERNETES};
 use anyhow::{Context, Result, bail};
 use std::io::Read;
 use std::path::Path;
@@ -158,6 +158,11 @@ fn leaves() -> Vec<Leaf> {
         client(
             "kubelet",
             &format!("system:node:{NODE_NAME}"),
+            vec!["system:nodes"],
+        ),
+        client(
+            "kubelet-node-2",
+            &format!("system:node:{NODE2_NAME}"),
             vec!["system:nodes"],
         ),
     ]

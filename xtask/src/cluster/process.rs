@@ -21,6 +21,20 @@ pub struct Running {
 /// this command line. One running with another (a cluster started by an older xtask) is
 /// restarted, so `up` after an upgrade applies the new flags without a `down` first.
 pub fn start(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Result<Running> {
+    start_in(layout, name, None, program, args)
+}
+
+/// [`start`], in the network namespace `netns` (a name under /run/netns) when given. It is
+/// entered with `nsenter --net` alone, which then execs `program`: the process keeps the
+/// machine's mount namespace (`ip netns exec` would give it a private one, and the kubelet's
+/// volume mounts would then be invisible to containerd), and its command line is `program`'s.
+pub fn start_in(
+    layout: &Layout,
+    name: &str,
+    netns: Option<&str>,
+    program: &Path,
+    args: &[String],
+) -> Result<Running> {
     if let Some(running) = find(layout, name) {
         if command_line(running.pid).is_none_or(|line| same_command(&line, program, args)) {
             return Ok(running);
@@ -36,7 +50,17 @@ pub fn start(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Re
         .append(true)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let child = Command::new(program)
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{netns}"))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("cannot duplicate a log handle")?)
