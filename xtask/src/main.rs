@@ -6,6 +6,7 @@ mod demo;
 mod generate;
 mod helm;
 mod image;
+mod metrics_server;
 mod test;
 
 use anyhow::Result;

@@ -50,6 +50,12 @@ pub fn run(args: Args) -> Result<()> {
             crate::demo::remove_if_installed(env.clone(), &helm)
         })?;
         env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
+        // agent_serving_cert runs metrics-server against the agent.
+        let metrics_server = step("metrics-server", crate::metrics_server::ensure)?;
+        env.push((
+            "NODEGATE_METRICS_SERVER".into(),
+            metrics_server.display().to_string(),
+        ));
         let images = step("images", crate::image::build_and_import)?;
         env.extend(images.env());
         env
