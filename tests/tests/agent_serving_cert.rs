@@ -706,6 +706,20 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
         ),
     ];
     let (_agent, agent_addr) = world.start_agent(&ip, &metrics_server_policy(&ns), &upstream);
+    // A pod on node-1 holding 20 MiB (in its /dev/shm, charged to its memory), so its figures
+    // in `kubectl top` are not zero.
+    let hog = busybox_pod(
+        "hog",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/shm/fill bs=1M count=20; sleep 3600",
+        ],
+    );
+    Api::<Pod>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &hog)
+        .await
+        .unwrap();
 
     // metrics-server's account with the RBAC of its own manifests (v0.8.0 components.yaml)
     // minus `nodes/metrics`: it reads Nodes and Pods, delegates authentication and
@@ -892,7 +906,7 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // Real figures for node-1 and its pods (the world's `agent` pod runs there).
+    // Real figures for node-1 and its pods (`hog` runs there).
     let deadline = Instant::now() + Duration::from_secs(120);
     let (nodes, pods) = loop {
         let nodes = kubectl_top(&cluster, &["nodes", "--no-headers"]).await;
@@ -905,7 +919,14 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
         let pod_line = pods
             .1
             .lines()
-            .find(|l| l.split_whitespace().take(2).eq([ns.as_str(), "agent"]))
+            .find(|l| l.split_whitespace().take(2).eq([ns.as_str(), "hog"]))
+            // Its first sample may predate the allocation.
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .and_then(|m| m.trim_end_matches("Mi").parse::<u64>().ok())
+                    .is_some_and(|mi| mi >= 15)
+            })
             .map(String::from);
         if let (true, true, Some(node), Some(pod)) = (nodes.0, pods.0, node_line, pod_line) {
             break (node, pod);
@@ -928,10 +949,9 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
         "{nodes}"
     );
     let fields: Vec<&str> = pods.split_whitespace().collect();
-    assert!(
-        fields[2].ends_with('m') && fields[3].ends_with("Mi"),
-        "{pods}"
-    );
+    assert!(fields[2].ends_with('m'), "{pods}");
+    let memory: u64 = fields[3].trim_end_matches("Mi").parse().unwrap();
+    assert!(memory >= 15, "hog holds 20 MB: {pods}");
     assert!(
         !ms_log().contains("x509"),
         "metrics-server verified the agent with the bundle: {}",
