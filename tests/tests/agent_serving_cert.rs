@@ -88,6 +88,7 @@ struct World {
 impl Drop for World {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -740,10 +741,11 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
         let cluster = cluster.clone();
         async move {
             let file = tempfile_json(&doc);
-            cluster
+            let applied = cluster
                 .run_kubectl(&["apply", "-f", &file.to_string_lossy()])
-                .await
-                .unwrap();
+                .await;
+            let _ = std::fs::remove_file(&file);
+            applied.unwrap();
         }
     };
     apply(serde_json::json!({
