@@ -46,6 +46,8 @@ enum Command {
     Image(image::Args),
     /// Run helm, built once from its Go module and cached: `cargo xtask helm -- version`.
     Helm(helm::Args),
+    /// Build metrics-server (once, cached from the Go module proxy) and print its path.
+    MetricsServer,
     /// The whole system on the local cluster: cluster, images, chart, a sample policy, and five
     /// real requests showing what is allowed, filtered and refused (`--down` removes it).
     Demo(demo::Args),
@@ -60,6 +62,10 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
+        Command::MetricsServer => {
+            println!("{}", metrics_server::ensure()?.display());
+            Ok(())
+        }
         Command::Demo(args) => demo::run(args),
     }
 }
