@@ -14,6 +14,7 @@ pub mod memory_budget;
 pub mod metrics;
 pub mod prometheus;
 pub mod server;
+pub mod serving_cert;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

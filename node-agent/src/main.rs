@@ -177,6 +177,24 @@ struct ServeArgs {
         requires = "tls_cert_file"
     )]
     tls_private_key_file: Option<PathBuf>,
+    /// Obtain the serving certificate from this signer (e.g. `nodegate.io/agent-serving`, the
+    /// operator's `--signer-name`) through a CertificateSigningRequest filed with the agent's
+    /// own pod-bound token, for its Node's addresses; renewed at two thirds of its lifetime
+    /// and swapped in without a restart. Until it is issued, a self-signed one is served.
+    #[arg(
+        long,
+        env = "NODEGATE_SERVING_CERT_SIGNER",
+        conflicts_with = "tls_cert_file"
+    )]
+    serving_cert_signer: Option<String>,
+    /// Lifetime asked for the signer's certificate, in seconds (at least 600; the signer may
+    /// issue shorter ones).
+    #[arg(
+        long,
+        env = "NODEGATE_SERVING_CERT_DURATION_SECONDS",
+        default_value_t = 86400
+    )]
+    serving_cert_duration_seconds: u64,
     /// CA that client certificates must chain to; without it, client certificates are not
     /// used for authentication.
     #[arg(long, env = "NODEGATE_CLIENT_CA_FILE")]
@@ -446,6 +464,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(signer_name) = &args.serving_cert_signer {
+        let Some(c) = &client else {
+            bail!("--serving-cert-signer needs an API server");
+        };
+        tokio::spawn(nodegate_agent::serving_cert::run(
+            c.clone(),
+            nodegate_agent::serving_cert::ServingCertSettings {
+                signer_name: signer_name.clone(),
+                node_name: node_name.clone(),
+                requested_duration: Duration::from_secs(args.serving_cert_duration_seconds),
+                wait: Duration::from_secs(300),
+            },
+            tls.clone(),
+        ));
+    }
     let authn_settings = AuthnSettings {
         audiences: parse_audiences(&args.authentication_token_audiences),
         x509_enabled: tls.client_ca_configured(),

@@ -102,6 +102,9 @@ struct Inner {
     /// every poll.
     last_failed: std::sync::Mutex<Option<Sources>>,
     last_error: ArcSwap<Option<String>>,
+    /// A certificate and key issued at run time (`--serving-cert-signer`), PEM: when set they
+    /// replace the certificate files (the client CA is still read from its file).
+    issued: std::sync::Mutex<Option<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// The secure listener's TLS configuration, swapped atomically when the files change.
@@ -145,6 +148,7 @@ impl ReloadingTls {
                 current: ArcSwap::from_pointee(loaded),
                 last_failed: std::sync::Mutex::new(None),
                 last_error: ArcSwap::from_pointee(None),
+                issued: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -184,14 +188,13 @@ impl ReloadingTls {
     /// `Ok(true)` when swapped; on error the current configuration stays in service.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let current = self.inner.current.load();
-        let Some(old) = &current.sources else {
+        let Some(sources) = self.sources()? else {
             return Ok(false);
         };
-        let settings = &self.inner.settings;
-        let sources = read_sources(settings)?;
-        if &sources == old {
+        if current.sources.as_ref() == Some(&sources) {
             return Ok(false);
         }
+        let settings = &self.inner.settings;
         let loaded = build(&self.inner.provider, settings, &sources, false)?;
         let expiry = loaded.expiry;
         self.inner.current.store(Arc::new(loaded));
@@ -201,6 +204,46 @@ impl ReloadingTls {
             "TLS certificate, key or client CA changed: reloaded"
         );
         Ok(true)
+    }
+
+    /// Serves `cert_pem` (chain, leaf first) and `key_pem` from now on, in place of the files
+    /// or the self-signed certificate: new connections get it, open ones keep theirs. A pair
+    /// that does not load is refused and the current one stays in service.
+    pub fn install_issued(&self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<(), TlsError> {
+        let previous = self
+            .inner
+            .issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((cert_pem, key_pem));
+        match self.reload() {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                *self.inner.issued.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+                Err(error)
+            }
+        }
+    }
+
+    /// What the configuration is built from now: the issued pair or the files (`None`: the
+    /// self-signed certificate, nothing to re-read).
+    fn sources(&self) -> Result<Option<Sources>, TlsError> {
+        let settings = &self.inner.settings;
+        let issued = self
+            .inner
+            .issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match issued {
+            Some((cert, key)) => Ok(Some(Sources {
+                cert,
+                key,
+                client_ca: settings.client_ca_file.as_deref().map(read).transpose()?,
+            })),
+            None if settings.cert_file.is_some() => read_sources(settings).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Polls the files every `interval`, forever. Failures keep the old configuration and
@@ -218,7 +261,7 @@ impl ReloadingTls {
     /// One poll, logging a failure once per distinct content.
     pub fn reload_logged(&self) {
         if let Err(error) = self.reload() {
-            let seen = read_sources(&self.inner.settings).ok();
+            let seen = self.sources().ok().flatten();
             let mut last = self
                 .inner
                 .last_failed
@@ -868,6 +911,52 @@ mod tests {
                 && (sans.contains("10.0.0.7") || sans.contains("[10, 0, 0, 7]")),
             "{sans}"
         );
+    }
+
+    /// `--serving-cert-signer`: an issued pair replaces the self-signed certificate in memory
+    /// (new handshakes verify against the signer's CA), a renewal replaces it again, and a
+    /// pair that does not load is refused with the current one kept.
+    #[tokio::test]
+    async fn an_issued_certificate_replaces_the_self_signed_one_in_memory() {
+        let tls = ReloadingTls::new(TlsSettings {
+            node_name: "node-a".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let ca = Ca::new("signer");
+        let roots = || {
+            let (_, der) = x509_parser::pem::parse_x509_pem(ca.pem.as_bytes()).unwrap();
+            vec![CertificateDer::from(der.contents)]
+        };
+        assert!(
+            handshake(&tls, client_config_trusting(roots(), None))
+                .await
+                .is_err()
+        );
+        let first = ca.server(&["node-a"], 2090);
+        tls.install_issued(first.cert_pem.clone().into(), first.key_pem.clone().into())
+            .unwrap();
+        assert_eq!(tls.serving_certificate(), first.der);
+        assert_eq!(
+            handshake(&tls, client_config_trusting(roots(), None)).await,
+            Ok(None)
+        );
+        assert!(!tls.reload().unwrap(), "nothing changed");
+        let second = ca.server(&["node-a"], 2091);
+        tls.install_issued(
+            second.cert_pem.clone().into(),
+            second.key_pem.clone().into(),
+        )
+        .unwrap();
+        assert_eq!(tls.serving_certificate(), second.der);
+        // A key that is not the certificate's: refused, the second pair stays in service.
+        assert!(
+            tls.install_issued(first.cert_pem.into(), second.key_pem.into())
+                .is_err()
+        );
+        assert_eq!(tls.serving_certificate(), second.der);
+        assert!(!tls.reload().unwrap());
+        assert_eq!(tls.serving_certificate(), second.der);
     }
 
     #[test]

@@ -5,3 +5,4 @@
 pub use nodegate_compiler as compiler;
 pub mod controller;
 pub mod render;
+pub mod signer;

@@ -26,6 +26,8 @@ struct Cli {
     run: RunArgs,
 }
 
+// Parsed once at startup: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (the default).
@@ -134,6 +136,48 @@ struct RunArgs {
     /// Publish Events (events.k8s.io) for applies, conflicts and errors.
     #[arg(long, env = "NODEGATE_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     events: bool,
+
+    #[command(flatten)]
+    signer: SignerArgs,
+}
+
+/// The agents' serving-certificate signer (operator/src/signer.rs). It runs on every replica:
+/// its writes are optimistic, so racing replicas cannot both issue.
+#[derive(Args, Clone)]
+struct SignerArgs {
+    /// The signerName whose CertificateSigningRequests this operator approves and signs (the
+    /// agents' `--serving-cert-signer`); empty disables the signer.
+    #[arg(long, env = "NODEGATE_SIGNER_NAME", default_value = "")]
+    signer_name: String,
+    /// The agents' service account (`namespace:name`): the only requester approved.
+    #[arg(
+        long,
+        env = "NODEGATE_SIGNER_AGENT_SERVICE_ACCOUNT",
+        default_value = ""
+    )]
+    signer_agent_service_account: String,
+    /// Secret (in the operator's namespace) with the CA's `tls.crt` and `tls.key`; created with
+    /// a new CA when absent, never overwritten.
+    #[arg(
+        long,
+        env = "NODEGATE_SIGNER_CA_SECRET",
+        default_value = "nodegate-agent-serving-ca"
+    )]
+    signer_ca_secret: String,
+    /// ConfigMap (in the operator's namespace) the CA bundle is published in, key `ca.crt`.
+    #[arg(
+        long,
+        env = "NODEGATE_SIGNER_BUNDLE_CONFIGMAP",
+        default_value = "nodegate-agent-serving-ca"
+    )]
+    signer_bundle_configmap: String,
+    /// Longest certificate issued, in seconds (a request's expirationSeconds may ask less).
+    #[arg(
+        long,
+        env = "NODEGATE_SIGNER_MAX_DURATION_SECONDS",
+        default_value_t = 86400
+    )]
+    signer_max_duration_seconds: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -222,11 +266,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, identity = %identity, "serving /metrics, /healthz, /readyz");
     let server = tokio::spawn(server);
     tokio::spawn(signals(shutdown.clone()));
+    if !args.signer.signer_name.is_empty() {
+        let signer = signer_settings(&args.signer, &args.lease_namespace)?;
+        tokio::spawn(nodegate_operator::signer::run(
+            client.clone(),
+            signer,
+            shutdown.clone(),
+        ));
+    }
     let result = controller::run(client, settings, leader, metrics, shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
     tracing::info!("stopped");
     result.map_err(Into::into)
+}
+
+fn signer_settings(
+    args: &SignerArgs,
+    namespace: &str,
+) -> anyhow::Result<nodegate_operator::signer::SignerSettings> {
+    let Some((sa_namespace, sa_name)) = args.signer_agent_service_account.split_once(':') else {
+        anyhow::bail!("--signer-agent-service-account must be namespace:name");
+    };
+    Ok(nodegate_operator::signer::SignerSettings {
+        signer_name: args.signer_name.clone(),
+        namespace: namespace.to_string(),
+        ca_secret: args.signer_ca_secret.clone(),
+        bundle_config_map: args.signer_bundle_configmap.clone(),
+        agent_username: format!("system:serviceaccount:{sa_namespace}:{sa_name}"),
+        max_duration: Duration::from_secs(args.signer_max_duration_seconds.max(60)),
+        resync: Duration::from_secs(30),
+    })
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT; the controller abandons its round (every write

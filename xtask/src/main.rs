@@ -6,6 +6,7 @@ mod demo;
 mod generate;
 mod helm;
 mod image;
+mod metrics_server;
 mod prometheus;
 mod test;
 
@@ -50,6 +51,8 @@ enum Command {
     /// Build (once, cached) Prometheus 3 from its Go module, for the test that discovers the nodes
     /// with kubernetes_sd_configs (Debian's Prometheus lacks it); `--path` prints where it is.
     Prometheus(prometheus::Args),
+    /// Build metrics-server (once, cached from the Go module proxy) and print its path.
+    MetricsServer,
     /// The whole system on the local cluster: cluster, images, chart, a sample policy, and five
     /// real requests showing what is allowed, filtered and refused (`--down` removes it).
     Demo(demo::Args),
@@ -65,6 +68,10 @@ fn main() -> Result<()> {
         Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
         Command::Prometheus(args) => prometheus::run(args),
+        Command::MetricsServer => {
+            println!("{}", metrics_server::ensure()?.display());
+            Ok(())
+        }
         Command::Demo(args) => demo::run(args),
     }
 }

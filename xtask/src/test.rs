@@ -56,6 +56,12 @@ pub fn run(args: Args) -> Result<()> {
             "NODEGATE_PROMETHEUS_K8S_SD".into(),
             prometheus.display().to_string(),
         ));
+        // agent_serving_cert runs metrics-server against the agent.
+        let metrics_server = step("metrics-server", crate::metrics_server::ensure)?;
+        env.push((
+            "NODEGATE_METRICS_SERVER".into(),
+            metrics_server.display().to_string(),
+        ));
         let images = step("images", crate::image::build_and_import)?;
         env.extend(images.env());
         env

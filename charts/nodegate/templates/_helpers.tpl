@@ -119,6 +119,14 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
+{{/* The signer's CA Secret and bundle ConfigMap (agent.tls.mode signer). */}}
+{{- define "nodegate.agent.signerCASecret" -}}
+{{- default (printf "%s-serving-ca" (include "nodegate.agent.fullname" .)) .Values.agent.tls.signer.caSecretName }}
+{{- end }}
+{{- define "nodegate.agent.signerBundleConfigMap" -}}
+{{- default (printf "%s-serving-ca" (include "nodegate.agent.fullname" .)) .Values.agent.tls.signer.bundleConfigMap }}
+{{- end }}
+
 {{/* The ConfigMap (name and key) holding the kubelet's CA, or "" for the service account's. */}}
 {{- define "nodegate.agent.upstreamCAConfigMap" -}}
 {{- $ca := .Values.agent.upstream.ca -}}
