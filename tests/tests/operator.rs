@@ -310,8 +310,7 @@ async fn namespace_created_later_is_resolved() -> TestResult {
         .await?;
     let scoped = |c: &NodeAgentConfig, ns: &str| {
         c.spec
-            .rules
-            .first()
+            .unpack(0)
             .is_some_and(|r| r.namespaces.names.iter().any(|n| n == ns))
     };
     eventually("namespace in the rule", Duration::from_secs(10), || async {
@@ -381,7 +380,7 @@ async fn narrowing_removes_the_bindings_of_the_wider_scope() -> TestResult {
         async move { allowed(&client, &user, "get", "pods", &node, &ns).await }
     };
     let config_names = |c: &NodeAgentConfig| -> Option<(bool, Vec<String>)> {
-        let rule = c.spec.rules.first()?;
+        let rule = c.spec.unpack(0)?;
         Some((rule.namespaces.all, rule.namespaces.names.clone()))
     };
 

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use nodegate_crds::decision::{Requester, rbac_answer};
+use nodegate_crds::decision::{Requester, RuleSet, rbac_answer};
 use nodegate_crds::{Endpoint, NodeAgentConfig, NodeApiPolicy, Verb};
 use nodegate_tests::cluster::{FlakyProxy, TEST_LABEL};
 use rand::rngs::StdRng;
@@ -591,7 +591,7 @@ impl Checker {
             let groups: Vec<String> = vec![];
             let agent = configs.get(node).is_some_and(|c| {
                 rbac_answer(
-                    &c.spec.rules,
+                    &RuleSet::new(c.spec.clone()),
                     Requester {
                         name: user,
                         groups: &groups,
