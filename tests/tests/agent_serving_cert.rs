@@ -784,44 +784,19 @@ async fn metrics_server_reads_node_1_through_the_agent_with_verified_tls_until_i
     }))
     .await;
     // The API server proxies metrics.k8s.io to metrics-server through its front proxy
-    // (--proxy-client-cert-file, --requestheader-*). A cluster started without them sends the
-    // requests unauthenticated: metrics-server then sees system:anonymous, which this test
-    // grants the metrics API (on metrics-server only: the API server refuses anonymous).
+    // (--proxy-client-cert-file, --requestheader-*), which `cargo xtask cluster up` configures
+    // as kubeadm does; metrics-server reads the caller from the X-Remote-* headers.
     let auth = Api::<ConfigMap>::namespaced(admin.clone(), "kube-system")
         .get("extension-apiserver-authentication")
         .await
         .unwrap();
-    let front_proxy = auth
-        .data
-        .as_ref()
-        .is_some_and(|d| d.contains_key("requestheader-client-ca-file"));
-    if !front_proxy {
-        eprintln!(
-            "the API server has no front proxy (--requestheader-client-ca-file): metrics-server \
-             sees the aggregated requests as system:anonymous, granted the metrics API for this test"
-        );
-        let anonymous = format!("{role}-anonymous");
-        objects.names.push(("clusterrole", anonymous.clone()));
-        objects
-            .names
-            .push(("clusterrolebinding", anonymous.clone()));
-        apply(serde_json::json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": anonymous, "labels": {TEST_LABEL: role}},
-            "rules": [
-                {"nonResourceURLs": ["/apis", "/apis/*"], "verbs": ["get"]},
-                {"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": ["get", "list"]},
-            ],
-        }))
-        .await;
-        apply(serde_json::json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": anonymous, "labels": {TEST_LABEL: role}},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": anonymous},
-            "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "system:anonymous"}],
-        }))
-        .await;
-    }
+    assert!(
+        auth.data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("requestheader-client-ca-file")),
+        "the API server has no front proxy (--requestheader-client-ca-file): run `cargo xtask \
+         cluster up` to restart it with the current flags"
+    );
 
     // metrics-server as its manifests run it, apart from address, port and CA: the kubelet
     // port is the agent's, the kubelet CA nodegate's bundle (no --kubelet-insecure-tls).

@@ -99,6 +99,16 @@ fn start_apiserver(layout: &Layout) -> Result<()> {
         ),
         "--kubelet-preferred-address-types=InternalIP,Hostname".to_string(),
         "--profiling=false".to_string(),
+        // The aggregation layer's front proxy, as kubeadm sets it up (one CA here rather than a
+        // front-proxy CA of its own: `--requestheader-allowed-names` admits only the
+        // front-proxy-client certificate, whatever else the CA signed).
+        format!("--requestheader-client-ca-file={}", pki("ca.crt")),
+        "--requestheader-allowed-names=front-proxy-client".to_string(),
+        "--requestheader-username-headers=X-Remote-User".to_string(),
+        "--requestheader-group-headers=X-Remote-Group".to_string(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".to_string(),
+        format!("--proxy-client-cert-file={}", pki("front-proxy-client.crt")),
+        format!("--proxy-client-key-file={}", pki("front-proxy-client.key")),
     ];
     process::start(
         layout,

@@ -147,6 +147,9 @@ fn leaves() -> Vec<Leaf> {
             vec!["system:masters"],
         ),
         client("admin", "nodegate-admin", vec!["system:masters"]),
+        // The API server's identity towards aggregated API servers (metrics-server): they read
+        // the caller from its X-Remote-* headers only when this certificate presents them.
+        client("front-proxy-client", "front-proxy-client", vec![]),
         client(
             "controller-manager",
             "system:kube-controller-manager",
