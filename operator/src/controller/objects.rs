@@ -159,6 +159,31 @@ pub fn for_each_meta(desired: &mut Desired, mut f: impl FnMut(Kind, &mut ObjectM
         .for_each(|o| f(Kind::NodeAgentConfig, &mut o.metadata));
 }
 
+/// Visits the key of every object in `desired`.
+pub fn for_each_key(desired: &Desired, mut f: impl FnMut(Key)) {
+    let mut visit = |kind: Kind, meta: &ObjectMeta| f(Key::of(kind, meta));
+    desired
+        .cluster_roles
+        .iter()
+        .for_each(|o| visit(Kind::ClusterRole, &o.metadata));
+    desired
+        .cluster_role_bindings
+        .iter()
+        .for_each(|o| visit(Kind::ClusterRoleBinding, &o.metadata));
+    desired
+        .role_bindings
+        .iter()
+        .for_each(|o| visit(Kind::RoleBinding, &o.metadata));
+    desired
+        .service_accounts
+        .iter()
+        .for_each(|o| visit(Kind::ServiceAccount, &o.metadata));
+    desired
+        .node_agent_configs
+        .iter()
+        .for_each(|o| visit(Kind::NodeAgentConfig, &o.metadata));
+}
+
 /// Adds `key=value` to the labels of every desired object.
 pub fn label_all(desired: &mut Desired, key: &str, value: &str) {
     for_each_meta(desired, |_, meta| {
@@ -196,8 +221,41 @@ pub fn outputs(desired: &Desired) -> Vec<Output> {
     );
     push_all(&mut out, Kind::RoleBinding, &desired.role_bindings);
     push_all(&mut out, Kind::ServiceAccount, &desired.service_accounts);
-    push_all(&mut out, Kind::NodeAgentConfig, &desired.node_agent_configs);
+    for config in &desired.node_agent_configs {
+        out.push(Output {
+            key: Key::of(Kind::NodeAgentConfig, &config.metadata),
+            policies: policies_of(&config.metadata),
+            body: config_digest(config),
+        });
+    }
     out
+}
+
+/// A NodeAgentConfig as a round compares it: its metadata and `spec.hash`, the digest of its
+/// rules. The watch cache keeps no rules either (a config whose rules do not match its hash is
+/// cached with a hash no compile gives, see `watch.rs`), so equal hashes mean equal rules,
+/// and a round never holds every node's rules as JSON.
+pub fn config_digest(config: &NodeAgentConfig) -> Value {
+    let metadata = serde_json::to_value(&config.metadata).unwrap_or(Value::Null);
+    strip_empty(serde_json::json!({
+        "apiVersion": NodeAgentConfig::api_version(&()),
+        "kind": NodeAgentConfig::kind(&()),
+        "metadata": metadata,
+        "spec": {"hash": config.spec.hash},
+    }))
+}
+
+/// The whole apply body of a NodeAgentConfig, made when it is written.
+pub fn config_body(config: &NodeAgentConfig) -> Option<Value> {
+    let mut body = serde_json::to_value(config).ok()?;
+    if let Value::Object(map) = &mut body {
+        map.insert(
+            "apiVersion".into(),
+            NodeAgentConfig::api_version(&()).into(),
+        );
+        map.insert("kind".into(), NodeAgentConfig::kind(&()).into());
+    }
+    Some(strip_empty(body))
 }
 
 fn push_all<K>(out: &mut Vec<Output>, kind: Kind, objects: &[K])
