@@ -51,6 +51,7 @@ struct Inner {
     leader: IntGauge,
     watch_errors: IntCounter,
     events_ignored: IntCounterVec,
+    events_admitted: IntCounterVec,
     compiles: IntCounter,
     memory: IntGaugeVec,
     ready: AtomicBool,
@@ -133,6 +134,13 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let events_admitted = IntCounterVec::new(
+            opts(
+                "watch_events_total",
+                "Watch events that start a round (after the quiet window), by kind.",
+            ),
+            &["kind"],
+        )?;
         let compiles = IntCounter::with_opts(opts(
             "compiles_total",
             "Compilations of every policy: only rounds whose inputs (policies, node and \
@@ -147,6 +155,7 @@ impl Metrics {
             &["state"],
         )?;
         registry.register(Box::new(events_ignored.clone()))?;
+        registry.register(Box::new(events_admitted.clone()))?;
         registry.register(Box::new(compiles.clone()))?;
         registry.register(Box::new(memory.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
@@ -179,6 +188,7 @@ impl Metrics {
                 leader,
                 watch_errors,
                 events_ignored,
+                events_admitted,
                 compiles,
                 memory,
                 ready: AtomicBool::new(false),
@@ -242,6 +252,15 @@ impl Metrics {
 
     pub(crate) fn event_ignored(&self, kind: &str) {
         self.inner.events_ignored.with_label_values(&[kind]).inc();
+    }
+
+    pub(crate) fn event_admitted(&self, kind: &str) {
+        self.inner.events_admitted.with_label_values(&[kind]).inc();
+    }
+
+    /// Watch events of `kind` that started a round so far.
+    pub fn events_admitted(&self, kind: &str) -> u64 {
+        self.inner.events_admitted.with_label_values(&[kind]).get()
     }
 
     pub(crate) fn compiled(&self) {

@@ -311,6 +311,7 @@ fn spawn_reflector<K: Watched>(
                 // Only an event that may change a round's outcome starts one.
                 Ok(event) => {
                     if gate.admit(&event) {
+                        metrics.event_admitted(&kind);
                         trigger.notify_one();
                     } else {
                         metrics.event_ignored(&kind);

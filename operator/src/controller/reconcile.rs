@@ -213,6 +213,31 @@ struct Compiled {
     desired: Arc<compiler::Desired>,
 }
 
+/// The namespaces `compile` can tell apart for `policies`: every namespace when a policy
+/// selects namespaces by label, else only those some policy names (`namespaces.all` binds
+/// cluster-wide). Namespaces no policy can reach change no output, so their churn (other
+/// teams' namespaces coming and going) costs no compile.
+fn reachable_namespaces(
+    policies: &[NodeApiPolicy],
+    namespaces: Vec<NamespaceInfo>,
+) -> Vec<NamespaceInfo> {
+    if policies
+        .iter()
+        .any(|p| p.spec.namespaces.selector.is_some())
+    {
+        return namespaces;
+    }
+    let named: BTreeSet<&str> = policies
+        .iter()
+        .flat_map(|p| p.spec.namespaces.names.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    namespaces
+        .into_iter()
+        .filter(|n| named.contains(n.name.as_str()))
+        .collect()
+}
+
 /// A digest of everything `compile` reads: each policy's identity and spec (its generation),
 /// each node's and namespace's name and labels, and the instance label.
 fn inputs_digest(
@@ -391,6 +416,8 @@ impl Reconciler {
             .collect();
         self.metrics
             .sizes(policies.len(), nodes.len(), namespaces.len());
+        let namespace_count = namespaces.len();
+        let namespaces = reachable_namespaces(&policies, namespaces);
 
         let inputs = inputs_digest(
             &policies,
@@ -424,7 +451,7 @@ impl Reconciler {
         Snapshot {
             policies,
             nodes: nodes.len(),
-            namespaces: namespaces.len(),
+            namespaces: namespace_count,
             desired,
             compiled,
             existing,
@@ -1213,6 +1240,7 @@ fn generated_by_policy(outputs: &[Output]) -> BTreeMap<String, GeneratedObjects>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -1224,6 +1252,54 @@ mod tests {
         assert_eq!(backoff(b, m, 4), Duration::from_secs(4));
         assert_eq!(backoff(b, m, 5), m);
         assert_eq!(backoff(b, m, u32::MAX), m);
+    }
+
+    #[test]
+    fn unreachable_namespaces_change_no_output() {
+        let policy = |name: &str, namespaces: Value| -> NodeApiPolicy {
+            let mut p = NodeApiPolicy::new(
+                name,
+                serde_json::from_value(json!({
+                    "subjects": [{"kind": "Group", "name": "g"}],
+                    "access": ["pods", "healthz"],
+                    "namespaces": namespaces,
+                }))
+                .unwrap(),
+            );
+            p.metadata.uid = Some(format!("uid-{name}"));
+            p
+        };
+        let ns = |name: &str, team: &str| NamespaceInfo {
+            name: name.into(),
+            labels: BTreeMap::from([("team".to_string(), team.to_string())]),
+        };
+        let all: Vec<NamespaceInfo> = (0..20)
+            .map(|i| ns(&format!("ns{i}"), &format!("t{}", i % 3)))
+            .collect();
+        let nodes = vec![NodeInfo {
+            name: "n1".into(),
+            uid: "u".into(),
+            labels: BTreeMap::new(),
+        }];
+        let named = vec![
+            policy("a", json!({"names": ["ns1", "ns2", "missing"]})),
+            policy("b", json!({"all": true})),
+        ];
+        let reachable = reachable_namespaces(&named, all.clone());
+        assert_eq!(reachable.len(), 2);
+        let compiled = |p: &[NodeApiPolicy], n: &[NamespaceInfo]| {
+            serde_json::to_value(compiler::compile(p, &nodes, n)).unwrap()
+        };
+        assert_eq!(compiled(&named, &all), compiled(&named, &reachable));
+        let mut selected = named.clone();
+        selected.push(policy(
+            "c",
+            json!({"selector": {"matchLabels": {"team": "t1"}}}),
+        ));
+        assert_eq!(
+            reachable_namespaces(&selected, all.clone()).len(),
+            all.len()
+        );
     }
 
     #[test]
