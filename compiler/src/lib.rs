@@ -173,39 +173,46 @@ pub fn compile(
         .iter()
         .map(|node| node_agent_config(node, &policies, &desired.outcomes))
         .collect();
+    // Nodes with the same policies get the same spec: its schema and CEL checks run once.
+    let mut checked: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for config in &mut desired.node_agent_configs {
-        refuse_oversized(config, &mut desired.outcomes);
+        let mut violations = checked
+            .entry(config.spec.hash.clone())
+            .or_insert_with(|| validation::agent_spec_bound_violations(&config.spec))
+            .clone();
+        violations.extend(validation::agent_config_size_violation(config));
+        if !violations.is_empty() {
+            refuse_unwritable(config, &violations, &mut desired.outcomes);
+        }
     }
     desired
 }
 
-/// Largest NodeAgentConfig the compiler writes, in bytes of JSON. The API server refuses
-/// objects over 1.5 MiB (etcd's request limit); this leaves room for metadata and status. The
-/// worst case measured with the scale test (1,000 policies, 500 nodes, 200 namespaces) is
-/// about 130 KB.
-pub const MAX_AGENT_CONFIG_BYTES: usize = 1024 * 1024;
+pub use nodegate_crds::agent_config::MAX_AGENT_CONFIG_BYTES;
 
-/// A NodeAgentConfig too large to store is written with no rules instead (its agent refuses
-/// everything: fail closed, and no write loop of a request the API server keeps refusing), and
-/// every policy that selects the node reports it.
-fn refuse_oversized(config: &mut NodeAgentConfig, outcomes: &mut [PolicyOutcome]) {
-    let size = serde_json::to_vec(config).map_or(usize::MAX, |b| b.len());
-    if size <= MAX_AGENT_CONFIG_BYTES {
-        return;
-    }
+/// A NodeAgentConfig the API server would refuse (over a bound of the CRD's schema, its CEL
+/// rule, or the byte limit) is written with no rules instead: its agent refuses everything
+/// (fail closed, where the API server's refusal would leave the agent enforcing its last,
+/// possibly wider, rules and the operator retrying forever), and every policy that selects the
+/// node says so, naming the node and the limit.
+fn refuse_unwritable(
+    config: &mut NodeAgentConfig,
+    violations: &[String],
+    outcomes: &mut [PolicyOutcome],
+) {
     let node = config.metadata.name.clone().unwrap_or_default();
-    for rule in &config.spec.rules {
-        if let Some(outcome) = outcomes.iter_mut().find(|o| o.policy == rule.policy) {
-            outcome.problems.push(format!(
-                "the NodeAgentConfig of node {node} would be {size} bytes, over the \
-                 {MAX_AGENT_CONFIG_BYTES}-byte limit: it is written with no rules, so its agent \
-                 refuses every request; narrow the policies' namespace lists or node selectors"
-            ));
-        }
+    let why = violations.join("; ");
+    for outcome in outcomes
+        .iter_mut()
+        .filter(|o| o.nodes.binary_search(&node).is_ok())
+    {
+        outcome.problems.push(format!(
+            "the NodeAgentConfig of node {node} exceeds a limit of its CRD ({why}): it is \
+             written with no rules, so its agent refuses every request; narrow the policies' \
+             namespace lists, subjects or node selectors"
+        ));
     }
-    config.spec.rules.clear();
-    config.spec.policies = String::new();
-    config.spec.hash = rules_hash(&config.spec.rules);
+    config.spec = agent_spec(&[]);
 }
 
 fn resolve(
@@ -594,14 +601,7 @@ fn node_agent_config(
         .filter(|(_, outcome)| outcome.nodes.binary_search(&node.name).is_ok())
         .map(|(policy, outcome)| agent_rule(policy, outcome))
         .collect();
-    let mut config = NodeAgentConfig::new(
-        &node.name,
-        NodeAgentConfigSpec {
-            policies: policy_list(&rules),
-            hash: rules_hash(&rules),
-            rules,
-        },
-    );
+    let mut config = NodeAgentConfig::new(&node.name, agent_spec(&rules));
     config.metadata.labels = Some(object_labels(None));
     config.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),
@@ -627,19 +627,20 @@ fn agent_rule(policy: &NodeApiPolicy, outcome: &PolicyOutcome) -> AgentRule {
     }
 }
 
-/// The comma-separated policy names of the rules, for the `Policies` printer column.
-pub fn policy_list(rules: &[AgentRule]) -> String {
-    rules
-        .iter()
-        .map(|r| r.policy.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
+/// The NodeAgentConfig spec of `rules`: packed (each subject and namespace scope once, see
+/// [`NodeAgentConfigSpec::pack`]) and hashed.
+pub fn agent_spec(rules: &[AgentRule]) -> NodeAgentConfigSpec {
+    let mut spec = NodeAgentConfigSpec::pack(rules);
+    spec.hash = spec_hash(&spec);
+    spec
 }
 
-/// SHA-256 (hex) of the rules' JSON, which the agent echoes in status once it enforces them.
-pub fn rules_hash(rules: &[AgentRule]) -> String {
+/// SHA-256 (hex) of a spec's subjects, namespace sets and rules, which the agent echoes in
+/// status once it enforces them.
+pub fn spec_hash(spec: &NodeAgentConfigSpec) -> String {
     // Serializing plain data structs cannot fail; an empty hash input is still a valid hash.
-    let bytes = serde_json::to_vec(rules).unwrap_or_default();
+    let bytes = serde_json::to_vec(&(&spec.subjects, &spec.namespace_sets, &spec.rules))
+        .unwrap_or_default();
     Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))

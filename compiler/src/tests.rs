@@ -1,5 +1,5 @@
 use super::*;
-use nodegate_crds::decision::{Requester, rbac_answer};
+use nodegate_crds::decision::{Requester, RuleSet, rbac_answer};
 use nodegate_crds::policy::{MetricsTransform, NamespaceScope, NodeApiPolicySpec};
 use nodegate_crds::selector::{LabelSelector, LabelSelectorRequirement, SelectorOperator};
 use proptest::prelude::*;
@@ -171,7 +171,7 @@ fn monitoring_sample_compiles_to_least_privilege() {
     assert_eq!(d.node_agent_configs[0].spec.policies, "team-a-monitoring");
     for config in &d.node_agent_configs {
         assert_eq!(config.spec.rules.len(), 1);
-        let rule = &config.spec.rules[0];
+        let rule = &config.spec.unpack(0).unwrap();
         assert_eq!(
             rule.endpoints,
             vec![Endpoint::Pods, Endpoint::Cadvisor, Endpoint::Resource]
@@ -187,7 +187,7 @@ fn monitoring_sample_compiles_to_least_privilege() {
             config.metadata.owner_references.as_ref().unwrap()[0].kind,
             "Node"
         );
-        assert_eq!(config.spec.hash, rules_hash(&config.spec.rules));
+        assert_eq!(config.spec.hash, spec_hash(&config.spec));
     }
 }
 
@@ -279,7 +279,7 @@ fn namespace_selector_resolves_to_sorted_names() {
     ];
     let d = compile(&[policy("p", sp)], &[node("n1", &[])], &namespaces);
     assert_eq!(
-        d.node_agent_configs[0].spec.rules[0].namespaces,
+        d.node_agent_configs[0].spec.unpack(0).unwrap().namespaces,
         ResolvedNamespaces {
             all: false,
             names: s(&["pay-a", "pay-b"])
@@ -406,7 +406,7 @@ fn hash_follows_the_rules() {
         two.node_agent_configs[0].spec.hash
     );
     let empty = compile(&[], &[node("n", &[])], &[]);
-    assert_eq!(empty.node_agent_configs[0].spec.hash, rules_hash(&[]));
+    assert_eq!(empty.node_agent_configs[0].spec.hash, agent_spec(&[]).hash);
     assert_eq!(empty.node_agent_configs[0].spec.hash.len(), 64);
 }
 
@@ -571,12 +571,12 @@ fn same_named_inputs_reduce_to_one_whatever_their_order() {
 
 #[test]
 fn an_agent_config_over_the_size_limit_is_written_empty_and_reported() {
-    // 20 policies × 1,000 namespaces of 60 characters: about 1.2 MB of names for one node.
-    let namespaces: Vec<String> = (0..1000).map(|i| format!("{i:0>60}")).collect();
+    // 20 policies × 1,000 namespaces of 60 characters, distinct per policy (identical lists
+    // would be written once): about 1.2 MB of names for one node.
     let policies: Vec<NodeApiPolicy> = (0..20)
         .map(|i| {
             let mut sp = spec(&[Endpoint::Cadvisor], names(&[]));
-            sp.namespaces.names = Some(namespaces.clone());
+            sp.namespaces.names = Some((0..1000).map(|j| format!("{i:02}{j:0>58}")).collect());
             sp.node_selector = Some(select(&[("pool", "big")]));
             sp.subjects = vec![group(&format!("g{i}"))];
             policy(&format!("p{i:02}"), sp)
@@ -595,15 +595,126 @@ fn an_agent_config_over_the_size_limit_is_written_empty_and_reported() {
     let big = &d.node_agent_configs[0];
     assert_eq!(big.metadata.name.as_deref(), Some("big"));
     assert!(big.spec.rules.is_empty(), "fail closed: no rules");
-    assert_eq!(big.spec.hash, rules_hash(&[]));
+    assert_eq!(big.spec.hash, agent_spec(&[]).hash);
     assert!(serde_json::to_vec(big).unwrap().len() < MAX_AGENT_CONFIG_BYTES);
-    let p00 = d.outcomes.iter().find(|o| o.policy == "p00").unwrap();
-    assert!(p00.problems[0].contains("node big"), "{:?}", p00.problems);
+    for i in 0..20 {
+        let outcome = d
+            .outcomes
+            .iter()
+            .find(|o| o.policy == format!("p{i:02}"))
+            .unwrap();
+        let problem = outcome.problems.join("; ");
+        assert!(problem.contains("node big"), "{problem}");
+        assert!(problem.contains("over the 1048576-byte limit"), "{problem}");
+    }
     // The other node is unaffected.
     let small = &d.node_agent_configs[1];
     assert!(!small.spec.rules.is_empty());
     let narrow = d.outcomes.iter().find(|o| o.policy == "narrow").unwrap();
     assert!(narrow.problems.is_empty());
+}
+
+/// The shape of issue 20's cluster: 1,000 policies, three in four on every node, each naming
+/// 1–5 of 200 namespaces, two endpoints and one of 50 shared service accounts. The node every
+/// policy selects holds them all, within every bound of the CRD, with room to spare (the old
+/// format capped a node at 512 rules).
+#[test]
+fn thousand_policies_fit_every_node() {
+    let endpoints = [
+        Endpoint::Cadvisor,
+        Endpoint::Resource,
+        Endpoint::Pods,
+        Endpoint::Stats,
+    ];
+    let policies: Vec<NodeApiPolicy> = (0..1000usize)
+        .map(|i| {
+            let count = 1 + i % 5;
+            let list: Vec<String> = (0..count)
+                .map(|k| format!("team-{:03}", (i * 7 + k * 13) % 200))
+                .collect();
+            let mut sp = spec(&[endpoints[i % 4], endpoints[(i + 1) % 4]], names(&[]));
+            sp.namespaces.names = Some(list);
+            sp.subjects = vec![Subject {
+                kind: SubjectKind::ServiceAccount,
+                name: format!("prometheus-{:02}", i % 50),
+                namespace: Some(format!("monitoring-{:02}", i % 50)),
+            }];
+            if i % 4 == 3 {
+                sp.node_selector = Some(select(&[("gpu", "true")]));
+            }
+            policy(&format!("team-policy-{i:04}"), sp)
+        })
+        .collect();
+    let nodes = [node("every", &[("gpu", "true")]), node("other", &[])];
+    let d = compile(&policies, &nodes, &[]);
+    assert!(d.outcomes.iter().all(|o| o.problems.is_empty()));
+    let every = &d.node_agent_configs[0];
+    assert_eq!(every.spec.rules.len(), 1000);
+    assert_eq!(d.node_agent_configs[1].spec.rules.len(), 750);
+    assert_eq!(
+        every.spec.subjects.len(),
+        50,
+        "each service account written once"
+    );
+    let size = serde_json::to_vec(every).unwrap().len();
+    assert!(size < MAX_AGENT_CONFIG_BYTES / 4, "{size} bytes");
+    assert!(validation::agent_spec_bound_violations(&every.spec).is_empty());
+    let unpacked = serde_json::to_vec(&every.spec.unpack_all().unwrap())
+        .unwrap()
+        .len();
+    eprintln!("1,000 rules: {size} bytes of JSON ({unpacked} bytes of rules spelled out)");
+}
+
+/// A bound of the schema other than bytes (here `rules[].subjects` at most 48) fails closed
+/// like the byte limit, and the message names the bound as the schema has it.
+#[test]
+fn every_schema_bound_fails_closed_and_names_the_limit() {
+    let mut sp = spec(&[Endpoint::Pods], names(&["a"]));
+    sp.subjects = (0..60).map(|i| group(&format!("g{i}"))).collect();
+    let mut other = spec(&[Endpoint::Pods], names(&["a"]));
+    other.node_selector = Some(select(&[("pool", "x")]));
+    let d = compile(
+        &[policy("wide", sp.clone()), policy("elsewhere", other)],
+        &[node("n", &[]), node("x", &[("pool", "x")])],
+        &[],
+    );
+    let n = &d.node_agent_configs[0];
+    assert!(n.spec.rules.is_empty() && n.spec.subjects.is_empty());
+    let wide = d.outcomes.iter().find(|o| o.policy == "wide").unwrap();
+    let problem = wide.problems.join("; ");
+    assert!(problem.contains("node n"), "{problem}");
+    assert!(
+        problem.contains("spec.rules[0].subjects: Too many: 60 (at most 48)"),
+        "{problem}"
+    );
+    // Node x holds only `elsewhere`... and `wide`, which selects every node: refused there too.
+    assert!(d.node_agent_configs[1].spec.rules.is_empty());
+    let elsewhere = d.outcomes.iter().find(|o| o.policy == "elsewhere").unwrap();
+    assert!(elsewhere.problems.join("; ").contains("node x"));
+    // Within the bound, it compiles.
+    sp.subjects.truncate(48);
+    let d = compile(&[policy("wide", sp)], &[node("n", &[])], &[]);
+    assert_eq!(d.node_agent_configs[0].spec.rules.len(), 1);
+    assert!(d.outcomes[0].problems.is_empty());
+}
+
+/// The CRD's CEL rule is evaluated (kube's client-side validator): an index that names no
+/// entry is refused with the rule's message, as the API server would refuse it.
+#[test]
+fn the_cel_rule_of_the_crd_is_checked() {
+    let d = compile(
+        &[policy("p", spec(&[Endpoint::Pods], names(&["a"])))],
+        &[node("n", &[])],
+        &[],
+    );
+    let mut spec = d.node_agent_configs[0].spec.clone();
+    assert!(validation::agent_spec_bound_violations(&spec).is_empty());
+    spec.rules[0].namespaces = 1;
+    let errors = validation::agent_spec_bound_violations(&spec).join("; ");
+    assert!(
+        errors.contains("every rules[].subjects and rules[].namespaces index must name an entry"),
+        "{errors}"
+    );
 }
 
 // ---- properties ----
@@ -820,9 +931,9 @@ fn without(mut d: Desired, name: &str) -> Desired {
     d.service_accounts
         .retain(|sa| !sa.metadata.owner_references.as_ref().unwrap().is_empty());
     for c in &mut d.node_agent_configs {
-        c.spec.rules.retain(|r| r.policy != name);
-        c.spec.hash = rules_hash(&c.spec.rules);
-        c.spec.policies = policy_list(&c.spec.rules);
+        let mut rules = c.spec.unpack_all().unwrap();
+        rules.retain(|r| r.policy != name);
+        c.spec = agent_spec(&rules);
     }
     d
 }
@@ -915,7 +1026,7 @@ proptest! {
         }
         for config in &d.node_agent_configs {
             let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
-            for rule in &config.spec.rules {
+            for rule in &config.spec.unpack_all().unwrap() {
                 let p = by_name[&rule.policy];
                 prop_assert!(selected(p, node));
                 prop_assert!(rule.endpoints.iter().all(|e| p.spec.access.contains(e)));
@@ -981,7 +1092,7 @@ proptest! {
             for config in &d.node_agent_configs {
                 let node = nodes.iter().find(|n| n.metadata_name() == config.metadata.name.as_deref()).unwrap();
                 prop_assert_eq!(config.spec.rules.iter().any(|r| r.policy == name), selected(p, node) && !refused);
-                if let Some(rule) = config.spec.rules.iter().find(|r| r.policy == name) {
+                if let Some(rule) = config.spec.unpack_all().unwrap().iter().find(|r| r.policy == name) {
                     prop_assert!(p.spec.access.iter().all(|e| rule.endpoints.contains(e)));
                     prop_assert!(p.spec.ports.iter().all(|x| rule.ports.contains(x)));
                     if let Some(allowed) = allowed_namespaces(p, &namespaces) {
@@ -1003,7 +1114,30 @@ proptest! {
             want.sort();
             prop_assert_eq!(&config.spec.policies, &want.join(","));
             prop_assert_eq!(got, want);
-            prop_assert_eq!(&config.spec.hash, &rules_hash(&config.spec.rules));
+            prop_assert_eq!(&config.spec.hash, &spec_hash(&config.spec));
+        }
+    }
+
+    /// Every NodeAgentConfig the compiler emits is one the API server stores (the CRD's
+    /// schema bounds and CEL rule, and the byte limit), whatever the policies; and when the
+    /// API server would have admitted every policy, one the agent enforces.
+    #[test]
+    fn every_emitted_config_validates_against_the_crd((policies, nodes, namespaces) in arb_world()) {
+        let d = compile(&policies, &nodes, &namespaces);
+        let admitted = policies.iter().all(|p| {
+            let mut doc = serde_json::to_value(p).unwrap();
+            doc["apiVersion"] = "nodegate.io/v1alpha1".into();
+            doc["kind"] = "NodeApiPolicy".into();
+            nodegate_crds::validation::validate_policy(&doc).is_ok()
+        });
+        for config in &d.node_agent_configs {
+            prop_assert_eq!(validation::agent_spec_bound_violations(&config.spec), Vec::<String>::new());
+            prop_assert_eq!(validation::agent_config_size_violation(config), None);
+            if admitted {
+                let value = serde_json::to_value(&config.spec).unwrap();
+                let accepted = validation::validate_agent_spec("t", &value);
+                prop_assert!(accepted.is_ok(), "{:?}", accepted);
+            }
         }
     }
 
@@ -1104,6 +1238,7 @@ proptest! {
         let scopes: Vec<Option<&str>> = std::iter::once(None).chain(namespaces.iter().map(|n| Some(n.name.as_str()))).collect();
         for config in &d.node_agent_configs {
             let node = config.metadata.name.as_deref().unwrap();
+            let rules = RuleSet::new(config.spec.clone());
             for subject in &subjects {
                 let (user, groups) = nodegate_crds::decision::review_identity(subject);
                 let who = Requester { name: &user, groups: &groups };
@@ -1111,7 +1246,7 @@ proptest! {
                     for verb in verbs {
                         for namespace in &scopes {
                             let rbac = rbac_allows(&d, (&user, &groups), endpoint, verb, node, *namespace);
-                            let agent = rbac_answer(&config.spec.rules, who, endpoint, verb, *namespace);
+                            let agent = rbac_answer(&rules, who, endpoint, verb, *namespace);
                             prop_assert_eq!(rbac, agent, "{:?} {} {} on {} in {:?}", subject, verb, endpoint, node, namespace);
                         }
                     }

@@ -1,6 +1,8 @@
 //! Validation of the documents an agent enforces without an API server to validate them: a
-//! NodeAgentConfig `spec` (the CRD carries no CEL, so a hand-written object could hold anything)
-//! and NodeApiPolicy documents given to the agent's file source or `render`.
+//! NodeAgentConfig `spec` (the CRD carries only the CEL rule that its indices resolve, so a
+//! hand-written object could hold anything else) and NodeApiPolicy documents given to the
+//! agent's file source or `render`; and the compiler's own check that a NodeAgentConfig it
+//! emits is within every bound of the CRD, read from the generated schema.
 //!
 //! It lives beside the compiler because it checks the compiler's output format: one crate holds
 //! what a NodeAgentConfig may contain, and both the operator and the agent depend on it.
@@ -8,8 +10,10 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
+use nodegate_crds::agent_config::MAX_AGENT_CONFIG_BYTES;
 use nodegate_crds::{
-    AgentRule, Endpoint, NodeAgentConfigSpec, NodeApiPolicy, Port, SubjectKind, rules,
+    Endpoint, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, PackedRule, Port, Subject,
+    SubjectKind, rules,
 };
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -38,6 +42,24 @@ pub fn schema_errors(
     errors: &mut Vec<String>,
 ) {
     if value.is_null() {
+        return;
+    }
+    let kind = match value {
+        Value::Object(_) => "object",
+        Value::Array(_) => "array",
+        Value::String(_) => "string",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::Null => "null",
+    };
+    if let Some(want) = schema.type_.as_deref()
+        && want != kind
+        && !(want == "number" && kind == "integer")
+    {
+        errors.push(format!(
+            "{path}: Invalid value: \"{kind}\": must be of type {want}"
+        ));
         return;
     }
     if let Some(allowed) = &schema.enum_
@@ -99,6 +121,24 @@ pub fn schema_errors(
                 }
             }
         }
+        Value::Number(n) => {
+            // JSON numbers are finite; one that is not a number is out of every range.
+            let v = n.as_f64().unwrap_or(f64::INFINITY);
+            if let Some(max) = schema.maximum
+                && v > max
+            {
+                errors.push(format!(
+                    "{path}: Invalid value: {n}: should be less than or equal to {max}"
+                ));
+            }
+            if let Some(min) = schema.minimum
+                && v < min
+            {
+                errors.push(format!(
+                    "{path}: Invalid value: {n}: should be greater than or equal to {min}"
+                ));
+            }
+        }
         Value::String(s) => {
             let chars = s.chars().count() as i64;
             if let Some(max) = schema.max_length
@@ -146,9 +186,9 @@ fn node_api_policy_schema() -> &'static Option<JSONSchemaProps> {
 }
 
 /// A NodeAgentConfig `spec` as JSON → validated spec, ready to enforce. Refuses what the
-/// schema refuses (unknown fields or endpoints, bounds, duplicates in sets) and what the
-/// policy rules would have refused (the NodeAgentConfig CRD carries no CEL, so a hand-written
-/// object could hold anything).
+/// schema refuses (unknown fields or endpoints, bounds, duplicates in sets), an index that
+/// names no entry of its table, and what the policy rules would have refused (the
+/// NodeAgentConfig CRD carries none of them, so a hand-written object could hold anything).
 pub fn validate_agent_spec(object: &str, spec: &Value) -> Result<NodeAgentConfigSpec, Invalid> {
     let mut errors = Vec::new();
     if let Some(schema) = node_agent_config_schema() {
@@ -163,8 +203,8 @@ pub fn validate_agent_spec(object: &str, spec: &Value) -> Result<NodeAgentConfig
     if !errors.is_empty() {
         return Err(invalid(object, errors));
     }
-    for rule in &mut parsed.rules {
-        rule.namespaces.names.sort();
+    for set in &mut parsed.namespace_sets {
+        set.names.sort();
     }
     Ok(parsed)
 }
@@ -216,7 +256,7 @@ fn is_anonymous_subject(s: &nodegate_crds::Subject) -> bool {
 
 /// The rules shared by policies and compiled agent rules, given their parts.
 struct GrantParts<'a> {
-    subjects: &'a [nodegate_crds::Subject],
+    subjects: &'a [&'a Subject],
     creates_service_accounts: bool,
     endpoints: &'a [Endpoint],
     all_namespaces: bool,
@@ -242,14 +282,14 @@ fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
         {
             errors.push(message(rules::read_only_port_serves_reads_only));
         }
-        if !g.subjects.iter().all(is_anonymous_subject) || g.creates_service_accounts {
+        if !g.subjects.iter().all(|s| is_anonymous_subject(s)) || g.creates_service_accounts {
             errors.push(message(rules::read_only_port_is_anonymous));
         }
     }
-    if g.ports.contains(&Port::Secure) && g.subjects.iter().any(is_anonymous_subject) {
+    if g.ports.contains(&Port::Secure) && g.subjects.iter().any(|s| is_anonymous_subject(s)) {
         errors.push(message(rules::anonymous_only_on_read_only_port));
     }
-    for s in g.subjects {
+    for s in g.subjects.iter().copied() {
         if (s.kind == SubjectKind::ServiceAccount) != s.namespace.is_some() {
             errors.push(message(rules::subject_namespace));
         }
@@ -276,6 +316,19 @@ fn grant_violations(g: &GrantParts<'_>, errors: &mut Vec<String>) {
 /// What makes compiled rules unsafe or ambiguous to enforce.
 pub fn agent_spec_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
     let mut errors = Vec::new();
+    for (i, set) in spec.namespace_sets.iter().enumerate() {
+        let names = &set.names;
+        let at = |what: String| format!("spec.namespaceSets[{i}]: {what}");
+        if names.iter().any(|n| !is_dns_label(n)) {
+            errors.push(at(message(rules::namespace_names_valid)));
+        }
+        if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+            errors.push(at("duplicate namespace".into()));
+        }
+        if set.all && !names.is_empty() {
+            errors.push(at(message(rules::exactly_one_namespace_scope)));
+        }
+    }
     let mut policies = BTreeSet::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = |what: &str| format!("spec.rules[{i}] ({}): {what}", rule.policy);
@@ -283,13 +336,31 @@ pub fn agent_spec_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
             errors.push(at("duplicate policy"));
         }
         let mut rule_errors = Vec::new();
-        check_rule(rule, &mut rule_errors);
+        check_rule(spec, rule, &mut rule_errors);
         errors.extend(rule_errors.iter().map(|e| at(e)));
     }
     errors
 }
 
-fn check_rule(rule: &AgentRule, errors: &mut Vec<String>) {
+fn check_rule(spec: &NodeAgentConfigSpec, rule: &PackedRule, errors: &mut Vec<String>) {
+    let mut subjects = Vec::with_capacity(rule.subjects.len());
+    for &index in &rule.subjects {
+        match spec.subject(index) {
+            Some(subject) => subjects.push(subject),
+            None => errors.push(format!(
+                "subject index {index} names no entry of spec.subjects ({} entries)",
+                spec.subjects.len()
+            )),
+        }
+    }
+    let Some(namespaces) = spec.namespace_set(rule.namespaces) else {
+        errors.push(format!(
+            "namespace index {} names no entry of spec.namespaceSets ({} entries)",
+            rule.namespaces,
+            spec.namespace_sets.len()
+        ));
+        return;
+    };
     if rule.subjects.is_empty() {
         errors.push(message(rules::has_subject));
     }
@@ -313,32 +384,61 @@ fn check_rule(rule: &AgentRule, errors: &mut Vec<String>) {
         errors.push("duplicate port".into());
     }
     if !unique(
-        rule.subjects.iter().collect::<BTreeSet<_>>().len(),
-        rule.subjects.len(),
+        subjects.iter().collect::<BTreeSet<_>>().len(),
+        subjects.len(),
     ) {
         errors.push("duplicate subject".into());
     }
-    let names = &rule.namespaces.names;
-    if names.iter().any(|n| !is_dns_label(n)) {
-        errors.push(message(rules::namespace_names_valid));
-    }
-    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
-        errors.push("duplicate namespace".into());
-    }
-    if rule.namespaces.all && !names.is_empty() {
-        errors.push(message(rules::exactly_one_namespace_scope));
-    }
     grant_violations(
         &GrantParts {
-            subjects: &rule.subjects,
+            subjects: &subjects,
             creates_service_accounts: false,
             endpoints: &rule.endpoints,
-            all_namespaces: rule.namespaces.all,
+            all_namespaces: namespaces.all,
             ports: &rule.ports,
             metrics: rule.metrics.as_ref(),
         },
         errors,
     );
+}
+
+/// Every bound of the NodeAgentConfig CRD a spec exceeds, as the API server would name it:
+/// the structural schema's (`maxItems`, `maxLength`, `maximum`, enums, read from the generated
+/// CRD, so no limit is copied here) and its CEL rule (by kube's client-side evaluator). Empty
+/// when the API server would store the spec.
+pub fn agent_spec_bound_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    let value = match serde_json::to_value(spec) {
+        Ok(value) => value,
+        Err(e) => return vec![format!("spec: {e}")],
+    };
+    let Some(schema) = node_agent_config_schema() else {
+        return vec!["the generated NodeAgentConfig CRD has no spec schema".into()];
+    };
+    schema_errors(schema, &value, "spec", &mut errors);
+    match serde_json::to_value(schema) {
+        Ok(schema) => {
+            if let Err(cel) = kube::core::cel::Validator::new().validate(&schema, &value, None) {
+                errors.extend(cel.into_vec().into_iter().map(|e| {
+                    if e.field_path.is_empty() {
+                        format!("spec: {}", e.message)
+                    } else {
+                        format!("spec.{}: {}", e.field_path, e.message)
+                    }
+                }));
+            }
+        }
+        Err(e) => errors.push(format!("spec schema: {e}")),
+    }
+    errors
+}
+
+/// The byte limit of a whole NodeAgentConfig ([`MAX_AGENT_CONFIG_BYTES`]: etcd's request limit,
+/// less room for metadata, status and managed fields), if `config` exceeds it.
+pub fn agent_config_size_violation(config: &NodeAgentConfig) -> Option<String> {
+    let size = serde_json::to_vec(config).map_or(usize::MAX, |b| b.len());
+    (size > MAX_AGENT_CONFIG_BYTES)
+        .then(|| format!("{size} bytes of JSON, over the {MAX_AGENT_CONFIG_BYTES}-byte limit"))
 }
 
 /// A NodeApiPolicy document (JSON) → the policy, or every schema and rule error: unknown

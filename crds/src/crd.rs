@@ -13,16 +13,24 @@ pub fn node_api_policy() -> CustomResourceDefinition {
     crd
 }
 
-/// The NodeAgentConfig CRD, without CEL rules.
+/// The NodeAgentConfig CRD, with one CEL rule: every index of a rule names an entry of the
+/// spec's tables ([`crate::agent_config::indices_resolve`]).
 ///
-/// Its rules embed the policy types (subjects, metric transforms), whose CEL rules would be
-/// repeated for every rule × subject: about five times the API server's cost budget (measured
-/// against kube-apiserver 1.37, see `nodegate-tests`' `crds` test). Only the operator writes these
-/// objects, from policies the API server already validated, so the rules would guard nothing.
+/// The rules of the policy types it embeds (subjects, metric transforms) are left out: repeated
+/// for every rule they cost about five times the API server's budget (measured against
+/// kube-apiserver 1.37, see `nodegate-tests`' `crds` test), and only the operator writes these
+/// objects, from policies the API server already validated. The agent checks them all again
+/// before it enforces a spec (`nodegate-compiler`'s `validation`).
 pub fn node_agent_config() -> CustomResourceDefinition {
     let mut crd = NodeAgentConfig::crd();
+    let spec_rule = crate::agent_config::indices_resolve().rule;
     for_each_schema(&mut crd, |schema| {
-        schema.x_kubernetes_validations = None;
+        if let Some(rules) = schema.x_kubernetes_validations.as_mut() {
+            rules.retain(|r| r.rule == spec_rule);
+            if rules.is_empty() {
+                schema.x_kubernetes_validations = None;
+            }
+        }
         unwrap_description(schema);
     });
     crd

@@ -14,8 +14,9 @@
 use crate::attributes::{RequestAttributes, request_attributes};
 use crate::catalogue::{Scope, Verb};
 use crate::policy::{MetricsTransform, Port, SubjectKind};
-use crate::{AgentRule, Endpoint, ResolvedNamespaces, Subject};
+use crate::{AgentRule, Endpoint, NodeAgentConfigSpec, ResolvedNamespaces, Subject};
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// Who is asking, as authorization needs it (the authenticator's user, without the method).
 #[derive(Debug, Clone, Copy)]
@@ -117,12 +118,131 @@ pub fn subject_matches(subject: &Subject, who: Requester<'_>) -> bool {
     }
 }
 
+/// A node's rules as decisions read them: the NodeAgentConfig spec, every namespace list
+/// sorted (so [`ResolvedNamespaces::allows`] can search it), and the rules indexed by the
+/// subjects they name, so a request looks only at the rules that name its caller, not at every
+/// rule of the node (a node may hold a thousand).
+///
+/// A rule whose namespace index names nothing grants nothing, and a subject index that names
+/// nothing matches nobody: the agent refuses such a spec before it gets here
+/// (`nodegate-compiler`'s validation), and this keeps a decision fail-closed if one did.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    spec: NodeAgentConfigSpec,
+    /// User names, service accounts as `system:serviceaccount:<namespace>:<name>` → positions
+    /// of the rules that name them, ascending.
+    by_user: HashMap<String, Vec<u32>>,
+    /// Group names → positions of the rules that name them, ascending.
+    by_group: HashMap<String, Vec<u32>>,
+}
+
+impl PartialEq for RuleSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.spec == other.spec
+    }
+}
+
+impl std::ops::Deref for RuleSet {
+    type Target = NodeAgentConfigSpec;
+
+    fn deref(&self) -> &NodeAgentConfigSpec {
+        &self.spec
+    }
+}
+
+impl From<NodeAgentConfigSpec> for RuleSet {
+    fn from(spec: NodeAgentConfigSpec) -> Self {
+        RuleSet::new(spec)
+    }
+}
+
+/// One rule as a decision reads it, its namespace scope looked up.
+struct RuleView<'r> {
+    policy: &'r str,
+    endpoints: &'r [Endpoint],
+    namespaces: &'r ResolvedNamespaces,
+    ports: &'r [Port],
+    metrics: Option<&'r MetricsTransform>,
+}
+
+impl RuleSet {
+    pub fn new(mut spec: NodeAgentConfigSpec) -> Self {
+        for set in &mut spec.namespace_sets {
+            set.names.sort();
+        }
+        let mut by_user: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_group: HashMap<String, Vec<u32>> = HashMap::new();
+        for (position, rule) in spec.rules.iter().enumerate() {
+            let Ok(position) = u32::try_from(position) else {
+                break;
+            };
+            for subject in rule.subjects.iter().filter_map(|&s| spec.subject(s)) {
+                let (map, key) = match (subject.kind, &subject.namespace) {
+                    (SubjectKind::User, _) => (&mut by_user, subject.name.clone()),
+                    (SubjectKind::Group, _) => (&mut by_group, subject.name.clone()),
+                    // The user name of a service account; a namespace with a colon could
+                    // never be split back out of one ([`subject_matches`]), so it names nobody.
+                    (SubjectKind::ServiceAccount, Some(ns)) if !ns.contains(':') => (
+                        &mut by_user,
+                        format!("system:serviceaccount:{ns}:{}", subject.name),
+                    ),
+                    (SubjectKind::ServiceAccount, _) => continue,
+                };
+                let positions = map.entry(key).or_default();
+                if positions.last() != Some(&position) {
+                    positions.push(position);
+                }
+            }
+        }
+        RuleSet {
+            spec,
+            by_user,
+            by_group,
+        }
+    }
+
+    /// A rule set of rules spelled out (tests, tools): packed as the compiler packs them.
+    pub fn from_rules(rules: &[AgentRule]) -> Self {
+        RuleSet::new(NodeAgentConfigSpec::pack(rules))
+    }
+
+    /// The spec, namespace lists sorted.
+    pub fn spec(&self) -> &NodeAgentConfigSpec {
+        &self.spec
+    }
+
+    /// Positions of the rules that name the requester (as a user, a service account or by one
+    /// of its groups), ascending: the order of the rules, which decides which policy is named.
+    fn positions_of(&self, who: Requester<'_>) -> Vec<u32> {
+        let mut positions: Vec<u32> = self.by_user.get(who.name).cloned().unwrap_or_default();
+        for group in who.groups {
+            if let Some(more) = self.by_group.get(group) {
+                positions.extend_from_slice(more);
+            }
+        }
+        positions.sort_unstable();
+        positions.dedup();
+        positions
+    }
+
+    fn view(&self, position: u32) -> Option<RuleView<'_>> {
+        let rule = self.spec.rules.get(usize::try_from(position).ok()?)?;
+        Some(RuleView {
+            policy: &rule.policy,
+            endpoints: &rule.endpoints,
+            namespaces: self.spec.namespace_set(rule.namespaces)?,
+            ports: &rule.ports,
+            metrics: rule.metrics.as_ref(),
+        })
+    }
+}
+
 /// Decides a request against the node's rules.
 pub fn authorize(
     who: Requester<'_>,
     port: Port,
     attrs: &RequestAttributes,
-    rules: &[AgentRule],
+    rules: &RuleSet,
 ) -> Decision {
     let Some(route) = &attrs.route else {
         return Decision::deny("no catalogue endpoint serves this path", vec![]);
@@ -141,23 +261,23 @@ pub fn authorize(
         );
     }
     let applying = applying_rules(who, port, endpoint, verb, rules);
-    let policies: Vec<String> = applying.iter().map(|r| r.policy.clone()).collect();
+    let policies: Vec<String> = applying.iter().map(|r| r.policy.to_string()).collect();
     if applying.is_empty() {
         return Decision::deny(
             format!("no rule grants {verb} on {endpoint} to this subject on this port"),
             policies,
         );
     }
-    let allow = |rule: &AgentRule, reason: String, filter: Option<FilterScope>| Decision {
+    let allow = |rule: &RuleView<'_>, reason: String, filter: Option<FilterScope>| Decision {
         verdict: Verdict::Allow,
-        policy: Some(rule.policy.clone()),
+        policy: Some(rule.policy.to_string()),
         policies: policies.clone(),
         reason,
         filter,
     };
     match endpoint.spec().scope {
         Scope::Unscoped => allow(
-            applying[0],
+            &applying[0],
             format!("{endpoint} holds no namespaced data"),
             None,
         ),
@@ -169,7 +289,7 @@ pub fn authorize(
                 // every applying rule that could grant it: those with `all`.
                 endpoint
                     .serves_prometheus()
-                    .then(|| filter_scope(applying.iter().copied().filter(|r| r.namespaces.all))),
+                    .then(|| filter_scope(applying.iter().filter(|r| r.namespaces.all))),
             ),
             None => Decision::deny(
                 format!("{endpoint} is node-wide and needs a rule with namespaces.all"),
@@ -187,9 +307,9 @@ pub fn authorize(
             }
         }
         Scope::JsonItems { .. } | Scope::MetricsLabel => allow(
-            applying[0],
+            &applying[0],
             format!("{endpoint} is filtered to the applying rules' namespaces"),
-            Some(filter_scope(applying.iter().copied())),
+            Some(filter_scope(applying.iter())),
         ),
     }
 }
@@ -201,26 +321,26 @@ fn applying_rules<'r>(
     port: Port,
     endpoint: Endpoint,
     verb: Verb,
-    rules: &'r [AgentRule],
-) -> Vec<&'r AgentRule> {
+    rules: &'r RuleSet,
+) -> Vec<RuleView<'r>> {
+    if !endpoint.verbs().contains(&verb) {
+        return vec![];
+    }
     rules
-        .iter()
-        .filter(|r| {
-            r.subjects.iter().any(|s| subject_matches(s, who))
-                && r.ports.contains(&port)
-                && r.endpoints.contains(&endpoint)
-                && endpoint.verbs().contains(&verb)
-        })
+        .positions_of(who)
+        .into_iter()
+        .filter_map(|position| rules.view(position))
+        .filter(|r| r.ports.contains(&port) && r.endpoints.contains(&endpoint))
         .collect()
 }
 
 /// The union of the rules' grants (namespaces and metric transforms), without repeats.
-fn filter_scope<'r>(rules: impl Iterator<Item = &'r AgentRule>) -> FilterScope {
+fn filter_scope<'r: 'v, 'v>(rules: impl Iterator<Item = &'v RuleView<'r>>) -> FilterScope {
     let mut grants: Vec<Grant> = Vec::new();
     for rule in rules {
         let grant = Grant {
             namespaces: rule.namespaces.clone(),
-            metrics: rule.metrics.clone(),
+            metrics: rule.metrics.cloned(),
         };
         if !grants.contains(&grant) {
             grants.push(grant);
@@ -238,7 +358,7 @@ pub fn webhook_filter(
     who: Requester<'_>,
     port: Port,
     attrs: &RequestAttributes,
-    rules: &[AgentRule],
+    rules: &RuleSet,
 ) -> Option<FilterScope> {
     let endpoint = attrs.route.as_ref()?.endpoint;
     let verb = attrs.verb?;
@@ -256,7 +376,7 @@ pub fn webhook_filter(
                 all: true,
                 names: vec![],
             },
-            metrics: rule.metrics.clone(),
+            metrics: rule.metrics.cloned(),
         };
         if !grants.contains(&grant) {
             grants.push(grant);
@@ -302,7 +422,7 @@ pub fn review_identity(subject: &Subject) -> (String, Vec<String>) {
 /// and the agent's rules must agree on it everywhere; the compiler's properties and the
 /// SubjectAccessReview grid against a real API server check that they do.
 pub fn rbac_answer(
-    rules: &[AgentRule],
+    rules: &RuleSet,
     who: Requester<'_>,
     endpoint: Endpoint,
     verb: Verb,
@@ -348,6 +468,37 @@ pub fn rbac_answer(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    // The tests below write rules spelled out; these pack them as the compiler does, so every
+    // decision here goes through the index of [`RuleSet`].
+    fn authorize(
+        who: Requester<'_>,
+        port: Port,
+        attrs: &RequestAttributes,
+        rules: &[AgentRule],
+    ) -> Decision {
+        super::authorize(who, port, attrs, &RuleSet::from_rules(rules))
+    }
+
+    fn webhook_filter(
+        who: Requester<'_>,
+        port: Port,
+        attrs: &RequestAttributes,
+        rules: &[AgentRule],
+    ) -> Option<FilterScope> {
+        super::webhook_filter(who, port, attrs, &RuleSet::from_rules(rules))
+    }
+
+    fn rbac_answer(
+        rules: &[AgentRule],
+        who: Requester<'_>,
+        endpoint: Endpoint,
+        verb: Verb,
+        namespace: Option<&str>,
+    ) -> bool {
+        super::rbac_answer(&RuleSet::from_rules(rules), who, endpoint, verb, namespace)
+    }
 
     fn ns(names: &[&str]) -> ResolvedNamespaces {
         ResolvedNamespaces {
@@ -680,5 +831,88 @@ mod tests {
             metrics: None,
         });
         assert!(f.unrestricted());
+    }
+
+    #[test]
+    fn dangling_indices_grant_nothing() {
+        let rules = vec![rule("p", user("alice"), &[Endpoint::Pods], all())];
+        let mut spec = NodeAgentConfigSpec::pack(&rules);
+        let pods = attrs("GET", "/pods");
+        assert!(
+            super::authorize(alice(), Port::Secure, &pods, &RuleSet::new(spec.clone())).allowed()
+        );
+        spec.rules[0].namespaces = 7;
+        let d = super::authorize(alice(), Port::Secure, &pods, &RuleSet::new(spec.clone()));
+        assert!(!d.allowed(), "{d:?}");
+        spec.rules[0].namespaces = 0;
+        spec.rules[0].subjects = vec![9];
+        assert!(!super::authorize(alice(), Port::Secure, &pods, &RuleSet::new(spec)).allowed());
+    }
+
+    #[test]
+    fn unsorted_namespace_lists_are_sorted_for_the_search() {
+        let rules = vec![rule(
+            "p",
+            user("alice"),
+            &[Endpoint::ContainerLogs],
+            ns(&["a"]),
+        )];
+        let mut spec = NodeAgentConfigSpec::pack(&rules);
+        spec.namespace_sets[0].names = vec!["z".into(), "c".into(), "m".into()];
+        let set = RuleSet::new(spec);
+        for n in ["c", "m", "z"] {
+            let path = format!("/containerLogs/{n}/p/c");
+            assert!(
+                super::authorize(alice(), Port::Secure, &attrs("GET", &path), &set).allowed(),
+                "{n}"
+            );
+        }
+    }
+
+    fn subject_strategy() -> impl Strategy<Value = Subject> {
+        let names = prop::sample::select(vec!["a", "b", "a:b", "system:serviceaccount:x:a", "x"]);
+        let namespaces = prop::option::of(prop::sample::select(vec!["x", "y", "x:a", ""]));
+        (0..3u8, names, namespaces).prop_map(|(kind, name, namespace)| Subject {
+            kind: match kind {
+                0 => SubjectKind::User,
+                1 => SubjectKind::Group,
+                _ => SubjectKind::ServiceAccount,
+            },
+            name: name.to_string(),
+            namespace: namespace.map(str::to_string),
+        })
+    }
+
+    proptest! {
+        /// The index finds exactly the rules a scan with [`subject_matches`] finds, in the
+        /// same order, for any subjects (valid or not) and any caller.
+        #[test]
+        fn the_subject_index_finds_what_a_scan_finds(
+            subjects in prop::collection::vec(prop::collection::vec(subject_strategy(), 0..4), 0..6),
+            name in prop::sample::select(vec!["a", "b", "a:b", "x", "system:serviceaccount:x:a",
+                "system:serviceaccount:y:b", "system:serviceaccount:x:a:b", "system:serviceaccount:x"]),
+            groups in prop::collection::vec(prop::sample::select(vec!["a", "b", "x", "a:b"]), 0..3),
+        ) {
+            let rules: Vec<AgentRule> = subjects
+                .iter()
+                .enumerate()
+                .map(|(i, s)| AgentRule {
+                    policy: format!("p{i}"),
+                    subjects: s.clone(),
+                    endpoints: vec![Endpoint::Pods],
+                    namespaces: all(),
+                    ports: vec![Port::Secure],
+                    metrics: None,
+                })
+                .collect();
+            let groups: Vec<String> = groups.into_iter().map(str::to_string).collect();
+            let who = Requester { name, groups: &groups };
+            let scanned: Vec<u32> = (0u32..)
+                .zip(&rules)
+                .filter(|(_, r)| r.subjects.iter().any(|s| subject_matches(s, who)))
+                .map(|(i, _)| i)
+                .collect();
+            prop_assert_eq!(RuleSet::from_rules(&rules).positions_of(who), scanned);
+        }
     }
 }

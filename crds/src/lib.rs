@@ -11,7 +11,9 @@ pub mod rules;
 pub mod selector;
 pub mod validation;
 
-pub use agent_config::{AgentRule, NodeAgentConfig, NodeAgentConfigSpec, ResolvedNamespaces};
+pub use agent_config::{
+    AgentRule, NodeAgentConfig, NodeAgentConfigSpec, PackedRule, ResolvedNamespaces,
+};
 pub use catalogue::{Endpoint, Subresource, Verb};
 pub use policy::{NodeApiPolicy, NodeApiPolicySpec, Port, Subject, SubjectKind};
 

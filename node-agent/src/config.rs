@@ -26,6 +26,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use nodegate_compiler::validation::{Invalid, validate_agent_spec, validate_policy};
 use nodegate_compiler::{self as compiler, NodeInfo};
 use nodegate_crds::agent_config::NodeAgentConfigStatus;
+use nodegate_crds::decision::RuleSet;
 use nodegate_crds::{NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,8 +72,9 @@ impl FromStr for ConfigSourceFlag {
 /// One validated configuration, as enforced.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentConfig {
-    /// The compiled rules (namespace names sorted, so `ResolvedNamespaces::allows` works).
-    pub spec: NodeAgentConfigSpec,
+    /// The compiled rules, indexed by subject for decisions (namespace names sorted, so
+    /// `ResolvedNamespaces::allows` works); derefs to the spec.
+    pub spec: RuleSet,
     /// Increases with every swap (0: nothing loaded yet), for logs and metrics.
     pub generation: u64,
 }
@@ -82,11 +84,7 @@ impl AgentConfig {
     /// denied.
     pub fn deny_all() -> Self {
         AgentConfig {
-            spec: NodeAgentConfigSpec {
-                policies: String::new(),
-                hash: String::new(),
-                rules: Vec::new(),
-            },
+            spec: RuleSet::default(),
             generation: 0,
         }
     }
@@ -163,15 +161,16 @@ impl ConfigStore {
     pub fn publish(&self, spec: NodeAgentConfigSpec) -> u64 {
         self.inner.last_error.store(None);
         if let Some(current) = self.inner.current.load_full()
-            && current.spec == spec
+            && *current.spec == spec
         {
             return current.generation;
         }
         let generation = self.inner.generation.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(generation, hash = %spec.hash, rules = spec.rules.len(), policies = %spec.policies, "configuration in force");
-        self.inner
-            .current
-            .store(Some(Arc::new(AgentConfig { spec, generation })));
+        self.inner.current.store(Some(Arc::new(AgentConfig {
+            spec: RuleSet::new(spec),
+            generation,
+        })));
         self.inner.changed.send_replace(generation);
         generation
     }
@@ -829,8 +828,34 @@ mod tests {
         })
     }
 
+    /// A spec of rules written with their subjects and namespaces spelled out (as the old
+    /// format had them), packed into the tables and indices of the format the agent reads.
+    /// Values that are not a list of subjects or a namespace scope are left in place, for the
+    /// refusals to see.
     fn spec(rules: Vec<Value>) -> Value {
-        json!({"policies": "p", "hash": "h1", "rules": rules})
+        let mut subjects: Vec<Value> = Vec::new();
+        let mut sets: Vec<Value> = Vec::new();
+        let rules: Vec<Value> = rules
+            .into_iter()
+            .map(|mut rule| {
+                if let Some(list) = rule["subjects"].as_array().cloned() {
+                    let indices: Vec<usize> = list
+                        .into_iter()
+                        .map(|s| {
+                            subjects.push(s);
+                            subjects.len() - 1
+                        })
+                        .collect();
+                    rule["subjects"] = json!(indices);
+                }
+                if rule["namespaces"].is_object() {
+                    sets.push(rule["namespaces"].take());
+                    rule["namespaces"] = json!(sets.len() - 1);
+                }
+                rule
+            })
+            .collect();
+        json!({"policies": "p", "hash": "h1", "subjects": subjects, "namespaceSets": sets, "rules": rules})
     }
 
     fn refusal(spec: &Value) -> String {
@@ -852,9 +877,10 @@ mod tests {
     #[test]
     fn valid_spec_is_accepted_with_sorted_namespaces() {
         let parsed = validate_agent_spec("test", &spec(vec![rule("p")])).unwrap();
-        assert_eq!(parsed.rules[0].namespaces.names, ["team-a", "team-b"]);
-        assert!(parsed.rules[0].namespaces.allows("team-b"));
-        assert!(!parsed.rules[0].namespaces.allows("team-c"));
+        let namespaces = parsed.unpack(0).unwrap().namespaces;
+        assert_eq!(namespaces.names, ["team-a", "team-b"]);
+        assert!(namespaces.allows("team-b"));
+        assert!(!namespaces.allows("team-c"));
     }
 
     #[test]
@@ -915,6 +941,40 @@ mod tests {
         let mut bad_label = rule("p");
         bad_label["metrics"] = json!({"addLabels": {"namespace": "x"}});
         assert!(refusal(&spec(vec![bad_label])).contains("metrics.addLabels"));
+
+        let mut dangling_namespaces = spec(vec![rule("p")]);
+        dangling_namespaces["rules"][0]["namespaces"] = json!(1);
+        assert!(
+            refusal(&dangling_namespaces)
+                .contains("namespace index 1 names no entry of spec.namespaceSets (1 entries)")
+        );
+        let mut dangling_subject = spec(vec![rule("p")]);
+        dangling_subject["rules"][0]["subjects"] = json!([0, 3]);
+        assert!(
+            refusal(&dangling_subject)
+                .contains("subject index 3 names no entry of spec.subjects (1 entries)")
+        );
+    }
+
+    /// A spec in the format before subjects and namespace scopes were shared (an operator of
+    /// the previous version, during an upgrade) is refused, not misread: its rules' subjects
+    /// and namespaces are not indices.
+    #[test]
+    fn the_previous_format_is_refused() {
+        let old = json!({"policies": "p", "hash": "h1", "rules": [rule("p")]});
+        let err = refusal(&old);
+        assert!(
+            err.contains(
+                "spec.rules[0].namespaces: Invalid value: \"object\": must be of type integer"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "spec.rules[0].subjects[0]: Invalid value: \"object\": must be of type integer"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -935,7 +995,7 @@ mod tests {
 
         store.reject("bad update".into());
         assert_eq!(
-            store.current().spec,
+            *store.current().spec,
             v1,
             "an invalid version keeps the old one"
         );
@@ -1015,7 +1075,7 @@ mod tests {
             !policies(&plain).contains(&"team-a-gpu-metrics".to_string()),
             "the node selector applies to this node's labels"
         );
-        assert_eq!(gpu.hash, compiler::rules_hash(&gpu.rules));
+        assert_eq!(gpu.hash, compiler::spec_hash(&gpu));
     }
 
     #[test]
@@ -1049,7 +1109,7 @@ mod tests {
 
     fn agent_config_yaml(name: &str, hash: &str) -> String {
         format!(
-            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  hash: {hash}\n  rules:\n  - policy: p\n    subjects: [{{kind: Group, name: team-a}}]\n    endpoints: [pods]\n    namespaces: {{names: [team-a]}}\n    ports: [Secure]\n"
+            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  hash: {hash}\n  subjects: [{{kind: Group, name: team-a}}]\n  namespaceSets: [{{names: [team-a]}}]\n  rules:\n  - policy: p\n    subjects: [0]\n    endpoints: [pods]\n    namespaces: 0\n    ports: [Secure]\n"
         )
     }
 
@@ -1168,7 +1228,7 @@ mod tests {
         replace(&agent_config_yaml("node-a", "h1"));
         assert!(wait_for("h1").await);
         replace(
-            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nspec: {hash: h2, rules: [{policy: p, subjects: [], endpoints: [shell], namespaces: {}, ports: []}]}\n",
+            "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nspec: {hash: h2, rules: [{policy: p, subjects: [], endpoints: [shell], namespaces: 0, ports: []}]}\n",
         );
         for _ in 0..300 {
             if store.last_error().is_some() {
@@ -1265,7 +1325,7 @@ mod tests {
                 r["subjects"] = json!([{"kind": "User", "name": "system:anonymous"}]);
             }
             if let Ok(spec) = validate_agent_spec("t", &spec(vec![r])) {
-                let rule = &spec.rules[0];
+                let rule = &spec.unpack(0).unwrap();
                 proptest::prop_assert!(rule.namespaces.names.windows(2).all(|w| w[0] < w[1]));
                 proptest::prop_assert!(rule.namespaces.names.iter().all(|n| is_dns_label(n)));
                 proptest::prop_assert_eq!(rule.ports.contains(&Port::ReadOnly), anonymous);

@@ -57,7 +57,7 @@ pub fn explain(spec: &NodeAgentConfigSpec, question: &Question) -> Value {
         },
         question.port,
         &attrs,
-        &spec.rules,
+        &authz::RuleSet::new(spec.clone()),
     );
     let route = attrs.route.as_ref();
     let filtered_to = decision.filter.as_ref().map(|f| {
@@ -106,25 +106,21 @@ mod tests {
     use nodegate_crds::{AgentRule, Endpoint, ResolvedNamespaces, Subject};
 
     fn spec() -> NodeAgentConfigSpec {
-        NodeAgentConfigSpec {
-            policies: "team-a".into(),
-            hash: "h".into(),
-            rules: vec![AgentRule {
-                policy: "team-a".into(),
-                subjects: vec![Subject {
-                    kind: SubjectKind::Group,
-                    name: "team-a".into(),
-                    namespace: None,
-                }],
-                endpoints: vec![Endpoint::Pods, Endpoint::ContainerLogs],
-                namespaces: ResolvedNamespaces {
-                    all: false,
-                    names: vec!["a".into()],
-                },
-                ports: vec![Port::Secure],
-                metrics: None,
+        NodeAgentConfigSpec::pack(&[AgentRule {
+            policy: "team-a".into(),
+            subjects: vec![Subject {
+                kind: SubjectKind::Group,
+                name: "team-a".into(),
+                namespace: None,
             }],
-        }
+            endpoints: vec![Endpoint::Pods, Endpoint::ContainerLogs],
+            namespaces: ResolvedNamespaces {
+                all: false,
+                names: vec!["a".into()],
+            },
+            ports: vec![Port::Secure],
+            metrics: None,
+        }])
     }
 
     fn question(target: &str) -> Question {

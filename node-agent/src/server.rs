@@ -1067,7 +1067,7 @@ async fn decide(
         name: &user.name,
         groups: &user.groups,
     };
-    let policy = authz::authorize(who, port, attrs, &config.spec.rules);
+    let policy = authz::authorize(who, port, attrs, &config.spec);
     let mode = state.settings.authorization_mode;
     if mode == AuthorizationMode::Policy || port == Port::ReadOnly {
         // The read-only port is anonymous: RBAC has nothing to say about it.
@@ -1113,7 +1113,7 @@ async fn decide(
         // RBAC at cluster scope means every namespace: unfiltered but for the metric
         // transforms of the node's rules that grant this caller the request.
         filter: if allowed {
-            authz::webhook_filter(who, port, attrs, &config.spec.rules)
+            authz::webhook_filter(who, port, attrs, &config.spec)
         } else {
             None
         },

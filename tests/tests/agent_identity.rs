@@ -587,11 +587,13 @@ fn agent_config(name: &str, hash: &str, namespaces: &[&str]) -> Value {
         "spec": {
             "policies": "team-a",
             "hash": hash,
+            "subjects": [{"kind": "Group", "name": "team-a"}],
+            "namespaceSets": [{"names": namespaces}],
             "rules": [{
                 "policy": "team-a",
-                "subjects": [{"kind": "Group", "name": "team-a"}],
+                "subjects": [0],
                 "endpoints": ["pods", "cadvisor"],
-                "namespaces": {"names": namespaces},
+                "namespaces": 0,
                 "ports": ["Secure"],
             }],
         },
@@ -679,7 +681,7 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
     })
     .await;
     assert_eq!(
-        store.current().spec.rules[0].namespaces.names,
+        store.current().spec.unpack(0).unwrap().namespaces.names,
         ["team-a", "team-b"]
     );
     let obj = wait_status(&api, &node, "in sync with h1", |s| {
@@ -711,13 +713,7 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
     assert_eq!(api.get(&node).await?.metadata.resource_version, rv);
 
     // An invalid update (the CRD has no CEL: a bad namespace name is admitted).
-    let bad = json!({"spec": {"hash": "h2", "rules": [{
-        "policy": "team-a",
-        "subjects": [{"kind": "Group", "name": "team-a"}],
-        "endpoints": ["pods"],
-        "namespaces": {"names": ["Not_A_Namespace"]},
-        "ports": ["Secure"],
-    }]}});
+    let bad = json!({"spec": {"hash": "h2", "namespaceSets": [{"names": ["Not_A_Namespace"]}]}});
     api.patch(&node, &PatchParams::default(), &Patch::Merge(&bad))
         .await?;
     let obj = wait_status(&api, &node, "InvalidConfig", |s| {

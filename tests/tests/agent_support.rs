@@ -189,15 +189,9 @@ pub fn rule(
 }
 
 pub fn spec_of(rules: Vec<AgentRule>) -> NodeAgentConfigSpec {
-    NodeAgentConfigSpec {
-        policies: rules
-            .iter()
-            .map(|r| r.policy.clone())
-            .collect::<Vec<_>>()
-            .join(","),
-        hash: "test".into(),
-        rules,
-    }
+    let mut spec = NodeAgentConfigSpec::pack(&rules);
+    spec.hash = "test".into();
+    spec
 }
 
 /// An agent in-process, in front of `upstream`.

@@ -180,13 +180,13 @@ async fn node_agent_config_columns_list_policies() -> TestResult {
     let name = unique_name("e2e-nac");
     let rule = |policy: &str| {
         format!(
-            "{{policy: {policy}, subjects: [{{kind: Group, name: g}}], endpoints: [pods], \
-             namespaces: {{names: [a]}}, ports: [Secure]}}"
+            "{{policy: {policy}, subjects: [0], endpoints: [pods], namespaces: 0, ports: [Secure]}}"
         )
     };
     let manifest = format!(
         "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  \
-         hash: abc\n  policies: alpha,beta\n  rules: [{}, {}]\n",
+         hash: abc\n  policies: alpha,beta\n  subjects: [{{kind: Group, name: g}}]\n  \
+         namespaceSets: [{{names: [a]}}]\n  rules: [{}, {}]\n",
         rule("alpha"),
         rule("beta")
     );
@@ -231,4 +231,115 @@ async fn kubectl_explain_teaches_the_api() -> TestResult {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     panic!("kubectl explain never worked: {last}");
+}
+
+/// The NodeAgentConfig CRD as generated, installed under a group of its own so no other test's
+/// objects are touched: the API server accepts its schema and the estimated cost of its CEL rule
+/// with the list bounds derived from the byte limit, stores the config of a node that 1,000
+/// policies select (the old schema held 512 rules), and refuses a rule whose index names no
+/// entry, with the rule's message.
+#[tokio::test]
+async fn node_agent_config_crd_installs_and_refuses_dangling_indices() -> TestResult {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
+    use nodegate_crds::{AgentRule, Endpoint, Port, ResolvedNamespaces, Subject, SubjectKind};
+
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let client = cluster.admin()?;
+    let group = format!("{}.nodegate-test.io", unique_name("nac"));
+    let mut crd = nodegate_crds::crd::node_agent_config();
+    crd.metadata.name = Some(format!("nodeagentconfigs.{group}"));
+    crd.spec.group = group.clone();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd).await?;
+    let result = async {
+        for _ in 0..100 {
+            let established = crds
+                .get(crd.metadata.name.as_deref().unwrap())
+                .await?
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let resource = ApiResource {
+            group: group.clone(),
+            version: "v1alpha1".into(),
+            api_version: format!("{group}/v1alpha1"),
+            kind: "NodeAgentConfig".into(),
+            plural: "nodeagentconfigs".into(),
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        // Issue 20's cluster on one node: 1,000 policies, each one of 50 service accounts,
+        // 1–5 of 200 namespaces and two endpoints.
+        let endpoints = [
+            Endpoint::Cadvisor,
+            Endpoint::Resource,
+            Endpoint::Pods,
+            Endpoint::Stats,
+        ];
+        let rules: Vec<AgentRule> = (0..1000usize)
+            .map(|i| AgentRule {
+                policy: format!("team-policy-{i:04}"),
+                subjects: vec![Subject {
+                    kind: SubjectKind::ServiceAccount,
+                    name: format!("prometheus-{:02}", i % 50),
+                    namespace: Some(format!("monitoring-{:02}", i % 50)),
+                }],
+                endpoints: vec![endpoints[i % 4], endpoints[(i + 1) % 4]],
+                namespaces: ResolvedNamespaces {
+                    all: false,
+                    names: (0..1 + i % 5)
+                        .map(|k| format!("team-{:03}", (i * 7 + k * 13) % 200))
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                },
+                ports: vec![Port::Secure],
+                metrics: None,
+            })
+            .collect();
+        let spec = serde_json::to_value(nodegate_compiler::agent_spec(&rules))?;
+        let object = |name: &str, spec: &serde_json::Value| -> DynamicObject {
+            let mut o = DynamicObject::new(name, &resource);
+            o.data = serde_json::json!({ "spec": spec });
+            o
+        };
+        let stored = api
+            .create(&PostParams::default(), &object("thousand", &spec))
+            .await?;
+        assert_eq!(
+            stored.data["spec"]["rules"].as_array().map(Vec::len),
+            Some(1000)
+        );
+        let mut dangling = spec.clone();
+        dangling["rules"][999]["namespaces"] = serde_json::json!(100_000);
+        let refused = api
+            .create(&PostParams::default(), &object("dangling", &dangling))
+            .await
+            .expect_err("a rule whose namespace index names nothing was admitted");
+        let message = refused.to_string();
+        assert!(
+            message
+                .contains("every rules[].subjects and rules[].namespaces index must name an entry"),
+            "{message}"
+        );
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    let _ = crds
+        .delete(
+            crd.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await;
+    result
 }

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use nodegate_compiler::{self as compiler, NamespaceInfo, NodeInfo};
 use nodegate_crds::catalogue::AGENT_API_GROUP;
-use nodegate_crds::decision::{Requester, rbac_answer};
+use nodegate_crds::decision::{Requester, RuleSet, rbac_answer};
 use nodegate_crds::selector::LabelSelector;
 use nodegate_crds::{Endpoint, NodeApiPolicy, Subject, SubjectKind, Verb};
 use nodegate_operator::render;
@@ -257,6 +257,7 @@ async fn rbac_on_nodegates_resource_answers_like_the_agent_configs() -> TestResu
     let mut cases = Vec::new();
     for config in &configs {
         let node = config.metadata.name.clone().unwrap_or_default();
+        let rules = RuleSet::new(config.spec.clone());
         for subject in &subjects {
             for endpoint in Endpoint::all() {
                 for verb in [Verb::Get, Verb::Create] {
@@ -267,13 +268,7 @@ async fn rbac_on_nodegates_resource_answers_like_the_agent_configs() -> TestResu
                             name: &user,
                             groups: &groups,
                         };
-                        let want = rbac_answer(
-                            &config.spec.rules,
-                            who,
-                            endpoint,
-                            verb,
-                            namespace.as_deref(),
-                        );
+                        let want = rbac_answer(&rules, who, endpoint, verb, namespace.as_deref());
                         cases.push((
                             review(subject, endpoint, verb, &node, namespace.as_deref()),
                             want,

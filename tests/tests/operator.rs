@@ -310,8 +310,7 @@ async fn namespace_created_later_is_resolved() -> TestResult {
         .await?;
     let scoped = |c: &NodeAgentConfig, ns: &str| {
         c.spec
-            .rules
-            .first()
+            .unpack(0)
             .is_some_and(|r| r.namespaces.names.iter().any(|n| n == ns))
     };
     eventually("namespace in the rule", Duration::from_secs(10), || async {

@@ -262,11 +262,7 @@ mod tests {
                     name: Some(node.into()),
                     ..Default::default()
                 },
-                spec: nodegate_crds::agent_config::NodeAgentConfigSpec {
-                    policies: String::new(),
-                    hash: String::new(),
-                    rules: Vec::new(),
-                },
+                spec: nodegate_crds::agent_config::NodeAgentConfigSpec::default(),
                 status: None,
             });
         }
