@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher::Event;
-use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeApiPolicy};
+use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -193,11 +193,14 @@ impl Watched for NodeAgentConfig {
     fn slim(&mut self) {
         own_managed_fields(&mut self.metadata);
         let spec = &mut self.spec;
-        if crate::compiler::rules_hash(&spec.rules) != spec.hash {
+        if crate::compiler::spec_hash(spec) != spec.hash {
             spec.hash = format!("{} (rules edited)", spec.hash);
         }
-        spec.rules = Vec::new();
-        spec.policies = String::new();
+        // Everything but the hash (and whatever the format adds later: it is not kept).
+        *spec = NodeAgentConfigSpec {
+            hash: std::mem::take(&mut spec.hash),
+            ..NodeAgentConfigSpec::default()
+        };
     }
 
     /// Identity, labels, owners, the rules' hash, and whether its agent enforces that hash;
@@ -290,13 +293,15 @@ mod tests {
             "endpoints": ["pods"], "namespaces": {"names": ["a"]}, "ports": ["Secure"]}))
             .unwrap(),
         ];
-        let real = crate::compiler::rules_hash(&rules);
+        let spec = crate::compiler::agent_spec(&rules);
+        let real = spec.hash.clone();
         let mut c: NodeAgentConfig = serde_json::from_value(json!({
             "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
             "metadata": {"name": "n1", "uid": "u1", "resourceVersion": expiry,
                          "labels": {"app.kubernetes.io/managed-by": "nodegate"}},
             "spec": {"policies": "p", "hash": if hash == "real" { real.clone() } else { hash.into() },
-                     "rules": rules},
+                     "subjects": spec.subjects, "namespaceSets": spec.namespace_sets,
+                     "rules": spec.rules},
             "status": {"observedHash": observed.map(|o| if o == "real" { real.clone() } else { o.into() }),
                        "servingCertExpiry": format!("2027-01-01T00:00:{expiry:0>2}Z")},
         }))
@@ -309,6 +314,7 @@ mod tests {
     fn a_config_is_cached_without_rules_and_its_agent_matters_only_when_sync_changes() {
         let c = config("real", None, "1");
         assert!(c.spec.rules.is_empty() && c.spec.policies.is_empty());
+        assert!(c.spec.subjects.is_empty() && c.spec.namespace_sets.is_empty());
         assert_eq!(c.spec.hash.len(), 64, "the hash of its rules stays");
         let mut gate = Gate::default();
         assert!(gate.admit(&Event::Apply(c)));
