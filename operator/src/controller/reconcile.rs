@@ -154,8 +154,11 @@ struct Snapshot {
     policies: Vec<NodeApiPolicy>,
     nodes: usize,
     namespaces: usize,
-    /// The compiler's output, shared with [`Compiled`].
+    /// The compiler's output, shared with [`Compiled`]; its NodeAgentConfigs hold only their
+    /// hash.
     desired: Arc<compiler::Desired>,
+    /// Their specs, by hash.
+    rule_sets: Arc<objects::RuleSets>,
     /// Whether this round compiled (false: its inputs were those of the last compile).
     compiled: bool,
     /// Every owned object in the caches, as JSON.
@@ -211,6 +214,8 @@ struct Results {
 struct Compiled {
     inputs: u64,
     desired: Arc<compiler::Desired>,
+    /// The NodeAgentConfigs' specs, one per distinct selection of nodes.
+    rule_sets: Arc<objects::RuleSets>,
 }
 
 /// The namespaces `compile` can tell apart for `policies`: every namespace when a policy
@@ -426,7 +431,9 @@ impl Reconciler {
             self.settings.instance.as_deref(),
         );
         let (desired, compiled) = match &self.compiled {
-            Some(last) if last.inputs == inputs => (last.desired.clone(), false),
+            Some(last) if last.inputs == inputs => {
+                ((last.desired.clone(), last.rule_sets.clone()), false)
+            }
             _ => {
                 // The last result goes first: two at once would double the peak.
                 self.compiled = None;
@@ -434,15 +441,18 @@ impl Reconciler {
                 if let Some(instance) = &self.settings.instance {
                     objects::label_all(&mut desired, INSTANCE_LABEL, instance);
                 }
+                let rule_sets = Arc::new(objects::share_rule_sets(&mut desired));
                 self.metrics.compiled();
                 let desired = Arc::new(desired);
                 self.compiled = Some(Compiled {
                     inputs,
                     desired: desired.clone(),
+                    rule_sets: rule_sets.clone(),
                 });
-                (desired, true)
+                ((desired, rule_sets), true)
             }
         };
+        let (desired, rule_sets) = desired;
         let existing = self.stores.existing(&mut self.json);
         for kind in Kind::ALL {
             let n = existing.keys().filter(|k| k.kind == kind).count();
@@ -453,6 +463,7 @@ impl Reconciler {
             nodes: nodes.len(),
             namespaces: namespace_count,
             desired,
+            rule_sets,
             compiled,
             existing,
         }
@@ -577,7 +588,9 @@ impl Reconciler {
                 .by_ref()
                 .take(concurrency)
                 .filter_map(|mut output| {
-                    output.body = objects::config_body(configs.get(output.key.name.as_str())?)?;
+                    let config = configs.get(output.key.name.as_str())?;
+                    let spec = snapshot.rule_sets.get(&config.spec.hash)?;
+                    output.body = objects::config_body(config, spec)?;
                     Some(output)
                 })
                 .collect();
