@@ -54,19 +54,28 @@ struct Shape {
 }
 
 impl Shape {
-    /// `NODEGATE_SCALE=full`: the scale; anything else: the reduced one.
+    /// `NODEGATE_SCALE=full`: the scale; `PxNxS` (e.g. `500x250x100`): that many
+    /// policies, nodes and namespaces; unset: the reduced shape.
     fn from_env() -> Self {
-        match std::env::var("NODEGATE_SCALE").as_deref() {
-            Ok("full") => Shape {
+        let value = std::env::var("NODEGATE_SCALE").unwrap_or_default();
+        let sizes: Vec<usize> = value.split('x').filter_map(|v| v.parse().ok()).collect();
+        match (value.as_str(), &sizes[..]) {
+            ("full", _) => Shape {
                 policies: 1000,
                 nodes: 500,
                 namespaces: 200,
             },
-            _ => Shape {
+            (_, &[policies, nodes, namespaces]) => Shape {
+                policies,
+                nodes,
+                namespaces,
+            },
+            ("", _) => Shape {
                 policies: 200,
                 nodes: 100,
                 namespaces: 40,
             },
+            _ => panic!("NODEGATE_SCALE={value}: full, PxNxS or unset"),
         }
     }
 

@@ -11,8 +11,11 @@ use std::process::Command;
 pub struct Args {
     /// The reduced shape (200 policies × 100 nodes × 40 namespaces), as `cargo xtask test`
     /// runs it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shape")]
     pub reduced: bool,
+    /// Another size, as policies x nodes x namespaces (e.g. `500x250x100`).
+    #[arg(long)]
+    pub shape: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -22,8 +25,10 @@ pub fn run(args: Args) -> Result<()> {
     env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
     let images = crate::image::build_and_import()?;
     env.extend(images.env());
-    if !args.reduced {
-        env.push(("NODEGATE_SCALE".into(), "full".into()));
+    match (args.reduced, args.shape) {
+        (true, _) => {}
+        (false, Some(shape)) => env.push(("NODEGATE_SCALE".into(), shape)),
+        (false, None) => env.push(("NODEGATE_SCALE".into(), "full".into())),
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let test = [
