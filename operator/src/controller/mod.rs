@@ -1,6 +1,7 @@
-//! The controller: watches policies, nodes, namespaces and nodegate's own outputs, and after any
-//! change runs one global reconcile (debounced) that compiles everything, compares the result
-//! with the watch caches and writes only the differences.
+//! The controller: watches policies, nodes, namespaces and nodegate's own outputs, and after a
+//! change that a round reads (not a heartbeat, see `watch.rs`) runs one global reconcile, after
+//! a quiet window, that compiles everything (unless its inputs are those of the last compile),
+//! compares the result with the watch caches and writes only the differences.
 //!
 //! One global loop rather than one reconcile per policy because `compile` is global: a node
 //! label or a namespace touches many policies at once, and one NodeAgentConfig holds the rules
