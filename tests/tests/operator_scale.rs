@@ -463,7 +463,7 @@ async fn installed_operator_at_scale() -> TestResult {
         format!("operator.instance={release}"),
         format!("operator.policySelector={selector}"),
         format!("operator.nodeLabelSelector={selector}"),
-        "agent.nodeSelector.nodegate\\.io/no-such-node=true".to_string(),
+        "agent.nodeSelector.nodegate\\.io/no-such-node=none".to_string(),
     ];
     let mut install = Command::new(&helm);
     install
