@@ -113,6 +113,11 @@ struct RunArgs {
     #[arg(long, env = "NODEGATE_DEBOUNCE_MS", default_value_t = 200)]
     debounce_ms: u64,
 
+    /// Milliseconds after the first of a stream of changes that never goes quiet before a
+    /// round starts anyway.
+    #[arg(long, env = "NODEGATE_DEBOUNCE_MAX_MS", default_value_t = 2000)]
+    debounce_max_ms: u64,
+
     /// Seconds between rounds when nothing changes (a round with nothing to do sends no
     /// request).
     #[arg(long, env = "NODEGATE_RESYNC_SECONDS", default_value_t = 600)]
@@ -233,6 +238,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_selector: args.node_selector.clone(),
         instance: args.instance.clone(),
         debounce: Duration::from_millis(args.debounce_ms),
+        debounce_max: Duration::from_millis(args.debounce_max_ms),
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         concurrency: args.concurrency.max(1),
         backoff_base: Duration::from_millis(args.backoff_base_ms.max(1)),

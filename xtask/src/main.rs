@@ -8,6 +8,7 @@ mod helm;
 mod image;
 mod metrics_server;
 mod prometheus;
+mod scale;
 mod test;
 
 use anyhow::Result;
@@ -43,6 +44,10 @@ enum Command {
     /// Measure the agent side by side with kubelet-sim, a Go reverse proxy and the local
     /// cluster's kubelet with hey (not run in CI; see docs/BENCHMARKS.md).
     Bench(bench::Args),
+    /// The operator's scale test at full size (1,000 policies × 500 heartbeating nodes × 200
+    /// namespaces) against the installed chart, its image and its limits (see
+    /// docs/BENCHMARKS.md); `--reduced` for the size `cargo xtask test` runs.
+    Scale(scale::Args),
     /// Build the operator and agent images (binary + its shared libraries only) and import them
     /// into the local cluster's containerd.
     Image(image::Args),
@@ -65,6 +70,7 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Scale(args) => scale::run(args),
         Command::Image(args) => image::run(args),
         Command::Helm(args) => helm::run(args),
         Command::Prometheus(args) => prometheus::run(args),

@@ -51,6 +51,10 @@ struct Inner {
     foreign: IntGauge,
     leader: IntGauge,
     watch_errors: IntCounter,
+    events_ignored: IntCounterVec,
+    events_admitted: IntCounterVec,
+    compiles: IntCounter,
+    memory: IntGaugeVec,
     ready: AtomicBool,
     /// Since when the reconcile loop has been busy (in a round, or waiting for its caches
     /// after winning the lease) and how long it may be; None while it waits idle or stands by.
@@ -125,6 +129,39 @@ impl Metrics {
             "watch_errors_total",
             "Watch errors (the watch resumes with backoff).",
         ))?;
+        let events_ignored = IntCounterVec::new(
+            opts(
+                "watch_events_ignored_total",
+                "Watch events that started no round because they change nothing a round reads \
+                 (node heartbeats, agents' status writes that leave their sync state, the \
+                 operator's own status patches), by kind.",
+            ),
+            &["kind"],
+        )?;
+        let events_admitted = IntCounterVec::new(
+            opts(
+                "watch_events_total",
+                "Watch events that start a round (after the quiet window), by kind.",
+            ),
+            &["kind"],
+        )?;
+        let compiles = IntCounter::with_opts(opts(
+            "compiles_total",
+            "Compilations of every policy: only rounds whose inputs (policies, node and \
+             namespace labels) changed compile; the others reuse the last result.",
+        ))?;
+        let memory = IntGaugeVec::new(
+            opts(
+                "memory_bytes",
+                "The operator's memory by `state`: current, peak (since the container \
+                 started) and limit, from its cgroup (else VmRSS/VmHWM, no limit).",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(events_ignored.clone()))?;
+        registry.register(Box::new(events_admitted.clone()))?;
+        registry.register(Box::new(compiles.clone()))?;
+        registry.register(Box::new(memory.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -154,6 +191,10 @@ impl Metrics {
                 foreign,
                 leader,
                 watch_errors,
+                events_ignored,
+                events_admitted,
+                compiles,
+                memory,
                 ready: AtomicBool::new(false),
                 busy: Mutex::new(None),
             }),
@@ -212,6 +253,49 @@ impl Metrics {
 
     pub(crate) fn watch_error(&self) {
         self.inner.watch_errors.inc();
+    }
+
+    pub(crate) fn event_ignored(&self, kind: &str) {
+        self.inner.events_ignored.with_label_values(&[kind]).inc();
+    }
+
+    pub(crate) fn event_admitted(&self, kind: &str) {
+        self.inner.events_admitted.with_label_values(&[kind]).inc();
+    }
+
+    /// Watch events of `kind` that started a round so far.
+    pub fn events_admitted(&self, kind: &str) -> u64 {
+        self.inner.events_admitted.with_label_values(&[kind]).get()
+    }
+
+    pub(crate) fn compiled(&self) {
+        self.inner.compiles.inc();
+    }
+
+    pub(crate) fn memory(&self, reading: &super::memory::Reading) {
+        let set = |state: &str, v: u64| {
+            self.inner
+                .memory
+                .with_label_values(&[state])
+                .set(i64::try_from(v).unwrap_or(i64::MAX))
+        };
+        set("current", reading.current);
+        if let Some(peak) = reading.peak {
+            set("peak", peak);
+        }
+        if let Some(limit) = reading.limit {
+            set("limit", limit);
+        }
+    }
+
+    /// Compilations so far.
+    pub fn compiles(&self) -> u64 {
+        self.inner.compiles.get()
+    }
+
+    /// Watch events that started no round, all kinds.
+    pub fn events_ignored(&self) -> u64 {
+        sum(&self.inner.events_ignored)
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {

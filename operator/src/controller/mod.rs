@@ -1,6 +1,7 @@
-//! The controller: watches policies, nodes, namespaces and nodegate's own outputs, and after any
-//! change runs one global reconcile (debounced) that compiles everything, compares the result
-//! with the watch caches and writes only the differences.
+//! The controller: watches policies, nodes, namespaces and nodegate's own outputs, and after a
+//! change that a round reads (not a heartbeat, see `watch.rs`) runs one global reconcile, after
+//! a quiet window, that compiles everything (unless its inputs are those of the last compile),
+//! compares the result with the watch caches and writes only the differences.
 //!
 //! One global loop rather than one reconcile per policy because `compile` is global: a node
 //! label or a namespace touches many policies at once, and one NodeAgentConfig holds the rules
@@ -10,12 +11,14 @@
 pub mod diff;
 pub mod fence;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod objects;
 pub mod ownership;
 mod reconcile;
 pub mod server;
 pub mod status;
+mod watch;
 
 pub use fence::{Fence, Fenced};
 pub use leader::LeaderSettings;
@@ -31,12 +34,11 @@ use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
-use serde::de::DeserializeOwned;
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use watch::Watched;
 
 /// How the controller runs. Every field has a command-line flag in the binary.
 #[derive(Clone, Debug)]
@@ -50,6 +52,9 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Quiet time after a watch event before a round starts, so bursts make one round.
     pub debounce: Duration,
+    /// The longest a round waits for quiet: events that keep coming (a big rollout) still
+    /// get a round this long after the first of them.
+    pub debounce_max: Duration,
     /// Rounds run at least this often, events or not.
     pub resync: Duration,
     /// Write requests in flight at once.
@@ -74,6 +79,7 @@ impl Default for Settings {
             node_selector: None,
             instance: None,
             debounce: Duration::from_millis(200),
+            debounce_max: Duration::from_secs(2),
             resync: Duration::from_secs(600),
             concurrency: 16,
             backoff_base: Duration::from_millis(500),
@@ -104,6 +110,24 @@ pub enum Error {
 /// Runs the controller until `shutdown` is cancelled: with leader election when `leader` is
 /// set (standing by while another replica leads), otherwise straight away.
 pub async fn run(
+    client: Client,
+    settings: Settings,
+    leader: Option<LeaderSettings>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    // Every replica watches its own memory against its limit, leading or not.
+    let memory = tokio::spawn(memory::watch(
+        metrics.clone(),
+        Duration::from_secs(5),
+        shutdown.child_token(),
+    ));
+    let result = run_replica(client, settings, leader, metrics, shutdown).await;
+    memory.abort();
+    result
+}
+
+async fn run_replica(
     client: Client,
     settings: Settings,
     leader: Option<LeaderSettings>,
@@ -276,6 +300,7 @@ async fn reconcile_loop(
 ) {
     let resync = reconciler.settings().resync;
     let debounce = reconciler.settings().debounce;
+    let debounce_max = reconciler.settings().debounce_max;
     let mut next_resync = Instant::now();
     let mut next_retry: Option<Instant> = None;
     loop {
@@ -284,12 +309,9 @@ async fn reconcile_loop(
         let cause = tokio::select! {
             _ = stop.cancelled() => return,
             _ = trigger.notified() => {
-                // Let a burst of events settle, then take the events that came meanwhile.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(debounce) => {}
+                if !settle(trigger, stop, debounce, debounce_max).await {
+                    return;
                 }
-                let _ = trigger.notified().now_or_never();
                 RoundCause::Event
             }
             _ = tokio::time::sleep_until(next_resync) => RoundCause::Resync,
@@ -310,25 +332,61 @@ async fn reconcile_loop(
     }
 }
 
-fn spawn_reflector<K>(
+/// After a first event: waits for a quiet window (`debounce` without another event), but no
+/// longer than `max` after the first event, so a burst makes one round and a stream of events
+/// that never pauses still gets one. Events that come meanwhile are taken with it. False when
+/// `stop` was cancelled.
+async fn settle(
+    trigger: &Notify,
+    stop: &CancellationToken,
+    debounce: Duration,
+    max: Duration,
+) -> bool {
+    let deadline = Instant::now() + max.max(debounce);
+    let mut quiet_at = Instant::now() + debounce;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep_until(quiet_at.min(deadline)) => break,
+            _ = trigger.notified() => quiet_at = Instant::now() + debounce,
+        }
+    }
+    let _ = trigger.notified().now_or_never();
+    true
+}
+
+fn spawn_reflector<K: Watched>(
     tasks: &mut tokio::task::JoinSet<()>,
     api: Api<K>,
     config: watcher::Config,
     trigger: &Arc<Notify>,
     stop: &CancellationToken,
     metrics: &Metrics,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
+) -> Store<K> {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).backoff(watch_backoff()));
+    // Slimmed before the cache stores it; listed in pages sized for the kind.
+    let config = config.page_size(K::PAGE_SIZE);
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config)
+            .modify(K::slim)
+            .backoff(watch_backoff()),
+    );
     let (trigger, stop, metrics) = (trigger.clone(), stop.clone(), metrics.clone());
     let kind = K::kind(&()).into_owned();
+    let mut gate = watch::Gate::default();
     tasks.spawn(async move {
         let events = stream.for_each(|event| {
             match event {
-                Ok(_) => trigger.notify_one(),
+                // Only an event that may change a round's outcome starts one.
+                Ok(event) => {
+                    if gate.admit(&event) {
+                        metrics.event_admitted(&kind);
+                        trigger.notify_one();
+                    } else {
+                        metrics.event_ignored(&kind);
+                    }
+                }
                 Err(error) => {
                     // The watcher resumes by itself (with backoff), also after an API server
                     // restart; a round after it catches up with whatever was missed.
@@ -371,7 +429,62 @@ fn watch_meta<K>(
     metrics: &Metrics,
 ) -> Store<PartialObjectMeta<K>>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    PartialObjectMeta<K>: Watched,
 {
     spawn_reflector(tasks, api, config, trigger, stop, metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events every 150 ms, `n` of them, from the start.
+    fn events(trigger: &Arc<Notify>, n: usize) -> tokio::task::JoinHandle<()> {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            for _ in 0..n {
+                trigger.notify_one();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_waits_for_a_quiet_window() {
+        let trigger = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let start = Instant::now();
+        // Events at 0, 150 and 300 ms: quiet from 300 ms on, so the round starts at 500 ms
+        // (a fixed delay after the first event would start it at 200 ms, mid-burst).
+        let burst = events(&trigger, 3);
+        trigger.notified().await;
+        let (debounce, max) = (Duration::from_millis(200), Duration::from_secs(2));
+        assert!(settle(&trigger, &stop, debounce, max).await);
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        burst.await.unwrap();
+        // The burst's events were taken with it: no second round is pending.
+        assert!(trigger.notified().now_or_never().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_that_never_pause_still_get_a_round_after_the_max_delay() {
+        let trigger = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let start = Instant::now();
+        let stream = events(&trigger, 100);
+        trigger.notified().await;
+        let (debounce, max) = (Duration::from_millis(200), Duration::from_secs(2));
+        assert!(settle(&trigger, &stop, debounce, max).await);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        stream.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settling_ends_when_stopped() {
+        let trigger = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let (debounce, max) = (Duration::from_millis(200), Duration::from_secs(2));
+        assert!(!settle(&trigger, &stop, debounce, max).await);
+    }
 }

@@ -9,9 +9,11 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use kube::api::ApiResource;
-use nodegate_crds::{MANAGED_BY, NodeAgentConfig, NodeApiPolicy, POLICY_LABEL};
+use nodegate_crds::{
+    MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, POLICY_LABEL,
+};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 /// `app.kubernetes.io/managed-by`.
@@ -159,6 +161,31 @@ pub fn for_each_meta(desired: &mut Desired, mut f: impl FnMut(Kind, &mut ObjectM
         .for_each(|o| f(Kind::NodeAgentConfig, &mut o.metadata));
 }
 
+/// Visits the key of every object in `desired`.
+pub fn for_each_key(desired: &Desired, mut f: impl FnMut(Key)) {
+    let mut visit = |kind: Kind, meta: &ObjectMeta| f(Key::of(kind, meta));
+    desired
+        .cluster_roles
+        .iter()
+        .for_each(|o| visit(Kind::ClusterRole, &o.metadata));
+    desired
+        .cluster_role_bindings
+        .iter()
+        .for_each(|o| visit(Kind::ClusterRoleBinding, &o.metadata));
+    desired
+        .role_bindings
+        .iter()
+        .for_each(|o| visit(Kind::RoleBinding, &o.metadata));
+    desired
+        .service_accounts
+        .iter()
+        .for_each(|o| visit(Kind::ServiceAccount, &o.metadata));
+    desired
+        .node_agent_configs
+        .iter()
+        .for_each(|o| visit(Kind::NodeAgentConfig, &o.metadata));
+}
+
 /// Adds `key=value` to the labels of every desired object.
 pub fn label_all(desired: &mut Desired, key: &str, value: &str) {
     for_each_meta(desired, |_, meta| {
@@ -196,8 +223,64 @@ pub fn outputs(desired: &Desired) -> Vec<Output> {
     );
     push_all(&mut out, Kind::RoleBinding, &desired.role_bindings);
     push_all(&mut out, Kind::ServiceAccount, &desired.service_accounts);
-    push_all(&mut out, Kind::NodeAgentConfig, &desired.node_agent_configs);
+    for config in &desired.node_agent_configs {
+        out.push(Output {
+            key: Key::of(Kind::NodeAgentConfig, &config.metadata),
+            policies: policies_of(&config.metadata),
+            body: config_digest(config),
+        });
+    }
     out
+}
+
+/// A NodeAgentConfig as a round compares it: its metadata and `spec.hash`, the digest of its
+/// rules. The watch cache keeps no rules either (a config whose rules do not match its hash is
+/// cached with a hash no compile gives, see `watch.rs`), so equal hashes mean equal rules,
+/// and a round never holds every node's rules as JSON.
+pub fn config_digest(config: &NodeAgentConfig) -> Value {
+    let metadata = serde_json::to_value(&config.metadata).unwrap_or(Value::Null);
+    strip_empty(serde_json::json!({
+        "apiVersion": NodeAgentConfig::api_version(&()),
+        "kind": NodeAgentConfig::kind(&()),
+        "metadata": metadata,
+        "spec": {"hash": config.spec.hash},
+    }))
+}
+
+/// The specs of the NodeAgentConfigs of a compile, by hash: nodes that the same policies select
+/// share one.
+pub type RuleSets = HashMap<String, NodeAgentConfigSpec>;
+
+/// Moves every NodeAgentConfig's spec out of `desired` into one [`RuleSets`] entry per distinct
+/// hash, leaving each config its metadata and `spec.hash` (all a round compares). A compile
+/// holds one spec per node, up to a few hundred KB each; the nodes of a cluster fall into few
+/// distinct selections (every node, a pool, a zone), so what a round keeps between compiles is
+/// one spec per selection, not per node.
+pub fn share_rule_sets(desired: &mut Desired) -> RuleSets {
+    let mut sets = RuleSets::new();
+    for config in &mut desired.node_agent_configs {
+        let hash = config.spec.hash.clone();
+        let spec = std::mem::replace(
+            &mut config.spec,
+            NodeAgentConfigSpec {
+                hash: hash.clone(),
+                ..NodeAgentConfigSpec::default()
+            },
+        );
+        sets.entry(hash).or_insert(spec);
+    }
+    sets
+}
+
+/// The whole apply body of a NodeAgentConfig (`config`'s metadata, `spec` its rule set), made
+/// when it is written.
+pub fn config_body(config: &NodeAgentConfig, spec: &NodeAgentConfigSpec) -> Option<Value> {
+    Some(strip_empty(serde_json::json!({
+        "apiVersion": NodeAgentConfig::api_version(&()),
+        "kind": NodeAgentConfig::kind(&()),
+        "metadata": serde_json::to_value(&config.metadata).ok()?,
+        "spec": serde_json::to_value(spec).ok()?,
+    })))
 }
 
 fn push_all<K>(out: &mut Vec<Output>, kind: Kind, objects: &[K])
@@ -284,6 +367,40 @@ mod tests {
         assert!(is_owned(Some(&t1), Some("t1")));
         assert!(!is_owned(Some(&t1), Some("t2")));
         assert!(!is_owned(Some(&t1), None));
+    }
+
+    #[test]
+    fn nodes_with_the_same_policies_share_one_rule_set() {
+        let rules = |g: &str| -> Vec<nodegate_crds::AgentRule> {
+            vec![
+                serde_json::from_value(serde_json::json!({
+                "policy": "p", "subjects": [{"kind": "Group", "name": g}],
+                "endpoints": ["pods"], "namespaces": {"names": ["a"]}, "ports": ["Secure"]}))
+                .unwrap(),
+            ]
+        };
+        let config = |node: &str, g: &str| {
+            let mut c = NodeAgentConfig::new(node, crate::compiler::agent_spec(&rules(g)));
+            c.metadata.labels = Some(BTreeMap::from([("x".to_string(), "y".to_string())]));
+            c
+        };
+        let mut desired = Desired {
+            node_agent_configs: vec![config("n1", "a"), config("n2", "a"), config("n3", "b")],
+            ..Desired::default()
+        };
+        let full: Vec<Value> = desired
+            .node_agent_configs
+            .iter()
+            .map(|c| config_body(c, &c.spec).unwrap())
+            .collect();
+        let sets = share_rule_sets(&mut desired);
+        assert_eq!(sets.len(), 2, "two distinct selections");
+        for (c, full) in desired.node_agent_configs.iter().zip(&full) {
+            assert!(c.spec.rules.is_empty() && c.spec.subjects.is_empty());
+            assert_eq!(&config_body(c, &sets[&c.spec.hash]).unwrap(), full);
+            assert_eq!(full["spec"]["rules"][0]["policy"], "p");
+            assert_eq!(full["kind"], "NodeAgentConfig");
+        }
     }
 
     #[test]

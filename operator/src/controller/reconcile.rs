@@ -6,7 +6,7 @@ use super::diff::{self, Existing};
 use super::fence::{Fence, Fenced};
 use super::metrics::{Metrics, RoundCause};
 use super::objects::{self, INSTANCE_LABEL, Key, Kind, Output};
-use super::ownership;
+use super::ownership::{self, Skipped};
 use super::status::{self, Observed};
 use crate::compiler::{self, NamespaceInfo, NodeInfo};
 use futures::StreamExt;
@@ -149,6 +149,135 @@ fn applied_fields(meta: &ObjectMeta) -> Option<Value> {
         .map(|f| f.0.clone())
 }
 
+/// Phase 1's result: what the caches held when the round started, and what the policies
+/// compile to.
+struct Snapshot {
+    /// Policies not being deleted.
+    policies: Vec<NodeApiPolicy>,
+    nodes: usize,
+    namespaces: usize,
+    /// The compiler's output, shared with [`Compiled`]; its NodeAgentConfigs hold only their
+    /// hash.
+    desired: Arc<compiler::Desired>,
+    /// Their specs, by hash.
+    rule_sets: Arc<objects::RuleSets>,
+    /// Whether this round compiled (false: its inputs were those of the last compile).
+    compiled: bool,
+    /// Every owned object in the caches, as JSON.
+    existing: BTreeMap<Key, Existing>,
+}
+
+/// Phase 2's result: who holds the names the round would write.
+struct Ownership {
+    /// What may be written: the compiled objects less those left out below (a copy of the
+    /// compiled result only when something is left out).
+    desired: Arc<compiler::Desired>,
+    /// Left out because an object nodegate does not own holds the name (or the role a binding
+    /// would name).
+    foreign: Vec<Skipped>,
+    /// Left out this round because the name could not be checked, or its check is backing off.
+    unchecked: Vec<Skipped>,
+    /// Names whose check failed this round.
+    unknown: BTreeSet<Key>,
+}
+
+/// Phase 3's result: the writes due now, by the order they are sent in.
+#[derive(Default)]
+struct Writes {
+    /// ClusterRoles and ServiceAccounts.
+    roles: Vec<Output>,
+    /// NodeAgentConfigs, with the body they were compared on (metadata and hash only).
+    configs: Vec<Output>,
+    bindings: Vec<Output>,
+    /// Owned objects no policy asks for, with the version the delete is conditioned on.
+    deletes: Vec<(Key, diff::Version)>,
+    /// Desired objects the cluster already holds as desired.
+    unchanged: usize,
+    /// Per policy, the names of its objects (for status).
+    generated: BTreeMap<String, GeneratedObjects>,
+}
+
+/// Phase 4's result: per policy, what happened to its objects.
+#[derive(Default)]
+struct Results {
+    /// Objects written, by policy.
+    applied: BTreeMap<String, Vec<String>>,
+    /// Writes refused or failed, one sentence each, by policy.
+    failed: BTreeMap<String, Vec<String>>,
+    /// Objects left alone because someone else holds their name, one sentence each.
+    foreign: BTreeMap<String, Vec<String>>,
+    /// Policies with bindings waiting for their role to reach the API server's cache.
+    deferred: BTreeSet<String>,
+    generated: BTreeMap<String, GeneratedObjects>,
+}
+
+/// The last compile and a digest of its inputs: a round whose inputs are unchanged (a resync,
+/// a retry, an event about nodegate's own objects or an agent's sync state) reuses it.
+struct Compiled {
+    inputs: u64,
+    desired: Arc<compiler::Desired>,
+    /// The NodeAgentConfigs' specs, one per distinct selection of nodes.
+    rule_sets: Arc<objects::RuleSets>,
+}
+
+/// The namespaces `compile` can tell apart for `policies`: every namespace when a policy
+/// selects namespaces by label, else only those some policy names (`namespaces.all` binds
+/// cluster-wide). Namespaces no policy can reach change no output, so their churn (other
+/// teams' namespaces coming and going) costs no compile.
+fn reachable_namespaces(
+    policies: &[NodeApiPolicy],
+    namespaces: Vec<NamespaceInfo>,
+) -> Vec<NamespaceInfo> {
+    if policies
+        .iter()
+        .any(|p| p.spec.namespaces.selector.is_some())
+    {
+        return namespaces;
+    }
+    let named: BTreeSet<&str> = policies
+        .iter()
+        .flat_map(|p| p.spec.namespaces.names.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    namespaces
+        .into_iter()
+        .filter(|n| named.contains(n.name.as_str()))
+        .collect()
+}
+
+/// A digest of everything `compile` reads: each policy's identity and spec (its generation),
+/// each node's and namespace's name and labels, and the instance label.
+fn inputs_digest(
+    policies: &[NodeApiPolicy],
+    nodes: &[NodeInfo],
+    namespaces: &[NamespaceInfo],
+    instance: Option<&str>,
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut policies: Vec<_> = policies
+        .iter()
+        .map(|p| {
+            let meta = &p.metadata;
+            // Without a generation (objects not from an API server) the spec itself.
+            let spec = match meta.generation {
+                Some(_) => Vec::new(),
+                None => serde_json::to_vec(&p.spec).unwrap_or_default(),
+            };
+            (&meta.name, &meta.uid, meta.generation, spec)
+        })
+        .collect();
+    policies.sort();
+    let mut nodes: Vec<(&String, &String, &BTreeMap<String, String>)> =
+        nodes.iter().map(|n| (&n.name, &n.uid, &n.labels)).collect();
+    nodes.sort();
+    let mut namespaces: Vec<(&String, &BTreeMap<String, String>)> =
+        namespaces.iter().map(|n| (&n.name, &n.labels)).collect();
+    namespaces.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (policies, nodes, namespaces, instance).hash(&mut hasher);
+    hasher.finish()
+}
+
 /// What a round leaves for the loop.
 pub(crate) struct RoundReport {
     /// When the earliest object waiting for a retry is due.
@@ -239,6 +368,8 @@ pub(crate) struct Reconciler {
     recorder: Option<Recorder>,
     failures: HashMap<Key, Failure>,
     json: JsonCache,
+    /// The last compile, reused while its inputs are unchanged.
+    compiled: Option<Compiled>,
     /// A write this round found its object changed since the cache read it.
     behind: bool,
     /// Every write passes it: none is sent unless leadership is confirmed.
@@ -270,6 +401,7 @@ impl Reconciler {
             recorder,
             failures: HashMap::new(),
             json: HashMap::new(),
+            compiled: None,
             behind: false,
             fence,
         }
@@ -291,8 +423,45 @@ impl Reconciler {
         }
     }
 
+    /// One round, in five phases: what the caches hold and what the policies compile to
+    /// ([`snapshot`](Self::snapshot)); who holds the names to write
+    /// ([`ownership`](Self::ownership)); what differs ([`plan`](Self::plan)); the writes
+    /// ([`apply`](Self::apply)); each policy's status and events ([`report`](Self::report)).
     pub async fn round(&mut self, cause: RoundCause) -> RoundReport {
         let started = std::time::Instant::now();
+        let snapshot = self.snapshot();
+        let t_snapshot = started.elapsed();
+        let owners = self.ownership(&snapshot).await;
+        let t_ownership = started.elapsed();
+        let plan = self.plan(&snapshot, &owners);
+        let unchanged = plan.unchanged;
+        let t_plan = started.elapsed();
+        let results = self.apply(&snapshot, &owners, plan).await;
+        let t_apply = started.elapsed();
+        let next_retry = self.report(&snapshot, &owners, &results).await;
+
+        let elapsed = started.elapsed();
+        self.metrics.round(cause, elapsed.as_secs_f64());
+        // Cumulative milliseconds at the end of each phase: where a slow round goes.
+        tracing::debug!(
+            policies = snapshot.policies.len(),
+            nodes = snapshot.nodes,
+            namespaces = snapshot.namespaces,
+            compiled = snapshot.compiled,
+            unchanged,
+            snapshot_ms = t_snapshot.as_millis() as u64,
+            ownership_ms = t_ownership.as_millis() as u64,
+            plan_ms = t_plan.as_millis() as u64,
+            apply_ms = t_apply.as_millis() as u64,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "round done"
+        );
+        RoundReport { next_retry }
+    }
+
+    /// Phase 1: the caches' policies, nodes and namespaces, what they compile to (reused when
+    /// none of them changed since the last compile), and every owned object the caches hold.
+    fn snapshot(&mut self) -> Snapshot {
         let policies: Vec<NodeApiPolicy> = self
             .stores
             .policies
@@ -327,28 +496,61 @@ impl Reconciler {
             .collect();
         self.metrics
             .sizes(policies.len(), nodes.len(), namespaces.len());
+        let namespace_count = namespaces.len();
+        let namespaces = reachable_namespaces(&policies, namespaces);
 
-        let mut desired = compiler::compile(&policies, &nodes, &namespaces);
-        if let Some(instance) = &self.settings.instance {
-            objects::label_all(&mut desired, INSTANCE_LABEL, instance);
-        }
-        let t_compile = started.elapsed();
+        let inputs = inputs_digest(
+            &policies,
+            &nodes,
+            &namespaces,
+            self.settings.instance.as_deref(),
+        );
+        let (desired, compiled) = match &self.compiled {
+            Some(last) if last.inputs == inputs => {
+                ((last.desired.clone(), last.rule_sets.clone()), false)
+            }
+            _ => {
+                // The last result goes first: two at once would double the peak.
+                self.compiled = None;
+                let mut desired = compiler::compile(&policies, &nodes, &namespaces);
+                if let Some(instance) = &self.settings.instance {
+                    objects::label_all(&mut desired, INSTANCE_LABEL, instance);
+                }
+                let rule_sets = Arc::new(objects::share_rule_sets(&mut desired));
+                self.metrics.compiled();
+                let desired = Arc::new(desired);
+                self.compiled = Some(Compiled {
+                    inputs,
+                    desired: desired.clone(),
+                    rule_sets: rule_sets.clone(),
+                });
+                ((desired, rule_sets), true)
+            }
+        };
+        let (desired, rule_sets) = desired;
         let existing = self.stores.existing(&mut self.json);
-        let t_existing = started.elapsed();
         for kind in Kind::ALL {
             let n = existing.keys().filter(|k| k.kind == kind).count();
             self.metrics.owned(kind.as_str(), n);
         }
+        Snapshot {
+            policies,
+            nodes: nodes.len(),
+            namespaces: namespace_count,
+            desired,
+            rule_sets,
+            compiled,
+            existing,
+        }
+    }
 
-        // Names not in the owned caches may be held by someone else: look before writing.
+    /// Phase 2: names the caches do not hold may be held by someone else: they are looked up
+    /// (unless a failed lookup is backing off), and what a foreign object holds, or could not
+    /// be checked, is left out of what the round writes.
+    async fn ownership(&mut self, snapshot: &Snapshot) -> Ownership {
         let mut missing = Vec::new();
-        objects::for_each_meta(&mut desired, |kind, meta| {
-            let key = Key::new(
-                kind,
-                meta.namespace.as_deref(),
-                meta.name.as_deref().unwrap_or_default(),
-            );
-            if !existing.contains_key(&key) {
+        objects::for_each_key(&snapshot.desired, |key| {
+            if !snapshot.existing.contains_key(&key) {
                 missing.push(key);
             }
         });
@@ -357,37 +559,50 @@ impl Reconciler {
         let (to_check, backing_off): (Vec<Key>, Vec<Key>) =
             missing.into_iter().partition(|k| self.due(k, now));
         let (foreign, unknown) = self.check_ownership(to_check).await;
-        let t_ownership = started.elapsed();
         let blocked: BTreeSet<Key> = foreign
             .iter()
             .chain(&unknown)
             .chain(&backing_off)
             .cloned()
             .collect();
-        let skipped = ownership::exclude_foreign(&mut desired, &blocked);
-        let (really_foreign, unchecked): (Vec<_>, Vec<_>) = skipped
+        let mut desired = snapshot.desired.clone();
+        let skipped = if blocked.is_empty() {
+            Vec::new()
+        } else {
+            // Copied only when something is left out: the compiled result stays as it is.
+            ownership::exclude_foreign(Arc::make_mut(&mut desired), &blocked)
+        };
+        let (foreign_skipped, unchecked): (Vec<_>, Vec<_>) = skipped
             .into_iter()
             .partition(|s| foreign.contains(&s.because_of));
-        self.metrics.foreign(really_foreign.len());
-        let mut foreign_messages = ownership::messages_by_policy(&really_foreign);
-        for s in &really_foreign {
+        self.metrics.foreign(foreign_skipped.len());
+        for s in &foreign_skipped {
             tracing::debug!(object = %s.key, because_of = %s.because_of, "left alone: not managed by nodegate");
         }
+        Ownership {
+            desired,
+            foreign: foreign_skipped,
+            unchecked,
+            unknown,
+        }
+    }
 
-        let outputs = objects::outputs(&desired);
+    /// Phase 3: the desired objects compared with the cached ones; what is due now (not
+    /// backing off) in the order it is written.
+    fn plan(&mut self, snapshot: &Snapshot, owners: &Ownership) -> Writes {
+        let outputs = objects::outputs(&owners.desired);
         let generated = generated_by_policy(&outputs);
-        let mut plan = diff::plan(outputs, &existing);
+        let mut plan = diff::plan(outputs, &snapshot.existing);
         // What could not be checked this round stays as it is: a transient error must not
         // delete a binding whose role merely failed a lookup.
-        let held: BTreeSet<&Key> = unchecked.iter().map(|s| &s.key).collect();
+        let held: BTreeSet<&Key> = owners.unchecked.iter().map(|s| &s.key).collect();
         plan.delete.retain(|(key, _)| !held.contains(key));
-        let t_diff = started.elapsed();
         self.metrics.unchanged(plan.unchanged);
 
         let now = Instant::now();
         let (due, waiting): (Vec<Output>, Vec<Output>) =
             plan.apply.into_iter().partition(|o| self.due(&o.key, now));
-        let (deletes_due, deletes_waiting): (Vec<_>, Vec<_>) = plan
+        let (deletes, deletes_waiting): (Vec<_>, Vec<_>) = plan
             .delete
             .into_iter()
             .partition(|(key, _)| self.due(key, now));
@@ -395,37 +610,76 @@ impl Reconciler {
             .iter()
             .chain(waiting.iter())
             .map(|o| o.key.clone())
-            .chain(deletes_due.iter().map(|(k, _)| k.clone()))
+            .chain(deletes.iter().map(|(k, _)| k.clone()))
             .chain(deletes_waiting.into_iter().map(|(k, _)| k))
-            .chain(unchecked.iter().map(|s| s.key.clone()))
+            .chain(owners.unchecked.iter().map(|s| s.key.clone()))
             .collect();
         // Objects that are now as desired, or no longer desired and gone, stop failing.
         self.failures.retain(|k, _| wanted.contains(k));
 
+        let mut writes = Writes {
+            unchanged: plan.unchanged,
+            generated,
+            deletes,
+            ..Writes::default()
+        };
+        for output in due {
+            match output.key.kind {
+                Kind::ClusterRoleBinding | Kind::RoleBinding => writes.bindings.push(output),
+                Kind::NodeAgentConfig => writes.configs.push(output),
+                Kind::ClusterRole | Kind::ServiceAccount => writes.roles.push(output),
+            }
+        }
+        writes
+    }
+
+    /// Phase 4: the writes. Roles and service accounts first, then NodeAgentConfigs (a batch
+    /// at a time, each serialised only when it is sent), then the bindings whose role the API
+    /// server holds, then deletes.
+    async fn apply(&mut self, snapshot: &Snapshot, owners: &Ownership, writes: Writes) -> Results {
         let concurrency = self.settings.concurrency.max(1);
+        let existing = &snapshot.existing;
+        let mut results = Results {
+            foreign: ownership::messages_by_policy(&owners.foreign),
+            ..Results::default()
+        };
         // Roles before the bindings that refer to them: RBAC checks a binding against the
         // role it names (the operator may bind only what it holds), so a binding sent first
         // would be refused. A binding whose role just failed waits for the next round.
-        let (bindings, first): (Vec<Output>, Vec<Output>) = due
-            .into_iter()
-            .partition(|o| matches!(o.key.kind, Kind::ClusterRoleBinding | Kind::RoleBinding));
-        let mut applied_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut failed_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let applied = self.apply_all(first, &existing, concurrency).await;
-        self.record_applies(
-            applied,
-            &mut applied_by_policy,
-            &mut failed_by_policy,
-            &mut foreign_messages,
-        );
+        let applied = self.apply_all(writes.roles, existing, concurrency).await;
+        self.record_applies(applied, &mut results);
+
+        // The whole body of a NodeAgentConfig (up to a few hundred KB) is made only for the
+        // batch being sent: all of them at once were most of the operator's peak memory.
+        let configs: HashMap<&str, &NodeAgentConfig> = owners
+            .desired
+            .node_agent_configs
+            .iter()
+            .filter_map(|c| Some((c.metadata.name.as_deref()?, c)))
+            .collect();
+        let mut pending = writes.configs.into_iter().peekable();
+        while pending.peek().is_some() {
+            let batch: Vec<Output> = pending
+                .by_ref()
+                .take(concurrency)
+                .filter_map(|mut output| {
+                    let config = configs.get(output.key.name.as_str())?;
+                    let spec = snapshot.rule_sets.get(&config.spec.hash)?;
+                    output.body = objects::config_body(config, spec)?;
+                    Some(output)
+                })
+                .collect();
+            let applied = self.apply_all(batch, existing, concurrency).await;
+            self.record_applies(applied, &mut results);
+        }
+
         // The API server checks a binding against its own cache of roles: a role created
         // this round may not be there yet, so its bindings wait for the round its watch
         // event starts (ours sees it about when the API server's does). A role that is
         // failing (refused this round, or earlier and backing off) takes its bindings with
         // it: they are reported and retried when the role is, never deferred in a loop.
-        let mut deferred_policies: BTreeSet<String> = BTreeSet::new();
         let mut ready_bindings = Vec::new();
-        for binding in bindings {
+        for binding in writes.bindings {
             let role = binding.body["roleRef"]["name"]
                 .as_str()
                 .unwrap_or_default()
@@ -442,24 +696,19 @@ impl Reconciler {
             } else if existing.contains_key(&role_key) {
                 ready_bindings.push(binding);
             } else {
-                deferred_policies.extend(binding.policies.iter().cloned());
+                results.deferred.extend(binding.policies.iter().cloned());
             }
         }
         // Bindings left out because their role is backing off are retried with it.
-        for s in unchecked.iter().filter(|s| s.key != s.because_of) {
+        for s in owners.unchecked.iter().filter(|s| s.key != s.because_of) {
             if let Some(until) = self.failures.get(&s.because_of).map(|f| f.until) {
                 self.not_before(&s.key, until);
             }
         }
-        let deferred = deferred_policies.len();
-        let applied = self.apply_all(ready_bindings, &existing, concurrency).await;
-        self.record_applies(
-            applied,
-            &mut applied_by_policy,
-            &mut failed_by_policy,
-            &mut foreign_messages,
-        );
-        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(deletes_due)
+        let applied = self.apply_all(ready_bindings, existing, concurrency).await;
+        self.record_applies(applied, &mut results);
+
+        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(writes.deletes)
             .map(|(key, version)| {
                 let api = self.api(&key);
                 let metrics = self.metrics.clone();
@@ -472,7 +721,6 @@ impl Reconciler {
             .buffer_unordered(concurrency)
             .collect()
             .await;
-
         for (key, result) in deleted {
             match result {
                 Ok(()) => {
@@ -498,7 +746,8 @@ impl Reconciler {
                     );
                     tracing::warn!(object = %key, %error, "delete failed; will retry");
                     for p in &policies {
-                        failed_by_policy
+                        results
+                            .failed
                             .entry(p.clone())
                             .or_default()
                             .push(message.clone());
@@ -508,28 +757,35 @@ impl Reconciler {
             }
         }
         // Checks that failed this round back off; names still backing off keep their entry.
-        for s in unchecked.iter().filter(|s| unknown.contains(&s.because_of)) {
+        for s in owners
+            .unchecked
+            .iter()
+            .filter(|s| owners.unknown.contains(&s.because_of))
+        {
             let message = format!("{}: could not check who owns {}", s.key, s.because_of);
             self.fail(s.key.clone(), message, s.policies.clone());
         }
+        results.generated = writes.generated;
+        results
+    }
 
+    /// Phase 5: each policy's status (patched only when a condition changed) and events;
+    /// returns when the next retry is due.
+    async fn report(
+        &mut self,
+        snapshot: &Snapshot,
+        owners: &Ownership,
+        results: &Results,
+    ) -> Option<Instant> {
         // A policy with bindings still to write gets its status next round, not a premature
         // "applied".
-        let settled: Vec<NodeApiPolicy> = policies
+        let settled: Vec<NodeApiPolicy> = snapshot
+            .policies
             .iter()
-            .filter(|p| !deferred_policies.contains(&p.name_any()))
+            .filter(|p| !results.deferred.contains(&p.name_any()))
             .cloned()
             .collect();
-        let t_writes = started.elapsed();
-        self.statuses(
-            &settled,
-            &desired,
-            &foreign_messages,
-            &generated,
-            &applied_by_policy,
-            &failed_by_policy,
-        )
-        .await;
+        self.statuses(&settled, &owners.desired, results).await;
 
         let mut next_retry = self.failures.values().map(|f| f.until).min();
         // A write that found the object newer than the cache is tried again after one backoff
@@ -538,27 +794,11 @@ impl Reconciler {
             let later = Instant::now() + self.settings.backoff_base;
             next_retry = Some(next_retry.map_or(later, |t| t.min(later)));
         }
-        if deferred > 0 {
+        if !results.deferred.is_empty() {
             let soon = Instant::now() + self.settings.debounce.max(Duration::from_millis(100));
             next_retry = Some(next_retry.map_or(soon, |t| t.min(soon)));
         }
-        let elapsed = started.elapsed();
-        self.metrics.round(cause, elapsed.as_secs_f64());
-        // Cumulative milliseconds at the end of each phase: where a slow round goes.
-        tracing::debug!(
-            policies = policies.len(),
-            nodes = nodes.len(),
-            namespaces = namespaces.len(),
-            unchanged = plan.unchanged,
-            compiled_ms = t_compile.as_millis() as u64,
-            cache_json_ms = t_existing.as_millis() as u64,
-            ownership_ms = t_ownership.as_millis() as u64,
-            diffed_ms = t_diff.as_millis() as u64,
-            written_ms = t_writes.as_millis() as u64,
-            elapsed_ms = elapsed.as_millis() as u64,
-            "round done"
-        );
-        RoundReport { next_retry }
+        next_retry
     }
 
     /// Writes `outputs`, `concurrency` at a time: a name the cache does not hold is created
@@ -599,10 +839,11 @@ impl Reconciler {
     fn record_applies(
         &mut self,
         results: Vec<(Output, Result<Written, WriteError>)>,
-        applied_by_policy: &mut BTreeMap<String, Vec<String>>,
-        failed_by_policy: &mut BTreeMap<String, Vec<String>>,
-        foreign_by_policy: &mut BTreeMap<String, Vec<String>>,
+        outcome: &mut Results,
     ) {
+        let applied_by_policy = &mut outcome.applied;
+        let failed_by_policy = &mut outcome.failed;
+        let foreign_by_policy = &mut outcome.foreign;
         for (output, result) in results {
             match result {
                 // Our cache is behind the server: its watch event starts the next round.
@@ -733,11 +974,10 @@ impl Reconciler {
         &mut self,
         policies: &[NodeApiPolicy],
         desired: &compiler::Desired,
-        foreign: &BTreeMap<String, Vec<String>>,
-        generated: &BTreeMap<String, GeneratedObjects>,
-        applied: &BTreeMap<String, Vec<String>>,
-        failed: &BTreeMap<String, Vec<String>>,
+        results: &Results,
     ) {
+        let (foreign, generated) = (&results.foreign, &results.generated);
+        let (applied, failed) = (&results.applied, &results.failed);
         let hashes: HashMap<&str, &str> = desired
             .node_agent_configs
             .iter()
@@ -794,11 +1034,9 @@ impl Reconciler {
             };
             let previous = policy.status.as_ref();
             let new = status::compute(outcome, &observed, previous, &now);
-            let new_v = objects::strip_empty(serde_json::to_value(&new).unwrap_or(Value::Null));
-            let old_v = objects::strip_empty(
-                serde_json::to_value(previous.cloned().unwrap_or_default()).unwrap_or(Value::Null),
-            );
-            if new_v != old_v {
+            // Not on every change of the count of agents in sync: see `needs_write`.
+            if status::needs_write(previous, &new) {
+                let new_v = objects::strip_empty(serde_json::to_value(&new).unwrap_or(Value::Null));
                 patches.push(((*policy).clone(), new, new_v, previous.cloned()));
             }
         }
@@ -1299,6 +1537,54 @@ mod tests {
         assert_eq!(backoff(b, m, 4), Duration::from_secs(4));
         assert_eq!(backoff(b, m, 5), m);
         assert_eq!(backoff(b, m, u32::MAX), m);
+    }
+
+    #[test]
+    fn unreachable_namespaces_change_no_output() {
+        let policy = |name: &str, namespaces: Value| -> NodeApiPolicy {
+            let mut p = NodeApiPolicy::new(
+                name,
+                serde_json::from_value(json!({
+                    "subjects": [{"kind": "Group", "name": "g"}],
+                    "access": ["pods", "healthz"],
+                    "namespaces": namespaces,
+                }))
+                .unwrap(),
+            );
+            p.metadata.uid = Some(format!("uid-{name}"));
+            p
+        };
+        let ns = |name: &str, team: &str| NamespaceInfo {
+            name: name.into(),
+            labels: BTreeMap::from([("team".to_string(), team.to_string())]),
+        };
+        let all: Vec<NamespaceInfo> = (0..20)
+            .map(|i| ns(&format!("ns{i}"), &format!("t{}", i % 3)))
+            .collect();
+        let nodes = vec![NodeInfo {
+            name: "n1".into(),
+            uid: "u".into(),
+            labels: BTreeMap::new(),
+        }];
+        let named = vec![
+            policy("a", json!({"names": ["ns1", "ns2", "missing"]})),
+            policy("b", json!({"all": true})),
+        ];
+        let reachable = reachable_namespaces(&named, all.clone());
+        assert_eq!(reachable.len(), 2);
+        let compiled = |p: &[NodeApiPolicy], n: &[NamespaceInfo]| {
+            serde_json::to_value(compiler::compile(p, &nodes, n)).unwrap()
+        };
+        assert_eq!(compiled(&named, &all), compiled(&named, &reachable));
+        let mut selected = named.clone();
+        selected.push(policy(
+            "c",
+            json!({"selector": {"matchLabels": {"team": "t1"}}}),
+        ));
+        assert_eq!(
+            reachable_namespaces(&selected, all.clone()).len(),
+            all.len()
+        );
     }
 
     #[test]

@@ -121,6 +121,49 @@ pub fn compute(
     }
 }
 
+/// Whether `new` must be written over `previous`: a condition changed (status, reason, or a
+/// message that does not merely count agents), or what the status says about the spec
+/// (generation, matched nodes, subjects, generated objects). Agents catching up one by one
+/// change only the count of agents in sync: that is written with the next real change (at the
+/// latest when the last agent catches up and AgentsSynced turns True), not on every round,
+/// else 1,000 policies would be patched on every round while 500 agents load their configs.
+pub fn needs_write(previous: Option<&NodeApiPolicyStatus>, new: &NodeApiPolicyStatus) -> bool {
+    let Some(previous) = previous else {
+        return true;
+    };
+    /// A condition as far as it decides a write.
+    type Essential = (String, String, String, Option<String>, Option<i64>);
+    let conditions = |s: &NodeApiPolicyStatus| -> Vec<Essential> {
+        s.conditions
+            .iter()
+            .map(|c| {
+                // The messages of agents pending only count and name agents.
+                let counts_agents =
+                    c.type_ == AGENTS_SYNCED || (c.type_ == READY && c.reason == "AgentsPending");
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    (!counts_agents).then(|| c.message.clone()),
+                    c.observed_generation,
+                )
+            })
+            .collect()
+    };
+    conditions(previous) != conditions(new)
+        || previous.observed_generation != new.observed_generation
+        || previous.matched_nodes != new.matched_nodes
+        || previous.subject_count != new.subject_count
+        || json(&previous.generated) != json(&new.generated)
+}
+
+/// As the API server gives it back: empty values absent.
+fn json(value: &impl serde::Serialize) -> serde_json::Value {
+    crate::controller::objects::strip_empty(
+        serde_json::to_value(value).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -223,5 +266,53 @@ mod tests {
         assert_eq!(get(&later, AGENTS_SYNCED).last_transition_time, at(30));
         assert_eq!(get(&later, READY).last_transition_time, at(30));
         assert_eq!(get(&later, RBAC_APPLIED).last_transition_time, at(10));
+    }
+
+    #[test]
+    fn agents_catching_up_are_written_only_when_the_answer_changes() {
+        let o = |in_sync: usize, behind: &[&str]| Observed {
+            generation: Some(1),
+            agents_in_sync: in_sync,
+            agents_behind: behind.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let nodes = outcome(&["n1", "n2", "n3"]);
+        let first = compute(&nodes, &o(0, &["n1", "n2", "n3"]), None, &at(10));
+        assert!(needs_write(None, &first));
+        // One agent, then another, catch up: counts only.
+        let one = compute(&nodes, &o(1, &["n2", "n3"]), Some(&first), &at(20));
+        assert_ne!(one, first, "the count changed");
+        assert!(!needs_write(Some(&first), &one));
+        let two = compute(&nodes, &o(2, &["n3"]), Some(&first), &at(30));
+        assert!(!needs_write(Some(&first), &two));
+        // The last one: AgentsSynced and Ready turn True.
+        let all = compute(&nodes, &o(3, &[]), Some(&first), &at(40));
+        assert!(needs_write(Some(&first), &all));
+        // A new generation, an error, a node more: written.
+        let mut newer = o(3, &[]);
+        newer.generation = Some(2);
+        assert!(needs_write(
+            Some(&all),
+            &compute(&nodes, &newer, Some(&all), &at(50))
+        ));
+        let mut failing = o(3, &[]);
+        failing.errors = vec!["ClusterRole nodegate:p: forbidden (403)".into()];
+        let failed = compute(&nodes, &failing, Some(&all), &at(50));
+        assert!(needs_write(Some(&all), &failed));
+        failing.errors = vec!["ClusterRole nodegate:p: refused (422)".into()];
+        assert!(needs_write(
+            Some(&failed),
+            &compute(&nodes, &failing, Some(&failed), &at(60))
+        ));
+        let more = outcome(&["n1", "n2", "n3", "n4"]);
+        assert!(needs_write(
+            Some(&all),
+            &compute(&more, &o(3, &["n4"]), Some(&all), &at(50))
+        ));
+        // The same status again: nothing.
+        assert!(!needs_write(
+            Some(&all),
+            &compute(&nodes, &o(3, &[]), Some(&all), &at(60))
+        ));
     }
 }
