@@ -729,7 +729,7 @@ async fn pipeline(
     if filter.is_some() {
         headers.remove(header::ACCEPT_ENCODING);
         if route.endpoint.serves_prometheus() {
-            // Ask only for what the filter reads: text formats, gzip or identity.
+            // Ask only for what the filter reads: protobuf or text formats, gzip or identity.
             let accept = crate::prometheus::negotiate::upstream_accept(
                 req.headers()
                     .get(header::ACCEPT)
@@ -1111,9 +1111,9 @@ fn over_budget(state: &State, endpoint: Endpoint) -> Response<ProxyBody> {
     resp
 }
 
-/// Prometheus text scoped to the caller's namespaces, filtered on the stream (never held
-/// whole), gzip re-encoded when the caller takes it. An answer the filter cannot read
-/// (protobuf, an unknown coding) is refused, never relayed.
+/// Prometheus text or protobuf scoped to the caller's namespaces, filtered on the stream (never
+/// held whole), gzip re-encoded when the caller takes it. An answer the filter cannot read (an
+/// unknown type or coding) is refused, never relayed; the kubelet's `Content-Type` is kept.
 fn filter_metrics(
     state: &State,
     mut parts: http::response::Parts,
@@ -1158,10 +1158,14 @@ fn filter_metrics(
             );
         }
     };
+    let filter: crate::prometheus::BodyFilter = match upstream.exposition {
+        negotiate::Exposition::Text(format) => Filter::new(rules, format).into(),
+        negotiate::Exposition::Protobuf => crate::prometheus::ProtoFilter::new(rules).into(),
+    };
     let (stream, _stats) = filter_body(
         body.into_data_stream(),
         upstream.decoding,
-        Filter::new(rules, upstream.format),
+        filter,
         client_gzip,
     );
     parts.headers.remove(header::CONTENT_LENGTH);

@@ -219,7 +219,7 @@ async fn corrupt_gzip_is_an_error_not_a_pass_through() {
 }
 
 #[test]
-fn protobuf_zstd_and_unknown_bodies_are_refused() {
+fn protobuf_text_zstd_and_unknown_bodies_are_refused() {
     let refused = |ct: &str, ce: Option<&str>| {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
@@ -228,9 +228,15 @@ fn protobuf_zstd_and_unknown_bodies_are_refused() {
         }
         check_upstream(&headers).is_err()
     };
+    // The delimited protobuf exposition is filtered (prometheus_proto.rs); its text encodings
+    // are not.
     let protobuf = "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited";
-    assert!(refused(protobuf, None));
-    assert!(refused(protobuf, Some("gzip")));
+    assert!(!refused(protobuf, None));
+    assert!(!refused(protobuf, Some("gzip")));
+    assert!(refused(protobuf, Some("zstd")));
+    let protobuf_text =
+        "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=text";
+    assert!(refused(protobuf_text, None));
     assert!(refused("text/plain; version=0.0.4", Some("zstd")));
     assert!(refused("text/plain; version=0.0.4", Some("br")));
     assert!(refused("application/octet-stream", None));

@@ -5,10 +5,19 @@
 //! own namespace, and no node-level series for them, while a job with `all` sees everything
 //! (so the negative checks can fail). Once in front of kubelet-sim, once in front of the
 //! local cluster's real kubelet.
+//!
+//! Protobuf: Prometheus with `--enable-feature=native-histograms` asks for the protobuf
+//! exposition first; through the agent it gets it filtered (a native histogram only protobuf
+//! carries is queryable, of its own namespace only), from a protobuf upstream and from the real
+//! kubelet, whose answers are also decoded here with prost. Text with UTF-8 names is negotiated
+//! down to escaped names, and the upstream's Content-Type reaches the caller as it was.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "agent_support.rs"]
 mod support;
+
+#[path = "../../node-agent/tests/support/metrics_proto.rs"]
+mod pb;
 
 use nodegate_agent::authn::{Authenticator, AuthnSettings, TokenReviewer};
 use nodegate_agent::config::ConfigStore;
@@ -170,6 +179,10 @@ fn prometheus_binary() -> PathBuf {
 
 impl Prometheus {
     async fn start(config: &str) -> Prometheus {
+        Prometheus::start_with(config, &[]).await
+    }
+
+    async fn start_with(config: &str, args: &[&str]) -> Prometheus {
         let dir = TempDir::new("prometheus");
         let config_file = dir.0.join("prometheus.yml");
         std::fs::write(&config_file, config).unwrap();
@@ -183,6 +196,7 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn")
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -605,5 +619,489 @@ async fn prometheus_through_the_agent_sees_only_its_namespace_on_the_real_kubele
         prometheus.node_level_series("kubelet-a-cadvisor").await,
         0.0
     );
+    step("filtered job sees only its namespace");
+}
+
+/// What Prometheus 2.42 sends with `--enable-feature=native-histograms` (scrape.go).
+const PROMETHEUS_PROTOBUF_ACCEPT: &str = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+const PROTOBUF_CONTENT_TYPE: &str = "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited; escaping=underscores";
+
+/// A gauge and a native histogram (schema 0, a zero bucket and two positive buckets) for each
+/// namespace: what an exporter with native histograms serves over protobuf only.
+fn native_families(namespaces: &[&str]) -> Vec<pb::MetricFamily> {
+    let labels = |ns: &str| {
+        vec![
+            pb::LabelPair {
+                name: Some("namespace".into()),
+                value: Some(ns.into()),
+            },
+            pb::LabelPair {
+                name: Some("pod".into()),
+                value: Some("p".into()),
+            },
+        ]
+    };
+    vec![
+        pb::MetricFamily {
+            name: Some("fake_up".into()),
+            help: Some("One per namespace.".into()),
+            r#type: Some(1),
+            metric: namespaces
+                .iter()
+                .map(|ns| pb::Metric {
+                    label: labels(ns),
+                    gauge: Some(pb::Gauge { value: Some(1.0) }),
+                    ..Default::default()
+                })
+                .collect(),
+            unit: None,
+        },
+        pb::MetricFamily {
+            name: Some("fake_latency_seconds".into()),
+            help: Some("A native histogram.".into()),
+            r#type: Some(4),
+            metric: namespaces
+                .iter()
+                .map(|ns| pb::Metric {
+                    label: labels(ns),
+                    histogram: Some(pb::Histogram {
+                        sample_count: Some(5),
+                        sample_sum: Some(2.5),
+                        schema: Some(0),
+                        zero_threshold: Some(1e-128),
+                        zero_count: Some(1),
+                        positive_span: vec![pb::BucketSpan {
+                            offset: Some(0),
+                            length: Some(2),
+                        }],
+                        positive_delta: vec![2, 0],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            unit: None,
+        },
+    ]
+}
+
+/// The same series as text 0.0.4 (no native histogram: text cannot carry one).
+fn native_families_text(namespaces: &[&str]) -> String {
+    let mut out = String::from("# HELP fake_up One per namespace.\n# TYPE fake_up gauge\n");
+    for ns in namespaces {
+        out.push_str(&format!("fake_up{{namespace=\"{ns}\",pod=\"p\"}} 1\n"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn prometheus_with_native_histograms_gets_filtered_protobuf_through_the_agent() {
+    let served = ["ns-a", "ns-b"];
+    let accepts = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = accepts.clone();
+    let kubelet = fake_kubelet(move |req: http::Request<hyper::body::Incoming>| {
+        let accept = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        seen.lock().unwrap().push(accept.clone());
+        let (content_type, body) = if accept.starts_with("application/vnd.google.protobuf") {
+            (
+                PROTOBUF_CONTENT_TYPE,
+                pb::encode_stream(&native_families(&served)),
+            )
+        } else {
+            (
+                "text/plain; version=0.0.4; charset=utf-8; escaping=underscores",
+                native_families_text(&served).into_bytes(),
+            )
+        };
+        http::Response::builder()
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    })
+    .await;
+    let tokens = BTreeMap::from([
+        (
+            "token-a".to_string(),
+            (
+                "scraper-a".to_string(),
+                vec!["system:authenticated".to_string()],
+            ),
+        ),
+        (
+            "token-root".to_string(),
+            ("scraper-root".to_string(), vec![]),
+        ),
+    ]);
+    let rules = vec![
+        rule(
+            "a",
+            vec![user("scraper-a")],
+            &[Endpoint::Cadvisor],
+            namespaces(&["ns-a"]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![user("scraper-root")],
+            &[Endpoint::Cadvisor],
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+    ];
+    let dir = TempDir::new("prometheus-protobuf");
+    let pki = serving_pki(&dir.0);
+    let agent = start_agent_serving(
+        http_upstream(kubelet),
+        &pki,
+        Arc::new(FakeReviewer(tokens)),
+        rules,
+    )
+    .await;
+
+    // A direct scrape with Prometheus' Accept: protobuf, the upstream's Content-Type, ns-a only.
+    let r = request(
+        agent.secure_addr,
+        true,
+        &Cred::Token("token-a".into()),
+        "GET",
+        "/metrics/cadvisor",
+        &[("accept", PROMETHEUS_PROTOBUF_ACCEPT)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["content-type"], PROTOBUF_CONTENT_TYPE);
+    let families = pb::decode_stream(&r.body).unwrap();
+    assert_eq!(families, native_families(&["ns-a"]));
+    assert!(
+        accepts.lock().unwrap()[0].starts_with("application/vnd.google.protobuf"),
+        "{:?}",
+        accepts.lock().unwrap()
+    );
+
+    let jobs = [
+        Job {
+            name: "proto-a".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "a", "token-a"),
+        },
+        Job {
+            name: "proto-root".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "root", "token-root"),
+        },
+    ];
+    let prometheus = Prometheus::start_with(
+        &scrape_config(agent.secure_addr, &pki.ca_file, &jobs),
+        &["--enable-feature=native-histograms"],
+    )
+    .await;
+    prometheus.wait_all_up(&jobs).await;
+    // The native histogram arrived (only protobuf carries it), for every namespace unfiltered.
+    let root = prometheus
+        .wait_for(
+            "count by (namespace) (histogram_count(fake_latency_seconds{job=\"proto-root\"}))",
+            |r| r.len() == 2,
+        )
+        .await;
+    assert_eq!(root.len(), 2, "{root:?}");
+    let a = prometheus
+        .namespaces_of("histogram_count(fake_latency_seconds{job=\"proto-a\"})")
+        .await;
+    assert_eq!(a, BTreeSet::from(["ns-a".to_string()]));
+    assert_eq!(
+        prometheus
+            .scalar("histogram_count(fake_latency_seconds{job=\"proto-a\"})")
+            .await,
+        5.0
+    );
+    let every = prometheus
+        .namespaces_of(&format!("{{job=\"proto-a\", __name__!~\"{SYNTHETIC}\"}}"))
+        .await;
+    assert_eq!(every, BTreeSet::from(["ns-a".to_string()]));
+    // Every scrape of the agent asked the upstream for protobuf.
+    let accepts = accepts.lock().unwrap().clone();
+    assert!(accepts.len() >= 3, "{accepts:?}");
+    assert!(
+        accepts
+            .iter()
+            .filter(|a| !a.starts_with("application/vnd.google.protobuf"))
+            .count()
+            == 0,
+        "{accepts:?}"
+    );
+}
+
+#[tokio::test]
+async fn text_with_utf8_names_is_negotiated_down_and_never_leaks() {
+    // Like a Prometheus client library: UTF-8 names only when asked for `escaping=allow-utf-8`.
+    let utf8 = |_: &str| {
+        (
+            "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8",
+            "# TYPE \"metric.name\" counter\n{\"metric.name\",namespace=\"ns-a\"} 1\n{\"metric.name\",namespace=\"ns-b\"} 2\n",
+        )
+    };
+    let negotiating = fake_kubelet(move |req: http::Request<hyper::body::Incoming>| {
+        let accept = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let (content_type, body) = if accept.contains("allow-utf-8") {
+            utf8(&accept)
+        } else {
+            (
+                "text/plain; version=0.0.4; charset=utf-8; escaping=underscores",
+                "# TYPE metric_name counter\nmetric_name{namespace=\"ns-a\"} 1\nmetric_name{namespace=\"ns-b\"} 2\n",
+            )
+        };
+        http::Response::builder()
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    })
+    .await;
+    let stubborn = fake_kubelet(move |_req: http::Request<hyper::body::Incoming>| {
+        let (content_type, body) = utf8("");
+        http::Response::builder()
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    })
+    .await;
+    let tokens = BTreeMap::from([("token-a".to_string(), ("scraper-a".to_string(), vec![]))]);
+    let rules = || {
+        vec![rule(
+            "a",
+            vec![user("scraper-a")],
+            &[Endpoint::Cadvisor],
+            namespaces(&["ns-a"]),
+            &[Port::Secure],
+        )]
+    };
+    let dir = TempDir::new("prometheus-utf8");
+    let pki = serving_pki(&dir.0);
+    // Prometheus 3's Accept.
+    let accept = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    let agent = start_agent_serving(
+        http_upstream(negotiating),
+        &pki,
+        Arc::new(FakeReviewer(tokens.clone())),
+        rules(),
+    )
+    .await;
+    let r = request(
+        agent.secure_addr,
+        true,
+        &Cred::Token("token-a".into()),
+        "GET",
+        "/metrics/cadvisor",
+        &[("accept", accept)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8; escaping=underscores"
+    );
+    assert_eq!(
+        r.text(),
+        "# TYPE metric_name counter\nmetric_name{namespace=\"ns-a\"} 1\n"
+    );
+    // An upstream that answers with UTF-8 names anyway is refused, not relayed.
+    let agent = start_agent_serving(
+        http_upstream(stubborn),
+        &pki,
+        Arc::new(FakeReviewer(tokens)),
+        rules(),
+    )
+    .await;
+    let r = request(
+        agent.secure_addr,
+        true,
+        &Cred::Token("token-a".into()),
+        "GET",
+        "/metrics/cadvisor",
+        &[("accept", accept)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains("ns-b"));
+}
+
+#[tokio::test]
+async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms_stores_only_its_namespace()
+ {
+    let Some(cluster) = Cluster::get().await.unwrap() else {
+        return;
+    };
+    let Some(state) = cluster.local_state_dir().unwrap() else {
+        return;
+    };
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
+    let (ns_a, ns_b) = two_namespaces_running(
+        &cluster,
+        ("proto-a", "proto-b"),
+        "busy",
+        &["sh", "-c", "while true; do :; done"],
+    )
+    .await;
+    step("pods running");
+    let (a, b) = (ns_a.name().to_string(), ns_b.name().to_string());
+    let tok_a = service_account_token(&cluster, &a, "scraper").await;
+    let tok_root = service_account_token(&cluster, &b, "root-scraper").await;
+    let dir = TempDir::new("prometheus-kubelet-proto");
+    let pki = serving_pki(&dir.0);
+    let rules = vec![
+        rule(
+            "a",
+            vec![service_account(&a, "scraper")],
+            &[Endpoint::Cadvisor, Endpoint::Resource],
+            namespaces(&[&a]),
+            &[Port::Secure],
+        ),
+        rule(
+            "root",
+            vec![service_account(&b, "root-scraper")],
+            &[Endpoint::Cadvisor, Endpoint::Resource],
+            all_namespaces(),
+            &[Port::Secure],
+        ),
+    ];
+    let reviewer = Arc::new(nodegate_agent::authn::KubeTokenReviewer::new(
+        cluster.admin().unwrap(),
+    ));
+    let agent = start_agent_serving(
+        kubelet_upstream(&state, &node_ip(&cluster).await),
+        &pki,
+        reviewer,
+        rules,
+    )
+    .await;
+    step("agent started");
+
+    // Direct: the kubelet's protobuf through the agent, decoded with prost.
+    for path in ["/metrics/cadvisor", "/metrics/resource"] {
+        let get = |token: &str, gzip: bool| {
+            let token = token.to_string();
+            let addr = agent.secure_addr;
+            async move {
+                let mut headers = vec![("accept", PROMETHEUS_PROTOBUF_ACCEPT)];
+                if gzip {
+                    headers.push(("accept-encoding", "gzip"));
+                }
+                request(addr, true, &Cred::Token(token), "GET", path, &headers)
+                    .await
+                    .unwrap()
+            }
+        };
+        let root = get(&tok_root, false).await;
+        assert_eq!(root.status, 200, "{path}: {}", root.text());
+        assert_eq!(
+            root.headers["content-type"], PROTOBUF_CONTENT_TYPE,
+            "{path}"
+        );
+        let root_families = pb::decode_stream(&root.body).unwrap();
+        let of = |families: &[pb::MetricFamily], ns: &str| {
+            families
+                .iter()
+                .flat_map(|f| &f.metric)
+                .filter(|m| m.label_value("namespace") == Some(ns))
+                .count()
+        };
+        assert!(
+            of(&root_families, &a) > 0 && of(&root_families, &b) > 0,
+            "{path}: root sees both"
+        );
+
+        let filtered = get(&tok_a, false).await;
+        assert_eq!(filtered.status, 200, "{path}: {}", filtered.text());
+        // The kubelet's Content-Type, as the unfiltered answer has it.
+        assert_eq!(
+            filtered.headers["content-type"],
+            root.headers["content-type"]
+        );
+        let families = pb::decode_stream(&filtered.body).unwrap();
+        let metrics: Vec<&pb::Metric> = families.iter().flat_map(|f| &f.metric).collect();
+        assert!(!metrics.is_empty(), "{path}");
+        for m in &metrics {
+            assert_eq!(
+                m.label_value("namespace"),
+                Some(a.as_str()),
+                "{path}: {m:?}"
+            );
+        }
+        // Nothing of a is lost (the two answers were taken a moment apart: the same series).
+        assert_eq!(metrics.len(), of(&root_families, &a), "{path}");
+
+        let gz = get(&tok_a, true).await;
+        assert_eq!(gz.status, 200);
+        assert_eq!(gz.headers["content-encoding"], "gzip");
+        let mut plain = Vec::new();
+        use tokio::io::AsyncReadExt;
+        async_compression::tokio::bufread::GzipDecoder::new(&gz.body[..])
+            .read_to_end(&mut plain)
+            .await
+            .unwrap();
+        let families = pb::decode_stream(&plain).unwrap();
+        assert!(
+            families
+                .iter()
+                .flat_map(|f| &f.metric)
+                .all(|m| m.label_value("namespace") == Some(a.as_str()))
+        );
+    }
+    step("protobuf answers decoded");
+
+    let jobs = [
+        Job {
+            name: "kubelet-proto-a".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "a", &tok_a),
+        },
+        Job {
+            name: "kubelet-proto-root".into(),
+            path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "root", &tok_root),
+        },
+    ];
+    let prometheus = Prometheus::start_with(
+        &scrape_config(agent.secure_addr, &pki.ca_file, &jobs),
+        &["--enable-feature=native-histograms"],
+    )
+    .await;
+    prometheus.wait_all_up(&jobs).await;
+    step("both jobs up");
+    let selector =
+        |job: &str| format!("container_cpu_usage_seconds_total{{job=\"{job}\", pod=\"busy\"}}");
+    let root = prometheus
+        .wait_for(
+            &format!("count by (namespace) ({})", selector("kubelet-proto-root")),
+            |r| r.len() >= 2,
+        )
+        .await;
+    let root: BTreeSet<String> = root.iter().map(|(l, _)| l["namespace"].clone()).collect();
+    assert!(root.contains(&a) && root.contains(&b), "{root:?}");
+    assert!(prometheus.node_level_series("kubelet-proto-root").await > 0.0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let busy = prometheus.namespaces_of(&selector("kubelet-proto-a")).await;
+    assert_eq!(busy, BTreeSet::from([a.clone()]));
+    let every = prometheus
+        .namespaces_of(&format!(
+            "{{job=\"kubelet-proto-a\", __name__!~\"{SYNTHETIC}\"}}"
+        ))
+        .await;
+    assert_eq!(every, BTreeSet::from([a.clone()]));
+    assert_eq!(prometheus.node_level_series("kubelet-proto-a").await, 0.0);
     step("filtered job sees only its namespace");
 }

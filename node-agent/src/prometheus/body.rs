@@ -1,8 +1,10 @@
 //! The async adapter between the upstream body and the caller: decode, filter, re-encode, one
-//! chunk at a time, so memory stays bounded by a chunk plus the filter's longest line.
+//! chunk at a time, so memory stays bounded by a chunk plus the filter's longest line (or, for
+//! protobuf, its largest family).
 
 use super::filter::{Filter, FilterStats};
 use super::negotiate::Decoding;
+use super::proto::{ProtoError, ProtoFilter};
 use async_compression::tokio::bufread::{GzipDecoder, GzipEncoder};
 use bytes::Bytes;
 use futures::stream::{self, BoxStream};
@@ -42,22 +44,78 @@ impl FilterStatsHandle {
     }
 }
 
+/// The filter for one body: text (0.0.4 or OpenMetrics) or the protobuf exposition.
+#[derive(Debug)]
+pub enum BodyFilter {
+    Text(Filter),
+    Protobuf(ProtoFilter),
+}
+
+impl From<Filter> for BodyFilter {
+    fn from(f: Filter) -> BodyFilter {
+        BodyFilter::Text(f)
+    }
+}
+
+impl From<ProtoFilter> for BodyFilter {
+    fn from(f: ProtoFilter) -> BodyFilter {
+        BodyFilter::Protobuf(f)
+    }
+}
+
+impl BodyFilter {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        match self {
+            BodyFilter::Text(f) => {
+                f.push(chunk, out);
+                Ok(())
+            }
+            BodyFilter::Protobuf(f) => f.push(chunk, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+        match self {
+            BodyFilter::Text(f) => {
+                f.finish(out);
+                Ok(())
+            }
+            BodyFilter::Protobuf(f) => f.finish(),
+        }
+    }
+
+    fn stats(&self) -> FilterStats {
+        match self {
+            BodyFilter::Text(f) => f.stats(),
+            BodyFilter::Protobuf(f) => f.stats(),
+        }
+    }
+}
+
 struct State {
     input: BoxStream<'static, io::Result<Bytes>>,
-    filter: Filter,
+    filter: BodyFilter,
     stats: FilterStatsHandle,
     done: bool,
+    /// A protobuf body the filter could not read: sent after the bytes kept before it.
+    failed: Option<ProtoError>,
+}
+
+fn refused(e: ProtoError) -> io::Error {
+    tracing::warn!(error = %e, "protobuf metrics body refused; response ends with an error");
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Filters an upstream body. `decoding` comes from
 /// [`check_upstream`](super::negotiate::check_upstream); with `gzip_output` the filtered bytes
 /// are gzip-encoded (the caller then sends `Content-Encoding: gzip` and no `Content-Length`).
 /// An upstream error ends the stream with that error and without flushing a partial last line,
-/// so a broken upstream can only truncate the response.
+/// so a broken upstream can only truncate the response; so does a protobuf body the filter
+/// cannot read (after the families it kept before that point).
 pub fn filter_body<S, E>(
     upstream: S,
     decoding: Decoding,
-    filter: Filter,
+    filter: impl Into<BodyFilter>,
     gzip_output: bool,
 ) -> (BoxStream<'static, io::Result<Bytes>>, FilterStatsHandle)
 where
@@ -77,20 +135,28 @@ where
     let stats = FilterStatsHandle::default();
     let state = State {
         input,
-        filter,
+        filter: filter.into(),
         stats: stats.clone(),
         done: false,
+        failed: None,
     };
     let filtered = stream::unfold(state, |mut st| async move {
         loop {
+            if let Some(e) = st.failed.take() {
+                st.done = true;
+                return Some((Err(refused(e)), st));
+            }
             if st.done {
                 return None;
             }
             match st.input.next().await {
                 Some(Ok(chunk)) => {
                     let mut out = Vec::new();
-                    st.filter.push(&chunk, &mut out);
+                    let pushed = st.filter.push(&chunk, &mut out);
                     st.stats.store(st.filter.stats(), false);
+                    if let Err(e) = pushed {
+                        st.failed = Some(e);
+                    }
                     if !out.is_empty() {
                         return Some((Ok(Bytes::from(out)), st));
                     }
@@ -104,7 +170,9 @@ where
                 None => {
                     st.done = true;
                     let mut out = Vec::new();
-                    st.filter.finish(&mut out);
+                    if let Err(e) = st.filter.finish(&mut out) {
+                        return Some((Err(refused(e)), st));
+                    }
                     let stats = st.filter.stats();
                     st.stats.store(stats, true);
                     tracing::debug!(

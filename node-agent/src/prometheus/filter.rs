@@ -36,19 +36,22 @@ pub enum FilterConfigError {
 }
 
 #[derive(Debug)]
-struct CompiledGrant {
-    namespaces: ResolvedNamespaces,
-    keep: HashSet<Vec<u8>>,
-    drop: HashSet<Vec<u8>>,
+pub(super) struct CompiledGrant {
+    pub(super) namespaces: ResolvedNamespaces,
+    pub(super) keep: HashSet<Vec<u8>>,
+    pub(super) drop: HashSet<Vec<u8>>,
     /// Added labels: the name, and `name="escaped value"` ready to write.
     add: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Added labels for the protobuf filter: the name, and the `Metric.label` field (tag,
+    /// length and `LabelPair`) ready to append to a metric.
+    pub(super) proto_add: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A [`FilterConfig`] checked and prepared once, shared by the filters of many responses.
 #[derive(Debug)]
 pub struct FilterRules {
-    grants: Vec<CompiledGrant>,
-    any_all: bool,
+    pub(super) grants: Vec<CompiledGrant>,
+    pub(super) any_all: bool,
     namespace_finder: memmem::Finder<'static>,
     /// Without `all`, and with few namespaces: each namespace as it must appear quoted in a line
     /// that has it as a label value (escaping is unique, so this is exact as a precondition).
@@ -72,11 +75,12 @@ impl FilterRules {
             // `allows` binary-searches: keep it exact even if a config arrives unsorted.
             namespaces.names.sort();
             namespaces.names.dedup();
-            let (keep, drop, add) = match &grant.metrics {
-                None => (HashSet::new(), HashSet::new(), Vec::new()),
+            let (keep, drop, add, proto_add) = match &grant.metrics {
+                None => (HashSet::new(), HashSet::new(), Vec::new(), Vec::new()),
                 Some(m) => {
                     let names = |v: &Vec<String>| v.iter().map(|n| n.as_bytes().to_vec()).collect();
                     let mut add = Vec::with_capacity(m.add_labels.len());
+                    let mut proto_add = Vec::with_capacity(m.add_labels.len());
                     for (name, value) in &m.add_labels {
                         if !scan::is_label_name(name.as_bytes())
                             || name.starts_with("__")
@@ -90,8 +94,12 @@ impl FilterRules {
                         scan::escape_label_value(value, &mut encoded);
                         encoded.push(b'"');
                         add.push((name.as_bytes().to_vec(), encoded));
+                        proto_add.push((
+                            name.as_bytes().to_vec(),
+                            super::proto::label_field(name.as_bytes(), value.as_bytes()),
+                        ));
                     }
-                    (names(&m.keep), names(&m.drop), add)
+                    (names(&m.keep), names(&m.drop), add, proto_add)
                 }
             };
             grants.push(CompiledGrant {
@@ -99,6 +107,7 @@ impl FilterRules {
                 keep,
                 drop,
                 add,
+                proto_add,
             });
         }
         let any_all = grants.iter().any(|g| g.namespaces.all);
