@@ -1084,10 +1084,18 @@ async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms
     step("both jobs up");
     let selector =
         |job: &str| format!("container_cpu_usage_seconds_total{{job=\"{job}\", pod=\"busy\"}}");
+    // Other tests of this file run `busy` pods too (node-1's kubelet reports them all): wait
+    // for this test's two namespaces, not for any two.
     let root = prometheus
         .wait_for(
             &format!("count by (namespace) ({})", selector("kubelet-proto-root")),
-            |r| r.len() >= 2,
+            |r| {
+                let seen: BTreeSet<&str> = r
+                    .iter()
+                    .filter_map(|(l, _)| l.get("namespace").map(String::as_str))
+                    .collect();
+                seen.contains(a.as_str()) && seen.contains(b.as_str())
+            },
         )
         .await;
     let root: BTreeSet<String> = root.iter().map(|(l, _)| l["namespace"].clone()).collect();
