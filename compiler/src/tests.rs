@@ -1265,3 +1265,58 @@ impl MetadataName for NodeInfo {
         Some(&self.name)
     }
 }
+
+/// Nodes the same policies select share one rule set: `compile_shared` builds it once and
+/// leaves each config its metadata and hash, and `compile` is that, filled in.
+#[test]
+fn nodes_selected_alike_share_one_rule_set() {
+    let mut pooled = spec(&[Endpoint::Pods], names(&["a"]));
+    pooled.node_selector = Some(select(&[("pool", "a")]));
+    let policies = [
+        policy("everywhere", spec(&[Endpoint::Stats], names(&["b"]))),
+        policy("pooled", pooled),
+    ];
+    let nodes = [
+        node("n1", &[("pool", "a")]),
+        node("n2", &[("pool", "a")]),
+        node("n3", &[]),
+        node("n4", &[]),
+    ];
+    let (shared, sets) = compile_shared(&policies, &nodes, &[]);
+    assert_eq!(sets.len(), 2, "two selections, two rule sets");
+    for config in &shared.node_agent_configs {
+        assert!(config.spec.rules.is_empty() && config.spec.subjects.is_empty());
+        assert!(sets.contains_key(&config.spec.hash));
+    }
+    let whole = compile(&policies, &nodes, &[]);
+    assert_eq!(whole.node_agent_configs.len(), 4);
+    for (whole, shared) in whole
+        .node_agent_configs
+        .iter()
+        .zip(&shared.node_agent_configs)
+    {
+        assert_eq!(whole.metadata, shared.metadata);
+        assert_eq!(&whole.spec, &sets[&shared.spec.hash]);
+    }
+    assert_eq!(whole.node_agent_configs[0].spec.rules.len(), 2);
+    assert_eq!(whole.node_agent_configs[2].spec.rules.len(), 1);
+}
+
+/// The byte limit is checked without building each node's object: the size is computed from
+/// the config's shell and its rule set's JSON, and must be the size of the whole object.
+#[test]
+fn a_config_is_measured_exactly_without_being_built() {
+    let mut sp = spec(&[Endpoint::Pods, Endpoint::Stats], names(&["a", "b"]));
+    sp.subjects = (0..5).map(|i| group(&format!("g{i}"))).collect();
+    let policies = [policy("p", sp)];
+    let nodes = [node("a-node-with-a-long-name.example.com", &[])];
+    let (shared, sets) = compile_shared(&policies, &nodes, &[]);
+    let config = &shared.node_agent_configs[0];
+    let spec = &sets[&config.spec.hash];
+    let spec_bytes = serde_json::to_vec(spec).unwrap().len();
+    let whole = &compile(&policies, &nodes, &[]).node_agent_configs[0];
+    assert_eq!(
+        config_bytes(config, spec_bytes),
+        serde_json::to_vec(whole).unwrap().len()
+    );
+}

@@ -272,6 +272,109 @@ async fn node_relabel_moves_resource_names_and_config() -> TestResult {
     Ok(())
 }
 
+/// A node a policy stops selecting may still enforce it: its agent has not confirmed the
+/// config without the policy's rules. Until it does, the policy is not Ready and names the
+/// node; once it does, the policy is Ready again.
+#[tokio::test]
+async fn a_dropped_node_keeps_the_policy_pending_until_its_agent_confirms() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let pool = unique_name("pool");
+    let mut w = World::new(cluster.clone(), 2, &[("pool", &pool)]).await?;
+    let nodes = w.node_names();
+    w.start();
+    let name = unique_name("dropped");
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "carol"}],
+            "nodeSelector": {"matchLabels": {"pool": pool}},
+            "access": ["pods"],
+            "namespaces": {"names": ["default"]},
+        }),
+    ))
+    .await?;
+    let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
+    // The fake agents confirm what is written now.
+    let confirm = |node: String| {
+        let (configs, w) = (configs.clone(), &w);
+        async move {
+            let hash = w.config(&node).await.ok_or("no config")?.spec.hash;
+            configs
+                .patch_status(
+                    &node,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"status": {"observedHash": hash}})),
+                )
+                .await?;
+            Ok::<_, BoxError>(())
+        }
+    };
+    for node in &nodes {
+        eventually("the policy's rules", WAIT, || async {
+            w.config(node)
+                .await
+                .filter(|c| config_policies(c) == [name.clone()])
+        })
+        .await?;
+        confirm(node.clone()).await?;
+    }
+    eventually("Ready", WAIT, || async {
+        let (s, _, _) = w.condition(&name, "Ready").await?;
+        (s == "True").then_some(())
+    })
+    .await?;
+
+    // The first node leaves the pool: its config loses the rule, its agent does not confirm.
+    Api::<Node>::all(w.client.clone())
+        .patch(
+            &nodes[0],
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"pool": null}}})),
+        )
+        .await?;
+    eventually("the first node's config without the rule", WAIT, || async {
+        w.config(&nodes[0])
+            .await
+            .filter(|c| c.spec.rules.is_empty())
+    })
+    .await?;
+    let (status, reason, message) = eventually("RevocationPending", WAIT, || async {
+        w.condition(&name, "AgentsSynced")
+            .await
+            .filter(|(_, r, _)| r != "InSync")
+    })
+    .await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RevocationPending"),
+        "{message}"
+    );
+    assert!(message.contains(&nodes[0]), "{message}");
+    let (ready, _, _) = w.condition(&name, "Ready").await.ok_or("no Ready")?;
+    assert_eq!(ready, "False");
+    // Still so a while later (every round says the same).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, reason, _) = w.condition(&name, "AgentsSynced").await.ok_or("gone")?;
+    assert_eq!(reason, "RevocationPending");
+
+    // The agent confirms: Ready, one node matched.
+    confirm(nodes[0].clone()).await?;
+    eventually("Ready after the revocation", WAIT, || async {
+        let p = w.policies().get(&name).await.ok()?;
+        let s = p.status?;
+        let ready = s
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && s.matched_nodes == Some(1)).then_some(())
+    })
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn namespace_created_later_is_resolved() -> TestResult {
     let Some(cluster) = cluster().await? else {

@@ -10,6 +10,9 @@
 //! NodeAgentConfig (through the agent's decision function) for every user, endpoint, node and
 //! namespace. A grant wider than the current policies that stays wider for longer than the
 //! convergence window fails the test; so does any object left when the policies are gone.
+//! The window counts the time the operator can reach the API server: cut off, no controller
+//! can revoke anything (outages may follow each other closely enough that its watches never
+//! reconnect in between), so what is checked is that it revokes within the window once it can.
 //!
 //! The seed is printed; `NODEGATE_CHAOS_SEED=<seed>` replays a run's sequence (the operator's
 //! timing still varies). `NODEGATE_CHAOS_SECONDS` sets the length of the random phase
@@ -102,6 +105,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     let mut operator = Some(spawn_operator(&binary, &kubeconfig, &args, &log)?);
     println!("operator log: {}", log.display());
 
+    let reachable = Reachable::default();
     let mut checker = Checker::new(users.clone(), nodes.clone());
     let mut world = Chaos {
         rng,
@@ -120,7 +124,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     // The checker samples on its own clock, also while the operator is dead or cut off.
     let sampling = async {
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            checker.sample(&client, &run).await?;
+            checker.sample(&client, &run, &reachable).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Ok::<(), BoxError>(())
@@ -156,10 +160,12 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
                     }
                     "cut the API server" => {
                         proxy.outage(true);
+                        reachable.cut();
                         world.change(&w, "update policy").await?;
                         let pause = world.rng.random_range(1000..5000);
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                         proxy.outage(false);
+                        reachable.restore();
                     }
                     op => world.change(&w, op).await?,
                 }
@@ -182,7 +188,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     // say, exactly (none wider, none missing).
     let quiet = Instant::now();
     let settled = loop {
-        let report = checker.sample(&client, &run).await?;
+        let report = checker.sample(&client, &run, &reachable).await?;
         if report.wider == 0 && report.missing == 0 {
             break true;
         }
@@ -489,6 +495,34 @@ fn spawn_operator(
         .spawn()?)
 }
 
+/// The clock of the convergence window: time the operator could reach the API server.
+#[derive(Default)]
+struct Reachable {
+    /// Since when the API server is cut off (if it is), and the total of earlier cuts.
+    cuts: std::sync::Mutex<(Option<Instant>, Duration)>,
+}
+
+impl Reachable {
+    fn cut(&self) {
+        let mut cuts = self.cuts.lock().unwrap();
+        cuts.0.get_or_insert_with(Instant::now);
+    }
+
+    fn restore(&self) {
+        let mut cuts = self.cuts.lock().unwrap();
+        if let Some(since) = cuts.0.take() {
+            cuts.1 += since.elapsed();
+        }
+    }
+
+    /// Time since `start` less the time cut off.
+    fn elapsed(&self, start: Instant) -> Duration {
+        let cuts = self.cuts.lock().unwrap();
+        let cut = cuts.1 + cuts.0.map_or(Duration::ZERO, |since| since.elapsed());
+        start.elapsed().saturating_sub(cut)
+    }
+}
+
 /// One (user, endpoint, node, namespace) question.
 type Question = (String, Endpoint, String, String);
 
@@ -506,12 +540,17 @@ struct Checker {
     users: Vec<String>,
     nodes: Vec<String>,
     /// Since when each violation has been seen in every sample.
-    since: HashMap<(Question, &'static str), Instant>,
+    /// On the [`Reachable`] clock, and when (for the failure's story).
+    since: HashMap<(Question, &'static str), (Duration, Instant)>,
     longest: Duration,
     longest_what: String,
     lasting: Vec<String>,
     samples: usize,
     last: Report,
+    /// When the checker started, to place a violation on the timeline and in the operator's
+    /// log (which is stamped in UTC).
+    started: Instant,
+    started_unix: Duration,
 }
 
 impl Checker {
@@ -525,11 +564,20 @@ impl Checker {
             lasting: Vec::new(),
             samples: 0,
             last: Report::default(),
+            started: Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
         }
     }
 
     /// Reads the world as it is now, then every answer, and records what is wider.
-    async fn sample(&mut self, client: &kube::Client, run: &str) -> Result<&Report, BoxError> {
+    async fn sample(
+        &mut self,
+        client: &kube::Client,
+        run: &str,
+        reachable: &Reachable,
+    ) -> Result<&Report, BoxError> {
         let policies = Api::<NodeApiPolicy>::all(client.clone())
             .list(&ListParams::default().labels(&format!("{TEST_LABEL}={run}")))
             .await?
@@ -581,6 +629,7 @@ impl Checker {
             .collect()
             .await;
         let now = Instant::now();
+        let reachable_now = reachable.elapsed(self.started);
         let mut report = Report::default();
         let mut seen = BTreeSet::new();
         for (question, rbac) in questions.into_iter().zip(rbac) {
@@ -611,17 +660,41 @@ impl Checker {
                         ));
                     }
                     let key = (question.clone(), by);
-                    let since = *self.since.entry(key.clone()).or_insert(now);
-                    let lasted = now - since;
+                    let (since_reachable, since) = *self
+                        .since
+                        .entry(key.clone())
+                        .or_insert((reachable_now, now));
+                    let lasted = reachable_now.saturating_sub(since_reachable);
                     if lasted > self.longest {
                         self.longest = lasted;
                         self.longest_what =
                             format!("{by}: {user} get {} on {node} in {ns}", endpoint.name());
                     }
                     if lasted > CONVERGENCE {
+                        if self.lasting.is_empty() {
+                            // What the checker's model saw, once, for the failure's story.
+                            println!(
+                                "first lasting violation at {:.1}s: {by} lets {user} get {} on \
+                                 {node} in {ns}; nodes {node_labels:?}; namespaces \
+                                 {namespaces:?}; policies {}",
+                                (now - self.started).as_secs_f64(),
+                                endpoint.name(),
+                                serde_json::to_string(
+                                    &policies
+                                        .iter()
+                                        .map(|p| (p.name_any(), &p.spec))
+                                        .collect::<Vec<_>>()
+                                )
+                                .unwrap_or_default()
+                            );
+                        }
+                        let from = since - self.started;
                         self.lasting.push(format!(
-                            "{by} let {user} get {} on {node} in {ns} for {lasted:?}",
-                            endpoint.name()
+                            "{by} let {user} get {} on {node} in {ns} for {lasted:?} of \
+                             reachable time, from {:.1}s (unix time {:.1})",
+                            endpoint.name(),
+                            from.as_secs_f64(),
+                            (self.started_unix + from).as_secs_f64(),
                         ));
                     }
                     seen.insert(key);

@@ -15,7 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use nodegate_crds::NodeAgentConfig;
-use nodegate_operator::controller::Metrics;
+use nodegate_operator::controller::{Metrics, RoundCause};
 use nodegate_tests::cluster::{TEST_LABEL, unique_name};
 use serde_json::json;
 use std::time::Duration;
@@ -82,6 +82,15 @@ async fn heartbeats_and_agents_catching_up_cost_no_compile_and_no_status_patch()
     let leases: Api<Lease> = Api::namespaced(w.client.clone(), "kube-node-lease");
     let before = counts(&metrics);
     let rounds_before = metrics.reconciles();
+    let event_rounds_before = metrics.reconciles_by(RoundCause::Event);
+    let retries_before = metrics.reconciles_by(RoundCause::Retry);
+    const OWNED: [&str; 4] = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "RoleBinding",
+        "ServiceAccount",
+    ];
+    let owned_before = OWNED.map(|k| metrics.events_admitted(k));
     let namespaces_before = metrics.events_admitted("Namespace");
     for beat in 0..5 {
         for node in &nodes {
@@ -122,11 +131,23 @@ async fn heartbeats_and_agents_catching_up_cost_no_compile_and_no_status_patch()
         after, before,
         "(compiles, writes, events admitted) after 15 heartbeats and 15 agent status writes"
     );
-    let rounds = metrics.reconciles() - rounds_before;
+    // Rounds an event started: a heartbeat would start one. (A retry of an earlier round's
+    // write, due during the window, is no heartbeat's doing; the counts above show it wrote
+    // and compiled nothing.)
+    let rounds = metrics.reconciles_by(RoundCause::Event) - event_rounds_before;
     let namespace_events = metrics.events_admitted("Namespace") - namespaces_before;
     assert!(
         rounds <= namespace_events,
-        "{rounds} rounds, {namespace_events} of them for other tests' namespaces"
+        "{rounds} rounds started by an event, {namespace_events} of them for other tests' \
+         namespaces; all rounds in the window: {} ({} retries); events admitted by kind: {:?}",
+        metrics.reconciles() - rounds_before,
+        metrics.reconciles_by(RoundCause::Retry) - retries_before,
+        OWNED
+            .map(|k| (k, metrics.events_admitted(k)))
+            .iter()
+            .zip(owned_before)
+            .map(|((k, n), before)| (*k, n - before))
+            .collect::<Vec<_>>()
     );
     assert!(
         metrics.events_ignored() >= 30,

@@ -13,7 +13,7 @@ use nodegate_crds::{
     MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, POLICY_LABEL,
 };
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// `app.kubernetes.io/managed-by`.
@@ -247,30 +247,8 @@ pub fn config_digest(config: &NodeAgentConfig) -> Value {
     }))
 }
 
-/// The specs of the NodeAgentConfigs of a compile, by hash: nodes that the same policies select
-/// share one.
-pub type RuleSets = HashMap<String, NodeAgentConfigSpec>;
-
-/// Moves every NodeAgentConfig's spec out of `desired` into one [`RuleSets`] entry per distinct
-/// hash, leaving each config its metadata and `spec.hash` (all a round compares). A compile
-/// holds one spec per node, up to a few hundred KB each; the nodes of a cluster fall into few
-/// distinct selections (every node, a pool, a zone), so what a round keeps between compiles is
-/// one spec per selection, not per node.
-pub fn share_rule_sets(desired: &mut Desired) -> RuleSets {
-    let mut sets = RuleSets::new();
-    for config in &mut desired.node_agent_configs {
-        let hash = config.spec.hash.clone();
-        let spec = std::mem::replace(
-            &mut config.spec,
-            NodeAgentConfigSpec {
-                hash: hash.clone(),
-                ..NodeAgentConfigSpec::default()
-            },
-        );
-        sets.entry(hash).or_insert(spec);
-    }
-    sets
-}
+/// The specs of the NodeAgentConfigs of a compile, by hash (see [`crate::compiler::compile_shared`]).
+pub type RuleSets = crate::compiler::RuleSets;
 
 /// The whole apply body of a NodeAgentConfig (`config`'s metadata, `spec` its rule set), made
 /// when it is written.
@@ -367,40 +345,6 @@ mod tests {
         assert!(is_owned(Some(&t1), Some("t1")));
         assert!(!is_owned(Some(&t1), Some("t2")));
         assert!(!is_owned(Some(&t1), None));
-    }
-
-    #[test]
-    fn nodes_with_the_same_policies_share_one_rule_set() {
-        let rules = |g: &str| -> Vec<nodegate_crds::AgentRule> {
-            vec![
-                serde_json::from_value(serde_json::json!({
-                "policy": "p", "subjects": [{"kind": "Group", "name": g}],
-                "endpoints": ["pods"], "namespaces": {"names": ["a"]}, "ports": ["Secure"]}))
-                .unwrap(),
-            ]
-        };
-        let config = |node: &str, g: &str| {
-            let mut c = NodeAgentConfig::new(node, crate::compiler::agent_spec(&rules(g)));
-            c.metadata.labels = Some(BTreeMap::from([("x".to_string(), "y".to_string())]));
-            c
-        };
-        let mut desired = Desired {
-            node_agent_configs: vec![config("n1", "a"), config("n2", "a"), config("n3", "b")],
-            ..Desired::default()
-        };
-        let full: Vec<Value> = desired
-            .node_agent_configs
-            .iter()
-            .map(|c| config_body(c, &c.spec).unwrap())
-            .collect();
-        let sets = share_rule_sets(&mut desired);
-        assert_eq!(sets.len(), 2, "two distinct selections");
-        for (c, full) in desired.node_agent_configs.iter().zip(&full) {
-            assert!(c.spec.rules.is_empty() && c.spec.subjects.is_empty());
-            assert_eq!(&config_body(c, &sets[&c.spec.hash]).unwrap(), full);
-            assert_eq!(full["spec"]["rules"][0]["policy"], "p");
-            assert_eq!(full["kind"], "NodeAgentConfig");
-        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use nodegate_crds::policy::{GeneratedObjects, NodeApiPolicyStatus};
 use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeApiPolicy};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -372,6 +372,10 @@ pub(crate) struct Reconciler {
     compiled: Option<Compiled>,
     /// A write this round found its object changed since the cache read it.
     behind: bool,
+    /// The policies of each rule set this process compiled, by hash, kept while a node's
+    /// NodeAgentConfig holds it or its agent enforces it: what a node a policy no longer
+    /// selects may still grant (status item: a revocation is pending there).
+    policies_by_hash: HashMap<String, Arc<BTreeSet<String>>>,
     /// Every write passes it: none is sent unless leadership is confirmed.
     fence: Fence,
 }
@@ -403,6 +407,7 @@ impl Reconciler {
             json: HashMap::new(),
             compiled: None,
             behind: false,
+            policies_by_hash: HashMap::new(),
             fence,
         }
     }
@@ -512,11 +517,19 @@ impl Reconciler {
             _ => {
                 // The last result goes first: two at once would double the peak.
                 self.compiled = None;
-                let mut desired = compiler::compile(&policies, &nodes, &namespaces);
+                let (mut desired, rule_sets) =
+                    compiler::compile_shared(&policies, &nodes, &namespaces);
                 if let Some(instance) = &self.settings.instance {
                     objects::label_all(&mut desired, INSTANCE_LABEL, instance);
                 }
-                let rule_sets = Arc::new(objects::share_rule_sets(&mut desired));
+                for (hash, spec) in &rule_sets {
+                    self.policies_by_hash
+                        .entry(hash.clone())
+                        .or_insert_with(|| {
+                            Arc::new(spec.rules.iter().map(|r| r.policy.clone()).collect())
+                        });
+                }
+                let rule_sets = Arc::new(rule_sets);
                 self.metrics.compiled();
                 let desired = Arc::new(desired);
                 self.compiled = Some(Compiled {
@@ -970,6 +983,52 @@ impl Reconciler {
         (foreign, unknown)
     }
 
+    /// Nodes whose NodeAgentConfig, as written or as its agent last confirmed, is not the one
+    /// this round wants, by the policies its rules hold: such a node may still grant them.
+    /// A rule set this process did not compile (written before it started, or edited by
+    /// hand) may hold any policy: its nodes are returned apart, for every policy. Forgets the
+    /// rule sets no node holds any more.
+    fn stale_grants(
+        &mut self,
+        want: &HashMap<&str, &str>,
+    ) -> (HashMap<String, Vec<String>>, Vec<String>) {
+        let mut stale: HashMap<String, Vec<String>> = HashMap::new();
+        let mut unknown = Vec::new();
+        let mut held: HashSet<String> = want.values().map(|h| h.to_string()).collect();
+        for config in self.stores.node_agent_configs.state() {
+            let node = config.name_any();
+            // A config whose node is gone goes with it (owner reference); no kubelet, no agent.
+            let Some(wanted) = want.get(node.as_str()) else {
+                continue;
+            };
+            let observed = config
+                .status
+                .as_ref()
+                .and_then(|s| s.observed_hash.as_ref());
+            let mut hashes: Vec<&String> =
+                std::iter::once(&config.spec.hash).chain(observed).collect();
+            hashes.dedup();
+            for hash in hashes {
+                held.insert(hash.clone());
+                if hash == wanted {
+                    continue;
+                }
+                match self.policies_by_hash.get(hash) {
+                    Some(policies) => {
+                        for policy in policies.iter() {
+                            stale.entry(policy.clone()).or_default().push(node.clone());
+                        }
+                    }
+                    None => unknown.push(node.clone()),
+                }
+            }
+        }
+        self.policies_by_hash.retain(|hash, _| held.contains(hash));
+        unknown.sort();
+        unknown.dedup();
+        (stale, unknown)
+    }
+
     async fn statuses(
         &mut self,
         policies: &[NodeApiPolicy],
@@ -983,6 +1042,7 @@ impl Reconciler {
             .iter()
             .filter_map(|c| Some((c.metadata.name.as_deref()?, c.spec.hash.as_str())))
             .collect();
+        let (stale, unknown) = self.stale_grants(&hashes);
         let in_sync = |node: &str| -> bool {
             let Some(want) = hashes.get(node) else {
                 return false;
@@ -1019,6 +1079,20 @@ impl Reconciler {
             };
             let (synced, behind): (Vec<&String>, Vec<&String>) =
                 outcome.nodes.iter().partition(|n| in_sync(n));
+            let selects = |node: &str| {
+                outcome
+                    .nodes
+                    .binary_search_by(|n| n.as_str().cmp(node))
+                    .is_ok()
+            };
+            let revoking: BTreeSet<String> = stale
+                .get(outcome.policy.as_str())
+                .into_iter()
+                .flatten()
+                .chain(&unknown)
+                .filter(|n| !selects(n))
+                .cloned()
+                .collect();
             let mut errors = errors_by_policy
                 .get(&outcome.policy)
                 .cloned()
@@ -1030,6 +1104,7 @@ impl Reconciler {
                 errors,
                 agents_in_sync: synced.len(),
                 agents_behind: behind.into_iter().cloned().collect(),
+                revoking: revoking.into_iter().collect(),
                 generated: generated.get(&outcome.policy).cloned().unwrap_or_default(),
             };
             let previous = policy.status.as_ref();

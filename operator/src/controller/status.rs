@@ -21,7 +21,19 @@ pub struct Observed {
     pub agents_in_sync: usize,
     /// Selected nodes that are not in sync, by name (for the message; sorted).
     pub agents_behind: Vec<String>,
+    /// Nodes the policy no longer selects whose NodeAgentConfig, as written or as its agent
+    /// enforces it, may still hold the policy's earlier rules (sorted).
+    pub revoking: Vec<String>,
     pub generated: GeneratedObjects,
+}
+
+/// The first five names, and "…" if there are more: a condition message stays short.
+fn first_names(names: &[String]) -> String {
+    let mut shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    if names.len() > 5 {
+        shown.push("…");
+    }
+    shown.join(", ")
 }
 
 /// The status for `outcome` and `observed`, keeping each condition's `lastTransitionTime`
@@ -50,7 +62,19 @@ pub fn compute(
             "RBAC and service accounts are in place".to_string(),
         )
     };
-    let (agents_ok, agents_reason, agents_message) = if selected == 0 {
+    let (agents_ok, agents_reason, agents_message) = if !observed.revoking.is_empty() {
+        (
+            false,
+            "RevocationPending",
+            format!(
+                "{} node(s) the policy no longer selects may still enforce its earlier rules \
+                 (their NodeAgentConfig is not yet written, or their agent has not confirmed \
+                 it): {}",
+                observed.revoking.len(),
+                first_names(&observed.revoking)
+            ),
+        )
+    } else if selected == 0 {
         (
             true,
             "NoNodes",
@@ -63,22 +87,13 @@ pub fn compute(
             format!("{selected}/{selected} agents enforce the policy"),
         )
     } else {
-        let mut behind: Vec<&str> = observed
-            .agents_behind
-            .iter()
-            .take(5)
-            .map(String::as_str)
-            .collect();
-        if observed.agents_behind.len() > 5 {
-            behind.push("…");
-        }
         (
             false,
             "Pending",
             format!(
                 "{}/{selected} agents enforce the policy; waiting for {}",
                 observed.agents_in_sync,
-                behind.join(", ")
+                first_names(&observed.agents_behind)
             ),
         )
     };
@@ -217,6 +232,34 @@ mod tests {
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Pending"));
         assert!(c.message.contains("1/2") && c.message.contains("n2"));
         assert_eq!(get(&s, READY).reason, "AgentsPending");
+    }
+
+    /// Every selected agent in sync is not enough: a node the policy just dropped may still
+    /// enforce its earlier rules, and the policy says so until it does not.
+    #[test]
+    fn a_dropped_node_still_enforcing_blocks_ready() {
+        let o = Observed {
+            agents_in_sync: 1,
+            revoking: vec!["n0".into()],
+            ..Default::default()
+        };
+        let s = compute(&outcome(&["n1"]), &o, None, &at(10));
+        let c = get(&s, AGENTS_SYNCED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "RevocationPending")
+        );
+        assert!(c.message.contains("n0"), "{}", c.message);
+        assert_eq!(get(&s, READY).status, "False");
+        // Also when it selects no node at all any more.
+        let s = compute(&outcome(&[]), &o, None, &at(10));
+        assert_eq!(get(&s, AGENTS_SYNCED).reason, "RevocationPending");
+        let done = Observed {
+            agents_in_sync: 1,
+            ..Default::default()
+        };
+        let s = compute(&outcome(&["n1"]), &done, Some(&s), &at(20));
+        assert_eq!(get(&s, READY).status, "True");
     }
 
     #[test]
