@@ -199,7 +199,12 @@ fn main() -> anyhow::Result<()> {
         None => cli.run,
     };
     init_logging(&args)?;
+    // At least two workers, also under a 1-CPU limit (one worker by default): a round's
+    // synchronous stretches (planning thousands of objects) must never hold up the lease
+    // renewals, or the leader exits at its renew deadline.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -434,7 +434,7 @@ impl Reconciler {
     /// ([`apply`](Self::apply)); each policy's status and events ([`report`](Self::report)).
     pub async fn round(&mut self, cause: RoundCause) -> RoundReport {
         let started = std::time::Instant::now();
-        let snapshot = self.snapshot();
+        let snapshot = self.snapshot().await;
         let t_snapshot = started.elapsed();
         let owners = self.ownership(&snapshot).await;
         let t_ownership = started.elapsed();
@@ -466,8 +466,8 @@ impl Reconciler {
 
     /// Phase 1: the caches' policies, nodes and namespaces, what they compile to (reused when
     /// none of them changed since the last compile), and every owned object the caches hold.
-    fn snapshot(&mut self) -> Snapshot {
-        let policies: Vec<NodeApiPolicy> = self
+    async fn snapshot(&mut self) -> Snapshot {
+        let mut policies: Vec<NodeApiPolicy> = self
             .stores
             .policies
             .state()
@@ -502,6 +502,7 @@ impl Reconciler {
         self.metrics
             .sizes(policies.len(), nodes.len(), namespaces.len());
         let namespace_count = namespaces.len();
+        let node_count = nodes.len();
         let namespaces = reachable_namespaces(&policies, namespaces);
 
         let inputs = inputs_digest(
@@ -517,8 +518,22 @@ impl Reconciler {
             _ => {
                 // The last result goes first: two at once would double the peak.
                 self.compiled = None;
-                let (mut desired, rule_sets) =
-                    compiler::compile_shared(&policies, &nodes, &namespaces);
+                // Seconds of CPU at scale: on the blocking pool, so the lease renewals and the
+                // watches keep running (on the one worker a 1-CPU limit gives, a compile in
+                // place starved the renewals past their deadline and the leader exited).
+                let (mut desired, rule_sets, back) = tokio::task::spawn_blocking(move || {
+                    let (desired, rule_sets) =
+                        compiler::compile_shared(&policies, &nodes, &namespaces);
+                    (desired, rule_sets, policies)
+                })
+                .await
+                .unwrap_or_else(|e| match e.try_into_panic() {
+                    // A bug in the compiler: the same as had it run in place.
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Only when the runtime shuts down, which ends this round anyway.
+                    Err(e) => std::panic::resume_unwind(Box::new(e.to_string())),
+                });
+                policies = back;
                 if let Some(instance) = &self.settings.instance {
                     objects::label_all(&mut desired, INSTANCE_LABEL, instance);
                 }
@@ -548,7 +563,7 @@ impl Reconciler {
         }
         Snapshot {
             policies,
-            nodes: nodes.len(),
+            nodes: node_count,
             namespaces: namespace_count,
             desired,
             rule_sets,
@@ -656,6 +671,57 @@ impl Reconciler {
             foreign: ownership::messages_by_policy(&owners.foreign),
             ..Results::default()
         };
+        // Deletes first: an object no policy asks for any more only ever grants too much, so
+        // a narrowing lands before the round spends time on other writes (at scale, hundreds
+        // of NodeAgentConfigs). Removing a grant never needs anything else in place.
+        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(writes.deletes)
+            .map(|(key, version)| {
+                let api = self.api(&key);
+                let metrics = self.metrics.clone();
+                let fence = self.fence.clone();
+                async move {
+                    let result = delete(&api, &key, version, &metrics, &fence).await;
+                    (key, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        for (key, result) in deleted {
+            match result {
+                Ok(()) => {
+                    tracing::info!(object = %key, "deleted: no policy asks for it");
+                    self.failures.remove(&key);
+                }
+                Err(WriteError::Fenced(fenced)) => {
+                    tracing::debug!(object = %key, %fenced, "delete not sent");
+                }
+                Err(WriteError::Kube(error)) => {
+                    // A stale object still grants what no policy asks for any more: the
+                    // policies it belonged to are not Ready until it is gone.
+                    self.metrics.error(key.kind.as_str(), "delete");
+                    let policies = existing
+                        .get(&key)
+                        .map(|e| policies_of_body(&e.body))
+                        .unwrap_or_default();
+                    let class = classify(&error);
+                    let message = format!(
+                        "{key}: no longer wanted but could not be deleted, so it still grants \
+                         access: {}",
+                        error_message(&error)
+                    );
+                    tracing::warn!(object = %key, %error, "delete failed; will retry");
+                    for p in &policies {
+                        results
+                            .failed
+                            .entry(p.clone())
+                            .or_default()
+                            .push(message.clone());
+                    }
+                    self.fail_as(class, key, message, policies);
+                }
+            }
+        }
         // Roles before the bindings that refer to them: RBAC checks a binding against the
         // role it names (the operator may bind only what it holds), so a binding sent first
         // would be refused. A binding whose role just failed waits for the next round.
@@ -721,54 +787,6 @@ impl Reconciler {
         let applied = self.apply_all(ready_bindings, existing, concurrency).await;
         self.record_applies(applied, &mut results);
 
-        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(writes.deletes)
-            .map(|(key, version)| {
-                let api = self.api(&key);
-                let metrics = self.metrics.clone();
-                let fence = self.fence.clone();
-                async move {
-                    let result = delete(&api, &key, version, &metrics, &fence).await;
-                    (key, result)
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-        for (key, result) in deleted {
-            match result {
-                Ok(()) => {
-                    tracing::info!(object = %key, "deleted: no policy asks for it");
-                    self.failures.remove(&key);
-                }
-                Err(WriteError::Fenced(fenced)) => {
-                    tracing::debug!(object = %key, %fenced, "delete not sent");
-                }
-                Err(WriteError::Kube(error)) => {
-                    // A stale object still grants what no policy asks for any more: the
-                    // policies it belonged to are not Ready until it is gone.
-                    self.metrics.error(key.kind.as_str(), "delete");
-                    let policies = existing
-                        .get(&key)
-                        .map(|e| policies_of_body(&e.body))
-                        .unwrap_or_default();
-                    let class = classify(&error);
-                    let message = format!(
-                        "{key}: no longer wanted but could not be deleted, so it still grants \
-                         access: {}",
-                        error_message(&error)
-                    );
-                    tracing::warn!(object = %key, %error, "delete failed; will retry");
-                    for p in &policies {
-                        results
-                            .failed
-                            .entry(p.clone())
-                            .or_default()
-                            .push(message.clone());
-                    }
-                    self.fail_as(class, key, message, policies);
-                }
-            }
-        }
         // Checks that failed this round back off; names still backing off keep their entry.
         for s in owners
             .unchecked
