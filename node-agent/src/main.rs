@@ -445,6 +445,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     upstream.token_file = args.upstream_token_file.clone();
     upstream.client_cert_file = args.upstream_client_cert_file.clone();
     upstream.client_key_file = args.upstream_client_key_file.clone();
+    if upstream.insecure_skip_tls_verify && upstream.url.scheme_str() == Some("https") {
+        // Said here, not in `Upstream::new`: component upstreams say so in their own words.
+        tracing::warn!(upstream = %upstream.url, "kubelet serving certificate is NOT verified (--upstream-insecure-skip-tls-verify)");
+    }
     let upstream = Upstream::new(&upstream)?;
     let components = component_settings(&args)?;
 

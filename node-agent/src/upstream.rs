@@ -378,9 +378,6 @@ impl Upstream {
         } else {
             None
         };
-        if s.insecure_skip_tls_verify && https {
-            tracing::warn!(upstream = %s.url, "kubelet serving certificate is NOT verified (--upstream-insecure-skip-tls-verify)");
-        }
         let connector = Connector {
             addr: addr.clone(),
             tls,
