@@ -12,7 +12,14 @@
 //! - zero container restarts of the operator;
 //! - the leader's peak memory (its cgroup's, from its own metric) below its limit with at least
 //!   30 % headroom;
-//! - with heartbeats only, for 60 s: at most one reconcile round and zero writes.
+//! - with heartbeats only, for 60 s: at most one reconcile round and zero writes;
+//! - churn (issue 16): one policy without a `nodeSelector` changed per second (a different one
+//!   each time, its namespace list moved on by one), for 300 s at the full shape and 20 s
+//!   otherwise (`NODEGATE_SCALE_CHURN_SECONDS`): the time from each change (its update
+//!   accepted) until the NodeAgentConfigs of sampled nodes hold it, read from their content
+//!   through a watch per node. The sample is the nine nodes whose configs the operator writes
+//!   last (it writes them in name order) and the first; the p99 must be at most 5 s at the
+//!   full shape, and every change must land.
 //!
 //! `cargo xtask test` runs the reduced shape (200 policies × 100 nodes × 40 namespaces);
 //! `cargo xtask scale` the full one (1,000 × 500 × 200, `NODEGATE_SCALE=full`). Everything the
@@ -324,6 +331,64 @@ fn ready(policy: &NodeApiPolicy) -> bool {
     })
 }
 
+/// One change of the churn phase and when the sampled nodes' configs held it.
+struct Change {
+    policy: String,
+    names: Vec<String>,
+    at: Instant,
+    remaining: BTreeSet<String>,
+    landed: Option<Instant>,
+}
+
+/// Whether `config` holds `names` as the namespaces of `policy`'s rule.
+fn holds(config: &NodeAgentConfig, policy: &str, names: &[String]) -> bool {
+    let spec = &config.spec;
+    spec.rules
+        .iter()
+        .find(|r| r.policy == policy)
+        .and_then(|r| spec.namespace_sets.get(r.namespaces as usize))
+        .is_some_and(|set| set.names == names)
+}
+
+/// A watch on one node's NodeAgentConfig that marks the changes it now holds.
+fn watch_config(
+    configs: Api<NodeAgentConfig>,
+    node: String,
+    changes: std::sync::Arc<std::sync::Mutex<Vec<Change>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let config =
+            kube::runtime::watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let mut events = kube::runtime::watcher(configs, config).boxed();
+        while let Some(event) = events.next().await {
+            let object = match event {
+                Ok(kube::runtime::watcher::Event::Apply(o))
+                | Ok(kube::runtime::watcher::Event::InitApply(o)) => o,
+                _ => continue,
+            };
+            let now = Instant::now();
+            let mut changes = changes.lock().unwrap();
+            for change in changes.iter_mut().filter(|c| c.remaining.contains(&node)) {
+                if holds(&object, &change.policy, &change.names) {
+                    change.remaining.remove(&node);
+                    if change.remaining.is_empty() {
+                        change.landed = Some(now);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The `q` quantile (0..=1) of sorted `values`.
+fn quantile(values: &[Duration], q: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values[i.min(values.len() - 1)]
+}
+
 #[tokio::test]
 async fn installed_operator_at_scale() -> TestResult {
     let Some(cluster) = Cluster::get().await? else {
@@ -573,7 +638,88 @@ async fn installed_operator_at_scale() -> TestResult {
     let compiles = metric(&after, "nodegate_operator_compiles_total")
         - metric(&before, "nodegate_operator_compiles_total");
     eprintln!("{QUIET:?} of heartbeats: {rounds} rounds, {compiles} compiles, {writes} writes");
+
+    // Churn: a policy on every node changed per second; when do the sampled configs hold it?
+    let churn_for = Duration::from_secs(
+        std::env::var("NODEGATE_SCALE_CHURN_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if shape.policies >= 1000 { 300 } else { 20 }),
+    );
+    let mut by_name: Vec<&String> = nodes.iter().map(|(n, _)| n).collect();
+    by_name.sort();
+    let sampled: BTreeSet<String> = by_name
+        .iter()
+        .rev()
+        .take(9)
+        .chain(by_name.first())
+        .map(|n| n.to_string())
+        .collect();
+    let changes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Change>::new()));
+    let watches: Vec<_> = sampled
+        .iter()
+        .map(|n| watch_config(configs.clone(), n.clone(), changes.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await; // the watches' first lists
+    let everywhere: Vec<usize> = (0..shape.policies).filter(|i| i % 4 != 3).collect();
+    let churn_started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sent = 0usize;
+    while churn_started.elapsed() < churn_for {
+        tick.tick().await;
+        let i = everywhere[sent % everywhere.len()];
+        // Its namespaces, each moved on by one (a new RoleBinding, one gone, a new rule).
+        let names: Vec<String> = shape
+            .policy_namespaces(i)
+            .into_iter()
+            .map(|k| ns_names[(k + 1 + sent / everywhere.len()) % shape.namespaces].clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let policy = specs[i].0.clone();
+        policies
+            .patch(
+                &policy,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"namespaces": {"names": names}}})),
+            )
+            .await?;
+        changes.lock().unwrap().push(Change {
+            policy,
+            names,
+            at: Instant::now(),
+            remaining: sampled.clone(),
+            landed: None,
+        });
+        sent += 1;
+    }
+    let grace = Instant::now();
+    while grace.elapsed() < Duration::from_secs(60)
+        && changes.lock().unwrap().iter().any(|c| c.landed.is_none())
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    watches.iter().for_each(|w| w.abort());
+    let (mut latencies, unlanded): (Vec<Duration>, usize) = {
+        let changes = changes.lock().unwrap();
+        (
+            changes
+                .iter()
+                .filter_map(|c| Some(c.landed? - c.at))
+                .collect(),
+            changes.iter().filter(|c| c.landed.is_none()).count(),
+        )
+    };
+    latencies.sort();
+    let p99 = quantile(&latencies, 0.99);
+    eprintln!(
+        "churn: {sent} changes in {churn_for:?}; change to the sampled configs: p50 {:.2?}, \
+         p99 {p99:.2?}, max {:.2?}; {unlanded} not landed within 60 s",
+        quantile(&latencies, 0.5),
+        latencies.last().copied().unwrap_or_default(),
+    );
     beats.abort();
+    let (_, after) = leader_metrics(&pods, operator_pods).await;
 
     // Restarts and memory.
     let restarts: i32 = pods
@@ -610,5 +756,12 @@ async fn installed_operator_at_scale() -> TestResult {
     );
     assert!(rounds <= 1.0, "{rounds} rounds with heartbeats only");
     assert_eq!(writes, 0.0, "writes with heartbeats only");
+    assert_eq!(unlanded, 0, "churn changes the sampled configs never held");
+    if shape.policies >= 1000 {
+        assert!(
+            p99 <= Duration::from_secs(5),
+            "churn: p99 from change to written {p99:?}, over 5 s"
+        );
+    }
     Ok(())
 }

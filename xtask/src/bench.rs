@@ -39,6 +39,10 @@ pub struct Args {
     /// Skip the runs against the real kubelet of the local cluster.
     #[arg(long)]
     no_kubelet: bool,
+    /// Skip the agent-memory measurement (tests/tests/agent_memory.rs: 20 and 200 MB of
+    /// metrics streamed through the release agent, its peak RSS before and after).
+    #[arg(long)]
+    no_memory: bool,
     /// Write the result tables (markdown) to this file as well as to stdout.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -187,6 +191,39 @@ fn cargo_build() -> Result<()> {
         bail!("release build failed");
     }
     Ok(())
+}
+
+/// Runs the agent-memory measurement against the release agent; its figures (the lines it
+/// prints about VmRSS and VmHWM).
+fn agent_memory() -> Result<String> {
+    eprintln!("agent memory: tests/tests/agent_memory.rs (--ignored) on the release agent");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(crate::workspace_root())
+        .env("NODEGATE_AGENT_BIN", release_bin("nodegate-agent"))
+        .args([
+            "test",
+            "-p",
+            "nodegate-tests",
+            "--test",
+            "agent_memory",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "agent_peak_rss_stays_flat",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the agent-memory measurement")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("the agent-memory measurement failed:\n{stdout}");
+    }
+    Ok(stdout
+        .lines()
+        .filter(|l| l.contains("MiB") || l.contains(" MB"))
+        .map(|l| format!("{l}\n"))
+        .collect())
 }
 
 fn release_bin(name: &str) -> PathBuf {
@@ -880,7 +917,15 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
 
-    let report = render(
+    // 3. The agent's memory while streaming: the `#[ignore]`d measurement of the test suite,
+    // on the release binary (in a debug build it takes minutes and measures the wrong thing).
+    let memory = if args.no_memory {
+        String::new()
+    } else {
+        agent_memory()?
+    };
+
+    let mut report = render(
         &args,
         &sim_line,
         &load_start,
@@ -891,6 +936,13 @@ pub fn run(args: Args) -> Result<()> {
         &kubelet_rows,
         &rss_rows,
     );
+    if !memory.is_empty() {
+        report.push_str(&format!(
+            "\nagent memory while streaming (`NODEGATE_AGENT_BIN=target/release/nodegate-agent \
+             cargo test -p nodegate-tests --test agent_memory -- --ignored --nocapture`):\n\n\
+             ```\n{memory}```\n"
+        ));
+    }
     println!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report)?;
