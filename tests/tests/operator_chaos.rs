@@ -1,8 +1,9 @@
 //! Chaos for the operator against the real API server: a seeded random sequence of policy
 //! creates, updates and deletes, namespace creates and deletes, node label changes, SIGKILLs
-//! and restarts of the operator process, and API server outages as the operator sees them (every
-//! connection cut, new ones refused, for a few seconds: the watches break and relist, as after an
-//! API server restart; the API server the other tests use keeps running).
+//! and restarts of the operator process, API server outages as the operator sees them (every
+//! connection cut, new ones refused, for a few seconds: the watches break and relist), and real
+//! restarts of the local cluster's API server (SIGKILL, then started again with the same flags,
+//! `cargo xtask cluster restart kube-apiserver`; the test's own requests fail meanwhile too).
 //!
 //! An independent checker samples all along: it reads the policies, nodes and namespaces as
 //! they are now, computes by its own simple model what they allow (not with the compiler), and
@@ -122,9 +123,18 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     let mut ops: BTreeMap<&'static str, usize> = BTreeMap::new();
     let done = std::sync::atomic::AtomicBool::new(false);
     // The checker samples on its own clock, also while the operator is dead or cut off.
+    // A sample fails while the API server restarts; many in a row fail the test.
     let sampling = async {
+        let mut failed_in_a_row = 0;
         while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            checker.sample(&client, &run, &reachable).await?;
+            match checker.sample(&client, &run, &reachable).await {
+                Ok(_) => failed_in_a_row = 0,
+                Err(error) if failed_in_a_row < 60 => {
+                    failed_in_a_row += 1;
+                    println!("sample failed ({failed_in_a_row} in a row): {error}");
+                }
+                Err(error) => return Err(error),
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Ok::<(), BoxError>(())
@@ -140,7 +150,8 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
                     72..78 => "delete namespace",
                     78..88 => "relabel node",
                     88..94 => "kill operator",
-                    _ => "cut the API server",
+                    94..97 => "cut the API server",
+                    _ => "restart the API server",
                 };
                 *ops.entry(op).or_default() += 1;
                 // The timeline, shown with the failure (libtest prints a failed test's output).
@@ -166,6 +177,15 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
                         tokio::time::sleep(Duration::from_millis(pause)).await;
                         proxy.outage(false);
                         reachable.restore();
+                    }
+                    // The real one (SIGKILL, then started again with the same flags): every
+                    // client's connections and watches break, also the test's own.
+                    "restart the API server" => {
+                        world.change(&w, "update policy").await?;
+                        reachable.cut();
+                        let restarted = tokio::task::spawn_blocking(restart_api_server).await?;
+                        reachable.restore();
+                        restarted?;
                     }
                     op => world.change(&w, op).await?,
                 }
@@ -493,6 +513,24 @@ fn spawn_operator(
         .stderr(out)
         .kill_on_drop(true)
         .spawn()?)
+}
+
+/// Restarts the local cluster's API server as a crash would, with `cargo xtask cluster restart`
+/// (the xtask binary `cargo xtask test` runs from; it returns once `/readyz` says ok).
+fn restart_api_server() -> Result<(), BoxError> {
+    let xtask = nodegate_tests::binaries::path("xtask", "xtask")?;
+    let out = std::process::Command::new(xtask)
+        .args(["cluster", "restart", "kube-apiserver"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo xtask cluster restart kube-apiserver: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The clock of the convergence window: time the operator could reach the API server.

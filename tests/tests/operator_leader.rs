@@ -14,7 +14,11 @@
 //! - a leader whose writes and renewals hang steps down at its renew deadline: the round in
 //!   flight is cancelled and the held write is never sent (in-process, an interposing client);
 //! - `/healthz` of a controller whose round is stuck on a write fails after the stall bound, and
-//!   recovers when the round ends (`/readyz` stays ready).
+//!   recovers when the round ends (`/readyz` stays ready);
+//! - a crash loop is visible (issue 20): when the Lease says the previous leader stopped in the
+//!   middle of a round, the second in a row, the next leader marks every policy not Ready
+//!   (`OperatorRestarting`) before its own first round, and its finished round writes the true
+//!   status and clears the Lease's count.
 //!
 //! Needs the binary: `cargo build -p nodegate-operator`, then after
 //! `eval "$(cargo xtask cluster env)"`: `cargo test -p nodegate-tests --test operator_leader`.
@@ -593,6 +597,119 @@ async fn passing_the_renew_deadline_cancels_the_round_in_flight() -> TestResult 
     );
     assert!(w.cluster_role(&role_name).await.is_none());
     eprintln!("stepped down {stepped_down:?} after the hang; {held} requests held, none sent");
+    w.cleanup().await;
+    Ok(())
+}
+
+/// Two leaders in a row died in a round (the Lease its predecessor left says so): the next one
+/// marks every policy `OperatorRestarting` before its own round, then writes the true status
+/// once that round finishes, and the Lease it renews says `idle` and 0.
+#[tokio::test]
+async fn leaders_dying_in_their_rounds_again_and_again_are_reported_on_every_policy() -> TestResult
+{
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    use nodegate_operator::controller::progress::{ROUND_ANNOTATION, UNFINISHED_ANNOTATION};
+
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let lease_ns = cluster.namespace("leader").await?;
+    let ns = cluster.namespace("crashloop").await?;
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let name = unique_name("crashloop");
+    // Selects no node: Ready as soon as its RBAC is in place (no agent to wait for).
+    w.create(&w.policy(
+        &name,
+        json!({
+            "subjects": [{"kind": "User", "name": "lou"}],
+            "nodeSelector": {"matchLabels": {"nodegate.io/no-such-pool": "none"}},
+            "access": ["pods"],
+            "namespaces": {"names": [ns.name()]},
+        }),
+    ))
+    .await?;
+    // What the last leader left: it held the lease (1 s, long expired by the time anyone
+    // looks) with a round under way, after one predecessor that did the same.
+    let lease = unique_name("crash-lease");
+    let leases: Api<Lease> = Api::namespaced(w.client.clone(), lease_ns.name());
+    leases
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": lease, "annotations": {
+                    ROUND_ANNOTATION: "running", UNFINISHED_ANNOTATION: "1"}},
+                "spec": {"holderIdentity": "crashed-leader", "leaseDurationSeconds": 1,
+                         "leaseTransitions": 3},
+            }))?,
+        )
+        .await?;
+    // Every Ready reason the policy's status goes through, in order.
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = reasons.clone();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let watch = tokio::spawn(watcher(w.policies(), config).for_each(move |event| {
+        if let Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) = event {
+            let reason = p
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.type_ == "Ready")
+                .map(|c| format!("{}:{}", c.status, c.reason));
+            if let Some(reason) = reason {
+                let mut seen = seen.lock().unwrap();
+                if seen.last() != Some(&reason) {
+                    seen.push(reason);
+                }
+            }
+        }
+        futures::future::ready(())
+    }));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let kubeconfig = cluster.location().kubeconfig.clone();
+    let operator = Operator::start(&w, &kubeconfig, lease_ns.name(), &lease, "after-crashes");
+    eventually(
+        "the policy Ready after the new leader's round",
+        WAIT,
+        || async {
+            let (status, _, _) = w.condition(&name, "Ready").await?;
+            (status == "True").then_some(())
+        },
+    )
+    .await?;
+    let lease_now = eventually("the Lease says idle and 0", WAIT, || async {
+        let l = leases.get(&lease).await.ok()?;
+        let a = l.metadata.annotations.clone()?;
+        (a.get(ROUND_ANNOTATION).map(String::as_str) == Some("idle")
+            && a.get(UNFINISHED_ANNOTATION).map(String::as_str) == Some("0"))
+        .then_some(l)
+    })
+    .await?;
+    assert_eq!(
+        lease_now.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("after-crashes")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watch.abort();
+    let reasons = reasons.lock().unwrap().clone();
+    let marked = reasons
+        .iter()
+        .position(|r| r == "False:OperatorRestarting")
+        .unwrap_or_else(|| panic!("never marked OperatorRestarting: {reasons:?}"));
+    assert_eq!(
+        reasons.last().map(String::as_str),
+        Some("True:Ready"),
+        "{reasons:?}"
+    );
+    assert!(marked < reasons.len() - 1, "{reasons:?}");
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        log.contains("marking every policy OperatorRestarting"),
+        "{}",
+        operator.log_tail()
+    );
+    drop(operator);
     w.cleanup().await;
     Ok(())
 }

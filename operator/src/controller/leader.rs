@@ -23,6 +23,7 @@
 //! reconcile loop waits for the lease.
 
 use super::fence::Fence;
+use super::progress::Progress;
 use super::{Error, Metrics, Settings};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -191,6 +192,10 @@ struct Elector {
     fence: Fence,
     /// The resourceVersion last seen and when (this replica's monotonic clock).
     observed: Option<(String, Instant)>,
+    /// This leader's rounds, written on the Lease at every renewal for its successor.
+    progress: Progress,
+    /// Whether this process holds the lease (set by its first successful write).
+    holding: bool,
 }
 
 impl Elector {
@@ -200,6 +205,8 @@ impl Elector {
             settings,
             fence,
             observed: None,
+            progress: Progress::default(),
+            holding: false,
         }
     }
 
@@ -223,11 +230,14 @@ impl Elector {
         let me = self.settings.identity.clone();
         let name = self.settings.lease_name.clone();
         let Some(mut lease) = self.api.get_opt(&name).await? else {
+            self.progress.take_over(&ObjectMeta::default());
+            let mut metadata = ObjectMeta {
+                name: Some(name),
+                ..ObjectMeta::default()
+            };
+            self.progress.annotate(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name),
-                    ..ObjectMeta::default()
-                },
+                metadata,
                 spec: Some(taken(
                     None,
                     &me,
@@ -238,6 +248,7 @@ impl Elector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(created) => {
                     self.observe(&created, Instant::now());
+                    self.holding = true;
                     self.fence.confirm(began);
                     Ok(Attempt::Held)
                 }
@@ -257,6 +268,19 @@ impl Elector {
                 .unwrap_or_default();
             return Ok(Attempt::HeldBy { holder, until });
         }
+        if !self.holding {
+            // Taking over (also from this replica's own earlier process, same identity):
+            // what the previous record says of its holder's rounds.
+            let unfinished = self.progress.take_over(&lease.metadata);
+            if unfinished > 0 {
+                tracing::warn!(
+                    unfinished,
+                    "the previous leader stopped in the middle of a round; {unfinished} leader(s) \
+                     in a row have"
+                );
+            }
+        }
+        self.progress.annotate(&mut lease.metadata);
         lease.spec = Some(taken(
             lease.spec.as_ref(),
             &me,
@@ -271,6 +295,7 @@ impl Elector {
         {
             Ok(updated) => {
                 self.observe(&updated, Instant::now());
+                self.holding = true;
                 self.fence.confirm(began);
                 Ok(Attempt::Held)
             }
@@ -392,6 +417,7 @@ async fn elected(
         watches.stores.clone(),
         watches.trigger.clone(),
         fence.clone(),
+        elector.progress.clone(),
         active.clone(),
     ));
     let mut next_renewal = Instant::now() + leader.retry_period;

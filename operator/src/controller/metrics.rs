@@ -50,6 +50,7 @@ struct Inner {
     owned: IntGaugeVec,
     foreign: IntGauge,
     leader: IntGauge,
+    unfinished_rounds: IntGauge,
     watch_errors: IntCounter,
     events_ignored: IntCounterVec,
     events_admitted: IntCounterVec,
@@ -125,6 +126,12 @@ impl Metrics {
             "leader",
             "1 while this replica holds the lease and reconciles.",
         ))?;
+        let unfinished_rounds = IntGauge::with_opts(opts(
+            "unfinished_rounds",
+            "Leaders in a row before this one that stopped in the middle of a round (killed, \
+             OOM, lost lease), as the Lease told this leader when it took over; 0 once it has \
+             finished a round. From 2, every policy is marked OperatorRestarting.",
+        ))?;
         let watch_errors = IntCounter::with_opts(opts(
             "watch_errors_total",
             "Watch errors (the watch resumes with backoff).",
@@ -174,6 +181,7 @@ impl Metrics {
         registry.register(Box::new(owned.clone()))?;
         registry.register(Box::new(foreign.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(unfinished_rounds.clone()))?;
         registry.register(Box::new(watch_errors.clone()))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -190,6 +198,7 @@ impl Metrics {
                 owned,
                 foreign,
                 leader,
+                unfinished_rounds,
                 watch_errors,
                 events_ignored,
                 events_admitted,
@@ -249,6 +258,10 @@ impl Metrics {
 
     pub(crate) fn set_leader(&self, leader: bool) {
         self.inner.leader.set(i64::from(leader));
+    }
+
+    pub(crate) fn unfinished_rounds(&self, n: u32) {
+        self.inner.unfinished_rounds.set(i64::from(n));
     }
 
     pub(crate) fn watch_error(&self) {

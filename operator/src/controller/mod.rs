@@ -15,6 +15,7 @@ pub mod memory;
 pub mod metrics;
 pub mod objects;
 pub mod ownership;
+pub mod progress;
 mod reconcile;
 pub mod server;
 pub mod status;
@@ -161,6 +162,7 @@ pub async fn run_active(
         watches.stores.clone(),
         watches.trigger.clone(),
         Fence::unfenced(),
+        progress::Progress::default(),
         stop.clone(),
     )
     .await;
@@ -272,6 +274,7 @@ pub(crate) async fn lead(
     stores: reconcile::Stores,
     trigger: Arc<Notify>,
     fence: Fence,
+    progress: progress::Progress,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     // Caches that never sync are a stall as much as a round that never ends.
@@ -283,7 +286,7 @@ pub(crate) async fn lead(
                 tracing::info!("watch caches synced; reconciling");
                 metrics.set_ready(true);
                 let mut reconciler = reconcile::Reconciler::new(client, settings, metrics.clone(), stores, fence);
-                reconcile_loop(&mut reconciler, &trigger, &stop).await;
+                reconcile_loop(&mut reconciler, &trigger, &progress, &stop).await;
                 Ok(())
             }
             Err(()) => Err(Error::CacheNotReady),
@@ -296,8 +299,19 @@ pub(crate) async fn lead(
 async fn reconcile_loop(
     reconciler: &mut reconcile::Reconciler,
     trigger: &Notify,
+    progress: &progress::Progress,
     stop: &CancellationToken,
 ) {
+    // Predecessors that died in a round, again and again: every policy says so before this
+    // leader's first round, which is where they died.
+    let unfinished = progress.unfinished();
+    reconciler.metrics().unfinished_rounds(unfinished);
+    if unfinished >= progress::REPEATED {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = reconciler.tell_restarting(unfinished) => {}
+        }
+    }
     let resync = reconciler.settings().resync;
     let debounce = reconciler.settings().debounce;
     let debounce_max = reconciler.settings().debounce_max;
@@ -322,10 +336,13 @@ async fn reconcile_loop(
             .loop_busy(reconciler.settings().stall_after);
         // Losing the lease (or shutting down) cancels the round in flight: its remaining
         // writes are never sent.
+        progress.round_started();
         let report = tokio::select! {
             _ = stop.cancelled() => return,
             report = reconciler.round(cause) => report,
         };
+        progress.round_finished();
+        reconciler.metrics().unfinished_rounds(0);
         reconciler.metrics().loop_idle();
         next_resync = Instant::now() + resync;
         next_retry = report.next_retry;

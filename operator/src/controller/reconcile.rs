@@ -1133,6 +1133,21 @@ impl Reconciler {
                 patches.push(((*policy).clone(), new, new_v, previous.cloned()));
             }
         }
+        let results = self.send_statuses(patches).await;
+        self.events(policies, &results, applied, failed).await;
+    }
+
+    /// Applies each policy's whole status (server-side apply, nodegate's field manager), through
+    /// the fence; failures are logged and left to the next round.
+    async fn send_statuses(
+        &self,
+        patches: Vec<(
+            NodeApiPolicy,
+            NodeApiPolicyStatus,
+            Value,
+            Option<NodeApiPolicyStatus>,
+        )>,
+    ) -> Vec<StatusWrite> {
         let concurrency = self.settings.concurrency.max(1);
         let api: Api<NodeApiPolicy> = Api::all(self.client.clone());
         let metrics = self.metrics.clone();
@@ -1169,7 +1184,45 @@ impl Reconciler {
                 tracing::warn!(policy = %policy.name_any(), %error, "status update failed; next round retries");
             }
         }
-        self.events(policies, &results, applied, failed).await;
+        results
+    }
+
+    /// Marks every policy not Ready, reason `OperatorRestarting`: `unfinished` leaders in a row
+    /// stopped in a round (see `progress.rs`), so what each policy's status says was written
+    /// by the last round that finished, and nothing has been reconciled since. The next round
+    /// that finishes writes the true status again.
+    pub async fn tell_restarting(&mut self, unfinished: u32) {
+        let now = Time(
+            k8s_openapi::jiff::Timestamp::now()
+                .round(k8s_openapi::jiff::Unit::Second)
+                .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+        );
+        let message = format!(
+            "the operator stopped in the middle of a reconcile round {unfinished} times in a row \
+             (restarted: OOM-killed, crashed or lost its lease); this status and what the \
+             cluster enforces are as the last finished round left them, and changes since \
+             (revocations included) may not be in force: see the operator's logs and \
+             nodegate_operator_unfinished_rounds"
+        );
+        let patches: Vec<_> = self
+            .stores
+            .policies
+            .state()
+            .iter()
+            .map(|policy| {
+                let previous = policy.status.clone();
+                let mut new = previous.clone().unwrap_or_default();
+                status::mark_not_ready(&mut new, "OperatorRestarting", &message, &now);
+                let new_v = objects::strip_empty(serde_json::to_value(&new).unwrap_or(Value::Null));
+                ((**policy).clone(), new, new_v, previous)
+            })
+            .collect();
+        tracing::warn!(
+            unfinished,
+            policies = patches.len(),
+            "previous leaders stopped in a round; marking every policy OperatorRestarting"
+        );
+        self.send_statuses(patches).await;
     }
 
     async fn events(

@@ -27,6 +27,26 @@ pub struct Observed {
     pub generated: GeneratedObjects,
 }
 
+/// Sets the `Ready` condition of `status` to False with `reason` and `message`, keeping its
+/// `lastTransitionTime` when it was False already (other conditions are left as they are).
+pub fn mark_not_ready(status: &mut NodeApiPolicyStatus, reason: &str, message: &str, now: &Time) {
+    let since = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == "False")
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    let observed_generation = status.observed_generation;
+    status.conditions.retain(|c| c.type_ != READY);
+    status.conditions.push(Condition {
+        type_: READY.into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: since,
+        observed_generation,
+    });
+}
+
 /// The first five names, and "…" if there are more: a condition message stays short.
 fn first_names(names: &[String]) -> String {
     let mut shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();

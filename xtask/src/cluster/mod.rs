@@ -17,7 +17,7 @@ mod node;
 mod pki;
 mod process;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use layout::{Layout, ports};
 use nix::fcntl::{Flock, FlockArg};
@@ -53,6 +53,10 @@ pub enum ClusterCommand {
         #[arg(long, conflicts_with = "purge")]
         node: Option<String>,
     },
+    /// Kill one control-plane component (`kube-apiserver`, `etcd`, `kube-controller-manager`,
+    /// `kube-scheduler`) as a crash would (SIGKILL, no shutdown), then start it again with the
+    /// same flags and wait until it is ready (the chaos test restarts the API server this way).
+    Restart { component: String },
     /// Say what runs where.
     Status,
     /// Print the shell exports (KUBECONFIG, …) for the running cluster:
@@ -73,6 +77,7 @@ pub fn run(args: Args) -> Result<()> {
             node: Some(name),
         } => down_node(&layout, &name),
         ClusterCommand::Down { purge, node: None } => down(&layout, purge),
+        ClusterCommand::Restart { component } => restart(&layout, &component),
         ClusterCommand::Status => status(&layout),
         ClusterCommand::Env => {
             for (key, value) in env_vars(&layout) {
@@ -81,6 +86,34 @@ pub fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Kills `component` (SIGKILL to its process group) and starts the control plane again, which
+/// starts only what is not running.
+fn restart(layout: &Layout, component: &str) -> Result<()> {
+    const COMPONENTS: [&str; 4] = [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ];
+    if !COMPONENTS.contains(&component) {
+        bail!(
+            "restart: {component} is not one of {}",
+            COMPONENTS.join(", ")
+        );
+    }
+    let started = Instant::now();
+    let _lock = lock(layout)?;
+    if !process::stop(layout, component, Duration::ZERO)? {
+        bail!("restart: {component} is not running (cargo xtask cluster up)");
+    }
+    step("control plane", || control_plane::start(layout))?;
+    println!(
+        "{component} restarted in {}",
+        build::human(started.elapsed())
+    );
+    Ok(())
 }
 
 /// Starts the cluster unless it already runs, and returns the environment variables that point
