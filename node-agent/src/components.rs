@@ -70,6 +70,11 @@ pub enum ComponentConfigError {
     NotEnabled(ComponentUpstream),
     #[error("{0} gets the agent's token: its URL must be https, never plain HTTP")]
     TokenOverHttp(ComponentUpstream),
+    #[error(
+        "the per-node upstreams ({0}) are not a map of node name to a map of upstream name to \
+         URL"
+    )]
+    BadNodeUpstreams(String),
 }
 
 /// Parses a comma-separated list of component names (blanks ignored).
@@ -97,6 +102,32 @@ pub fn parse_assignment(s: &str) -> Result<(ComponentUpstream, String), Componen
         .split_once('=')
         .ok_or_else(|| ComponentConfigError::NotAssignment(s.to_string()))?;
     Ok((parse_upstream(name)?, value.trim().to_string()))
+}
+
+/// This node's entry of a per-node upstreams document (YAML or JSON: node name → upstream
+/// name → URL), for nodes whose components listen elsewhere than the installation's URLs (a
+/// control-plane node whose etcd serves metrics on another port, say). A node the document
+/// does not name keeps the installation's URLs. Applied after `--component-upstream`, so it
+/// wins; checked as those are (an upstream of a component not enabled is an error).
+pub fn node_upstreams(
+    document: &str,
+    node: &str,
+) -> Result<Vec<(ComponentUpstream, Uri)>, ComponentConfigError> {
+    let by_node: BTreeMap<String, BTreeMap<String, String>> = serde_yaml::from_str(document)
+        .map_err(|e| ComponentConfigError::BadNodeUpstreams(e.to_string()))?;
+    let Some(entry) = by_node.get(node) else {
+        return Ok(Vec::new());
+    };
+    entry
+        .iter()
+        .map(|(name, url)| {
+            let upstream = parse_upstream(name)?;
+            let uri = url
+                .parse()
+                .map_err(|_| ComponentConfigError::BadUrl(upstream, url.clone()))?;
+            Ok((upstream, uri))
+        })
+        .collect()
 }
 
 impl ComponentSettings {
@@ -283,6 +314,45 @@ impl ComponentUpstreams {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A node's entry overrides the installation's URL (it comes after it); other nodes keep
+    /// it; bad documents and unknown names are refused with what is wrong.
+    #[test]
+    fn a_node_entry_overrides_the_installation_url() {
+        let doc =
+            "cp-1:\n  etcd: http://127.0.0.1:12381\ncp-2:\n  kube-proxy: http://127.0.0.1:1\n";
+        let mut f = flags("etcd,kube-proxy");
+        f.urls.push((
+            ComponentUpstream::Etcd,
+            "http://127.0.0.1:2382".parse().unwrap(),
+        ));
+        f.urls.extend(node_upstreams(doc, "cp-1").unwrap());
+        let s = ComponentSettings::from_flags(&f).unwrap();
+        assert_eq!(
+            s.upstreams[&ComponentUpstream::Etcd].url.to_string(),
+            "http://127.0.0.1:12381/"
+        );
+        assert_eq!(
+            s.upstreams[&ComponentUpstream::KubeProxy].url.to_string(),
+            "http://127.0.0.1:10249/"
+        );
+        assert!(node_upstreams(doc, "worker-9").unwrap().is_empty());
+        assert_eq!(
+            node_upstreams("cp-1:\n  etcdd: http://x\n", "cp-1"),
+            Err(ComponentConfigError::UnknownUpstream("etcdd".into()))
+        );
+        assert!(matches!(
+            node_upstreams("[1, 2]", "cp-1"),
+            Err(ComponentConfigError::BadNodeUpstreams(_))
+        ));
+        // An override is checked like a flag: a component not enabled is refused.
+        let mut f = flags("kube-proxy");
+        f.urls.extend(node_upstreams(doc, "cp-1").unwrap());
+        assert_eq!(
+            ComponentSettings::from_flags(&f).unwrap_err(),
+            ComponentConfigError::NotEnabled(ComponentUpstream::Etcd)
+        );
+    }
 
     fn flags(enabled: &str) -> ComponentFlags {
         ComponentFlags {

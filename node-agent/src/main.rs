@@ -124,6 +124,11 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     component_upstreams: Vec<String>,
+    /// A YAML file of per-node upstream URLs (node name → upstream name → URL): this node's
+    /// entry overrides `--component-upstream` (the chart writes it from
+    /// `agent.components.nodeUpstreams`). A node it does not name keeps the installation's URLs.
+    #[arg(long, env = "NODEGATE_COMPONENT_NODE_UPSTREAMS_FILE")]
+    component_node_upstreams_file: Option<PathBuf>,
     /// `NAME=PATH`: CA bundle verifying an https component upstream's serving certificate.
     #[arg(
         long = "component-ca-file",
@@ -450,7 +455,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(upstream = %upstream.url, "kubelet serving certificate is NOT verified (--upstream-insecure-skip-tls-verify)");
     }
     let upstream = Upstream::new(&upstream)?;
-    let components = component_settings(&args)?;
+    let components = component_settings(&args, &node_name)?;
 
     let tls = ReloadingTls::new(TlsSettings {
         cert_file: args.tls_cert_file.clone(),
@@ -602,7 +607,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The component upstreams from the `--component*` and `--etcd-client-*` flags.
-fn component_settings(args: &ServeArgs) -> anyhow::Result<ComponentSettings> {
+fn component_settings(args: &ServeArgs, node: &str) -> anyhow::Result<ComponentSettings> {
     let mut flags = ComponentFlags {
         enabled: components::parse_components(&args.components)?,
         token_file: args
@@ -623,6 +628,17 @@ fn component_settings(args: &ServeArgs) -> anyhow::Result<ComponentSettings> {
             .parse()
             .map_err(|_| ComponentConfigError::BadUrl(upstream, url.clone()))?;
         flags.urls.push((upstream, url));
+    }
+    if let Some(path) = &args.component_node_upstreams_file {
+        let document = std::fs::read_to_string(path).with_context(|| {
+            format!("reading --component-node-upstreams-file {}", path.display())
+        })?;
+        let overrides = components::node_upstreams(&document, node)
+            .with_context(|| format!("in {}", path.display()))?;
+        for (upstream, url) in &overrides {
+            tracing::info!(node, %upstream, %url, "component upstream set for this node");
+        }
+        flags.urls.extend(overrides);
     }
     for item in args
         .component_ca_files

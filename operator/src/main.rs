@@ -90,9 +90,10 @@ struct RunArgs {
     #[arg(long, env = "NODEGATE_LEASE_RETRY_PERIOD", default_value_t = 2)]
     lease_retry_period_seconds: u64,
 
-    /// /healthz fails when the leader's reconcile loop has spent longer than this in one
-    /// round (or waiting for its caches after winning the lease), so a liveness probe
-    /// restarts a stuck replica. Waiting idle or standing by is healthy.
+    /// /healthz fails when the leader's reconcile loop, in a round (or waiting for its caches
+    /// after winning the lease), has sent no write for longer than this, so a liveness probe
+    /// restarts a stuck replica. A long round that keeps writing, waiting idle and standing by
+    /// are healthy.
     #[arg(long, env = "NODEGATE_HEALTHZ_STALL_SECONDS", default_value_t = 120)]
     healthz_stall_seconds: u64,
 

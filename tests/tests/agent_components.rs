@@ -278,29 +278,13 @@ fn helm() -> PathBuf {
     PathBuf::from(path)
 }
 
-/// `helm template` of the chart with every component enabled; the documents of
-/// `templates/agent/components.yaml`.
-fn chart_component_objects(
-    release: &str,
-    namespace: &str,
-    agent_sa: &str,
-) -> Vec<serde_yaml::Value> {
+/// `helm template` of the chart with `args` (`--set …`, `--show-only …`): its documents.
+fn helm_template(release: &str, namespace: &str, args: &[&str]) -> Vec<serde_yaml::Value> {
     let out = Command::new(helm())
         .args(["template", release])
         .arg(repo("charts/nodegate"))
         .args(["--namespace", namespace])
-        .args([
-            "--set",
-            "agent.hostNetwork=true",
-            "--set",
-            "agent.components.enabled={kube-proxy,kube-controller-manager,kube-scheduler,etcd}",
-            "--set",
-            "agent.components.scrape.caFile=/prometheus/agent-ca.crt",
-            "--set",
-            &format!("agent.serviceAccount.name={agent_sa}"),
-            "--show-only",
-            "templates/agent/components.yaml",
-        ])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -313,6 +297,31 @@ fn chart_component_objects(
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|v: &serde_yaml::Value| !v.is_null())
         .collect()
+}
+
+/// `helm template` of the chart with every component enabled; the documents of
+/// `templates/agent/components.yaml`.
+fn chart_component_objects(
+    release: &str,
+    namespace: &str,
+    agent_sa: &str,
+) -> Vec<serde_yaml::Value> {
+    helm_template(
+        release,
+        namespace,
+        &[
+            "--set",
+            "agent.hostNetwork=true",
+            "--set",
+            "agent.components.enabled={kube-proxy,kube-controller-manager,kube-scheduler,etcd}",
+            "--set",
+            "agent.components.scrape.caFile=/prometheus/agent-ca.crt",
+            "--set",
+            &format!("agent.serviceAccount.name={agent_sa}"),
+            "--show-only",
+            "templates/agent/components.yaml",
+        ],
+    )
 }
 
 fn kind_of<'a>(objects: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml::Value> {
@@ -1112,5 +1121,160 @@ async fn etcd_client_port_with_a_client_certificate_serves_metrics_and_never_the
         );
     }
     assert_eq!(forwarder.sent(), before, "a key-value request reached etcd");
+    Ok(())
+}
+
+/// `agent.components.nodeUpstreams` end to end: the chart's ConfigMap and flags, given to the
+/// real agent binary. On the node the entry names, the agent asks the URL of that entry (the
+/// installation's URL, a dead port here, is not used); on another node, the installation's URL
+/// (502, nothing reaches the entry's upstream).
+#[tokio::test]
+async fn a_node_entry_of_the_chart_points_that_nodes_agent_at_its_own_upstream() -> TestResult {
+    // Components are served on the secure port only: a real token, reviewed by the API server.
+    let Some(cluster) = Cluster::get().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("node-upstreams").await?;
+    let token = service_account_token(&cluster, ns.name(), "caller").await;
+    let asked = Arc::new(AtomicU64::new(0));
+    let count = asked.clone();
+    let fake = fake_kubelet(move |_req: http::Request<hyper::body::Incoming>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"# TYPE up gauge\nup 1\n",
+        )))
+    })
+    .await;
+    let entry = format!("agent.components.nodeUpstreams.cp-1.kube-proxy=http://{fake}");
+    let objects = helm_template(
+        "rel",
+        "ns",
+        &[
+            "--set",
+            "agent.hostNetwork=true",
+            "--set",
+            "agent.components.enabled={kube-proxy}",
+            "--set",
+            "agent.components.scrape.caFile=/ca.crt",
+            "--set",
+            "agent.components.upstreams.kube-proxy=http://127.0.0.1:1",
+            "--set",
+            &entry,
+        ],
+    );
+    let map = kind_of(&objects, "ConfigMap")
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == "rel-nodegate-agent-component-node-upstreams")
+        .expect("the per-node upstreams ConfigMap");
+    let document = map["data"]["upstreams.yaml"].as_str().unwrap().to_string();
+    let daemonset = kind_of(&objects, "DaemonSet")[0];
+    let args: Vec<String> = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let mounted = "/etc/nodegate/component-node-upstreams/upstreams.yaml";
+    for want in [
+        "--components=kube-proxy".to_string(),
+        "--component-upstream=kube-proxy=http://127.0.0.1:1".to_string(),
+        format!("--component-node-upstreams-file={mounted}"),
+    ] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+
+    // The agent binary, with those flags (the file where the chart mounts it, here).
+    let dir = TempDir::new("components-node-upstreams");
+    let file = write_file(&dir.0, "upstreams.yaml", &document);
+    // A kubelet that answers (the agent is ready only when its kubelet is reachable).
+    let kubelet = fake_kubelet(|_req: http::Request<hyper::body::Incoming>| {
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+    })
+    .await;
+    let binary = nodegate_tests::binaries::path("nodegate-agent", "nodegate-agent").unwrap();
+    for (node, status) in [("cp-1", 200), ("worker-1", 502)] {
+        let config = write_file(
+            &dir.0,
+            &format!("{node}.yaml"),
+            &serde_yaml::to_string(&NodeAgentConfig::new(
+                node,
+                spec_of(vec![rule(
+                    "caller-kube-proxy",
+                    vec![service_account(ns.name(), "caller")],
+                    &[Endpoint::KubeProxyMetrics],
+                    all_namespaces(),
+                    &[Port::Secure],
+                )]),
+            ))
+            .unwrap(),
+        );
+        let (secure, read_only, healthz) = (free_port(), free_port(), free_port());
+        let mut child = Command::new(&binary)
+            .args(["--node-name", node])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--healthz-bind-address",
+                "127.0.0.1",
+            ])
+            .arg(format!("--config-source=file:{}", config.display()))
+            .arg(format!("--upstream=http://{kubelet}"))
+            // No Node object of that name: its labels are given.
+            .arg(format!("--node-labels=kubernetes.io/hostname={node}"))
+            .arg(format!("--secure-port={secure}"))
+            .arg(format!("--read-only-port={read_only}"))
+            .arg(format!("--healthz-port={healthz}"))
+            .args(args.iter().filter(|a| {
+                a.starts_with("--component") && !a.starts_with("--component-node-upstreams-file")
+            }))
+            .arg(format!(
+                "--component-node-upstreams-file={}",
+                file.display()
+            ))
+            .env("KUBECONFIG", &cluster.location().kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join(format!("{node}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        let log = || std::fs::read_to_string(dir.0.join(format!("{node}.log"))).unwrap_or_default();
+        let healthz_addr = SocketAddr::from(([127, 0, 0, 1], healthz));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = request(healthz_addr, false, &Cred::None, "GET", "/readyz", &[]).await
+                && r.status == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent for {node} not ready in 30 s: {}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let before = asked.load(Ordering::SeqCst);
+        let addr = SocketAddr::from(([127, 0, 0, 1], secure));
+        let r = request(
+            addr,
+            true,
+            &Cred::Token(token.clone()),
+            "GET",
+            "/components/kube-proxy/metrics",
+            &[],
+        )
+        .await
+        .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(r.status, status, "{node}: {}\n{}", r.text(), log());
+        let reached = asked.load(Ordering::SeqCst) - before;
+        if status == 200 {
+            assert!(r.text().contains("up 1"), "{}", r.text());
+            assert_eq!(reached, 1, "{node}: the entry's upstream answered");
+        } else {
+            assert_eq!(reached, 0, "{node}: the entry is not this node's");
+        }
+    }
     Ok(())
 }

@@ -176,6 +176,9 @@ The agent's flags for the node's other components (agent.components; docs/compon
 {{- range $upstream, $url := $c.upstreams }}
 - --component-upstream={{ $upstream }}={{ $url }}
 {{- end }}
+{{- if $c.nodeUpstreams }}
+- --component-node-upstreams-file=/etc/nodegate/component-node-upstreams/upstreams.yaml
+{{- end }}
 {{- range $upstream, $_ := $c.caBundles }}
 - --component-ca-file={{ $upstream }}=/etc/nodegate/component-ca/{{ $upstream }}.crt
 {{- end }}

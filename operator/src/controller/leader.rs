@@ -416,8 +416,10 @@ async fn elected(
         metrics.clone(),
         watches.stores.clone(),
         watches.trigger.clone(),
-        fence.clone(),
-        elector.progress.clone(),
+        super::Term {
+            fence: fence.clone(),
+            progress: elector.progress.clone(),
+        },
         active.clone(),
     ));
     let mut next_renewal = Instant::now() + leader.retry_period;

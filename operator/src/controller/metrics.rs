@@ -226,8 +226,14 @@ impl Metrics {
         self.inner.reconcile_duration.observe(seconds);
     }
 
+    /// A write request is about to be sent: also progress of a busy loop (see [`Self::stalled`]).
     pub(crate) fn write(&self, kind: &str, op: &str) {
         self.inner.requests.with_label_values(&[kind, op]).inc();
+        if let Ok(mut busy) = self.inner.busy.lock()
+            && let Some((since, _)) = busy.as_mut()
+        {
+            *since = Instant::now();
+        }
     }
 
     pub(crate) fn read(&self, kind: &str) {
@@ -330,7 +336,11 @@ impl Metrics {
         }
     }
 
-    /// How long the reconcile loop has been busy past its bound, if it has: `/healthz` fails.
+    /// How long the reconcile loop has been busy without progress past its bound, if it has:
+    /// `/healthz` fails. Progress is a write sent: a first round at scale writes thousands of
+    /// objects for minutes and is not stuck (a liveness probe that killed it there restarted
+    /// every leader in the same round, forever), while a round held on one write, or caches
+    /// that never sync, send nothing.
     pub fn stalled(&self) -> Option<Duration> {
         let busy = self.inner.busy.lock().map(|b| *b).unwrap_or(None);
         stalled(busy, Instant::now())
@@ -395,6 +405,21 @@ fn sum(vec: &IntCounterVec) -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_sent_is_progress() {
+        let m = Metrics::new().unwrap();
+        m.loop_busy(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(150));
+        m.write("ClusterRole", "apply");
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(m.stalled(), None, "300 ms busy, but a write 150 ms ago");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(m.stalled().is_some(), "250 ms without a write");
+        m.loop_idle();
+        m.write("ClusterRole", "apply");
+        assert_eq!(m.stalled(), None, "a write while idle starts nothing");
+    }
 
     #[test]
     fn stalled_only_when_busy_past_the_bound() {

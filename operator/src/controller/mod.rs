@@ -161,8 +161,10 @@ pub async fn run_active(
         metrics,
         watches.stores.clone(),
         watches.trigger.clone(),
-        Fence::unfenced(),
-        progress::Progress::default(),
+        Term {
+            fence: Fence::unfenced(),
+            progress: progress::Progress::default(),
+        },
         stop.clone(),
     )
     .await;
@@ -267,16 +269,24 @@ pub(crate) fn start_watches(
 
 /// Reconciles once the caches are synced, until `stop` is cancelled; every write passes
 /// `fence`.
+/// What a term of leadership writes with: the fence every write passes, and the record of its
+/// rounds that its successor reads (see `progress.rs`). Unfenced and unrecorded without leader
+/// election.
+pub(crate) struct Term {
+    pub fence: Fence,
+    pub progress: progress::Progress,
+}
+
 pub(crate) async fn lead(
     client: Client,
     settings: Settings,
     metrics: Metrics,
     stores: reconcile::Stores,
     trigger: Arc<Notify>,
-    fence: Fence,
-    progress: progress::Progress,
+    term: Term,
     stop: CancellationToken,
 ) -> Result<(), Error> {
+    let Term { fence, progress } = term;
     // Caches that never sync are a stall as much as a round that never ends.
     metrics.loop_busy(settings.stall_after);
     let result = tokio::select! {
