@@ -318,6 +318,20 @@ pub async fn allowed(
     node: &str,
     namespace: &str,
 ) -> bool {
+    try_allowed(client, user, verb, subresource, node, namespace)
+        .await
+        .unwrap()
+}
+
+/// [`allowed`], with the API server's error when it cannot answer (it may be restarting).
+pub async fn try_allowed(
+    client: &kube::Client,
+    user: &str,
+    verb: &str,
+    subresource: &str,
+    node: &str,
+    namespace: &str,
+) -> Result<bool, kube::Error> {
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: Some(user.into()),
@@ -337,7 +351,6 @@ pub async fn allowed(
     };
     let answer = Api::<SubjectAccessReview>::all(client.clone())
         .create(&PostParams::default(), &review)
-        .await
-        .unwrap();
-    answer.status.unwrap().allowed
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
