@@ -581,15 +581,25 @@ async fn generated_objects_are_restored() -> TestResult {
     .await?;
     let roles: Api<ClusterRole> = Api::all(w.client.clone());
 
-    // Hand edit (another field manager widens the verbs): put back.
-    let mut edited = original.clone();
-    edited.metadata.managed_fields = None;
-    if let Some(rules) = edited.rules.as_mut() {
-        rules[0].verbs.push("delete".into());
+    // Hand edit (another field manager widens the verbs): put back. Read-modify-write, again
+    // on a conflict, as `kubectl edit` does (the operator may still be writing the role).
+    loop {
+        let mut edited = roles.get(&role_name).await?;
+        edited.metadata.managed_fields = None;
+        if let Some(rules) = edited.rules.as_mut() {
+            rules[0].verbs.push("delete".into());
+        }
+        match roles
+            .replace(&role_name, &PostParams::default(), &edited)
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            result => {
+                result?;
+                break;
+            }
+        }
     }
-    roles
-        .replace(&role_name, &PostParams::default(), &edited)
-        .await?;
     eventually("rules restored", WAIT, || async {
         w.cluster_role(&role_name)
             .await
