@@ -247,9 +247,6 @@ pub fn config_digest(config: &NodeAgentConfig) -> Value {
     }))
 }
 
-/// The specs of the NodeAgentConfigs of a compile, by hash (see [`crate::compiler::compile_shared`]).
-pub type RuleSets = crate::compiler::RuleSets;
-
 /// The whole apply body of a NodeAgentConfig (`config`'s metadata, `spec` its rule set), made
 /// when it is written.
 pub fn config_body(config: &NodeAgentConfig, spec: &NodeAgentConfigSpec) -> Option<Value> {

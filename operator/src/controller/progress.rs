@@ -35,6 +35,12 @@ struct State {
     inherited: u32,
 }
 
+impl State {
+    fn unfinished(&self) -> u32 {
+        if self.finished_one { 0 } else { self.inherited }
+    }
+}
+
 impl Progress {
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         // A poisoned lock only means a panic elsewhere held it; the counters stay usable.
@@ -56,7 +62,7 @@ impl Progress {
     /// Unfinished terms in a row before this one, as read when it took the lease; 0 once this
     /// leader has finished a round.
     pub fn unfinished(&self) -> u32 {
-        self.with(|s| if s.finished_one { 0 } else { s.inherited })
+        self.with(|s| s.unfinished())
     }
 
     /// Takes over from the Lease's previous record (`previous`: its annotations as read):
@@ -88,7 +94,7 @@ impl Progress {
             } else {
                 "idle"
             };
-            (round, if s.finished_one { 0 } else { s.inherited })
+            (round, s.unfinished())
         });
         let annotations = meta.annotations.get_or_insert_with(Default::default);
         annotations.insert(ROUND_ANNOTATION.into(), round.into());

@@ -160,7 +160,7 @@ struct Snapshot {
     /// hash.
     desired: Arc<compiler::Desired>,
     /// Their specs, by hash.
-    rule_sets: Arc<objects::RuleSets>,
+    rule_sets: Arc<compiler::RuleSets>,
     /// Whether this round compiled (false: its inputs were those of the last compile).
     compiled: bool,
     /// Every owned object in the caches, as JSON.
@@ -217,7 +217,7 @@ struct Compiled {
     inputs: u64,
     desired: Arc<compiler::Desired>,
     /// The NodeAgentConfigs' specs, one per distinct selection of nodes.
-    rule_sets: Arc<objects::RuleSets>,
+    rule_sets: Arc<compiler::RuleSets>,
 }
 
 /// The namespaces `compile` can tell apart for `policies`: every namespace when a policy
