@@ -21,12 +21,14 @@ use serde_json::json;
 use std::time::Duration;
 use support::*;
 
-/// Waits until the controller has been quiet (no round) for `quiet`.
+/// Waits until the controller has been quiet for `quiet`: no round ended in it and the loop
+/// is idle at its end (the counter moves only when a round ends, so a long round still in
+/// flight would otherwise land in the window measured next).
 async fn settled(metrics: &Metrics, quiet: Duration) -> Result<(), BoxError> {
     eventually("a quiet controller", Duration::from_secs(60), || async {
         let before = metrics.reconciles();
         tokio::time::sleep(quiet).await;
-        (metrics.reconciles() == before).then_some(())
+        (metrics.reconciles() == before && !metrics.is_busy()).then_some(())
     })
     .await
 }

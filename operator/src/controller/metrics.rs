@@ -270,6 +270,12 @@ impl Metrics {
         self.inner.unfinished_rounds.set(i64::from(n));
     }
 
+    /// Leaders in a row before this one that stopped in a round, while this one has not
+    /// finished one yet (0 once it has).
+    pub fn unfinished(&self) -> u32 {
+        u32::try_from(self.inner.unfinished_rounds.get()).unwrap_or(0)
+    }
+
     pub(crate) fn watch_error(&self) {
         self.inner.watch_errors.inc();
     }
@@ -341,6 +347,12 @@ impl Metrics {
     /// objects for minutes and is not stuck (a liveness probe that killed it there restarted
     /// every leader in the same round, forever), while a round held on one write, or caches
     /// that never sync, send nothing.
+    /// Whether the reconcile loop is in a round (or waiting for its caches) right now.
+    /// The round counter moves only when a round ends, so "no new round" is not "idle".
+    pub fn is_busy(&self) -> bool {
+        self.inner.busy.lock().map(|b| b.is_some()).unwrap_or(false)
+    }
+
     pub fn stalled(&self) -> Option<Duration> {
         let busy = self.inner.busy.lock().map(|b| *b).unwrap_or(None);
         stalled(busy, Instant::now())

@@ -64,14 +64,27 @@ async fn healthz(State(metrics): State<Metrics>) -> (StatusCode, String) {
     }
 }
 
-async fn readyz(State(metrics): State<Metrics>) -> (StatusCode, &'static str) {
-    if metrics.is_ready() {
-        (StatusCode::OK, "ok")
-    } else {
+/// Fails until the watch caches are synced, and on a leader whose predecessors stopped in
+/// the middle of a round [`super::progress::REPEATED`] times or more in a row until it has
+/// finished one itself: the policies' status is then as the last finished round left it
+/// (each says `OperatorRestarting`), so nothing this replica serves is current yet.
+async fn readyz(State(metrics): State<Metrics>) -> (StatusCode, String) {
+    let unfinished = metrics.unfinished();
+    if !metrics.is_ready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: watch caches not synced",
+            "not ready: watch caches not synced".into(),
         )
+    } else if unfinished >= super::progress::REPEATED {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {unfinished} leaders in a row stopped in the middle of a round \
+                 (OOM-killed or crashed?) and this one has not finished a round yet"
+            ),
+        )
+    } else {
+        (StatusCode::OK, "ok".into())
     }
 }
 
@@ -112,6 +125,15 @@ mod tests {
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         metrics.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        // Predecessors died in their rounds: not ready until this leader finishes one.
+        metrics.unfinished_rounds(1);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        metrics.unfinished_rounds(2);
+        let restarting = get(addr, "/readyz").await;
+        assert!(restarting.starts_with("HTTP/1.1 503"), "{restarting}");
+        assert!(restarting.contains("2 leaders in a row"), "{restarting}");
+        metrics.unfinished_rounds(0);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         metrics.write("ClusterRole", "apply");
         let text = get(addr, "/metrics").await;
