@@ -24,8 +24,9 @@ use kube::Resource;
 use nodegate_crds::catalogue::{AGENT_API_GROUP, Scope};
 use nodegate_crds::policy::ServiceAccountRef;
 use nodegate_crds::{
-    AgentRule, Endpoint, MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy,
-    POLICY_LABEL, Port, ResolvedNamespaces, Subject, SubjectKind, Subresource, Verb,
+    AgentRule, Endpoint, MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeAgentRuleSet,
+    NodeAgentRuleSetSpec, NodeApiPolicy, POLICY_LABEL, Port, ResolvedNamespaces, Subject,
+    SubjectKind, Subresource, Verb,
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,8 +57,13 @@ pub struct Desired {
     /// Per-namespace bindings of a policy's ClusterRole, so RBAC answers per namespace.
     pub role_bindings: Vec<RoleBinding>,
     pub service_accounts: Vec<ServiceAccount>,
-    /// One per node, policies or not, so every agent knows it is configured.
+    /// One per node, policies or not, so every agent knows it is configured. From
+    /// [`compile_shared`] each names its node's rule set (`spec.ruleSet`); from [`compile`]
+    /// each holds its rules.
     pub node_agent_configs: Vec<NodeAgentConfig>,
+    /// From [`compile_shared`]: one per distinct selection of policies, holding only
+    /// `spec.hash` until it is written (its rules are the [`RuleSets`] entry of that hash).
+    pub node_agent_rule_sets: Vec<NodeAgentRuleSet>,
     /// Per policy, what it resolved to (for its status).
     pub outcomes: Vec<PolicyOutcome>,
 }
@@ -122,7 +128,8 @@ pub fn is_anonymous(subject: &Subject) -> bool {
     )
 }
 
-/// Compiles policies against the cluster's nodes and namespaces, every NodeAgentConfig whole.
+/// Compiles policies against the cluster's nodes and namespaces, every NodeAgentConfig whole
+/// (its rules in it, no rule set objects): what an agent reads from a file.
 ///
 /// For `render`, tests and small inputs; the controller uses [`compile_shared`], which holds
 /// one rule set per distinct selection instead of one per node.
@@ -131,30 +138,38 @@ pub fn compile(
     nodes: &[NodeInfo],
     namespaces: &[NamespaceInfo],
 ) -> Desired {
-    let (mut desired, rule_sets) = compile_shared(policies, nodes, namespaces);
+    let (mut desired, rule_sets) = compile_shared(policies, nodes, namespaces, None);
+    let hashes: BTreeMap<String, String> = std::mem::take(&mut desired.node_agent_rule_sets)
+        .into_iter()
+        .filter_map(|r| Some((r.metadata.name?, r.spec.0.hash)))
+        .collect();
     for config in &mut desired.node_agent_configs {
-        if let Some(spec) = rule_sets.get(&config.spec.hash) {
+        let hash = config.spec.rule_set.as_ref().and_then(|n| hashes.get(n));
+        if let Some(spec) = hash.and_then(|h| rule_sets.get(h)) {
             config.spec = spec.clone();
         }
     }
     desired
 }
 
-/// The rule sets of a compile's NodeAgentConfigs, by `spec.hash`.
+/// The rule sets of a compile, by `spec.hash`.
 pub type RuleSets = BTreeMap<String, NodeAgentConfigSpec>;
 
-/// Compiles policies against the cluster's nodes and namespaces; each NodeAgentConfig in the
-/// result holds only its metadata and `spec.hash`, its rules are the [`RuleSets`] entry of that
-/// hash.
+/// Compiles policies against the cluster's nodes and namespaces. Each NodeAgentConfig in the
+/// result names its node's NodeAgentRuleSet; each rule set holds only its metadata and
+/// `spec.hash`, its rules are the [`RuleSets`] entry of that hash. `instance` (the operator's
+/// `--instance`) goes into the rule sets' names, so instances never share one.
 ///
 /// Nodes fall into few distinct selections (every node, a pool, a zone): the rules of each
-/// selection are built, checked against the CRD's bounds and measured once, so the memory and
-/// time of a compile grow with the selections, not with nodes × policies (1,000 policies on
-/// 500 nodes made 500 copies of a 150 KB rule set, and the operator was OOM-killed).
+/// selection are built, checked against the CRD's bounds and written once, so the memory and
+/// time of a compile, and the writes of a change, grow with the selections, not with
+/// nodes × policies (1,000 policies on 500 nodes made 500 copies of a 150 KB rule set: the
+/// operator was OOM-killed, and a change to one policy was 73 MB of writes).
 pub fn compile_shared(
     policies: &[NodeApiPolicy],
     nodes: &[NodeInfo],
     namespaces: &[NamespaceInfo],
+    instance: Option<&str>,
 ) -> (Desired, RuleSets) {
     // Same-named inputs (never from one cluster, but possible in files given to `render`) are
     // reduced to one by a total order on their content, so the result never depends on the
@@ -197,20 +212,45 @@ pub fn compile_shared(
         .into_iter()
         .map(|((namespace, name), owners)| service_account(namespace, name, owners))
         .collect();
-    let (configs, rule_sets) = node_agent_configs(&nodes, &policies, &mut desired.outcomes);
+    let (configs, sets, rule_sets) =
+        node_agent_configs(&nodes, &policies, &mut desired.outcomes, instance);
     desired.node_agent_configs = configs;
+    desired.node_agent_rule_sets = sets;
     (desired, rule_sets)
 }
 
-/// One NodeAgentConfig per node (metadata and `spec.hash`) and the rule set of each distinct
-/// selection. A node whose config would be refused by the API server (a bound of the CRD's
-/// schema, its CEL rule, or the byte limit) gets the empty rule set instead, see
-/// [`refuse_unwritable`].
+/// The name of the rule set of the nodes that exactly `policies` (sorted) select. Stable
+/// while the selection is: a change to what those policies grant rewrites the rule set, not
+/// the nodes' NodeAgentConfigs.
+pub fn rule_set_name(policies: &[&str], instance: Option<&str>) -> String {
+    let mut digest = Sha256::new();
+    if let Some(instance) = instance {
+        digest.update(instance.as_bytes());
+    }
+    for policy in policies {
+        // Names never hold a NUL: the separator keeps ["ab"] and ["a", "b"] apart.
+        digest.update(b"\0");
+        digest.update(policy.as_bytes());
+    }
+    let hex: String = digest
+        .finalize()
+        .iter()
+        .take(10)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("nodegate-rules-{hex}")
+}
+
+/// One NodeAgentConfig per node, naming the rule set of its selection, and that rule set
+/// (metadata and `spec.hash`; its rules are returned by hash). A selection whose rule set
+/// would be refused by the API server (a bound of the CRD's schema, its CEL rule, or the byte
+/// limit) gets the empty rule set instead, see [`refuse_unwritable`].
 fn node_agent_configs(
     nodes: &[&NodeInfo],
     policies: &[&NodeApiPolicy],
     outcomes: &mut [PolicyOutcome],
-) -> (Vec<NodeAgentConfig>, RuleSets) {
+    instance: Option<&str>,
+) -> (Vec<NodeAgentConfig>, Vec<NodeAgentRuleSet>, RuleSets) {
     // The policies (indices into `policies` and `outcomes`, ascending) selecting each node.
     let position: BTreeMap<&str, usize> = nodes
         .iter()
@@ -231,46 +271,50 @@ fn node_agent_configs(
     }
 
     let mut rule_sets = RuleSets::new();
+    let mut sets: BTreeMap<String, NodeAgentRuleSet> = BTreeMap::new();
     let mut configs: Vec<Option<NodeAgentConfig>> = vec![None; nodes.len()];
-    let mut refused: Vec<(usize, Vec<String>)> = Vec::new();
+    // The empty selection's rule set: what a refused selection's nodes enforce instead.
+    let empty_name = rule_set_name(&[], instance);
     for (selection, members) in groups {
+        let names: Vec<&str> = selection
+            .iter()
+            .map(|&p| outcomes[p].policy.as_str())
+            .collect();
+        let mut name = rule_set_name(&names, instance);
+        drop(names);
         let rules: Vec<AgentRule> = selection
             .iter()
             .map(|&p| agent_rule(policies[p], &outcomes[p]))
             .collect();
-        let spec = agent_spec(&rules);
+        let mut spec = agent_spec(&rules);
         drop(rules);
-        let bounds = validation::agent_spec_bound_violations(&spec);
+        let set = rule_set(&name, &spec.hash, &spec.policies);
         let spec_bytes = serde_json::to_vec(&spec).map_or(usize::MAX, |b| b.len());
+        let mut violations = validation::agent_spec_bound_violations(&spec);
+        violations.extend(size_violation(&set, spec_bytes));
+        if violations.is_empty() {
+            sets.insert(name.clone(), set);
+        } else {
+            let member_names: Vec<&str> = members.iter().map(|&n| nodes[n].name.as_str()).collect();
+            spec = refuse_unwritable(&name, &violations, &member_names, selection, outcomes);
+            name = empty_name.clone();
+            sets.insert(name.clone(), rule_set(&name, &spec.hash, ""));
+        }
         for n in members {
-            let config = node_agent_config(nodes[n], &spec.hash);
-            let mut violations = bounds.clone();
-            violations.extend(size_violation(&config, spec_bytes));
-            if !violations.is_empty() {
-                refused.push((n, violations));
-            }
-            configs[n] = Some(config);
+            configs[n] = Some(node_agent_config(nodes[n], &name));
         }
         rule_sets.insert(spec.hash.clone(), spec);
     }
-    for (n, violations) in refused {
-        if let Some(config) = &mut configs[n] {
-            let empty = refuse_unwritable(config, &violations, outcomes);
-            rule_sets.entry(empty.hash.clone()).or_insert(empty);
-        }
-    }
     // Every node got its config above; the Option only let groups fill them in any order.
     let configs: Vec<NodeAgentConfig> = configs.into_iter().flatten().collect();
-    // Keep only what a config refers to (a rule set every member of which was refused).
-    rule_sets.retain(|hash, _| configs.iter().any(|c| &c.spec.hash == hash));
-    (configs, rule_sets)
+    (configs, sets.into_values().collect(), rule_sets)
 }
 
-/// The byte-limit violation of `config` (metadata and `spec.hash` only) once it holds a rule
-/// set of `spec_bytes` bytes of JSON: the JSON of a struct is the concatenation of its
-/// fields', so the whole object is measured without building it.
-fn size_violation(config: &NodeAgentConfig, spec_bytes: usize) -> Option<String> {
-    let size = config_bytes(config, spec_bytes);
+/// The byte-limit violation of `set` (metadata and `spec.hash` only) once it holds a rule set
+/// of `spec_bytes` bytes of JSON: the JSON of a struct is the concatenation of its fields', so
+/// the whole object is measured without building it.
+fn size_violation(set: &NodeAgentRuleSet, spec_bytes: usize) -> Option<String> {
+    let size = rule_set_bytes(set, spec_bytes);
     (size > MAX_AGENT_CONFIG_BYTES)
         .then(|| format!("{size} bytes of JSON, over the {MAX_AGENT_CONFIG_BYTES}-byte limit"))
 }
@@ -283,35 +327,39 @@ pub use nodegate_crds::agent_config::MAX_AGENT_CONFIG_BYTES;
 /// possibly wider, rules and the operator retrying forever), and every policy that selects the
 /// node says so, naming the node and the limit.
 fn refuse_unwritable(
-    config: &mut NodeAgentConfig,
+    name: &str,
     violations: &[String],
+    nodes: &[&str],
+    selection: &[usize],
     outcomes: &mut [PolicyOutcome],
 ) -> NodeAgentConfigSpec {
-    let node = config.metadata.name.clone().unwrap_or_default();
     let why = violations.join("; ");
-    for outcome in outcomes
-        .iter_mut()
-        .filter(|o| o.nodes.binary_search(&node).is_ok())
-    {
-        outcome.problems.push(format!(
-            "the NodeAgentConfig of node {node} exceeds a limit of its CRD ({why}): it is \
-             written with no rules, so its agent refuses every request; narrow the policies' \
-             namespace lists, subjects or node selectors"
+    let which = match nodes {
+        [one] => format!("node {one}"),
+        [first, second, third] => format!("nodes {first}, {second} and {third}"),
+        [first, second, rest @ ..] => {
+            format!("nodes {first}, {second} and {} more", rest.len())
+        }
+        [] => "no node".to_string(),
+    };
+    for &p in selection {
+        outcomes[p].problems.push(format!(
+            "the rules of {which} (NodeAgentRuleSet {name}) exceed a limit of its CRD ({why}): \
+             those nodes are given no rules, so their agents refuse every request; narrow the \
+             policies' namespace lists, subjects or node selectors"
         ));
     }
-    let empty = agent_spec(&[]);
-    config.spec = hash_only(&empty.hash);
-    empty
+    agent_spec(&[])
 }
 
-/// The JSON size of `config` holding a spec of `spec_bytes` bytes in place of its own.
-fn config_bytes(config: &NodeAgentConfig, spec_bytes: usize) -> usize {
-    let shell = serde_json::to_vec(config).map_or(usize::MAX, |b| b.len());
-    let own = serde_json::to_vec(&config.spec).map_or(0, |b| b.len());
+/// The JSON size of `set` holding a spec of `spec_bytes` bytes in place of its own.
+fn rule_set_bytes(set: &NodeAgentRuleSet, spec_bytes: usize) -> usize {
+    let shell = serde_json::to_vec(set).map_or(usize::MAX, |b| b.len());
+    let own = serde_json::to_vec(&set.spec).map_or(0, |b| b.len());
     shell.saturating_sub(own).saturating_add(spec_bytes)
 }
 
-/// A spec with only its hash: what a config holds between compile and write.
+/// A spec with only its hash: what a rule set holds between compile and write.
 fn hash_only(hash: &str) -> NodeAgentConfigSpec {
     NodeAgentConfigSpec {
         hash: hash.to_string(),
@@ -698,8 +746,22 @@ fn service_account(namespace: String, name: String, owners: Vec<OwnerReference>)
     }
 }
 
-fn node_agent_config(node: &NodeInfo, hash: &str) -> NodeAgentConfig {
-    let mut config = NodeAgentConfig::new(&node.name, hash_only(hash));
+/// A rule set as a round holds it until it is written: metadata, `spec.hash`, and
+/// `spec.policies` (so a failed write is reported on them).
+fn rule_set(name: &str, hash: &str, policies: &str) -> NodeAgentRuleSet {
+    let mut spec = hash_only(hash);
+    spec.policies = policies.to_string();
+    let mut set = NodeAgentRuleSet::new(name, NodeAgentRuleSetSpec(spec));
+    set.metadata.labels = Some(object_labels(None));
+    set
+}
+
+fn node_agent_config(node: &NodeInfo, rule_set: &str) -> NodeAgentConfig {
+    let spec = NodeAgentConfigSpec {
+        rule_set: Some(rule_set.to_string()),
+        ..NodeAgentConfigSpec::default()
+    };
+    let mut config = NodeAgentConfig::new(&node.name, spec);
     config.metadata.labels = Some(object_labels(None));
     config.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),

@@ -1266,8 +1266,8 @@ impl MetadataName for NodeInfo {
     }
 }
 
-/// Nodes the same policies select share one rule set: `compile_shared` builds it once and
-/// leaves each config its metadata and hash, and `compile` is that, filled in.
+/// Nodes the same policies select share one rule set: `compile_shared` builds it once, each
+/// node's config names it, and `compile` is that, filled in.
 #[test]
 fn nodes_selected_alike_share_one_rule_set() {
     let mut pooled = spec(&[Endpoint::Pods], names(&["a"]));
@@ -1282,41 +1282,115 @@ fn nodes_selected_alike_share_one_rule_set() {
         node("n3", &[]),
         node("n4", &[]),
     ];
-    let (shared, sets) = compile_shared(&policies, &nodes, &[]);
+    let (shared, sets) = compile_shared(&policies, &nodes, &[], None);
     assert_eq!(sets.len(), 2, "two selections, two rule sets");
-    for config in &shared.node_agent_configs {
-        assert!(config.spec.rules.is_empty() && config.spec.subjects.is_empty());
-        assert!(sets.contains_key(&config.spec.hash));
+    assert_eq!(shared.node_agent_rule_sets.len(), 2);
+    let hash_of: BTreeMap<String, String> = shared
+        .node_agent_rule_sets
+        .iter()
+        .map(|r| (r.metadata.name.clone().unwrap(), r.spec.0.hash.clone()))
+        .collect();
+    for set in &shared.node_agent_rule_sets {
+        assert!(
+            set.spec.0.rules.is_empty(),
+            "rules are kept by hash until written"
+        );
+        assert_eq!(set.spec.0.policies, sets[&set.spec.0.hash].policies);
+        assert!(sets.contains_key(&set.spec.0.hash));
     }
+    for config in &shared.node_agent_configs {
+        assert!(config.spec.rules.is_empty() && config.spec.hash.is_empty());
+        assert!(hash_of.contains_key(config.spec.rule_set.as_deref().unwrap()));
+    }
+    let names: Vec<&str> = shared
+        .node_agent_configs
+        .iter()
+        .map(|c| c.spec.rule_set.as_deref().unwrap())
+        .collect();
+    assert_eq!(names[0], names[1]);
+    assert_eq!(names[2], names[3]);
+    assert_ne!(names[0], names[2]);
+    assert_eq!(names[0], rule_set_name(&["everywhere", "pooled"], None));
+    assert_eq!(names[2], rule_set_name(&["everywhere"], None));
+
     let whole = compile(&policies, &nodes, &[]);
     assert_eq!(whole.node_agent_configs.len(), 4);
+    assert!(
+        whole.node_agent_rule_sets.is_empty(),
+        "compile writes rules inline"
+    );
     for (whole, shared) in whole
         .node_agent_configs
         .iter()
         .zip(&shared.node_agent_configs)
     {
         assert_eq!(whole.metadata, shared.metadata);
-        assert_eq!(&whole.spec, &sets[&shared.spec.hash]);
+        let hash = &hash_of[shared.spec.rule_set.as_deref().unwrap()];
+        assert_eq!(&whole.spec, &sets[hash]);
+        assert_eq!(whole.spec.rule_set, None);
     }
     assert_eq!(whole.node_agent_configs[0].spec.rules.len(), 2);
     assert_eq!(whole.node_agent_configs[2].spec.rules.len(), 1);
 }
 
-/// The byte limit is checked without building each node's object: the size is computed from
-/// the config's shell and its rule set's JSON, and must be the size of the whole object.
+/// A rule set's name follows the selection, not what the policies grant (a change to a policy
+/// rewrites one rule set, no NodeAgentConfig), and instances never share one.
 #[test]
-fn a_config_is_measured_exactly_without_being_built() {
+fn a_rule_set_is_named_by_its_selection_and_instance() {
+    let nodes = [node("n1", &[])];
+    let one = compile_shared(
+        &[policy("p", spec(&[Endpoint::Pods], names(&["a"])))],
+        &nodes,
+        &[],
+        None,
+    )
+    .0;
+    let changed = compile_shared(
+        &[policy("p", spec(&[Endpoint::Stats], names(&["b"])))],
+        &nodes,
+        &[],
+        None,
+    )
+    .0;
+    let other = compile_shared(
+        &[policy("p", spec(&[Endpoint::Pods], names(&["a"])))],
+        &nodes,
+        &[],
+        Some("t1"),
+    )
+    .0;
+    let name = |d: &Desired| d.node_agent_configs[0].spec.rule_set.clone().unwrap();
+    let hash = |d: &Desired| d.node_agent_rule_sets[0].spec.0.hash.clone();
+    assert_eq!(name(&one), name(&changed));
+    assert_ne!(hash(&one), hash(&changed));
+    assert_eq!(
+        serde_json::to_value(&one.node_agent_configs).unwrap(),
+        serde_json::to_value(&changed.node_agent_configs).unwrap(),
+        "no config write"
+    );
+    assert_ne!(name(&one), name(&other));
+    assert_ne!(
+        rule_set_name(&["ab"], None),
+        rule_set_name(&["a", "b"], None)
+    );
+}
+
+/// The byte limit is checked without building each rule set's object: the size is computed
+/// from its shell and its rules' JSON, and must be the size of the whole object.
+#[test]
+fn a_rule_set_is_measured_exactly_without_being_built() {
     let mut sp = spec(&[Endpoint::Pods, Endpoint::Stats], names(&["a", "b"]));
     sp.subjects = (0..5).map(|i| group(&format!("g{i}"))).collect();
     let policies = [policy("p", sp)];
     let nodes = [node("a-node-with-a-long-name.example.com", &[])];
-    let (shared, sets) = compile_shared(&policies, &nodes, &[]);
-    let config = &shared.node_agent_configs[0];
-    let spec = &sets[&config.spec.hash];
+    let (shared, sets) = compile_shared(&policies, &nodes, &[], Some("an-instance"));
+    let set = &shared.node_agent_rule_sets[0];
+    let spec = &sets[&set.spec.0.hash];
     let spec_bytes = serde_json::to_vec(spec).unwrap().len();
-    let whole = &compile(&policies, &nodes, &[]).node_agent_configs[0];
+    let mut whole = set.clone();
+    whole.spec.0 = spec.clone();
     assert_eq!(
-        config_bytes(config, spec_bytes),
-        serde_json::to_vec(whole).unwrap().len()
+        rule_set_bytes(set, spec_bytes),
+        serde_json::to_vec(&whole).unwrap().len()
     );
 }

@@ -55,8 +55,9 @@ pub const MAX_POLICIES_LENGTH: usize = MAX_AGENT_CONFIG_BYTES;
 /// Subjects one rule may name: a policy's subjects (32) and the service accounts it creates (16).
 pub const MAX_RULE_SUBJECTS: usize = 48;
 
-/// The rules the agent on one node enforces, compiled by the operator from every
-/// NodeApiPolicy that selects the node. Named after the node and owned by it.
+/// What the agent on one node enforces, compiled by the operator from every NodeApiPolicy
+/// that selects the node: the NodeAgentRuleSet it names, or (in a file given to the agent) its
+/// own rules. Named after the node and owned by it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "nodegate.io",
@@ -67,21 +68,29 @@ pub const MAX_RULE_SUBJECTS: usize = 48;
     category = "nodegate",
     status = "NodeAgentConfigStatus",
     doc = "The compiled access rules one node's nodegate agent enforces. Written by nodegate-operator; do not edit.",
-    printcolumn = r#"{"name":"Policies","type":"string","description":"Policies that apply to this node","jsonPath":".spec.policies"}"#,
+    printcolumn = r#"{"name":"Rule-Set","type":"string","description":"The NodeAgentRuleSet this node enforces","jsonPath":".spec.ruleSet"}"#,
     printcolumn = r#"{"name":"In-Sync","type":"string","description":"Whether the node's agent enforces this version","jsonPath":".status.conditions[?(@.type==\"InSync\")].status"}"#,
     printcolumn = r#"{"name":"Components","type":"string","description":"The node's components (kube-proxy, kube-controller-manager, kube-scheduler, etcd) its agent found listening and serves","jsonPath":".status.components"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = indices_resolve())]
+#[x_kube(validation = indices_resolve(), validation = rule_set_alone())]
 pub struct NodeAgentConfigSpec {
+    /// The NodeAgentRuleSet whose rules this node enforces: the operator writes the rules of
+    /// the nodes the same policies select once, in one rule set, so a change to a policy on
+    /// every node is one write, not one per node. A spec that names a rule set holds no rules
+    /// of its own; one that does not (a file given to the agent) holds them below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub rule_set: Option<String>,
     /// The names of the policies in `rules`, comma-separated, for `kubectl get` (a printer
     /// column shows only the first value of a list).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = MAX_POLICIES_LENGTH))]
     pub policies: String,
     /// SHA-256 of the subjects, namespace sets and rules; the agent reports the hash it
     /// enforces in status.observedHash.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 64))]
     pub hash: String,
     /// Every subject the rules grant, each once, sorted; `rules[].subjects` are indices into
@@ -109,6 +118,68 @@ pub fn indices_resolve() -> kube::core::Rule {
          r.subjects.all(s, has(self.subjects) && s < size(self.subjects)))",
     )
     .message("every rules[].subjects and rules[].namespaces index must name an entry of spec.subjects and spec.namespaceSets")
+}
+
+/// The CEL rule that keeps the two forms apart: a spec that names a rule set holds no rules,
+/// subjects or namespace sets of its own (the agent would not know which to enforce).
+pub fn rule_set_alone() -> kube::core::Rule {
+    kube::core::Rule::new(
+        "!has(self.ruleSet) || ((!has(self.rules) || size(self.rules) == 0) && \
+         (!has(self.subjects) || size(self.subjects) == 0) && \
+         (!has(self.namespaceSets) || size(self.namespaceSets) == 0))",
+    )
+    .message("a spec that names a ruleSet holds no rules, subjects or namespaceSets of its own")
+}
+
+/// The rules of every node that the same policies select, written once and named by each of
+/// those nodes' NodeAgentConfig (`spec.ruleSet`). Its spec is a NodeAgentConfig's spec with
+/// the rules in it (never a `ruleSet` of its own).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "nodegate.io",
+    version = "v1alpha1",
+    kind = "NodeAgentRuleSet",
+    plural = "nodeagentrulesets",
+    shortname = "nars",
+    category = "nodegate",
+    doc = "Compiled access rules shared by the nodes the same NodeApiPolicies select; each such node's NodeAgentConfig names it in spec.ruleSet. Written by nodegate-operator; do not edit.",
+    printcolumn = r#"{"name":"Policies","type":"string","description":"Policies whose rules this set holds","jsonPath":".spec.policies"}"#,
+    printcolumn = r#"{"name":"Hash","type":"string","description":"SHA-256 of the rules","jsonPath":".spec.hash"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct NodeAgentRuleSetSpec(pub NodeAgentConfigSpec);
+
+impl schemars::JsonSchema for NodeAgentRuleSetSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NodeAgentRuleSetSpec".into()
+    }
+
+    /// A NodeAgentConfig's spec without `ruleSet` (a rule set never names another) and
+    /// without the CEL rule that only concerns that field.
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut schema = NodeAgentConfigSpec::json_schema(generator);
+        if let Some(properties) = schema
+            .get_mut("properties")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            properties.remove("ruleSet");
+        }
+        schema.insert(
+            "description".into(),
+            "The rules of every node the same policies select: subjects and namespace scopes \
+             each once, and one rule per policy, ordered by policy name."
+                .into(),
+        );
+        let alone = rule_set_alone().rule;
+        if let Some(rules) = schema
+            .get_mut("x-kubernetes-validations")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            rules.retain(|r| r.get("rule").and_then(serde_json::Value::as_str) != Some(&alone));
+        }
+        schema
+    }
 }
 
 /// What one policy grants on this node, as written: its subjects and namespace scope are
@@ -234,6 +305,7 @@ impl NodeAgentConfigSpec {
             })
             .collect();
         NodeAgentConfigSpec {
+            rule_set: None,
             policies: rules
                 .iter()
                 .map(|r| r.policy.as_str())
@@ -286,7 +358,7 @@ impl NodeAgentConfigSpec {
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeAgentConfigStatus {
-    /// The spec.hash the agent enforces.
+    /// The hash of the rules the agent enforces (`spec.hash`, or its rule set's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_hash: Option<String>,
     /// `InSync` (observedHash equals spec.hash) and `Ready` (the agent serves).

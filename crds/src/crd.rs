@@ -1,6 +1,6 @@
 //! The CRD documents generated from the types, as `cargo xtask generate` writes them.
 
-use crate::{NodeAgentConfig, NodeApiPolicy};
+use crate::{NodeAgentConfig, NodeAgentRuleSet, NodeApiPolicy};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
@@ -22,11 +22,25 @@ pub fn node_api_policy() -> CustomResourceDefinition {
 /// objects, from policies the API server already validated. The agent checks them all again
 /// before it enforces a spec (`nodegate-compiler`'s `validation`).
 pub fn node_agent_config() -> CustomResourceDefinition {
-    let mut crd = NodeAgentConfig::crd();
-    let spec_rule = crate::agent_config::indices_resolve().rule;
+    rules_only_at_the_spec(NodeAgentConfig::crd())
+}
+
+/// The NodeAgentRuleSet CRD: a NodeAgentConfig's spec without `ruleSet`, with the same CEL
+/// rule and for the same reasons (see [`node_agent_config`]).
+pub fn node_agent_rule_set() -> CustomResourceDefinition {
+    rules_only_at_the_spec(NodeAgentRuleSet::crd())
+}
+
+/// Keeps only the spec's own CEL rules ([`crate::agent_config::indices_resolve`],
+/// [`crate::agent_config::rule_set_alone`]).
+fn rules_only_at_the_spec(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let spec_rules = [
+        crate::agent_config::indices_resolve().rule,
+        crate::agent_config::rule_set_alone().rule,
+    ];
     for_each_schema(&mut crd, |schema| {
         if let Some(rules) = schema.x_kubernetes_validations.as_mut() {
-            rules.retain(|r| r.rule == spec_rule);
+            rules.retain(|r| spec_rules.contains(&r.rule));
             if rules.is_empty() {
                 schema.x_kubernetes_validations = None;
             }
@@ -97,6 +111,7 @@ pub fn generated() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     Ok(vec![
         ("nodeapipolicies.yaml", to_yaml(&node_api_policy())?),
         ("nodeagentconfigs.yaml", to_yaml(&node_agent_config())?),
+        ("nodeagentrulesets.yaml", to_yaml(&node_agent_rule_set())?),
     ])
 }
 

@@ -1,4 +1,4 @@
-//! nodegate's API: the `NodeApiPolicy` and `NodeAgentConfig` types, their CEL rules, and the
+//! nodegate's API: the `NodeApiPolicy`, `NodeAgentConfig` and `NodeAgentRuleSet` types, their CEL rules, and the
 //! kubelet endpoint catalogue both binaries share.
 
 pub mod agent_config;
@@ -12,7 +12,8 @@ pub mod selector;
 pub mod validation;
 
 pub use agent_config::{
-    AgentRule, NodeAgentConfig, NodeAgentConfigSpec, PackedRule, ResolvedNamespaces,
+    AgentRule, NodeAgentConfig, NodeAgentConfigSpec, NodeAgentRuleSet, NodeAgentRuleSetSpec,
+    PackedRule, ResolvedNamespaces,
 };
 pub use catalogue::{Endpoint, Subresource, Verb};
 pub use policy::{NodeApiPolicy, NodeApiPolicySpec, Port, Subject, SubjectKind};

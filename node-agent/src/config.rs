@@ -1,7 +1,8 @@
 //! Where the agent's rules come from, and how a new version replaces the old one.
 //!
-//! `--config-source=api` watches this node's own `NodeAgentConfig` (and nothing else: the
-//! operator has already resolved selectors, so the agent needs no list access);
+//! `--config-source=api` watches this node's own `NodeAgentConfig` and the `NodeAgentRuleSet`
+//! it names (and nothing else: the operator has already resolved selectors, so the agent
+//! needs no list access);
 //! `--config-source=file:PATH` reads a `NodeAgentConfig`, or `NodeApiPolicy` documents that are
 //! compiled for this node with the operator's compiler, `nodegate-compiler` (clusters without the operator).
 //!
@@ -11,7 +12,8 @@
 //! good version the agent is not ready and denies everything.
 //!
 //! Permissions the agent's service account needs for this module: `get`, `list`, `watch` on
-//! `nodeagentconfigs.nodegate.io` (only its own object is asked for, by field selector),
+//! `nodeagentconfigs.nodegate.io` and `nodeagentrulesets.nodegate.io` (only its own object and
+//! the rule set it names are asked for, by field selector),
 //! `patch` on `nodeagentconfigs/status`, `get` on `nodes` for [`NodeIdentity::fetch`], and
 //! `list`/`watch` on `nodes` for the file source's [`watch_node`] (its own Node only, by field
 //! selector).
@@ -27,7 +29,7 @@ use nodegate_compiler::validation::{Invalid, validate_agent_spec, validate_polic
 use nodegate_compiler::{self as compiler, NodeInfo};
 use nodegate_crds::agent_config::NodeAgentConfigStatus;
 use nodegate_crds::decision::RuleSet;
-use nodegate_crds::{NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy};
+use nodegate_crds::{NodeAgentConfig, NodeAgentConfigSpec, NodeAgentRuleSet, NodeApiPolicy};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -367,10 +369,17 @@ pub fn parse_config_file(
                     node.name
                 )));
             }
-            Ok(validate_agent_spec(
+            let spec = validate_agent_spec(
                 &format!("NodeAgentConfig {:?}", node.name),
                 doc.get("spec").unwrap_or(&Value::Null),
-            )?)
+            )?;
+            if let Some(rule_set) = &spec.rule_set {
+                return Err(ConfigError::Document(format!(
+                    "the NodeAgentConfig names NodeAgentRuleSet {rule_set:?}: a file holds its \
+                     rules in spec.rules (`nodegate-operator render` writes them so)"
+                )));
+            }
+            Ok(spec)
         }
         ["NodeApiPolicy"] => {
             let mut policies = Vec::new();
@@ -554,26 +563,41 @@ pub async fn run(
 struct Observed {
     /// The object exists (as far as the watch knows).
     exists: bool,
+    /// The rule set it names, if it names one.
+    rule_set: Option<String>,
+    /// The hash of the rules it asks for: its own `spec.hash`, or its rule set's.
     spec_hash: Option<String>,
     status: Option<NodeAgentConfigStatus>,
 }
 
-/// Watches this node's NodeAgentConfig (field selector on its name), swaps valid versions
-/// in, and writes status back. The watcher re-lists and resumes after API server restarts.
+type Events = futures::stream::BoxStream<'static, watcher::Result<watcher::Event<DynamicObject>>>;
+
+/// Watches of one object by name (field selector), resumed after API server restarts.
+fn watch_one(api: &Api<DynamicObject>, name: &str) -> Events {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api.clone(), config).default_backoff().boxed()
+}
+
+/// Watches this node's NodeAgentConfig and the NodeAgentRuleSet it names (each by field
+/// selector on its name), swaps valid versions in, and writes status back.
 pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSourceSettings) {
-    let resource = ApiResource::erase::<NodeAgentConfig>(&());
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let config =
-        watcher::Config::default().fields(&format!("metadata.name={}", settings.node_name));
-    let mut events = watcher(api.clone(), config).default_backoff().boxed();
+    let api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
+    let sets: Api<DynamicObject> =
+        Api::all_with(client, &ApiResource::erase::<NodeAgentRuleSet>(&()));
+    let mut events = watch_one(&api, &settings.node_name);
+    // The named rule set's watch; none (pending forever) while the config names none.
+    let mut set_events: Events = futures::stream::pending().boxed();
     let mut observed = Observed::default();
     let mut seen_in_init = false;
+    let mut set_seen_in_init = false;
     let mut ticker = tokio::time::interval(settings.status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { return };
+                let named = observed.rule_set.clone();
                 match event {
                     Ok(watcher::Event::Init) => seen_in_init = false,
                     Ok(watcher::Event::InitApply(obj)) => {
@@ -592,10 +616,46 @@ pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSour
                     Ok(watcher::Event::Delete(_)) => {
                         observed = Observed::default();
                         store.clear("this node's NodeAgentConfig was deleted");
-                        continue;
                     }
                     Err(error) => {
                         tracing::warn!(%error, "NodeAgentConfig watch failed; retrying");
+                        continue;
+                    }
+                }
+                if observed.rule_set != named {
+                    // Until the new rule set is seen, the agent keeps what it enforces: the
+                    // operator writes a rule set before it names it.
+                    set_events = match &observed.rule_set {
+                        Some(name) => {
+                            tracing::info!(rule_set = %name, "watching the NodeAgentRuleSet this node's NodeAgentConfig names");
+                            watch_one(&sets, name)
+                        }
+                        None => futures::stream::pending().boxed(),
+                    };
+                }
+            }
+            event = set_events.next() => {
+                let Some(event) = event else { continue };
+                let Some(name) = observed.rule_set.clone() else { continue };
+                match event {
+                    Ok(watcher::Event::Init) => set_seen_in_init = false,
+                    Ok(watcher::Event::InitApply(obj)) => {
+                        set_seen_in_init = true;
+                        apply_rule_set(&store, &name, &mut observed, &obj);
+                    }
+                    Ok(watcher::Event::Apply(obj)) => apply_rule_set(&store, &name, &mut observed, &obj),
+                    Ok(watcher::Event::InitDone) => {
+                        if !set_seen_in_init {
+                            observed.spec_hash = None;
+                            store.refuse(format!("NodeAgentRuleSet {name:?}, which this node's NodeAgentConfig names, does not exist: refusing everything"));
+                        }
+                    }
+                    Ok(watcher::Event::Delete(_)) => {
+                        observed.spec_hash = None;
+                        store.refuse(format!("NodeAgentRuleSet {name:?}, which this node's NodeAgentConfig names, was deleted: refusing everything"));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, rule_set = %name, "NodeAgentRuleSet watch failed; retrying");
                         continue;
                     }
                 }
@@ -608,6 +668,8 @@ pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSour
     }
 }
 
+/// This node's NodeAgentConfig: its own rules are enforced, or the rule set it names is
+/// watched (by the caller, see [`run_api`]).
 fn apply_object(
     store: &ConfigStore,
     settings: &ApiSourceSettings,
@@ -623,12 +685,49 @@ fn apply_object(
         .get("status")
         .and_then(|s| serde_json::from_value(s.clone()).ok());
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
-    observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
-    if let Some(error) = unowned(obj) {
+    if let Some(error) = unowned("NodeAgentConfig", obj) {
+        observed.rule_set = None;
+        observed.spec_hash = None;
         store.refuse(error);
         return;
     }
+    let named = spec
+        .get("ruleSet")
+        .and_then(Value::as_str)
+        .map(String::from);
+    if named.is_some() {
+        if named != observed.rule_set {
+            observed.spec_hash = None;
+        }
+        observed.rule_set = named;
+        return;
+    }
+    observed.rule_set = None;
+    observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
     match validate_agent_spec(&format!("NodeAgentConfig {:?}", settings.node_name), &spec) {
+        Ok(spec) => {
+            store.publish(spec);
+        }
+        Err(e) => store.reject(e.to_string()),
+    }
+}
+
+/// The rule set this node's NodeAgentConfig names: enforced once it is nodegate's, holds
+/// rules of its own (never the name of another), and is valid.
+fn apply_rule_set(store: &ConfigStore, name: &str, observed: &mut Observed, obj: &DynamicObject) {
+    if obj.metadata.name.as_deref() != Some(name) {
+        return;
+    }
+    let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+    observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
+    if let Some(error) = unowned("NodeAgentRuleSet", obj) {
+        store.refuse(error);
+        return;
+    }
+    match validate_agent_spec(&format!("NodeAgentRuleSet {name:?}"), &spec) {
+        Ok(spec) if spec.rule_set.is_some() => store.refuse(format!(
+            "NodeAgentRuleSet {name:?} names another rule set: refusing everything"
+        )),
         Ok(spec) => {
             store.publish(spec);
         }
@@ -639,7 +738,7 @@ fn apply_object(
 /// Why a NodeAgentConfig the operator did not write must not be enforced: anyone allowed to
 /// create one of this node's name (a leftover, a hand-written copy, a colliding tool) would
 /// otherwise decide what this agent lets through. None when it carries nodegate's label.
-fn unowned(obj: &DynamicObject) -> Option<String> {
+fn unowned(kind: &str, obj: &DynamicObject) -> Option<String> {
     let managed_by = obj
         .metadata
         .labels
@@ -647,7 +746,7 @@ fn unowned(obj: &DynamicObject) -> Option<String> {
         .and_then(|l| l.get(MANAGED_BY_LABEL));
     (managed_by.map(String::as_str) != Some(nodegate_crds::MANAGED_BY)).then(|| {
         format!(
-            "NodeAgentConfig {:?} is not managed by nodegate (label {MANAGED_BY_LABEL}={} \
+            "{kind} {:?} is not managed by nodegate (label {MANAGED_BY_LABEL}={} \
              missing): refusing everything",
             obj.metadata.name.as_deref().unwrap_or_default(),
             nodegate_crds::MANAGED_BY

@@ -369,8 +369,29 @@ async fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
                 bail!("give --config FILE, or --node-name to read the node's NodeAgentConfig");
             }
             let client = kube_client(args.kubeconfig.as_ref()).await?;
-            let api: kube::Api<NodeAgentConfig> = kube::Api::all(client);
-            api.get(&args.node_name).await?.spec
+            let api: kube::Api<NodeAgentConfig> = kube::Api::all(client.clone());
+            let spec = api
+                .get(&args.node_name)
+                .await
+                .with_context(|| format!("reading NodeAgentConfig {}", args.node_name))?
+                .spec;
+            // The rules of the rule set it names, as its agent enforces them.
+            match &spec.rule_set {
+                Some(name) => {
+                    let sets: kube::Api<nodegate_crds::NodeAgentRuleSet> = kube::Api::all(client);
+                    sets.get(name)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "reading NodeAgentRuleSet {name}, which NodeAgentConfig {} names",
+                                args.node_name
+                            )
+                        })?
+                        .spec
+                        .0
+                }
+                None => spec,
+            }
         }
     };
     let question = Question {

@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod configs;
 pub mod sim;
 pub mod skip;
 

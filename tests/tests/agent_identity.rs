@@ -16,7 +16,7 @@ use nodegate_agent::authn::{
 };
 use nodegate_agent::config::{self, ApiSourceSettings, ConfigStore};
 use nodegate_agent::tls::{ReloadingTls, TlsSettings};
-use nodegate_crds::NodeAgentConfig;
+use nodegate_crds::{NodeAgentConfig, NodeAgentRuleSet};
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::unique_name;
 use rustls::ClientConfig;
@@ -751,6 +751,172 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
     let s = store.clone();
     eventually("deny-all after deletion", move || !s.is_loaded()).await;
     runner.abort();
+    Ok(())
+}
+
+/// A rule set as the operator writes it (`agent_config`'s spec under another kind), or
+/// without nodegate's label when `owned` is false.
+fn rule_set(name: &str, hash: &str, namespaces: &[&str], owned: bool) -> Value {
+    let mut set = agent_config(name, hash, namespaces);
+    set["kind"] = json!("NodeAgentRuleSet");
+    if !owned {
+        set["metadata"]["labels"] = json!({});
+    }
+    set
+}
+
+/// A NodeAgentConfig that names a NodeAgentRuleSet: the agent enforces the rule set, follows
+/// its updates (the config itself unchanged) and the config's move to another, and refuses
+/// everything when the rule set it names is not nodegate's or does not exist.
+#[tokio::test]
+async fn api_source_enforces_the_rule_set_its_config_names() -> TestResult {
+    let Some(cluster) = cluster_with_crds().await? else {
+        return Ok(());
+    };
+    let node = unique_name("agent-sets");
+    let _cleanup = Cleanup {
+        name: node.clone(),
+        config: cluster.admin_config().clone(),
+    };
+    let client = cluster.admin()?;
+    let api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
+    let sets: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentRuleSet>(&()));
+    let (a, b, theirs) = (
+        unique_name("nodegate-rules-a"),
+        unique_name("nodegate-rules-b"),
+        unique_name("nodegate-rules-theirs"),
+    );
+    for set in [
+        rule_set(&a, "a1", &["team-a"], true),
+        rule_set(&b, "b1", &["team-b"], true),
+        rule_set(&theirs, "t1", &["team-c"], false),
+    ] {
+        sets.create(&PostParams::default(), &serde_json::from_value(set)?)
+            .await?;
+    }
+    let store = ConfigStore::new();
+    let runner = tokio::spawn(config::run_api(
+        client.clone(),
+        store.clone(),
+        ApiSourceSettings {
+            node_name: node.clone(),
+            serving_cert_expiry: None,
+            status_interval: Duration::from_millis(200),
+            components: None,
+        },
+    ));
+    let names = |set: &str| -> Value {
+        json!({
+            "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
+            "metadata": {"name": node, "labels": {"app.kubernetes.io/managed-by": "nodegate"}},
+            "spec": {"ruleSet": set},
+        })
+    };
+    let point = |set: String| {
+        let api = api.clone();
+        let body = names(&set);
+        let node = node.clone();
+        async move {
+            api.patch(
+                &node,
+                &PatchParams::apply("test").force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        }
+    };
+    point(a.clone()).await?;
+    let s = store.clone();
+    eventually("a1 in force", move || {
+        s.is_loaded() && s.current().spec.hash == "a1"
+    })
+    .await;
+    assert_eq!(
+        store.current().spec.unpack(0).unwrap().namespaces.names,
+        ["team-a"]
+    );
+    wait_status(&api, &node, "in sync with a1", |s| {
+        s["observedHash"] == "a1" && condition(s, "InSync").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+
+    // The rule set changes, the config does not: the agent follows the rule set.
+    let config_rv = api.get(&node).await?.metadata.resource_version;
+    sets.patch(
+        &a,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&rule_set(&a, "a2", &["team-a", "team-z"], true)),
+    )
+    .await?;
+    let s = store.clone();
+    eventually("a2 in force", move || s.current().spec.hash == "a2").await;
+    let obj = wait_status(&api, &node, "in sync with a2", |s| {
+        s["observedHash"] == "a2" && condition(s, "InSync").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    assert_ne!(
+        obj.metadata.resource_version, config_rv,
+        "only status was written"
+    );
+    assert_eq!(obj.data["spec"]["ruleSet"], json!(a));
+
+    // The config names another rule set.
+    point(b.clone()).await?;
+    let s = store.clone();
+    eventually("b1 in force", move || s.current().spec.hash == "b1").await;
+
+    // A rule set nodegate does not own: deny-all, and status says why.
+    point(theirs.clone()).await?;
+    let s = store.clone();
+    eventually("deny-all for a foreign rule set", move || !s.is_loaded()).await;
+    let obj = wait_status(&api, &node, "the foreign rule set refused", |s| {
+        s["lastError"].as_str().is_some_and(|e| {
+            e.contains("NodeAgentRuleSet") && e.contains("not managed by nodegate")
+        })
+    })
+    .await;
+    assert_eq!(
+        condition(&obj.data["status"], "Ready").unwrap()["status"],
+        "False"
+    );
+
+    // Back to an owned one, then to one that does not exist: deny-all again.
+    point(a.clone()).await?;
+    let s = store.clone();
+    eventually("a2 in force again", move || {
+        s.is_loaded() && s.current().spec.hash == "a2"
+    })
+    .await;
+    point(unique_name("nodegate-rules-missing")).await?;
+    let s = store.clone();
+    eventually("deny-all for a missing rule set", move || !s.is_loaded()).await;
+    wait_status(&api, &node, "the missing rule set reported", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not exist"))
+    })
+    .await;
+
+    // The named rule set deleted while in force: deny-all.
+    point(b.clone()).await?;
+    let s = store.clone();
+    eventually("b1 in force again", move || {
+        s.is_loaded() && s.current().spec.hash == "b1"
+    })
+    .await;
+    sets.delete(&b, &DeleteParams::default()).await?;
+    let s = store.clone();
+    eventually("deny-all once the rule set is deleted", move || {
+        !s.is_loaded()
+    })
+    .await;
+
+    runner.abort();
+    for set in [&a, &theirs] {
+        let _ = sets.delete(set, &DeleteParams::default()).await;
+    }
     Ok(())
 }
 

@@ -190,3 +190,58 @@ async fn a_file_policys_node_selector_follows_the_nodes_labels() {
     // --node-labels stands in for the cluster's labels.
     assert_eq!(explain_pods(&["--node-labels", &set]), "allow");
 }
+
+/// Without `--config`, `explain` reads the node's NodeAgentConfig from the cluster and decides
+/// by the rules of the NodeAgentRuleSet it names, as the agent does.
+#[tokio::test]
+async fn explain_decides_by_the_rule_set_the_nodes_config_names() {
+    let Some(cluster) = Cluster::get().await.unwrap() else {
+        return;
+    };
+    cluster.install_crds().await.unwrap();
+    let binary = agent_binary();
+    let suffix = rand_suffix();
+    let (node, set, user) = (
+        format!("explain-node-{suffix}"),
+        format!("nodegate-rules-explain-{suffix}"),
+        format!("erin-{suffix}"),
+    );
+    let manifest = format!(
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentRuleSet\nmetadata:\n  name: {set}\n  \
+         labels: {{app.kubernetes.io/managed-by: nodegate}}\nspec:\n  hash: h\n  policies: p\n  \
+         subjects: [{{kind: User, name: {user}}}]\n  namespaceSets: [{{all: true}}]\n  \
+         rules: [{{policy: p, subjects: [0], endpoints: [pods], namespaces: 0, ports: [Secure]}}]\n\
+         ---\napiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {node}\n  \
+         labels: {{app.kubernetes.io/managed-by: nodegate}}\nspec:\n  ruleSet: {set}\n"
+    );
+    let file = std::env::temp_dir().join(format!("explain-{suffix}.yaml"));
+    std::fs::write(&file, manifest).unwrap();
+    let created = cluster
+        .run_kubectl(&["create", "-f", &file.to_string_lossy()])
+        .await;
+    let kubeconfig = cluster.location().kubeconfig.to_string_lossy().to_string();
+    let ask = |who: &str| {
+        let args: Vec<String> = [
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            &node,
+            "--user",
+            who,
+            "/pods",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        explain(&binary, &args)
+    };
+    // Both answers before the cleanup; the assertions after it.
+    let answers = created.map(|_| (ask(&user), ask("someone-else")));
+    let _ = cluster
+        .run_kubectl(&["delete", "-f", &file.to_string_lossy(), "--wait=false"])
+        .await;
+    let _ = std::fs::remove_file(&file);
+    let (allowed, other) = answers.unwrap();
+    assert_eq!(allowed["decision"], "allow", "{allowed}");
+    assert_eq!(other["decision"], "deny", "{other}");
+}

@@ -238,6 +238,9 @@ fn expected_agent_api_rules() -> BTreeSet<(String, String, String, String)> {
         row("nodegate.io", "nodeagentconfigs", "get"),
         row("nodegate.io", "nodeagentconfigs", "list"),
         row("nodegate.io", "nodeagentconfigs", "watch"),
+        row("nodegate.io", "nodeagentrulesets", "get"),
+        row("nodegate.io", "nodeagentrulesets", "list"),
+        row("nodegate.io", "nodeagentrulesets", "watch"),
         row("nodegate.io", "nodeagentconfigs/status", "patch"),
         row("", "nodes", "get"),
         row("", "nodes", "list"),
@@ -921,6 +924,7 @@ async fn kustomize_config_builds_and_the_api_server_accepts_it() -> TestResult {
     for (kind, name) in [
         ("CustomResourceDefinition", "nodeapipolicies.nodegate.io"),
         ("CustomResourceDefinition", "nodeagentconfigs.nodegate.io"),
+        ("CustomResourceDefinition", "nodeagentrulesets.nodegate.io"),
         ("Namespace", "nodegate-system"),
         ("Deployment", "nodegate-operator"),
         ("PodDisruptionBudget", "nodegate-operator"),

@@ -172,8 +172,10 @@ async fn printer_columns_and_status_subresource() -> TestResult {
     result
 }
 
+/// `kubectl get nars` lists a rule set's policies and hash; `kubectl get nac` the rule set each
+/// node's config names.
 #[tokio::test]
-async fn node_agent_config_columns_list_policies() -> TestResult {
+async fn rule_set_and_config_columns_list_policies_and_the_rule_set() -> TestResult {
     let Some(cluster) = cluster_with_crds().await? else {
         return Ok(());
     };
@@ -184,26 +186,34 @@ async fn node_agent_config_columns_list_policies() -> TestResult {
         )
     };
     let manifest = format!(
-        "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  \
+        "apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentRuleSet\nmetadata:\n  name: {name}\nspec:\n  \
          hash: abc\n  policies: alpha,beta\n  subjects: [{{kind: Group, name: g}}]\n  \
-         namespaceSets: [{{names: [a]}}]\n  rules: [{}, {}]\n",
+         namespaceSets: [{{names: [a]}}]\n  rules: [{}, {}]\n---\n\
+         apiVersion: nodegate.io/v1alpha1\nkind: NodeAgentConfig\nmetadata:\n  name: {name}\nspec:\n  \
+         ruleSet: {name}\n",
         rule("alpha"),
         rule("beta")
     );
     kubectl_create(&cluster, &manifest)?;
-    let table = cluster.run_kubectl(&["get", "nac", &name]).await;
+    let sets = cluster.run_kubectl(&["get", "nars", &name]).await;
+    let configs = cluster.run_kubectl(&["get", "nac", &name]).await;
     let _ = cluster
-        .run_kubectl(&["delete", "nac", &name, "--wait=false"])
+        .run_kubectl(&["delete", "nac,nars", &name, "--wait=false"])
         .await;
-    let table = table?;
-    let mut lines = table.lines();
+    let (sets, configs) = (sets?, configs?);
+    let mut lines = sets.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "POLICIES", "HASH", "AGE"], "{sets}");
+    assert!(lines.next().unwrap().contains("alpha,beta"), "{sets}");
+    let mut lines = configs.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "POLICIES", "IN-SYNC", "COMPONENTS", "AGE"],
-        "{table}"
+        ["NAME", "RULE-SET", "IN-SYNC", "COMPONENTS", "AGE"],
+        "{configs}"
     );
-    assert!(lines.next().unwrap().contains("alpha,beta"), "{table}");
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(row[1], name, "{configs}");
     Ok(())
 }
 
@@ -241,7 +251,7 @@ async fn kubectl_explain_teaches_the_api() -> TestResult {
 /// objects are touched: the API server accepts its schema and the estimated cost of its CEL rule
 /// with the list bounds derived from the byte limit, stores the config of a node that 1,000
 /// policies select (the old schema held 512 rules), and refuses a rule whose index names no
-/// entry, with the rule's message.
+/// entry, and a config that names a rule set and holds rules too, each with its rule's message.
 #[tokio::test]
 async fn node_agent_config_crd_installs_and_refuses_dangling_indices() -> TestResult {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -336,6 +346,22 @@ async fn node_agent_config_crd_installs_and_refuses_dangling_indices() -> TestRe
                 .contains("every rules[].subjects and rules[].namespaces index must name an entry"),
             "{message}"
         );
+        // A config that names a rule set holds no rules of its own; one that only names it is
+        // admitted.
+        let mut both = spec.clone();
+        both["ruleSet"] = serde_json::json!("nodegate-rules-0123");
+        let refused = api
+            .create(&PostParams::default(), &object("both", &both))
+            .await
+            .expect_err("a config naming a rule set and holding rules was admitted");
+        let message = refused.to_string();
+        assert!(
+            message.contains("a spec that names a ruleSet holds no rules"),
+            "{message}"
+        );
+        let named = serde_json::json!({"ruleSet": "nodegate-rules-0123"});
+        api.create(&PostParams::default(), &object("named", &named))
+            .await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use nodegate_crds::NodeAgentConfig;
+use nodegate_crds::{NodeAgentConfig, NodeAgentRuleSet};
 use nodegate_operator::controller::LeaderSettings;
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::unique_name;
@@ -104,7 +104,7 @@ async fn policy_lifecycle_objects_follow() -> TestResult {
             .patch_status(
                 node,
                 &PatchParams::default(),
-                &Patch::Merge(&json!({"status": {"observedHash": hash}})),
+                &Patch::Merge(&agent_confirms(&hash)),
             )
             .await?;
     }
@@ -305,7 +305,7 @@ async fn a_dropped_node_keeps_the_policy_pending_until_its_agent_confirms() -> T
                 .patch_status(
                     &node,
                     &PatchParams::default(),
-                    &Patch::Merge(&json!({"status": {"observedHash": hash}})),
+                    &Patch::Merge(&agent_confirms(&hash)),
                 )
                 .await?;
             Ok::<_, BoxError>(())
@@ -644,22 +644,40 @@ async fn generated_objects_are_restored() -> TestResult {
     })
     .await?;
 
-    // A NodeAgentConfig edited by hand is rewritten.
+    // A NodeAgentRuleSet edited by hand is rewritten, and so is a NodeAgentConfig pointed
+    // at another rule set.
     let node = w.node_names()[0].clone();
     let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
     let before = eventually("config", WAIT, || async {
         w.config(&node).await.filter(|c| !c.spec.rules.is_empty())
     })
     .await?;
-    configs
+    let set = before
+        .spec
+        .rule_set
+        .clone()
+        .ok_or("the config names no rule set")?;
+    Api::<NodeAgentRuleSet>::all(w.client.clone())
         .patch(
-            &node,
+            &set,
             &PatchParams::default(),
             &Patch::Merge(&json!({"spec": {"rules": [], "hash": "tampered"}})),
         )
         .await?;
-    eventually("config restored", WAIT, || async {
+    eventually("rule set restored", WAIT, || async {
         w.config(&node).await.filter(|c| c.spec == before.spec)
+    })
+    .await?;
+    configs
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"ruleSet": "nodegate-rules-elsewhere"}})),
+        )
+        .await?;
+    eventually("config restored", WAIT, || async {
+        let raw = configs.get_opt(&node).await.ok()??;
+        (raw.spec.rule_set.as_deref() == Some(set.as_str())).then_some(())
     })
     .await?;
     w.cleanup().await;

@@ -135,7 +135,7 @@ async fn six_hundred_policies_on_one_node_are_all_enforced() -> TestResult {
 
 /// Policies whose rules on one node exceed what the API server stores (each of 100 policies
 /// names 32 users with long names and 64 namespaces of its own: about 1.2 MB of distinct
-/// subjects and namespace lists): the node's NodeAgentConfig is written with no rules (its
+/// subjects and namespace lists): the node's NodeAgentConfig names the empty rule set (its
 /// agent refuses everything), and every one of those policies is not Ready, with a message
 /// that names the node and the limit.
 #[tokio::test]
@@ -198,7 +198,7 @@ async fn a_node_beyond_the_size_bound_gets_a_deny_all_config_and_every_policy_sa
                 .items
                 .iter()
                 .filter_map(|p| Some((p.metadata.name.clone()?, ready_message(p)?)))
-                .filter(|(_, m)| m.contains("NodeAgentConfig"))
+                .filter(|(_, m)| m.contains("NodeAgentRuleSet"))
                 .collect();
             (messages.len() == names.len()).then_some(messages)
         },

@@ -29,7 +29,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use nodegate_crds::decision::{Requester, RuleSet, rbac_answer};
-use nodegate_crds::{Endpoint, NodeAgentConfig, NodeApiPolicy, Verb};
+use nodegate_crds::{Endpoint, NodeAgentConfig, NodeAgentRuleSet, NodeApiPolicy, Verb};
 use nodegate_tests::cluster::{FlakyProxy, TEST_LABEL};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, IteratorRandom};
@@ -272,6 +272,24 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
             w.config(node).await.filter(|c| c.spec.rules.is_empty())
         })
         .await?;
+    }
+    // And one rule set is left, the empty selection's, which they all name: the rule sets of
+    // the selections that went were deleted once no config named them.
+    let empty = nodegate_compiler::rule_set_name(&[], Some(&run));
+    eventually("only the empty rule set", WAIT, || async {
+        let sets = Api::<NodeAgentRuleSet>::all(client.clone())
+            .list(&owned)
+            .await
+            .ok()?;
+        let names: Vec<String> = sets.items.iter().map(|s| s.name_any()).collect();
+        (names == [empty.clone()]).then_some(())
+    })
+    .await?;
+    for node in &nodes {
+        let config = Api::<NodeAgentConfig>::all(client.clone())
+            .get(node)
+            .await?;
+        assert_eq!(config.spec.rule_set.as_deref(), Some(empty.as_str()));
     }
 
     if let Some(mut child) = operator.take() {
@@ -648,11 +666,11 @@ impl Checker {
                 .filter(|n| n.metadata.deletion_timestamp.is_none())
                 .map(|n| (n.name_any(), n.labels().clone()))
                 .collect();
+        // As each agent sees its config: with the rules of the rule set it names.
         let configs: BTreeMap<String, NodeAgentConfig> = {
-            let api = Api::<NodeAgentConfig>::all(client.clone());
             let mut map = BTreeMap::new();
             for node in &self.nodes {
-                if let Some(c) = api.get_opt(node).await? {
+                if let Some(c) = effective_config(client, node).await? {
                     map.insert(node.clone(), c);
                 }
             }

@@ -176,7 +176,7 @@ async fn heartbeats_and_agents_catching_up_cost_no_compile_and_no_status_patch()
     };
     for (i, node) in nodes.iter().enumerate() {
         let hash = w.config(node).await.unwrap().spec.hash;
-        let agent = json!({"status": {"observedHash": hash}});
+        let agent = agent_confirms(&hash);
         configs
             .patch_status(node, &PatchParams::default(), &Patch::Merge(&agent))
             .await?;

@@ -142,6 +142,8 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
         .arg(repo("crds/nodeapipolicies.yaml"))
         .arg("-f")
         .arg(repo("crds/nodeagentconfigs.yaml"))
+        .arg("-f")
+        .arg(repo("crds/nodeagentrulesets.yaml"))
         .output()?;
     assert!(
         out.status.success(),
@@ -154,6 +156,7 @@ async fn controller_runs_with_its_own_rbac() -> TestResult {
         .args([
             "crd/nodeapipolicies.nodegate.io",
             "crd/nodeagentconfigs.nodegate.io",
+            "crd/nodeagentrulesets.nodegate.io",
         ])
         .output()?;
     // Namespace first (ignore "exists"), then the RBAC, as a cluster admin would.

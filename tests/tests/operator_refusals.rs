@@ -129,10 +129,10 @@ impl Drop for Refusal {
 async fn agents_catch_up(w: &World) {
     let configs = Api::<NodeAgentConfig>::all(w.client.clone());
     for node in w.node_names() {
-        let Ok(Some(config)) = configs.get_opt(&node).await else {
+        let Some(config) = w.config(&node).await else {
             continue;
         };
-        let status = json!({"status": {"observedHash": config.spec.hash}});
+        let status = agent_confirms(&config.spec.hash);
         let _ = configs
             .patch_status(&node, &PatchParams::default(), &Patch::Merge(&status))
             .await;

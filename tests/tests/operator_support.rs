@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
+use nodegate_crds::{NodeAgentConfig, NodeAgentRuleSet, NodeApiPolicy};
 use nodegate_operator::controller::CancellationToken;
 use nodegate_operator::controller::{self, LeaderSettings, Metrics, Settings};
 use nodegate_tests::Cluster;
@@ -200,9 +200,16 @@ impl World {
             .flatten()
     }
 
+    /// The node's NodeAgentConfig as its agent sees it: with the rules (and hash) of the
+    /// rule set it names in its spec. None while either is missing.
     pub async fn config(&self, node: &str) -> Option<NodeAgentConfig> {
-        Api::<NodeAgentConfig>::all(self.client.clone())
-            .get_opt(node)
+        effective_config(&self.client, node).await.ok().flatten()
+    }
+
+    /// The NodeAgentRuleSet `name`, if it exists.
+    pub async fn rule_set(&self, name: &str) -> Option<NodeAgentRuleSet> {
+        Api::<NodeAgentRuleSet>::all(self.client.clone())
+            .get_opt(name)
             .await
             .ok()
             .flatten()
@@ -227,13 +234,19 @@ impl World {
         .await
     }
 
-    /// Deletes this test's policies (their outputs go with them).
+    /// Deletes this test's policies (their outputs go with them) and its instance's rule sets
+    /// (which a stopped operator no longer removes: they have no owner to collect them).
     pub async fn cleanup(&mut self) {
         self.stop_all().await;
         let lp = kube::api::ListParams::default().labels(&format!("{TEST_LABEL}={}", self.run));
         let _ = self
             .policies()
             .delete_collection(&DeleteParams::default(), &lp)
+            .await;
+        let instance =
+            kube::api::ListParams::default().labels(&format!("nodegate.io/instance={}", self.run));
+        let _ = Api::<NodeAgentRuleSet>::all(self.client.clone())
+            .delete_collection(&DeleteParams::default(), &instance)
             .await;
     }
 }
@@ -274,6 +287,10 @@ pub fn rule_names(role: &ClusterRole) -> Vec<String> {
     names
 }
 
+// Not every test that includes this file plays agents or reads configs.
+#[allow(unused_imports)]
+pub use nodegate_tests::configs::{agent_confirms, effective_config};
+
 pub fn config_policies(config: &NodeAgentConfig) -> Vec<String> {
     config.spec.rules.iter().map(|r| r.policy.clone()).collect()
 }
@@ -303,6 +320,7 @@ pub async fn owned_versions(client: &kube::Client, run: &str) -> BTreeMap<String
     collect!(ClusterRoleBinding, "ClusterRoleBinding");
     collect!(RoleBinding, "RoleBinding");
     collect!(ServiceAccount, "ServiceAccount");
+    collect!(NodeAgentRuleSet, "NodeAgentRuleSet");
     collect!(NodeAgentConfig, "NodeAgentConfig");
     versions
 }

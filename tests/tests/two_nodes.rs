@@ -23,6 +23,7 @@ use nodegate_tests::Cluster;
 use nodegate_tests::cluster::{
     NODE_NAME, NODE2_NAME, REAL_NODES, TEST_LABEL, busybox_pod_on, unique_name,
 };
+use nodegate_tests::configs::effective_config;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -529,8 +530,7 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
             "node-2's NodeAgentConfig with the rule",
             Duration::from_secs(30),
             || async {
-                configs
-                    .get_opt(NODE2_NAME)
+                effective_config(&admin, NODE2_NAME)
                     .await
                     .ok()
                     .flatten()
@@ -541,7 +541,7 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
         let node1 = eventually(
             "node-1's NodeAgentConfig",
             Duration::from_secs(30),
-            || async { configs.get_opt(NODE_NAME).await.ok().flatten() },
+            || async { effective_config(&admin, NODE_NAME).await.ok().flatten() },
         )
         .await?;
         assert_eq!(
@@ -604,12 +604,12 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
     let _ = policies
         .delete(&policy_name, &DeleteParams::default())
         .await;
-    // The configs this test's operator wrote carry its instance label; no other operator may
-    // find them as foreign objects later.
+    // The configs and rule sets this test's operator wrote carry its instance label; no other
+    // operator may find them as foreign objects later.
     let _ = cluster
         .run_kubectl(&[
             "delete",
-            "nodeagentconfigs",
+            "nodeagentconfigs,nodeagentrulesets",
             "-l",
             &format!("nodegate.io/instance={run}"),
             "--ignore-not-found",

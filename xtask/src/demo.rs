@@ -407,16 +407,19 @@ curl -sk -w 'HTTP %{http_code}\n' -H "Authorization: Bearer $DEV" "https://$AGEN
             }
             Err(e) => return Err(e),
         }
-        // NodeAgentConfigs are owned by their Node, so they outlive the operator: remove those
-        // the (uninstanced) operator wrote. The CRDs stay, as Helm leaves them.
+        // NodeAgentConfigs are owned by their Node and rule sets by no one, so they outlive the
+        // operator: remove those the (uninstanced) operator wrote. The CRDs stay, as Helm
+        // leaves them.
         self.kubectl(&[
             "delete",
-            "nac",
+            "nac,nars",
             "-l",
             "app.kubernetes.io/managed-by=nodegate,!nodegate.io/instance",
             "--ignore-not-found",
         ])?;
-        println!("the operator's NodeAgentConfigs deleted (the CRDs stay, as with helm uninstall)");
+        println!(
+            "the operator's NodeAgentConfigs and NodeAgentRuleSets deleted (the CRDs stay, as with helm uninstall)"
+        );
         for ns in ["team-a", "team-b", "monitoring", NAMESPACE] {
             self.kubectl(&[
                 "delete",

@@ -34,7 +34,7 @@ use kube::Client;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
+use nodegate_crds::{NodeAgentConfig, NodeAgentRuleSet, NodeApiPolicy};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -244,6 +244,14 @@ pub(crate) fn start_watches(
             &metrics,
         ),
         service_accounts: spawn_reflector::<ServiceAccount>(
+            &mut tasks,
+            Api::all(client.clone()),
+            cfg(Some(&owned)),
+            &trigger,
+            &stop,
+            &metrics,
+        ),
+        node_agent_rule_sets: spawn_reflector::<NodeAgentRuleSet>(
             &mut tasks,
             Api::all(client.clone()),
             cfg(Some(&owned)),

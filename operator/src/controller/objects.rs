@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 use kube::api::ApiResource;
 use nodegate_crds::{
-    MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy, POLICY_LABEL,
+    MANAGED_BY, NodeAgentConfig, NodeAgentConfigSpec, NodeAgentRuleSet, NodeApiPolicy, POLICY_LABEL,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,15 +29,17 @@ pub enum Kind {
     ClusterRoleBinding,
     RoleBinding,
     ServiceAccount,
+    NodeAgentRuleSet,
     NodeAgentConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::ClusterRole,
         Kind::ClusterRoleBinding,
         Kind::RoleBinding,
         Kind::ServiceAccount,
+        Kind::NodeAgentRuleSet,
         Kind::NodeAgentConfig,
     ];
 
@@ -47,6 +49,7 @@ impl Kind {
             Kind::ClusterRoleBinding => "ClusterRoleBinding",
             Kind::RoleBinding => "RoleBinding",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::NodeAgentRuleSet => "NodeAgentRuleSet",
             Kind::NodeAgentConfig => "NodeAgentConfig",
         }
     }
@@ -58,6 +61,7 @@ impl Kind {
             Kind::ClusterRoleBinding => ApiResource::erase::<ClusterRoleBinding>(&()),
             Kind::RoleBinding => ApiResource::erase::<RoleBinding>(&()),
             Kind::ServiceAccount => ApiResource::erase::<ServiceAccount>(&()),
+            Kind::NodeAgentRuleSet => ApiResource::erase::<NodeAgentRuleSet>(&()),
             Kind::NodeAgentConfig => ApiResource::erase::<NodeAgentConfig>(&()),
         }
     }
@@ -156,6 +160,10 @@ pub fn for_each_meta(desired: &mut Desired, mut f: impl FnMut(Kind, &mut ObjectM
         .iter_mut()
         .for_each(|o| f(Kind::ServiceAccount, &mut o.metadata));
     desired
+        .node_agent_rule_sets
+        .iter_mut()
+        .for_each(|o| f(Kind::NodeAgentRuleSet, &mut o.metadata));
+    desired
         .node_agent_configs
         .iter_mut()
         .for_each(|o| f(Kind::NodeAgentConfig, &mut o.metadata));
@@ -180,6 +188,10 @@ pub fn for_each_key(desired: &Desired, mut f: impl FnMut(Key)) {
         .service_accounts
         .iter()
         .for_each(|o| visit(Kind::ServiceAccount, &o.metadata));
+    desired
+        .node_agent_rule_sets
+        .iter()
+        .for_each(|o| visit(Kind::NodeAgentRuleSet, &o.metadata));
     desired
         .node_agent_configs
         .iter()
@@ -223,37 +235,50 @@ pub fn outputs(desired: &Desired) -> Vec<Output> {
     );
     push_all(&mut out, Kind::RoleBinding, &desired.role_bindings);
     push_all(&mut out, Kind::ServiceAccount, &desired.service_accounts);
-    for config in &desired.node_agent_configs {
+    for set in &desired.node_agent_rule_sets {
         out.push(Output {
-            key: Key::of(Kind::NodeAgentConfig, &config.metadata),
-            policies: policies_of(&config.metadata),
-            body: config_digest(config),
+            key: Key::of(Kind::NodeAgentRuleSet, &set.metadata),
+            policies: rule_set_policies(set),
+            body: rule_set_digest(set),
         });
     }
+    push_all(&mut out, Kind::NodeAgentConfig, &desired.node_agent_configs);
     out
 }
 
-/// A NodeAgentConfig as a round compares it: its metadata and `spec.hash`, the digest of its
-/// rules. The watch cache keeps no rules either (a config whose rules do not match its hash is
+/// The policies whose rules a rule set holds (`spec.policies`, which the compiler keeps on
+/// the rule sets it returns).
+pub fn rule_set_policies(set: &NodeAgentRuleSet) -> BTreeSet<String> {
+    set.spec
+        .0
+        .policies
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A rule set as a round compares it: its metadata and `spec.hash`, the digest of its rules.
+/// The watch cache keeps no rules either (a rule set whose rules do not match its hash is
 /// cached with a hash no compile gives, see `watch.rs`), so equal hashes mean equal rules,
-/// and a round never holds every node's rules as JSON.
-pub fn config_digest(config: &NodeAgentConfig) -> Value {
-    let metadata = serde_json::to_value(&config.metadata).unwrap_or(Value::Null);
+/// and a round never holds every rule set as JSON.
+pub fn rule_set_digest(set: &NodeAgentRuleSet) -> Value {
+    let metadata = serde_json::to_value(&set.metadata).unwrap_or(Value::Null);
     strip_empty(serde_json::json!({
-        "apiVersion": NodeAgentConfig::api_version(&()),
-        "kind": NodeAgentConfig::kind(&()),
+        "apiVersion": NodeAgentRuleSet::api_version(&()),
+        "kind": NodeAgentRuleSet::kind(&()),
         "metadata": metadata,
-        "spec": {"hash": config.spec.hash},
+        "spec": {"hash": set.spec.0.hash},
     }))
 }
 
-/// The whole apply body of a NodeAgentConfig (`config`'s metadata, `spec` its rule set), made
-/// when it is written.
-pub fn config_body(config: &NodeAgentConfig, spec: &NodeAgentConfigSpec) -> Option<Value> {
+/// The whole apply body of a rule set (`set`'s metadata, `spec` its rules), made when it is
+/// written.
+pub fn rule_set_body(set: &NodeAgentRuleSet, spec: &NodeAgentConfigSpec) -> Option<Value> {
     Some(strip_empty(serde_json::json!({
-        "apiVersion": NodeAgentConfig::api_version(&()),
-        "kind": NodeAgentConfig::kind(&()),
-        "metadata": serde_json::to_value(&config.metadata).ok()?,
+        "apiVersion": NodeAgentRuleSet::api_version(&()),
+        "kind": NodeAgentRuleSet::kind(&()),
+        "metadata": serde_json::to_value(&set.metadata).ok()?,
         "spec": serde_json::to_value(spec).ok()?,
     })))
 }

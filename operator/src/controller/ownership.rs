@@ -1,7 +1,7 @@
 //! Never adopt: an object of a generated name that nodegate does not own stays as it is, and
 //! the policies that wanted the name say so in a condition.
 
-use super::objects::{Key, Kind, for_each_meta, policies_of};
+use super::objects::{Key, Kind, for_each_meta, policies_of, rule_set_policies};
 use crate::compiler::Desired;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -56,6 +56,16 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
                 .insert(outcome.policy.clone());
         }
     }
+    let mut by_rule_set: BTreeMap<String, BTreeSet<String>> = desired
+        .node_agent_rule_sets
+        .iter()
+        .map(|r| {
+            (
+                r.metadata.name.clone().unwrap_or_default(),
+                rule_set_policies(r),
+            )
+        })
+        .collect();
     for_each_meta(desired, |kind, meta| {
         let key = Key::new(
             kind,
@@ -70,6 +80,7 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
         if let Some(because_of) = because_of {
             let policies = match kind {
                 Kind::NodeAgentConfig => by_node.remove(&key.name).unwrap_or_default(),
+                Kind::NodeAgentRuleSet => by_rule_set.remove(&key.name).unwrap_or_default(),
                 _ => policies_of(meta),
             };
             skipped.push(Skipped {
@@ -99,6 +110,9 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
     desired
         .service_accounts
         .retain(|o| keep(Kind::ServiceAccount, &o.metadata));
+    desired
+        .node_agent_rule_sets
+        .retain(|o| keep(Kind::NodeAgentRuleSet, &o.metadata));
     desired
         .node_agent_configs
         .retain(|o| keep(Kind::NodeAgentConfig, &o.metadata));

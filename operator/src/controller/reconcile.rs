@@ -21,7 +21,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use nodegate_crds::policy::{GeneratedObjects, NodeApiPolicyStatus};
-use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeApiPolicy};
+use nodegate_crds::{FIELD_MANAGER, NodeAgentRuleSet, NodeApiPolicy};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -38,7 +38,8 @@ pub(crate) struct Stores {
     pub cluster_role_bindings: Store<ClusterRoleBinding>,
     pub role_bindings: Store<RoleBinding>,
     pub service_accounts: Store<ServiceAccount>,
-    pub node_agent_configs: Store<NodeAgentConfig>,
+    pub node_agent_rule_sets: Store<NodeAgentRuleSet>,
+    pub node_agent_configs: Store<nodegate_crds::NodeAgentConfig>,
 }
 
 impl Stores {
@@ -51,6 +52,7 @@ impl Stores {
             self.cluster_role_bindings.wait_until_ready().boxed(),
             self.role_bindings.wait_until_ready().boxed(),
             self.service_accounts.wait_until_ready().boxed(),
+            self.node_agent_rule_sets.wait_until_ready().boxed(),
             self.node_agent_configs.wait_until_ready().boxed(),
         ]);
         all.await.map(|_| ()).map_err(|_| ())
@@ -73,6 +75,12 @@ impl Stores {
             cache,
             Kind::ServiceAccount,
             &self.service_accounts,
+        );
+        add(
+            &mut map,
+            cache,
+            Kind::NodeAgentRuleSet,
+            &self.node_agent_rule_sets,
         );
         add(
             &mut map,
@@ -156,7 +164,7 @@ struct Snapshot {
     policies: Vec<NodeApiPolicy>,
     nodes: usize,
     namespaces: usize,
-    /// The compiler's output, shared with [`Compiled`]; its NodeAgentConfigs hold only their
+    /// The compiler's output, shared with [`Compiled`]; its NodeAgentRuleSets hold only their
     /// hash.
     desired: Arc<compiler::Desired>,
     /// Their specs, by hash.
@@ -186,7 +194,9 @@ struct Ownership {
 struct Writes {
     /// ClusterRoles and ServiceAccounts.
     roles: Vec<Output>,
-    /// NodeAgentConfigs, with the body they were compared on (metadata and hash only).
+    /// NodeAgentRuleSets, with the body they were compared on (metadata and hash only).
+    rule_sets: Vec<Output>,
+    /// NodeAgentConfigs: each names its node's rule set, so it goes after the rule sets.
     configs: Vec<Output>,
     bindings: Vec<Output>,
     /// Owned objects no policy asks for, with the version the delete is conditioned on.
@@ -216,7 +226,7 @@ struct Results {
 struct Compiled {
     inputs: u64,
     desired: Arc<compiler::Desired>,
-    /// The NodeAgentConfigs' specs, one per distinct selection of nodes.
+    /// The NodeAgentRuleSets' specs, one per distinct selection of nodes.
     rule_sets: Arc<compiler::RuleSets>,
 }
 
@@ -521,9 +531,14 @@ impl Reconciler {
                 // Seconds of CPU at scale: on the blocking pool, so the lease renewals and the
                 // watches keep running (on the one worker a 1-CPU limit gives, a compile in
                 // place starved the renewals past their deadline and the leader exited).
+                let instance = self.settings.instance.clone();
                 let (mut desired, rule_sets, back) = tokio::task::spawn_blocking(move || {
-                    let (desired, rule_sets) =
-                        compiler::compile_shared(&policies, &nodes, &namespaces);
+                    let (desired, rule_sets) = compiler::compile_shared(
+                        &policies,
+                        &nodes,
+                        &namespaces,
+                        instance.as_deref(),
+                    );
                     (desired, rule_sets, policies)
                 })
                 .await
@@ -625,6 +640,19 @@ impl Reconciler {
         // delete a binding whose role merely failed a lookup.
         let held: BTreeSet<&Key> = owners.unchecked.iter().map(|s| &s.key).collect();
         plan.delete.retain(|(key, _)| !held.contains(key));
+        // A rule set no selection wants any more may still be named by a config on the API
+        // server (repointed later this round): deleting it first would leave that node's
+        // agent with no rules, denying everything. It goes in the round its last config's
+        // watch event starts.
+        let named: BTreeSet<&str> = snapshot
+            .existing
+            .iter()
+            .filter(|(key, _)| key.kind == Kind::NodeAgentConfig)
+            .filter_map(|(_, e)| e.body["spec"]["ruleSet"].as_str())
+            .collect();
+        plan.delete.retain(|(key, _)| {
+            key.kind != Kind::NodeAgentRuleSet || !named.contains(key.name.as_str())
+        });
         self.metrics.unchanged(plan.unchanged);
 
         let now = Instant::now();
@@ -654,6 +682,7 @@ impl Reconciler {
         for output in due {
             match output.key.kind {
                 Kind::ClusterRoleBinding | Kind::RoleBinding => writes.bindings.push(output),
+                Kind::NodeAgentRuleSet => writes.rule_sets.push(output),
                 Kind::NodeAgentConfig => writes.configs.push(output),
                 Kind::ClusterRole | Kind::ServiceAccount => writes.roles.push(output),
             }
@@ -728,29 +757,65 @@ impl Reconciler {
         let applied = self.apply_all(writes.roles, existing, concurrency).await;
         self.record_applies(applied, &mut results);
 
-        // The whole body of a NodeAgentConfig (up to a few hundred KB) is made only for the
-        // batch being sent: all of them at once were most of the operator's peak memory.
-        let configs: HashMap<&str, &NodeAgentConfig> = owners
+        // The whole body of a rule set (up to a few hundred KB) is made only for the batch
+        // being sent: all of them at once were most of the operator's peak memory.
+        let sets: HashMap<&str, &NodeAgentRuleSet> = owners
             .desired
-            .node_agent_configs
+            .node_agent_rule_sets
             .iter()
-            .filter_map(|c| Some((c.metadata.name.as_deref()?, c)))
+            .filter_map(|r| Some((r.metadata.name.as_deref()?, r)))
             .collect();
-        let mut pending = writes.configs.into_iter().peekable();
+        let mut written_sets = BTreeSet::new();
+        let mut pending = writes.rule_sets.into_iter().peekable();
         while pending.peek().is_some() {
             let batch: Vec<Output> = pending
                 .by_ref()
                 .take(concurrency)
                 .filter_map(|mut output| {
-                    let config = configs.get(output.key.name.as_str())?;
-                    let spec = snapshot.rule_sets.get(&config.spec.hash)?;
-                    output.body = objects::config_body(config, spec)?;
+                    let set = sets.get(output.key.name.as_str())?;
+                    let spec = snapshot.rule_sets.get(&set.spec.0.hash)?;
+                    output.body = objects::rule_set_body(set, spec)?;
                     Some(output)
                 })
                 .collect();
             let applied = self.apply_all(batch, existing, concurrency).await;
+            written_sets.extend(
+                applied
+                    .iter()
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(o, _)| o.key.name.clone()),
+            );
             self.record_applies(applied, &mut results);
         }
+        // A config names its rule set: one whose rule set is not on the API server (its
+        // create failed, or is backing off) waits for it, rather than point its agent at
+        // nothing, which would deny everything there. A rule set that exists but failed an
+        // update is still named: the config is then exactly as wide as those rules.
+        let (configs, waiting): (Vec<Output>, Vec<Output>) =
+            writes.configs.into_iter().partition(|c| {
+                let named = rule_set_named(&c.body);
+                written_sets.contains(named)
+                    || existing.contains_key(&Key::new(Kind::NodeAgentRuleSet, None, named))
+            });
+        for config in waiting {
+            let key = Key::new(Kind::NodeAgentRuleSet, None, rule_set_named(&config.body));
+            let (message, until) = match self.failures.get(&key) {
+                Some(f) => (
+                    format!("{}: waits for {key}: {}", config.key, f.message),
+                    Some(f.until),
+                ),
+                None => (
+                    format!("{}: waits for {key}, not written yet", config.key),
+                    None,
+                ),
+            };
+            self.fail(config.key.clone(), message, config.policies);
+            if let Some(until) = until {
+                self.not_before(&config.key, until);
+            }
+        }
+        let applied = self.apply_all(configs, existing, concurrency).await;
+        self.record_applies(applied, &mut results);
 
         // The API server checks a binding against its own cache of roles: a role created
         // this round may not be there yet, so its bindings wait for the round its watch
@@ -1019,19 +1084,26 @@ impl Reconciler {
             let Some(wanted) = want.get(node.as_str()) else {
                 continue;
             };
-            let observed = config
-                .status
-                .as_ref()
-                .and_then(|s| s.observed_hash.as_ref());
-            let mut hashes: Vec<&String> =
-                std::iter::once(&config.spec.hash).chain(observed).collect();
+            let observed = config.status.as_ref().and_then(|s| s.observed_hash.clone());
+            // As written: the hash of the rule set it names, as the API server holds it (a
+            // config of an earlier version holds its own); a named rule set that does not
+            // exist holds nothing.
+            let written = match &config.spec.rule_set {
+                Some(name) => self
+                    .stores
+                    .node_agent_rule_sets
+                    .get(&kube::runtime::reflector::ObjectRef::new(name))
+                    .map(|r| r.spec.0.hash.clone()),
+                None => Some(config.spec.hash.clone()),
+            };
+            let mut hashes: Vec<String> = written.into_iter().chain(observed).collect();
             hashes.dedup();
             for hash in hashes {
                 held.insert(hash.clone());
-                if hash == wanted {
+                if hash == *wanted {
                     continue;
                 }
-                match self.policies_by_hash.get(hash) {
+                match self.policies_by_hash.get(&hash) {
                     Some(policies) => {
                         for policy in policies.iter() {
                             stale.entry(policy.clone()).or_default().push(node.clone());
@@ -1055,10 +1127,18 @@ impl Reconciler {
     ) {
         let (foreign, generated) = (&results.foreign, &results.generated);
         let (applied, failed) = (&results.applied, &results.failed);
+        let set_hashes: HashMap<&str, &str> = desired
+            .node_agent_rule_sets
+            .iter()
+            .filter_map(|r| Some((r.metadata.name.as_deref()?, r.spec.0.hash.as_str())))
+            .collect();
         let hashes: HashMap<&str, &str> = desired
             .node_agent_configs
             .iter()
-            .filter_map(|c| Some((c.metadata.name.as_deref()?, c.spec.hash.as_str())))
+            .filter_map(|c| {
+                let set = c.spec.rule_set.as_deref()?;
+                Some((c.metadata.name.as_deref()?, *set_hashes.get(set)?))
+            })
             .collect();
         let (stale, unknown) = self.stale_grants(&hashes);
         let in_sync = |node: &str| -> bool {
@@ -1518,6 +1598,11 @@ fn policies_of_body(body: &Value) -> BTreeSet<String> {
     serde_json::from_value(body["metadata"].clone())
         .map(|meta| objects::policies_of(&meta))
         .unwrap_or_default()
+}
+
+/// The rule set a NodeAgentConfig's apply body names.
+fn rule_set_named(body: &Value) -> &str {
+    body["spec"]["ruleSet"].as_str().unwrap_or_default()
 }
 
 /// Per policy, the names of its generated objects for status.generated.

@@ -6,7 +6,7 @@
 //! 50 events a second, and agents write their NodeAgentConfig's status whenever they load it.
 //! Each watched kind names what a round reads of it ([`Watched::relevant`]); an event that
 //! leaves that as it was still updates the cache, but starts nothing. The caches keep only what a
-//! round reads ([`Watched::slim`]): above all, a NodeAgentConfig is kept without its rules (a
+//! round reads ([`Watched::slim`]): above all, a NodeAgentRuleSet is kept without its rules (a
 //! round compares rule sets by their hash), which is most of what the operator held at scale.
 
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher::Event;
-use nodegate_crds::{FIELD_MANAGER, NodeAgentConfig, NodeAgentConfigSpec, NodeApiPolicy};
+use nodegate_crds::{
+    FIELD_MANAGER, NodeAgentConfig, NodeAgentConfigSpec, NodeAgentRuleSet, NodeApiPolicy,
+};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -183,42 +185,81 @@ macro_rules! owned_kind {
 
 owned_kind!(ClusterRole, ClusterRoleBinding, RoleBinding, ServiceAccount);
 
-impl Watched for NodeAgentConfig {
-    /// Each NodeAgentConfig is up to a few hundred KB: a page of 500 would be held whole.
+impl Watched for NodeAgentRuleSet {
+    /// Each rule set is up to a few hundred KB: a page of 500 would be held whole.
     const PAGE_SIZE: u32 = 25;
 
-    /// The rules go; their hash stays, and is what a round compares. A config whose rules do
-    /// not hash to its `spec.hash` (edited by hand) keeps a hash no compiler output has, so the
-    /// round writes it back.
+    /// The rules go; their hash stays, and is what a round compares. A rule set whose rules
+    /// do not hash to its `spec.hash` (edited by hand) keeps a hash no compiler output has, so
+    /// the round writes it back.
     fn slim(&mut self) {
         own_managed_fields(&mut self.metadata);
-        let spec = &mut self.spec;
-        if crate::compiler::spec_hash(spec) != spec.hash {
-            spec.hash = format!("{} (rules edited)", spec.hash);
-        }
-        // Everything but the hash (and whatever the format adds later: it is not kept).
-        *spec = NodeAgentConfigSpec {
-            hash: std::mem::take(&mut spec.hash),
-            ..NodeAgentConfigSpec::default()
-        };
+        hash_only(&mut self.spec.0);
     }
 
-    /// Identity, labels, owners, the rules' hash, and whether its agent enforces that hash;
-    /// not the rest of what its agent writes in status.
     fn relevant(&self) -> u64 {
         let meta = &self.metadata;
-        let in_sync = self
-            .status
-            .as_ref()
-            .and_then(|s| s.observed_hash.as_deref())
-            == Some(self.spec.hash.as_str());
         digest((
             &meta.uid,
             &meta.labels,
             serde_json::to_vec(&meta.owner_references).unwrap_or_default(),
             meta.deletion_timestamp.is_some(),
+            &self.spec.0.hash,
+            serde_json::to_vec(&meta.managed_fields).unwrap_or_default(),
+        ))
+    }
+}
+
+/// Keeps only `spec.hash` of a spec that holds rules, marked when the rules do not hash to
+/// it. Everything else goes (and whatever the format adds later: it is not kept).
+fn hash_only(spec: &mut NodeAgentConfigSpec) {
+    if crate::compiler::spec_hash(spec) != spec.hash {
+        spec.hash = format!("{} (rules edited)", spec.hash);
+    }
+    *spec = NodeAgentConfigSpec {
+        hash: std::mem::take(&mut spec.hash),
+        ..NodeAgentConfigSpec::default()
+    };
+}
+
+impl Watched for NodeAgentConfig {
+    /// Small since they name a rule set, but one written by an earlier version holds its
+    /// rules (up to a few hundred KB), and a page is held whole while it is decoded.
+    const PAGE_SIZE: u32 = 25;
+
+    /// A config that names a rule set is kept whole (it is small). One written by an earlier
+    /// version, with its rules inline, keeps only their hash: nodegate owns that field and
+    /// no longer wants it, so the round rewrites the config.
+    fn slim(&mut self) {
+        own_managed_fields(&mut self.metadata);
+        if self.spec.rule_set.is_none() {
+            hash_only(&mut self.spec);
+        }
+    }
+
+    /// Identity, labels, owners, the rule set it names (or an inline hash), whether its agent
+    /// says it enforces what the config asks (its `InSync` condition: the config no longer
+    /// holds the hash to compare with) and, if so, which hash; not the rest of what its agent
+    /// writes in status (an agent still loading may write its status many times).
+    fn relevant(&self) -> u64 {
+        let meta = &self.metadata;
+        let status = self.status.as_ref();
+        let in_sync = status
+            .into_iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == "InSync" && c.status == "True");
+        let confirmed = status
+            .and_then(|s| s.observed_hash.as_deref())
+            .filter(|_| in_sync);
+        digest((
+            &meta.uid,
+            &meta.labels,
+            serde_json::to_vec(&meta.owner_references).unwrap_or_default(),
+            meta.deletion_timestamp.is_some(),
+            &self.spec.rule_set,
             &self.spec.hash,
             in_sync,
+            confirmed,
             serde_json::to_vec(&meta.managed_fields).unwrap_or_default(),
         ))
     }
@@ -286,7 +327,7 @@ mod tests {
         assert!(gate.admit(&Event::<PartialObjectMeta<Node>>::InitDone));
     }
 
-    fn config(hash: &str, observed: Option<&str>, expiry: &str) -> NodeAgentConfig {
+    fn rule_set(hash: &str) -> NodeAgentRuleSet {
         let rules: Vec<nodegate_crds::AgentRule> = vec![
             serde_json::from_value(json!({
             "policy": "p", "subjects": [{"kind": "Group", "name": "g"}],
@@ -295,14 +336,29 @@ mod tests {
         ];
         let spec = crate::compiler::agent_spec(&rules);
         let real = spec.hash.clone();
+        let mut r: NodeAgentRuleSet = serde_json::from_value(json!({
+            "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentRuleSet",
+            "metadata": {"name": "nodegate-rules-1", "uid": "u1",
+                         "labels": {"app.kubernetes.io/managed-by": "nodegate"}},
+            "spec": {"policies": "p", "hash": if hash == "real" { real } else { hash.into() },
+                     "subjects": spec.subjects, "namespaceSets": spec.namespace_sets,
+                     "rules": spec.rules},
+        }))
+        .unwrap();
+        r.slim();
+        r
+    }
+
+    fn config(observed: Option<&str>, in_sync: bool, expiry: &str) -> NodeAgentConfig {
+        let in_sync = if in_sync { "True" } else { "False" };
         let mut c: NodeAgentConfig = serde_json::from_value(json!({
             "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
             "metadata": {"name": "n1", "uid": "u1", "resourceVersion": expiry,
                          "labels": {"app.kubernetes.io/managed-by": "nodegate"}},
-            "spec": {"policies": "p", "hash": if hash == "real" { real.clone() } else { hash.into() },
-                     "subjects": spec.subjects, "namespaceSets": spec.namespace_sets,
-                     "rules": spec.rules},
-            "status": {"observedHash": observed.map(|o| if o == "real" { real.clone() } else { o.into() }),
+            "spec": {"ruleSet": "nodegate-rules-1"},
+            "status": {"observedHash": observed,
+                       "conditions": [{"type": "InSync", "status": in_sync, "reason": "R",
+                                       "message": "", "lastTransitionTime": "2027-01-01T00:00:00Z"}],
                        "servingCertExpiry": format!("2027-01-01T00:00:{expiry:0>2}Z")},
         }))
         .unwrap();
@@ -311,25 +367,48 @@ mod tests {
     }
 
     #[test]
-    fn a_config_is_cached_without_rules_and_its_agent_matters_only_when_sync_changes() {
-        let c = config("real", None, "1");
-        assert!(c.spec.rules.is_empty() && c.spec.policies.is_empty());
-        assert!(c.spec.subjects.is_empty() && c.spec.namespace_sets.is_empty());
-        assert_eq!(c.spec.hash.len(), 64, "the hash of its rules stays");
-        let mut gate = Gate::default();
-        assert!(gate.admit(&Event::Apply(c)));
-        // The agent writes other status (certificate expiry), still behind: nothing.
-        assert!(!gate.admit(&Event::Apply(config("real", Some("old"), "2"))));
-        // The agent catches up: its policies' status may change.
-        assert!(gate.admit(&Event::Apply(config("real", Some("real"), "3"))));
-        assert!(!gate.admit(&Event::Apply(config("real", Some("real"), "4"))));
+    fn a_rule_set_is_cached_without_rules() {
+        let r = rule_set("real");
+        assert!(r.spec.0.rules.is_empty() && r.spec.0.policies.is_empty());
+        assert!(r.spec.0.subjects.is_empty() && r.spec.0.namespace_sets.is_empty());
+        assert_eq!(r.spec.0.hash.len(), 64, "the hash of its rules stays");
     }
 
     #[test]
-    fn a_config_whose_rules_were_edited_keeps_a_hash_no_compile_gives() {
-        let c = config("0000", None, "1");
-        assert_ne!(c.spec.hash, "0000");
-        assert!(c.spec.hash.starts_with("0000"));
+    fn a_config_matters_when_its_agent_confirms_a_version() {
+        let c = config(None, false, "1");
+        assert_eq!(c.spec.rule_set.as_deref(), Some("nodegate-rules-1"));
+        let mut gate = Gate::default();
+        assert!(gate.admit(&Event::Apply(c)));
+        // The agent writes other status (certificate expiry), or loads versions it does not
+        // say it is in sync with: nothing.
+        assert!(!gate.admit(&Event::Apply(config(None, false, "2"))));
+        assert!(!gate.admit(&Event::Apply(config(Some("old"), false, "3"))));
+        // The agent confirms a version: its policies' status may change.
+        assert!(gate.admit(&Event::Apply(config(Some("h1"), true, "4"))));
+        assert!(!gate.admit(&Event::Apply(config(Some("h1"), true, "5"))));
+        // And the next one, in sync all along (it loaded the new rules between two writes).
+        assert!(gate.admit(&Event::Apply(config(Some("h2"), true, "6"))));
+    }
+
+    #[test]
+    fn a_config_of_an_earlier_version_is_cached_with_only_its_hash() {
+        let mut c: NodeAgentConfig = serde_json::from_value(json!({
+            "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",
+            "metadata": {"name": "n1"},
+            "spec": {"policies": "p", "hash": "h", "rules": [], "subjects": [{"kind": "Group", "name": "g"}]},
+        }))
+        .unwrap();
+        c.slim();
+        assert!(c.spec.subjects.is_empty() && c.spec.policies.is_empty());
+        assert!(c.spec.hash.starts_with('h'));
+    }
+
+    #[test]
+    fn a_rule_set_whose_rules_were_edited_keeps_a_hash_no_compile_gives() {
+        let r = rule_set("0000");
+        assert_ne!(r.spec.0.hash, "0000");
+        assert!(r.spec.0.hash.starts_with("0000"));
     }
 
     #[test]

@@ -190,9 +190,11 @@ impl Cluster {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let policies = root.join("crds/nodeapipolicies.yaml");
         let configs = root.join("crds/nodeagentconfigs.yaml");
-        let (policies, configs) = (
+        let rule_sets = root.join("crds/nodeagentrulesets.yaml");
+        let (policies, configs, rule_sets) = (
             policies.to_string_lossy().into_owned(),
             configs.to_string_lossy().into_owned(),
+            rule_sets.to_string_lossy().into_owned(),
         );
         self.run_kubectl(&[
             "apply",
@@ -202,6 +204,8 @@ impl Cluster {
             &policies,
             "-f",
             &configs,
+            "-f",
+            &rule_sets,
         ])
         .await?;
         self.run_kubectl(&[
@@ -210,6 +214,7 @@ impl Cluster {
             "--timeout=60s",
             "crd/nodeapipolicies.nodegate.io",
             "crd/nodeagentconfigs.nodegate.io",
+            "crd/nodeagentrulesets.nodegate.io",
         ])
         .await?;
         *installed = true;
