@@ -375,6 +375,92 @@ async fn a_dropped_node_keeps_the_policy_pending_until_its_agent_confirms() -> T
     Ok(())
 }
 
+/// Two policies on the same nodes share their rule set. A change to one leaves the other
+/// Ready while the agents still enforce the earlier version (it holds the other's rule
+/// unchanged), and the changed one is not Ready until they confirm the new version.
+#[tokio::test]
+async fn a_change_to_one_policy_leaves_the_others_on_its_nodes_ready() -> TestResult {
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace("shared").await?;
+    let mut w = World::new(cluster.clone(), 2, &[]).await?;
+    let nodes = w.node_names();
+    w.start();
+    let (changed, kept) = (unique_name("changed"), unique_name("kept"));
+    for (name, user) in [(&changed, "ivan"), (&kept, "judy")] {
+        w.create(&w.policy(
+            name,
+            json!({
+                "subjects": [{"kind": "User", "name": user}],
+                "access": ["pods"],
+                "namespaces": {"names": ["default"]},
+            }),
+        ))
+        .await?;
+    }
+    let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
+    let confirm_all = || async {
+        for node in &nodes {
+            let hash = w.config(node).await.ok_or("no config")?.spec.hash;
+            configs
+                .patch_status(
+                    node,
+                    &PatchParams::default(),
+                    &Patch::Merge(&agent_confirms(&hash)),
+                )
+                .await?;
+        }
+        Ok::<_, BoxError>(())
+    };
+    let ready = |name: &String| {
+        let name = name.clone();
+        let w = &w;
+        async move { w.condition(&name, "Ready").await.map(|(s, r, _)| (s, r)) }
+    };
+    eventually("both Ready", WAIT, || async {
+        confirm_all().await.ok()?;
+        let both = ready(&changed).await? == ("True".into(), "Ready".into())
+            && ready(&kept).await? == ("True".into(), "Ready".into());
+        both.then_some(())
+    })
+    .await?;
+    let before = w.config(&nodes[0]).await.ok_or("no config")?.spec.hash;
+
+    // One policy changes; the agents do not confirm.
+    w.policies()
+        .patch(
+            &changed,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"namespaces": {"names": [ns.name()]}}})),
+        )
+        .await?;
+    eventually("the changed policy waits for the agents", WAIT, || async {
+        let (s, r, _) = w.condition(&changed, "AgentsSynced").await?;
+        (s == "False" && r == "Pending").then_some(())
+    })
+    .await?;
+    let after = w.config(&nodes[0]).await.ok_or("no config")?.spec.hash;
+    assert_ne!(before, after, "the shared rule set changed");
+    // A few rounds later the other is still Ready: its rule is the same in both versions.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ready(&kept).await, Some(("True".into(), "Ready".into())));
+    let (s, _, _) = w
+        .condition(&kept, "AgentsSynced")
+        .await
+        .ok_or("no AgentsSynced")?;
+    assert_eq!(s, "True");
+
+    // The agents confirm: both Ready.
+    eventually("both Ready again", WAIT, || async {
+        confirm_all().await.ok()?;
+        (ready(&changed).await? == ("True".into(), "Ready".into())).then_some(())
+    })
+    .await?;
+    w.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn namespace_created_later_is_resolved() -> TestResult {
     let Some(cluster) = cluster().await? else {

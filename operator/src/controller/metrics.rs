@@ -347,7 +347,8 @@ impl Metrics {
     /// objects for minutes and is not stuck (a liveness probe that killed it there restarted
     /// every leader in the same round, forever), while a round held on one write, or caches
     /// that never sync, send nothing.
-    /// Whether the reconcile loop is in a round (or waiting for its caches) right now.
+    /// Whether the reconcile loop is in a round, settling the events that start one, or
+    /// waiting for its caches, right now.
     /// The round counter moves only when a round ends, so "no new round" is not "idle".
     pub fn is_busy(&self) -> bool {
         self.inner.busy.lock().map(|b| b.is_some()).unwrap_or(false)

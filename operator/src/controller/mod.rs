@@ -341,6 +341,11 @@ async fn reconcile_loop(
         let cause = tokio::select! {
             _ = stop.cancelled() => return,
             _ = trigger.notified() => {
+                // A round is coming once events settle: the loop is no longer idle (what
+                // `Metrics::is_busy` tells, e.g. a test waiting for a quiet controller).
+                reconciler
+                    .metrics()
+                    .loop_busy(reconciler.settings().stall_after);
                 if !settle(trigger, stop, debounce, debounce_max).await {
                     return;
                 }

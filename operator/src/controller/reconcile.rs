@@ -382,10 +382,13 @@ pub(crate) struct Reconciler {
     compiled: Option<Compiled>,
     /// A write this round found its object changed since the cache read it.
     behind: bool,
-    /// The policies of each rule set this process compiled, by hash, kept while a node's
-    /// NodeAgentConfig holds it or its agent enforces it: what a node a policy no longer
-    /// selects may still grant (status item: a revocation is pending there).
-    policies_by_hash: HashMap<String, Arc<BTreeSet<String>>>,
+    /// The policies of each rule set this process compiled, by hash, each with a digest of
+    /// its rule there; kept while a node's NodeAgentConfig holds it or its agent enforces it.
+    /// What a node a policy no longer selects may still grant (a revocation is pending
+    /// there), and whether an agent that enforces another version than the current one
+    /// already enforces a policy's current rule (a change to one policy must not make every
+    /// other policy on those nodes wait for the agents, and patch all their statuses twice).
+    policies_by_hash: HashMap<String, Arc<PolicyRules>>,
     /// Every write passes it: none is sent unless leadership is confirmed.
     fence: Fence,
 }
@@ -555,9 +558,7 @@ impl Reconciler {
                 for (hash, spec) in &rule_sets {
                     self.policies_by_hash
                         .entry(hash.clone())
-                        .or_insert_with(|| {
-                            Arc::new(spec.rules.iter().map(|r| r.policy.clone()).collect())
-                        });
+                        .or_insert_with(|| Arc::new(policy_rules(spec)));
                 }
                 let rule_sets = Arc::new(rule_sets);
                 self.metrics.compiled();
@@ -1105,7 +1106,7 @@ impl Reconciler {
                 }
                 match self.policies_by_hash.get(&hash) {
                     Some(policies) => {
-                        for policy in policies.iter() {
+                        for policy in policies.keys() {
                             stale.entry(policy.clone()).or_default().push(node.clone());
                         }
                     }
@@ -1141,16 +1142,31 @@ impl Reconciler {
             })
             .collect();
         let (stale, unknown) = self.stale_grants(&hashes);
-        let in_sync = |node: &str| -> bool {
-            let Some(want) = hashes.get(node) else {
+        let observed: HashMap<String, String> = self
+            .stores
+            .node_agent_configs
+            .state()
+            .iter()
+            .filter_map(|c| Some((c.name_any(), c.status.as_ref()?.observed_hash.clone()?)))
+            .collect();
+        // Whether the node's agent enforces the policy's current rule: the current version,
+        // or another that holds the same rule for it.
+        let in_sync = |node: &str, policy: &str| -> bool {
+            let (Some(want), Some(has)) = (hashes.get(node), observed.get(node)) else {
                 return false;
             };
-            let key = kube::runtime::reflector::ObjectRef::new(node);
-            self.stores
-                .node_agent_configs
-                .get(&key)
-                .and_then(|c| c.status.as_ref().and_then(|s| s.observed_hash.clone()))
-                .is_some_and(|h| h == *want)
+            if has == want {
+                return true;
+            }
+            match (
+                self.policies_by_hash.get(has),
+                self.policies_by_hash.get(*want),
+            ) {
+                (Some(has), Some(want)) => {
+                    want.get(policy).is_some() && has.get(policy) == want.get(policy)
+                }
+                _ => false,
+            }
         };
         let mut errors_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for failure in self.failures.values() {
@@ -1175,8 +1191,10 @@ impl Reconciler {
             let Some(policy) = by_name.get(outcome.policy.as_str()) else {
                 continue;
             };
-            let (synced, behind): (Vec<&String>, Vec<&String>) =
-                outcome.nodes.iter().partition(|n| in_sync(n));
+            let (synced, behind): (Vec<&String>, Vec<&String>) = outcome
+                .nodes
+                .iter()
+                .partition(|n| in_sync(n, &outcome.policy));
             let selects = |node: &str| {
                 outcome
                     .nodes
@@ -1598,6 +1616,28 @@ fn policies_of_body(body: &Value) -> BTreeSet<String> {
     serde_json::from_value(body["metadata"].clone())
         .map(|meta| objects::policies_of(&meta))
         .unwrap_or_default()
+}
+
+/// Each policy of a rule set with a digest of its rule there (spelled out: indices differ
+/// between rule sets).
+type PolicyRules = BTreeMap<String, u64>;
+
+fn policy_rules(spec: &nodegate_crds::NodeAgentConfigSpec) -> PolicyRules {
+    use std::hash::{Hash, Hasher};
+    (0..spec.rules.len())
+        .filter_map(|i| {
+            let policy = spec.rules.get(i)?.policy.clone();
+            // A rule whose index names nothing (never from the compiler) gets a digest no
+            // other rule has: it is never taken for the same rule.
+            let bytes = spec
+                .unpack(i)
+                .and_then(|r| serde_json::to_vec(&r).ok())
+                .unwrap_or_else(|| format!("unresolved {i} of {}", spec.hash).into_bytes());
+            let mut hasher = std::hash::DefaultHasher::new();
+            bytes.hash(&mut hasher);
+            Some((policy, hasher.finish()))
+        })
+        .collect()
 }
 
 /// The rule set a NodeAgentConfig's apply body names.
