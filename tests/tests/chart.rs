@@ -1708,3 +1708,161 @@ fn components_render_flags_rbac_and_scrape_jobs() {
     .unwrap_err();
     assert!(e.contains("enabled"), "{e}");
 }
+
+/// The kubelet's metrics through the agents (issue 19): nothing by default; a ServiceMonitor
+/// (job `kubelet`, one endpoint per path) that verifies the agents with nodegate's signer bundle
+/// or cert-manager's CA, and scrape configs with a CA file; never `insecureSkipVerify`, and
+/// refused when nothing could verify the agents (a self-signed certificate without a CA file).
+/// The components' ServiceMonitors verify the same way.
+#[test]
+fn kubelet_scrape_verifies_the_agents_with_nodegates_ca() {
+    let Some(helm) = helm() else { return };
+    let render = |sets: &[&str]| -> Result<Vec<Value>, String> {
+        let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", *s]).collect();
+        template(&helm, "rel", "ns", &args).map(|y| objects(&y))
+    };
+    let monitor =
+        |objs: &[Value]| find(objs, "ServiceMonitor", "rel-nodegate-agent-kubelet").cloned();
+    let default = render(&[]).unwrap();
+    assert!(monitor(&default).is_none());
+    assert!(
+        find(
+            &default,
+            "ConfigMap",
+            "rel-nodegate-agent-kubelet-scrape-configs"
+        )
+        .is_none()
+    );
+
+    let on = [
+        "agent.service.enabled=true",
+        "agent.kubeletScrape.serviceMonitor=true",
+    ];
+    let signer = render(&[on[0], on[1], "agent.tls.mode=signer"]).unwrap();
+    let m = monitor(&signer).expect("the kubelet ServiceMonitor");
+    let endpoints = m["spec"]["endpoints"].as_array().unwrap();
+    let paths: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/metrics",
+            "/metrics/cadvisor",
+            "/metrics/resource",
+            "/metrics/probes"
+        ]
+    );
+    for e in endpoints {
+        assert_eq!(e["port"], "secure");
+        assert_eq!(e["scheme"], "https");
+        assert_eq!(
+            e["tlsConfig"],
+            json!({"ca": {"configMap": {"name": "rel-nodegate-agent-serving-ca", "key": "ca.crt"}}})
+        );
+        assert_eq!(
+            e["relabelings"][0],
+            json!({"targetLabel": "job", "replacement": "kubelet"})
+        );
+    }
+    let bundle = find(&signer, "Deployment", "rel-nodegate-operator").unwrap();
+    assert!(
+        bundle.to_string().contains("rel-nodegate-agent-serving-ca"),
+        "the operator publishes the bundle the ServiceMonitor names"
+    );
+
+    let cert_manager = render(&[
+        on[0],
+        on[1],
+        "agent.tls.mode=certManager",
+        "agent.tls.certManager.issuerRef.name=ca-issuer",
+    ])
+    .unwrap();
+    assert_eq!(
+        monitor(&cert_manager).unwrap()["spec"]["endpoints"][0]["tlsConfig"],
+        json!({"ca": {"secret": {"name": "rel-nodegate-agent-tls", "key": "ca.crt"}}})
+    );
+    let file = render(&[
+        on[0],
+        on[1],
+        "agent.kubeletScrape.caFile=/etc/ca.crt",
+        "agent.kubeletScrape.serverName=agent",
+    ])
+    .unwrap();
+    assert_eq!(
+        monitor(&file).unwrap()["spec"]["endpoints"][0]["tlsConfig"],
+        json!({"caFile": "/etc/ca.crt", "serverName": "agent"})
+    );
+    let e = render(&[on[0], on[1]]).unwrap_err();
+    assert!(
+        e.contains("agent.kubeletScrape.caFile is required with agent.tls.mode selfSigned"),
+        "{e}"
+    );
+
+    let configs = render(&[
+        "agent.kubeletScrape.scrapeConfigs=true",
+        "agent.kubeletScrape.caFile=/etc/ca.crt",
+    ])
+    .unwrap();
+    let map = find(
+        &configs,
+        "ConfigMap",
+        "rel-nodegate-agent-kubelet-scrape-configs",
+    )
+    .unwrap();
+    let jobs: Vec<Value> =
+        serde_yaml::from_str(map["data"]["scrape-configs.yaml"].as_str().unwrap()).unwrap();
+    let names: Vec<&str> = jobs
+        .iter()
+        .map(|j| j["job_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "kubelet",
+            "kubelet-cadvisor",
+            "kubelet-resource",
+            "kubelet-probes"
+        ]
+    );
+    for j in &jobs {
+        assert_eq!(j["tls_config"], json!({"ca_file": "/etc/ca.crt"}));
+        assert!(
+            j["relabel_configs"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"target_label": "job", "replacement": "kubelet"}))
+        );
+    }
+    let e = render(&["agent.kubeletScrape.scrapeConfigs=true"]).unwrap_err();
+    assert!(
+        e.contains("agent.kubeletScrape.caFile is required with scrapeConfigs"),
+        "{e}"
+    );
+
+    // The components' ServiceMonitors: the signer's bundle, without a CA file.
+    let components = render(&[
+        "agent.hostNetwork=true",
+        "agent.service.enabled=true",
+        "agent.tls.mode=signer",
+        "agent.components.enabled={kube-proxy}",
+        "agent.components.scrape.scrapeConfigs=false",
+        "agent.components.scrape.serviceMonitors=true",
+    ])
+    .unwrap();
+    let proxy = find(
+        &components,
+        "ServiceMonitor",
+        "rel-nodegate-agent-kube-proxy",
+    )
+    .unwrap();
+    assert_eq!(
+        proxy["spec"]["endpoints"][0]["tlsConfig"]["ca"]["configMap"]["name"],
+        "rel-nodegate-agent-serving-ca"
+    );
+    for objs in [&signer, &cert_manager, &file, &configs, &components] {
+        let text = serde_json::to_string(objs).unwrap();
+        assert!(!text.contains("insecureSkipVerify") && !text.contains("insecure_skip_verify"));
+    }
+}

@@ -127,6 +127,37 @@ seccompProfile:
 {{- default (printf "%s-serving-ca" (include "nodegate.agent.fullname" .)) .Values.agent.tls.signer.bundleConfigMap }}
 {{- end }}
 
+{{/*
+How a ServiceMonitor verifies the agents' serving certificate (its tlsConfig), given a dict of
+the chart (`root`), a CA file in Prometheus' filesystem (`caFile`, wins when set), the name to
+check (`serverName`) and the values path for messages (`what`). Without a file: the bundle the
+operator's signer publishes (agent.tls.mode signer), or the `ca.crt` of the cert-manager
+Secret (certManager). Never insecureSkipVerify: a self-signed or own-Secret certificate needs
+a caFile.
+*/}}
+{{- define "nodegate.agent.monitorTLS" -}}
+{{- $root := .root -}}
+{{- $mode := $root.Values.agent.tls.mode -}}
+{{- if .caFile }}
+caFile: {{ .caFile }}
+{{- else if eq $mode "signer" }}
+ca:
+  configMap:
+    name: {{ include "nodegate.agent.signerBundleConfigMap" $root }}
+    key: ca.crt
+{{- else if eq $mode "certManager" }}
+ca:
+  secret:
+    name: {{ include "nodegate.agent.tlsSecretName" $root }}
+    key: ca.crt
+{{- else }}
+{{- fail (printf "%s.caFile is required with agent.tls.mode %s: Prometheus verifies the agent's serving certificate (with mode signer or certManager the chart uses their CA)" .what $mode) }}
+{{- end }}
+{{- with .serverName }}
+serverName: {{ . }}
+{{- end }}
+{{- end }}
+
 {{/* The ConfigMap (name and key) holding the kubelet's CA, or "" for the service account's. */}}
 {{- define "nodegate.agent.upstreamCAConfigMap" -}}
 {{- $ca := .Values.agent.upstream.ca -}}
