@@ -184,6 +184,29 @@ impl Drop for Cleanup {
     }
 }
 
+/// The change of every `nodegate_operator_write_requests_total` series from `before` to
+/// `after`, as `kind/op +n` (those that changed).
+fn write_deltas(before: &str, after: &str) -> String {
+    let series = |text: &str| -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| l.starts_with("nodegate_operator_write_requests_total{"))
+            .filter_map(|l| {
+                let (labels, value) = l.rsplit_once(' ')?;
+                Some((labels.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    let before = series(before);
+    series(after)
+        .into_iter()
+        .filter_map(|(labels, n)| {
+            let d = n - before.get(&labels).copied().unwrap_or(0.0);
+            (d > 0.0).then(|| format!("{labels} +{d}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Sums the samples of `name` (every label set) in a Prometheus text exposition.
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -774,7 +797,29 @@ async fn installed_operator_at_scale() -> TestResult {
         latencies.last().copied().unwrap_or_default(),
     );
     beats.abort();
-    let (_, after) = leader_metrics(&pods, operator_pods).await;
+    let (churn_leader, churned) = leader_metrics(&pods, operator_pods).await;
+    // Where the churn's time went: its rounds, their duration, its writes by kind.
+    if churn_leader == leader {
+        let delta = |name: &str| metric(&churned, name) - metric(&after, name);
+        eprintln!(
+            "churn: {} rounds taking {:.1} s in all, {} compiles; writes by kind and op: {}",
+            delta("nodegate_operator_reconciles_total"),
+            delta("nodegate_operator_reconcile_duration_seconds_sum"),
+            delta("nodegate_operator_compiles_total"),
+            write_deltas(&after, &churned)
+        );
+    }
+    let events = {
+        let series = |text: &str| {
+            sample(
+                text,
+                "nodegate_operator_write_requests_total",
+                "kind=\"Event\"",
+            )
+        };
+        series(&churned) - series(&after)
+    };
+    let after = churned;
 
     // Restarts and memory.
     let restarts: i32 = pods
@@ -814,6 +859,11 @@ async fn installed_operator_at_scale() -> TestResult {
     assert_eq!(
         unlanded, 0,
         "churn changes some node's configuration never held"
+    );
+    // Events tell about the changed policy, not about every policy its rule sets hold.
+    assert!(
+        events <= 3.0 * sent as f64,
+        "{events} Events for {sent} changes to one policy each"
     );
     if shape.policies >= 1000 {
         assert!(

@@ -963,6 +963,12 @@ impl Reconciler {
                 Ok(Written::Applied) => {
                     tracing::info!(object = %output.key, "applied");
                     self.failures.remove(&output.key);
+                    // A rule set holds every policy of its nodes: a change to one policy
+                    // rewrites it, and an `Applied` Event on each of them would be a
+                    // thousand Events about one change (failures are still reported on all).
+                    if output.key.kind == Kind::NodeAgentRuleSet {
+                        continue;
+                    }
                     for p in &output.policies {
                         applied_by_policy
                             .entry(p.clone())
