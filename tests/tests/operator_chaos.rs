@@ -431,12 +431,23 @@ fn random_spec(rng: &mut StdRng, users: &[String], names: &[String]) -> Value {
 }
 
 /// Replaces a policy's whole spec (read, then replace with its resourceVersion).
+/// Reads, changes the spec and replaces, again on a conflict (the operator writes the
+/// policy's status meanwhile, which moves its resourceVersion), as `kubectl edit` does.
 async fn replace_spec(api: &Api<NodeApiPolicy>, name: &str, spec: Value) -> TestResult {
-    let mut policy = api.get(name).await?;
-    policy.spec = serde_json::from_value(spec)?;
-    policy.metadata.managed_fields = None;
-    api.replace(name, &PostParams::default(), &policy).await?;
-    Ok(())
+    let spec: nodegate_crds::NodeApiPolicySpec = serde_json::from_value(spec)?;
+    for _ in 0..10 {
+        let mut policy = api.get(name).await?;
+        policy.spec = spec.clone();
+        policy.metadata.managed_fields = None;
+        match api.replace(name, &PostParams::default(), &policy).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            other => {
+                other?;
+                return Ok(());
+            }
+        }
+    }
+    Err(format!("policy {name}: 10 conflicts in a row").into())
 }
 
 async fn create_namespace(
