@@ -52,6 +52,9 @@ metadata:
   namespace: {team}
 spec:
   terminationGracePeriodSeconds: 1
+  # The demo asks node-1's agent; with two nodes the pod would otherwise land on either.
+  nodeSelector:
+    kubernetes.io/hostname: node-1
   containers:
     - name: web
       image: nodegate.local/busybox:1
