@@ -698,23 +698,74 @@ fn every_schema_bound_fails_closed_and_names_the_limit() {
     assert!(d.outcomes[0].problems.is_empty());
 }
 
-/// The CRD's CEL rule is evaluated (kube's client-side validator): an index that names no
-/// entry is refused with the rule's message, as the API server would refuse it.
+/// The CRD's CEL rules are decided: an index that names no entry, or rules beside a
+/// `ruleSet`, is refused with the rule's message, as the API server (and kube's client-side
+/// evaluator) would refuse it.
 #[test]
-fn the_cel_rule_of_the_crd_is_checked() {
+fn the_cel_rules_of_the_crd_are_checked() {
     let d = compile(
         &[policy("p", spec(&[Endpoint::Pods], names(&["a"])))],
         &[node("n", &[])],
         &[],
     );
-    let mut spec = d.node_agent_configs[0].spec.clone();
-    assert!(validation::agent_spec_bound_violations(&spec).is_empty());
-    spec.rules[0].namespaces = 1;
-    let errors = validation::agent_spec_bound_violations(&spec).join("; ");
-    assert!(
-        errors.contains("every rules[].subjects and rules[].namespaces index must name an entry"),
-        "{errors}"
-    );
+    let good = d.node_agent_configs[0].spec.clone();
+    assert!(validation::agent_spec_bound_violations(&good).is_empty());
+    assert!(validation::agent_spec_cel_violations(&good).is_empty());
+
+    let mut bad_index = good.clone();
+    bad_index.rules[0].namespaces = 1;
+    let mut beside = good.clone();
+    beside.rule_set = Some("nodegate-rules-x".into());
+    for (spec, message) in [
+        (
+            bad_index,
+            "every rules[].subjects and rules[].namespaces index must name an entry",
+        ),
+        (beside, "a spec that names a ruleSet holds no rules"),
+    ] {
+        let errors = validation::agent_spec_bound_violations(&spec).join("; ");
+        assert!(errors.contains(message), "{errors}");
+        assert_eq!(
+            validation::spec_rule_violations(&spec),
+            validation::agent_spec_cel_violations(&spec)
+        );
+    }
+}
+
+/// `spec_rule_violations` decides every CEL rule the generated CRD puts anywhere in a
+/// NodeAgentConfig's spec: a rule added to the CRD fails this test until it is decided there
+/// too (the evaluator is too slow for a compile, so the compiler cannot simply call it).
+#[test]
+fn every_cel_rule_of_the_crd_is_decided_natively() {
+    fn collect(schema: &serde_json::Value, found: &mut BTreeSet<String>) {
+        match schema {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    if key == "x-kubernetes-validations" {
+                        for rule in value.as_array().into_iter().flatten() {
+                            if let Some(rule) = rule.get("rule").and_then(|r| r.as_str()) {
+                                found.insert(rule.to_string());
+                            }
+                        }
+                    } else {
+                        collect(value, found);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| collect(v, found)),
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(nodegate_crds::crd::node_agent_config()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let mut found = BTreeSet::new();
+    collect(spec, &mut found);
+    let decided: BTreeSet<String> = validation::NODE_AGENT_CONFIG_RULES
+        .iter()
+        .map(|rule| rule().rule)
+        .collect();
+    assert!(!found.is_empty(), "no CEL rule found: the walk is wrong");
+    assert_eq!(found, decided);
 }
 
 // ---- properties ----
@@ -1132,12 +1183,39 @@ proptest! {
         });
         for config in &d.node_agent_configs {
             prop_assert_eq!(validation::agent_spec_bound_violations(&config.spec), Vec::<String>::new());
+            prop_assert_eq!(validation::agent_spec_cel_violations(&config.spec), Vec::<String>::new());
             prop_assert_eq!(validation::agent_config_size_violation(config), None);
             if admitted {
                 let value = serde_json::to_value(&config.spec).unwrap();
                 let accepted = validation::validate_agent_spec("t", &value);
                 prop_assert!(accepted.is_ok(), "{:?}", accepted);
             }
+        }
+    }
+
+    /// The native decision of the CRD's CEL rules answers as kube's evaluator does, on
+    /// compiled specs whose indices and `ruleSet` are then corrupted at random.
+    #[test]
+    fn the_native_cel_decision_matches_the_evaluator(
+        (policies, nodes, namespaces) in arb_world(),
+        pick in any::<prop::sample::Index>(),
+        namespace_index in 0u32..6,
+        subject_index in prop::option::of(0u32..6),
+        rule_set in prop::option::of("[a-z]{0,3}"),
+    ) {
+        let d = compile(&policies, &nodes, &namespaces);
+        for config in &d.node_agent_configs {
+            let mut spec = config.spec.clone();
+            if !spec.rules.is_empty() {
+                let rule = pick.index(spec.rules.len());
+                spec.rules[rule].namespaces = namespace_index;
+                spec.rules[rule].subjects.extend(subject_index);
+            }
+            spec.rule_set = rule_set.clone();
+            prop_assert_eq!(
+                validation::spec_rule_violations(&spec),
+                validation::agent_spec_cel_violations(&spec)
+            );
         }
     }
 

@@ -26,6 +26,9 @@
 //! when it fails.
 //!
 //! Images: `$NODEGATE_OPERATOR_IMAGE` (`cargo xtask test` exports it); helm: `$NODEGATE_HELM`.
+//! `NODEGATE_SCALE_SET`: extra chart values (`--set`), whitespace-separated, e.g.
+//! `operator.log.level=info\,nodegate_operator::controller::reconcile=debug` for each round's
+//! phase timings in the operator's log.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
@@ -608,6 +611,13 @@ async fn installed_operator_at_scale() -> TestResult {
         format!("operator.nodeLabelSelector={selector}"),
         "agent.nodeSelector.nodegate\\.io/no-such-node=none".to_string(),
     ];
+    // Extra chart values for a measurement (e.g. the rounds' phase timings at debug level):
+    // one `--set` per whitespace-separated item of `NODEGATE_SCALE_SET`.
+    let extra = std::env::var("NODEGATE_SCALE_SET").unwrap_or_default();
+    let sets: Vec<String> = sets
+        .into_iter()
+        .chain(extra.split_whitespace().map(str::to_string))
+        .collect();
     let mut install = Command::new(&helm);
     install
         .env("KUBECONFIG", &cluster.location().kubeconfig)
