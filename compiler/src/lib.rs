@@ -158,7 +158,8 @@ pub type RuleSets = BTreeMap<String, NodeAgentConfigSpec>;
 /// Compiles policies against the cluster's nodes and namespaces. Each NodeAgentConfig in the
 /// result names its node's NodeAgentRuleSet; each rule set holds only its metadata and
 /// `spec.hash`, its rules are the [`RuleSets`] entry of that hash. `instance` (the operator's
-/// `--instance`) goes into the rule sets' names, so instances never share one.
+/// `--instance`) goes into the names of the rule sets and the configs ([`config_name`]), so
+/// instances never share one.
 ///
 /// Nodes fall into few distinct selections (every node, a pool, a zone): the rules of each
 /// selection are built, checked against the CRD's bounds and written once, so the memory and
@@ -241,6 +242,42 @@ pub fn rule_set_name(policies: &[&str], instance: Option<&str>) -> String {
     format!("nodegate-rules-{hex}")
 }
 
+/// The name of `node`'s NodeAgentConfig: the node's own name, or for a named instance
+/// (`--instance`, a DNS label) `<instance>.<node>`, so two instances on the same nodes never
+/// write or read each other's. The agent computes the same name from its node and instance,
+/// and the chart's admission policy lets it write the status of that name only. A node whose
+/// name leaves no room for the prefix (over 253 characters with it) gets no config from a
+/// named instance: the API server refuses the name, and the policies selecting it say so.
+pub fn config_name(node: &str, instance: Option<&str>) -> String {
+    match instance {
+        None => node.to_string(),
+        Some(instance) => format!("{instance}.{node}"),
+    }
+}
+
+/// `--instance` of the operator and the agent, checked: it is part of object names
+/// (`<instance>.<node>`, see [`config_name`]) and a label value, so a DNS label.
+pub fn parse_instance(s: &str) -> Result<String, String> {
+    if validation::is_dns_label(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a DNS label (at most 63 lowercase letters, digits and '-', \
+             starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// The node a NodeAgentConfig the compiler wrote is for: its controller, the Node (the name
+/// alone does not say, see [`config_name`]).
+pub fn config_node(meta: &ObjectMeta) -> Option<&str> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "Node" && o.api_version == "v1")
+        .map(|o| o.name.as_str())
+}
+
 /// One NodeAgentConfig per node, naming the rule set of its selection, and that rule set
 /// (metadata and `spec.hash`; its rules are returned by hash). A selection whose rule set
 /// would be refused by the API server (a bound of the CRD's schema, its CEL rule, or the byte
@@ -301,7 +338,7 @@ fn node_agent_configs(
             sets.insert(name.clone(), rule_set(&name, &spec.hash, ""));
         }
         for n in members {
-            configs[n] = Some(node_agent_config(nodes[n], &name));
+            configs[n] = Some(node_agent_config(nodes[n], &name, instance));
         }
         rule_sets.insert(spec.hash.clone(), spec);
     }
@@ -756,12 +793,12 @@ fn rule_set(name: &str, hash: &str, policies: &str) -> NodeAgentRuleSet {
     set
 }
 
-fn node_agent_config(node: &NodeInfo, rule_set: &str) -> NodeAgentConfig {
+fn node_agent_config(node: &NodeInfo, rule_set: &str, instance: Option<&str>) -> NodeAgentConfig {
     let spec = NodeAgentConfigSpec {
         rule_set: Some(rule_set.to_string()),
         ..NodeAgentConfigSpec::default()
     };
-    let mut config = NodeAgentConfig::new(&node.name, spec);
+    let mut config = NodeAgentConfig::new(&config_name(&node.name, instance), spec);
     config.metadata.labels = Some(object_labels(None));
     config.metadata.owner_references = Some(vec![OwnerReference {
         api_version: "v1".into(),

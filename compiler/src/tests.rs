@@ -1453,6 +1453,40 @@ fn a_rule_set_is_named_by_its_selection_and_instance() {
     );
 }
 
+/// Two instances on the same node write configs of different names, each owned by the node
+/// (which is how the operator finds a config's node); without an instance, the node's name.
+#[test]
+fn instances_never_share_a_config_name() {
+    let policies = [policy("p", spec(&[Endpoint::Pods], names(&["a"])))];
+    let nodes = [node("n1", &[])];
+    let names = |instance: Option<&str>| -> Vec<(String, Option<String>)> {
+        compile_shared(&policies, &nodes, &[], instance)
+            .0
+            .node_agent_configs
+            .iter()
+            .map(|c| {
+                (
+                    c.metadata.name.clone().unwrap(),
+                    config_node(&c.metadata).map(String::from),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(names(None), [("n1".to_string(), Some("n1".to_string()))]);
+    assert_eq!(
+        names(Some("blue")),
+        [("blue.n1".to_string(), Some("n1".to_string()))]
+    );
+    assert_eq!(names(Some("green"))[0].0, "green.n1");
+    assert_eq!(config_name("n1", Some("blue")), "blue.n1");
+
+    assert_eq!(parse_instance("op-1"), Ok("op-1".to_string()));
+    for bad in ["", "Blue", "a.b", "-a", "a-", &"x".repeat(64)] {
+        let error = parse_instance(bad).unwrap_err();
+        assert!(error.contains("not a DNS label"), "{bad:?}: {error}");
+    }
+}
+
 /// The byte limit is checked without building each rule set's object: the size is computed
 /// from its shell and its rules' JSON, and must be the size of the whole object.
 #[test]

@@ -57,7 +57,8 @@ pub const MAX_RULE_SUBJECTS: usize = 48;
 
 /// What the agent on one node enforces, compiled by the operator from every NodeApiPolicy
 /// that selects the node: the NodeAgentRuleSet it names, or (in a file given to the agent) its
-/// own rules. Named after the node and owned by it.
+/// own rules. Named after the node (`<instance>.<node>` for a named operator instance) and
+/// owned by it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "nodegate.io",

@@ -526,7 +526,9 @@ pub async fn run_file(path: PathBuf, mut node: NodeWatch, store: ConfigStore, in
 /// What the API source needs besides the client.
 #[derive(Clone)]
 pub struct ApiSourceSettings {
-    pub node_name: String,
+    /// This node's NodeAgentConfig: the node's name, or `<instance>.<node>` for a named
+    /// instance ([`compiler::config_name`]).
+    pub config_name: String,
     /// The serving certificate's expiry, reported in status.
     pub serving_cert_expiry: Option<Arc<dyn Fn() -> Option<SystemTime> + Send + Sync>>,
     /// How often status is re-checked (certificate rotations, readiness).
@@ -538,7 +540,7 @@ pub struct ApiSourceSettings {
 impl std::fmt::Debug for ApiSourceSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiSourceSettings")
-            .field("node_name", &self.node_name)
+            .field("config_name", &self.config_name)
             .field("status_interval", &self.status_interval)
             .finish_non_exhaustive()
     }
@@ -585,7 +587,7 @@ pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSour
         Api::all_with(client.clone(), &ApiResource::erase::<NodeAgentConfig>(&()));
     let sets: Api<DynamicObject> =
         Api::all_with(client, &ApiResource::erase::<NodeAgentRuleSet>(&()));
-    let mut events = watch_one(&api, &settings.node_name);
+    let mut events = watch_one(&api, &settings.config_name);
     // The named rule set's watch; none (pending forever) while the config names none.
     let mut set_events: Events = futures::stream::pending().boxed();
     let mut observed = Observed::default();
@@ -609,7 +611,7 @@ pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSour
                             observed = Observed::default();
                             store.clear("this node's NodeAgentConfig is gone");
                         } else if !seen_in_init {
-                            tracing::warn!(node = %settings.node_name, "no NodeAgentConfig for this node yet: denying everything");
+                            tracing::warn!(node = %settings.config_name, "no NodeAgentConfig for this node yet: denying everything");
                         }
                     }
                     Ok(watcher::Event::Apply(obj)) => apply_object(&store, &settings, &mut observed, &obj),
@@ -676,7 +678,7 @@ fn apply_object(
     observed: &mut Observed,
     obj: &DynamicObject,
 ) {
-    if obj.metadata.name.as_deref() != Some(settings.node_name.as_str()) {
+    if obj.metadata.name.as_deref() != Some(settings.config_name.as_str()) {
         return;
     }
     observed.exists = true;
@@ -704,7 +706,10 @@ fn apply_object(
     }
     observed.rule_set = None;
     observed.spec_hash = spec.get("hash").and_then(Value::as_str).map(String::from);
-    match validate_agent_spec(&format!("NodeAgentConfig {:?}", settings.node_name), &spec) {
+    match validate_agent_spec(
+        &format!("NodeAgentConfig {:?}", settings.config_name),
+        &spec,
+    ) {
         Ok(spec) => {
             store.publish(spec);
         }
@@ -784,12 +789,12 @@ async fn write_status(
     let patch = serde_json::json!({
         "apiVersion": API_VERSION,
         "kind": "NodeAgentConfig",
-        "metadata": { "name": settings.node_name },
+        "metadata": { "name": settings.config_name },
         "status": desired,
     });
     let params = PatchParams::apply(STATUS_FIELD_MANAGER).force();
     match api
-        .patch_status(&settings.node_name, &params, &Patch::Apply(&patch))
+        .patch_status(&settings.config_name, &params, &Patch::Apply(&patch))
         .await
     {
         Ok(_) => {

@@ -48,9 +48,13 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// This node's name (the NodeAgentConfig of the same name is enforced).
+    /// This node's name (the NodeAgentConfig of the same name is enforced, see `--instance`).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// The operator's `--instance`, when it runs as a named one: this node's NodeAgentConfig
+    /// is then `<instance>.<node>`, not the node's name.
+    #[arg(long, env = "NODEGATE_INSTANCE", value_parser = nodegate_compiler::parse_instance)]
+    instance: Option<String>,
     /// This node's IP: the default kubelet address and a name in the self-signed certificate.
     #[arg(long, env = "NODE_IP")]
     node_ip: Option<IpAddr>,
@@ -279,6 +283,10 @@ struct ExplainArgs {
     kubeconfig: Option<PathBuf>,
     #[arg(long, env = "NODE_NAME", default_value = "")]
     node_name: String,
+    /// The operator's `--instance`, when it runs as a named one: this node's NodeAgentConfig
+    /// is then `<instance>.<node>`, not the node's name.
+    #[arg(long, env = "NODEGATE_INSTANCE", value_parser = nodegate_compiler::parse_instance)]
+    instance: Option<String>,
     /// The node's labels (`k=v,k2=v2`) for policies' `nodeSelector` with `--config`; without
     /// it they are read from the cluster's Node `--node-name` when it can be reached.
     #[arg(long)]
@@ -370,21 +378,22 @@ async fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
             }
             let client = kube_client(args.kubeconfig.as_ref()).await?;
             let api: kube::Api<NodeAgentConfig> = kube::Api::all(client.clone());
+            let name = nodegate_compiler::config_name(&args.node_name, args.instance.as_deref());
             let spec = api
-                .get(&args.node_name)
+                .get(&name)
                 .await
-                .with_context(|| format!("reading NodeAgentConfig {}", args.node_name))?
+                .with_context(|| format!("reading NodeAgentConfig {name}"))?
                 .spec;
             // The rules of the rule set it names, as its agent enforces them.
             match &spec.rule_set {
-                Some(name) => {
+                Some(set) => {
                     let sets: kube::Api<nodegate_crds::NodeAgentRuleSet> = kube::Api::all(client);
-                    sets.get(name)
+                    sets.get(set)
                         .await
                         .with_context(|| {
                             format!(
-                                "reading NodeAgentRuleSet {name}, which NodeAgentConfig {} names",
-                                args.node_name
+                                "reading NodeAgentRuleSet {set}, which NodeAgentConfig {name} \
+                                 names"
                             )
                         })?
                         .spec
@@ -538,7 +547,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let expiry_tls = tls.clone();
     let source_settings = ApiSourceSettings {
-        node_name: node_name.clone(),
+        config_name: nodegate_compiler::config_name(&node_name, args.instance.as_deref()),
         serving_cert_expiry: Some(Arc::new(move || expiry_tls.serving_cert_expiry())),
         status_interval: Duration::from_secs(60),
         components: Some(components.presence.clone()),

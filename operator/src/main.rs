@@ -107,7 +107,7 @@ struct RunArgs {
 
     /// Run as a named instance: outputs carry nodegate.io/instance=<name> and instances never
     /// touch each other's objects (for canaries and tests; leave unset in production).
-    #[arg(long, env = "NODEGATE_INSTANCE")]
+    #[arg(long, env = "NODEGATE_INSTANCE", value_parser = nodegate_compiler::parse_instance)]
     instance: Option<String>,
 
     /// Milliseconds of quiet after a change before a reconcile round starts.

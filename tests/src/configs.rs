@@ -4,14 +4,16 @@
 use kube::api::Api;
 use nodegate_crds::{NodeAgentConfig, NodeAgentRuleSet};
 
-/// Node `node`'s NodeAgentConfig as its agent sees it: with the rules (and hash) of the rule
-/// set it names in its spec (`spec.ruleSet` kept). None while either is missing.
+/// Node `node`'s NodeAgentConfig of operator instance `instance` as its agent sees it: with
+/// the rules (and hash) of the rule set it names in its spec (`spec.ruleSet` kept). None while
+/// either is missing.
 pub async fn effective_config(
     client: &kube::Client,
     node: &str,
+    instance: Option<&str>,
 ) -> Result<Option<NodeAgentConfig>, kube::Error> {
     let Some(mut config) = Api::<NodeAgentConfig>::all(client.clone())
-        .get_opt(node)
+        .get_opt(&nodegate_compiler::config_name(node, instance))
         .await?
     else {
         return Ok(None);

@@ -898,7 +898,7 @@ async fn a_component_that_is_down_is_502_and_status_says_which_are_present() -> 
         client,
         store,
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(300),
             components: Some(presence),

@@ -655,7 +655,7 @@ async fn api_source_follows_this_nodes_config_keeps_the_last_good_one_and_writes
         client.clone(),
         store.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: Some(Arc::new(move || Some(expiry))),
             status_interval: Duration::from_millis(200),
             components: None,
@@ -801,7 +801,7 @@ async fn api_source_enforces_the_rule_set_its_config_names() -> TestResult {
         client.clone(),
         store.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
             components: None,
@@ -941,7 +941,7 @@ async fn api_source_refuses_a_config_nodegate_does_not_own() -> TestResult {
         client.clone(),
         store.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
             components: None,
@@ -1021,7 +1021,7 @@ async fn api_source_resumes_after_the_api_server_goes_away() -> TestResult {
         kube::Client::try_from(proxied)?,
         store.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
             components: None,
@@ -1202,7 +1202,7 @@ async fn documented_permissions_suffice_and_only_this_nodes_config_is_read() -> 
         agent.clone(),
         store.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: node.clone(),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(200),
             components: None,

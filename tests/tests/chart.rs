@@ -163,6 +163,20 @@ fn template(helm: &Path, release: &str, namespace: &str, args: &[&str]) -> Resul
     Ok(split_stderr(&out).0.to_string())
 }
 
+/// The agent container's arguments in a rendered chart.
+fn agent_args(objects: &[Value]) -> Vec<String> {
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("the agent DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The objects of a multi-document YAML stream.
 fn objects(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
@@ -1216,22 +1230,11 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     let (op_repo, op_tag) = split_image(&operator_image);
     let (agent_repo, agent_tag) = split_image(&agent_image);
 
-    // The real nodes' NodeAgentConfigs are written by whichever operator instance owns them,
-    // and an instance never overwrites another's: drop configs a previous run left, so this
-    // release's operator writes them (no other test binary runs at the same time).
-    let _ = cluster
-        .run_kubectl(&[
-            "delete",
-            "nodeagentconfig",
-            NODE_NAME,
-            NODE2_NAME,
-            "--ignore-not-found",
-        ])
-        .await;
     let _outputs = ClusterScoped {
         cluster: &cluster,
         args: vec![
-            "nodeagentconfigs,clusterroles,clusterrolebindings,nodeapipolicies".into(),
+            "nodeagentconfigs,nodeagentrulesets,clusterroles,clusterrolebindings,nodeapipolicies"
+                .into(),
             "-l".into(),
             format!("nodegate.io/instance={release}"),
         ],
@@ -1502,7 +1505,9 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
     let configs = Api::<NodeAgentConfig>::all(cluster.admin()?);
     let started = Instant::now();
     loop {
-        let config = configs.get(NODE_NAME).await?;
+        let config = configs
+            .get(&nodegate_compiler::config_name(NODE_NAME, Some(&release)))
+            .await?;
         let synced = config
             .status
             .as_ref()
@@ -1534,15 +1539,7 @@ async fn helm_install_runs_operator_and_agents() -> TestResult {
 #[test]
 fn components_render_flags_rbac_and_scrape_jobs() {
     let Some(helm) = helm() else { return };
-    let args_of = |objs: &[Value]| -> Vec<String> {
-        let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
-        ds["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect()
-    };
+    let args_of = agent_args;
     let default = objects(&template(&helm, "rel", "ns", &[]).unwrap());
     assert!(
         !args_of(&default)
@@ -1865,4 +1862,52 @@ fn kubelet_scrape_verifies_the_agents_with_nodegates_ca() {
         let text = serde_json::to_string(objs).unwrap();
         assert!(!text.contains("insecureSkipVerify") && !text.contains("insecure_skip_verify"));
     }
+}
+
+/// A named instance (`operator.instance`) reaches the agents too: they read
+/// `<instance>.<node>`, and the admission policy lets them write that config's status only.
+/// Without one, the names are the nodes'.
+#[test]
+fn a_named_instance_names_the_agents_configs() {
+    let Some(helm) = helm() else { return };
+    let render = |sets: &[&str]| -> Vec<Value> {
+        let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", *s]).collect();
+        objects(&template(&helm, "rel", "ns", &args).unwrap())
+    };
+    let vap_rule = |objs: &[Value]| -> String {
+        let vap = find(
+            objs,
+            "ValidatingAdmissionPolicy",
+            "rel-nodegate-agent-status",
+        )
+        .expect("the agent's admission policy");
+        vap["spec"]["validations"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let node_name = "request.userInfo.extra['authentication.kubernetes.io/node-name'][0]";
+
+    let default = render(&[]);
+    assert!(
+        !agent_args(&default)
+            .iter()
+            .any(|a| a.starts_with("--instance"))
+    );
+    assert!(
+        vap_rule(&default).contains(&format!("object.metadata.name == '' + {node_name}")),
+        "{}",
+        vap_rule(&default)
+    );
+
+    let blue = render(&["operator.instance=blue"]);
+    assert!(agent_args(&blue).contains(&"--instance=blue".to_string()));
+    assert!(
+        vap_rule(&blue).contains(&format!("object.metadata.name == 'blue.' + {node_name}")),
+        "{}",
+        vap_rule(&blue)
+    );
+    // Not a DNS label: refused at render, not at the agents' start.
+    let args = ["--set", "operator.instance=Blue.1"];
+    assert!(template(&helm, "rel", "ns", &args).is_err());
 }

@@ -102,7 +102,7 @@ async fn policy_lifecycle_objects_follow() -> TestResult {
         let hash = w.config(node).await.unwrap().spec.hash;
         configs
             .patch_status(
-                node,
+                &w.config_name(node),
                 &PatchParams::default(),
                 &Patch::Merge(&agent_confirms(&hash)),
             )
@@ -303,7 +303,7 @@ async fn a_dropped_node_keeps_the_policy_pending_until_its_agent_confirms() -> T
             let hash = w.config(&node).await.ok_or("no config")?.spec.hash;
             configs
                 .patch_status(
-                    &node,
+                    &w.config_name(&node),
                     &PatchParams::default(),
                     &Patch::Merge(&agent_confirms(&hash)),
                 )
@@ -405,7 +405,7 @@ async fn a_change_to_one_policy_leaves_the_others_on_its_nodes_ready() -> TestRe
             let hash = w.config(node).await.ok_or("no config")?.spec.hash;
             configs
                 .patch_status(
-                    node,
+                    &w.config_name(node),
                     &PatchParams::default(),
                     &Patch::Merge(&agent_confirms(&hash)),
                 )
@@ -765,13 +765,13 @@ async fn generated_objects_are_restored() -> TestResult {
     .await?;
     configs
         .patch(
-            &node,
+            &w.config_name(&node),
             &PatchParams::default(),
             &Patch::Merge(&json!({"spec": {"ruleSet": "nodegate-rules-elsewhere"}})),
         )
         .await?;
     eventually("config restored", WAIT, || async {
-        let raw = configs.get_opt(&node).await.ok()??;
+        let raw = configs.get_opt(&w.config_name(&node)).await.ok()??;
         (raw.spec.rule_set.as_deref() == Some(set.as_str())).then_some(())
     })
     .await?;

@@ -94,7 +94,7 @@ async fn six_hundred_policies_on_one_node_are_all_enforced() -> TestResult {
         w.client.clone(),
         agent.config.clone(),
         ApiSourceSettings {
-            node_name: node.clone(),
+            config_name: nodegate_compiler::config_name(&node, Some(&w.run)),
             serving_cert_expiry: None,
             status_interval: Duration::from_millis(500),
             components: None,

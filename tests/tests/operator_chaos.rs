@@ -287,7 +287,7 @@ async fn grants_never_outlive_the_convergence_window() -> TestResult {
     .await?;
     for node in &nodes {
         let config = Api::<NodeAgentConfig>::all(client.clone())
-            .get(node)
+            .get(&nodegate_compiler::config_name(node, Some(&run)))
             .await?;
         assert_eq!(config.spec.rule_set.as_deref(), Some(empty.as_str()));
     }
@@ -681,7 +681,7 @@ impl Checker {
         let configs: BTreeMap<String, NodeAgentConfig> = {
             let mut map = BTreeMap::new();
             for node in &self.nodes {
-                if let Some(c) = effective_config(client, node).await? {
+                if let Some(c) = effective_config(client, node, Some(run)).await? {
                     map.insert(node.clone(), c);
                 }
             }

@@ -298,7 +298,8 @@ async fn a_foreign_node_agent_config_is_reported_on_the_nodes_policies() -> Test
         return Ok(());
     };
     let mut w = World::new(cluster.clone(), 1, &[]).await?;
-    let node = w.node_names()[0].clone();
+    // Foreign: an object at the name this instance's config of the node would have.
+    let node = w.config_name(&w.node_names()[0]);
     let configs: Api<NodeAgentConfig> = Api::all(w.client.clone());
     let theirs: NodeAgentConfig = serde_json::from_value(json!({
         "apiVersion": "nodegate.io/v1alpha1", "kind": "NodeAgentConfig",

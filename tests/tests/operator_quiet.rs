@@ -123,7 +123,11 @@ async fn heartbeats_and_agents_catching_up_cost_no_compile_and_no_status_patch()
             let agent = json!({"status": {"observedHash": format!("old-{beat}"),
                 "lastError": format!("still loading ({beat})")}});
             configs
-                .patch_status(node, &PatchParams::default(), &Patch::Merge(&agent))
+                .patch_status(
+                    &w.config_name(node),
+                    &PatchParams::default(),
+                    &Patch::Merge(&agent),
+                )
                 .await?;
         }
     }
@@ -178,7 +182,11 @@ async fn heartbeats_and_agents_catching_up_cost_no_compile_and_no_status_patch()
         let hash = w.config(node).await.unwrap().spec.hash;
         let agent = agent_confirms(&hash);
         configs
-            .patch_status(node, &PatchParams::default(), &Patch::Merge(&agent))
+            .patch_status(
+                &w.config_name(node),
+                &PatchParams::default(),
+                &Patch::Merge(&agent),
+            )
             .await?;
         settled(&metrics, Duration::from_secs(1)).await?;
         if i + 1 < nodes.len() {

@@ -134,7 +134,11 @@ async fn agents_catch_up(w: &World) {
         };
         let status = agent_confirms(&config.spec.hash);
         let _ = configs
-            .patch_status(&node, &PatchParams::default(), &Patch::Merge(&status))
+            .patch_status(
+                &w.config_name(&node),
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
             .await;
     }
 }

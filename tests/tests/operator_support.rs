@@ -200,10 +200,18 @@ impl World {
             .flatten()
     }
 
+    /// The name of `node`'s NodeAgentConfig under this test's instance.
+    pub fn config_name(&self, node: &str) -> String {
+        nodegate_compiler::config_name(node, Some(&self.run))
+    }
+
     /// The node's NodeAgentConfig as its agent sees it: with the rules (and hash) of the
     /// rule set it names in its spec. None while either is missing.
     pub async fn config(&self, node: &str) -> Option<NodeAgentConfig> {
-        effective_config(&self.client, node).await.ok().flatten()
+        effective_config(&self.client, node, Some(&self.run))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The NodeAgentRuleSet `name`, if it exists.

@@ -79,7 +79,9 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
         };
         if let Some(because_of) = because_of {
             let policies = match kind {
-                Kind::NodeAgentConfig => by_node.remove(&key.name).unwrap_or_default(),
+                Kind::NodeAgentConfig => nodegate_compiler::config_node(meta)
+                    .and_then(|node| by_node.remove(node))
+                    .unwrap_or_default(),
                 Kind::NodeAgentRuleSet => by_rule_set.remove(&key.name).unwrap_or_default(),
                 _ => policies_of(meta),
             };

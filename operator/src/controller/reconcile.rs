@@ -1080,17 +1080,17 @@ impl Reconciler {
     /// rule sets no node holds any more.
     fn stale_grants(
         &mut self,
-        want: &HashMap<&str, &str>,
+        want: &HashMap<&str, (&str, &str)>,
     ) -> (HashMap<String, Vec<String>>, Vec<String>) {
         let mut stale: HashMap<String, Vec<String>> = HashMap::new();
         let mut unknown = Vec::new();
-        let mut held: HashSet<String> = want.values().map(|h| h.to_string()).collect();
+        let mut held: HashSet<String> = want.values().map(|(_, h)| h.to_string()).collect();
         for config in self.stores.node_agent_configs.state() {
-            let node = config.name_any();
             // A config whose node is gone goes with it (owner reference); no kubelet, no agent.
-            let Some(wanted) = want.get(node.as_str()) else {
+            let Some(&(node, wanted)) = want.get(config.name_any().as_str()) else {
                 continue;
             };
+            let node = node.to_string();
             let observed = config.status.as_ref().and_then(|s| s.observed_hash.clone());
             // As written: the hash of the rule set it names, as the API server holds it (a
             // config of an earlier version holds its own); a named rule set that does not
@@ -1107,7 +1107,7 @@ impl Reconciler {
             hashes.dedup();
             for hash in hashes {
                 held.insert(hash.clone());
-                if hash == *wanted {
+                if hash == wanted {
                     continue;
                 }
                 match self.policies_by_hash.get(&hash) {
@@ -1139,21 +1139,28 @@ impl Reconciler {
             .iter()
             .filter_map(|r| Some((r.metadata.name.as_deref()?, r.spec.0.hash.as_str())))
             .collect();
-        let hashes: HashMap<&str, &str> = desired
+        // Each desired config's node and the hash it should enforce, by the config's name (an
+        // instance's configs are not named after their node, see `compiler::config_name`).
+        let wanted: HashMap<&str, (&str, &str)> = desired
             .node_agent_configs
             .iter()
             .filter_map(|c| {
                 let set = c.spec.rule_set.as_deref()?;
-                Some((c.metadata.name.as_deref()?, *set_hashes.get(set)?))
+                let node = compiler::config_node(&c.metadata)?;
+                Some((c.metadata.name.as_deref()?, (node, *set_hashes.get(set)?)))
             })
             .collect();
-        let (stale, unknown) = self.stale_grants(&hashes);
-        let observed: HashMap<String, String> = self
+        let hashes: HashMap<&str, &str> = wanted.values().copied().collect();
+        let (stale, unknown) = self.stale_grants(&wanted);
+        let observed: HashMap<&str, String> = self
             .stores
             .node_agent_configs
             .state()
             .iter()
-            .filter_map(|c| Some((c.name_any(), c.status.as_ref()?.observed_hash.clone()?)))
+            .filter_map(|c| {
+                let (node, _) = wanted.get(c.metadata.name.as_deref()?)?;
+                Some((*node, c.status.as_ref()?.observed_hash.clone()?))
+            })
             .collect();
         // Whether the node's agent enforces the policy's current rule: the current version,
         // or another that holds the same rule for it.
