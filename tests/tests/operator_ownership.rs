@@ -126,6 +126,37 @@ async fn fields_of_other_managers_cause_no_writes() -> TestResult {
         restored.labels().get("team").map(String::as_str),
         Some("platform")
     );
+
+    // The binding was created and never applied (its create's fields are those an apply
+    // replaces): nodegate's one entry is the create's. Its subjects, an atomic list, still
+    // narrow exactly when the policy's do: the forced apply replaces the whole list.
+    let bindings = Api::<ClusterRoleBinding>::all(client.clone());
+    let binding = bindings.get(&role_name).await?;
+    let entries: Vec<String> = binding
+        .managed_fields()
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some(nodegate_crds::FIELD_MANAGER))
+        .filter_map(|m| m.operation.clone())
+        .collect();
+    assert_eq!(entries, ["Update"]);
+    let mut policy = w.policies().get(&name).await?;
+    policy.spec.subjects = serde_json::from_value(json!([{"kind": "Group", "name": "others"}]))?;
+    policy.spec.service_accounts.clear();
+    w.policies()
+        .replace(&name, &PostParams::default(), &policy)
+        .await?;
+    let narrowed = eventually("the binding's subjects narrowed", WAIT, || async {
+        let b = bindings.get(&role_name).await.ok()?;
+        let names: Vec<String> = b
+            .subjects
+            .iter()
+            .flatten()
+            .map(|s| s.name.clone())
+            .collect();
+        (names == ["others"]).then_some(b)
+    })
+    .await?;
+    assert_eq!(narrowed.subjects.map(|s| s.len()), Some(1));
     w.cleanup().await;
     Ok(())
 }

@@ -307,6 +307,7 @@ mod tests {
             key: k(n),
             policies: Default::default(),
             body: strip_empty(v),
+            announce: true,
         };
         let same = role(json!({}), json!([{"verbs": ["get"]}]));
         let changed = role(json!({}), json!([{"verbs": ["create"]}]));

@@ -79,7 +79,7 @@ pub fn exclude_foreign(desired: &mut Desired, foreign: &BTreeSet<Key>) -> Vec<Sk
         };
         if let Some(because_of) = because_of {
             let policies = match kind {
-                Kind::NodeAgentConfig => nodegate_compiler::config_node(meta)
+                Kind::NodeAgentConfig => crate::compiler::config_node(meta)
                     .and_then(|node| by_node.remove(node))
                     .unwrap_or_default(),
                 Kind::NodeAgentRuleSet => by_rule_set.remove(&key.name).unwrap_or_default(),
@@ -272,10 +272,21 @@ mod tests {
         use crate::compiler::PolicyOutcome;
         use nodegate_crds::NodeAgentConfig;
         let mut d = desired();
+        // A named instance's configs, as the compiler writes them: found by their Node owner.
         for node in ["n1", "n2"] {
             d.node_agent_configs.push(NodeAgentConfig {
                 metadata: ObjectMeta {
-                    name: Some(node.into()),
+                    name: Some(crate::compiler::config_name(node, Some("blue"))),
+                    owner_references: Some(vec![
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                            api_version: "v1".into(),
+                            kind: "Node".into(),
+                            name: node.into(),
+                            uid: format!("uid-{node}"),
+                            controller: Some(true),
+                            block_owner_deletion: None,
+                        },
+                    ]),
                     ..Default::default()
                 },
                 spec: nodegate_crds::agent_config::NodeAgentConfigSpec::default(),
@@ -293,13 +304,13 @@ mod tests {
                 ..Default::default()
             });
         }
-        let config = Key::new(Kind::NodeAgentConfig, None, "n1");
+        let config = Key::new(Kind::NodeAgentConfig, None, "blue.n1");
         let skipped = exclude_foreign(&mut d, &BTreeSet::from([config]));
         assert_eq!(skipped.len(), 1);
         assert_eq!(d.node_agent_configs.len(), 1);
         let by_policy = messages_by_policy(&skipped);
         assert_eq!(by_policy.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert!(by_policy["a"][0].contains("NodeAgentConfig n1 exists and is not managed"));
+        assert!(by_policy["a"][0].contains("NodeAgentConfig blue.n1 exists and is not managed"));
     }
 
     #[test]

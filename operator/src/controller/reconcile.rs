@@ -120,7 +120,7 @@ where
                     continue;
                 };
                 // Kept apart (and unstripped: an owned leaf is an empty map).
-                let owned = applied_fields(meta).map(Arc::new);
+                let owned = applied_fields(meta, kind).map(Arc::new);
                 if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
                     m.remove("managedFields");
                 }
@@ -143,16 +143,19 @@ where
     }
 }
 
-/// The fields nodegate's field manager owns by apply (`fieldsV1` of its Apply entry).
-fn applied_fields(meta: &ObjectMeta) -> Option<Value> {
-    meta.managed_fields
-        .iter()
-        .flatten()
-        .find(|m| {
+/// The fields nodegate's field manager owns by apply (`fieldsV1` of its Apply entry); for a
+/// kind [`owned_by_create`](Kind::owned_by_create), those of its create's Update entry until
+/// an apply has taken them over.
+fn applied_fields(meta: &ObjectMeta, kind: Kind) -> Option<Value> {
+    let entry = |operation: &str| {
+        meta.managed_fields.iter().flatten().find(|m| {
             m.manager.as_deref() == Some(FIELD_MANAGER)
-                && m.operation.as_deref() == Some("Apply")
+                && m.operation.as_deref() == Some(operation)
                 && m.subresource.is_none()
         })
+    };
+    entry("Apply")
+        .or_else(|| entry("Update").filter(|_| kind.owned_by_create()))
         .and_then(|m| m.fields_v1.as_ref())
         .map(|f| f.0.clone())
 }
@@ -691,9 +694,9 @@ impl Reconciler {
         writes
     }
 
-    /// Phase 4: the writes. Roles and service accounts first, then NodeAgentConfigs (a batch
-    /// at a time, each serialised only when it is sent), then the bindings whose role the API
-    /// server holds, then deletes.
+    /// Phase 4: the writes. Deletes, roles and service accounts, and rule sets together; then
+    /// the NodeAgentConfigs whose rule set the API server holds, then the bindings whose role
+    /// it holds.
     async fn apply(&mut self, snapshot: &Snapshot, owners: &Ownership, writes: Writes) -> Results {
         let concurrency = self.settings.concurrency.max(1);
         let existing = &snapshot.existing;
@@ -701,22 +704,16 @@ impl Reconciler {
             foreign: ownership::messages_by_policy(&owners.foreign),
             ..Results::default()
         };
-        // Deletes first: an object no policy asks for any more only ever grants too much, so
-        // a narrowing lands before the round spends time on other writes (at scale, hundreds
-        // of NodeAgentConfigs). Removing a grant never needs anything else in place.
-        let deleted: Vec<(Key, Result<(), WriteError>)> = futures::stream::iter(writes.deletes)
-            .map(|(key, version)| {
-                let api = self.api(&key);
-                let metrics = self.metrics.clone();
-                let fence = self.fence.clone();
-                async move {
-                    let result = delete(&api, &key, version, &metrics, &fence).await;
-                    (key, result)
-                }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
+        // Deletes, roles and rule sets go out together. None needs another in place: removing
+        // a grant never does, a rule set is read only through the configs written after it,
+        // and roles only have to precede their bindings (below). Sent one after another they
+        // queued: at scale the deletes' half second and the roles' lay on every change's path
+        // to the agents. Deletes are still sent at once: a narrowing waits for nothing.
+        let (deleted, roles, sets) = futures::join!(
+            self.delete_all(writes.deletes, concurrency),
+            self.apply_all(writes.roles, existing, concurrency),
+            self.write_rule_sets(writes.rule_sets, snapshot, owners, concurrency),
+        );
         for (key, result) in deleted {
             match result {
                 Ok(()) => {
@@ -752,42 +749,13 @@ impl Reconciler {
                 }
             }
         }
-        // Roles before the bindings that refer to them: RBAC checks a binding against the
-        // role it names (the operator may bind only what it holds), so a binding sent first
-        // would be refused. A binding whose role just failed waits for the next round.
-        let applied = self.apply_all(writes.roles, existing, concurrency).await;
-        self.record_applies(applied, &mut results);
-
-        // The whole body of a rule set (up to a few hundred KB) is made only for the batch
-        // being sent: all of them at once were most of the operator's peak memory.
-        let sets: HashMap<&str, &NodeAgentRuleSet> = owners
-            .desired
-            .node_agent_rule_sets
+        self.record_applies(roles, &mut results);
+        let written_sets: BTreeSet<String> = sets
             .iter()
-            .filter_map(|r| Some((r.metadata.name.as_deref()?, r)))
+            .filter(|(_, r)| r.is_ok())
+            .map(|(o, _)| o.key.name.clone())
             .collect();
-        let mut written_sets = BTreeSet::new();
-        let mut pending = writes.rule_sets.into_iter().peekable();
-        while pending.peek().is_some() {
-            let batch: Vec<Output> = pending
-                .by_ref()
-                .take(concurrency)
-                .filter_map(|mut output| {
-                    let set = sets.get(output.key.name.as_str())?;
-                    let spec = snapshot.rule_sets.get(&set.spec.0.hash)?;
-                    output.body = objects::rule_set_body(set, spec)?;
-                    Some(output)
-                })
-                .collect();
-            let applied = self.apply_all(batch, existing, concurrency).await;
-            written_sets.extend(
-                applied
-                    .iter()
-                    .filter(|(_, r)| r.is_ok())
-                    .map(|(o, _)| o.key.name.clone()),
-            );
-            self.record_applies(applied, &mut results);
-        }
+        self.record_applies(sets, &mut results);
         // A config names its rule set: one whose rule set is not on the API server (its
         // create failed, or is backing off) waits for it, rather than point its agent at
         // nothing, which would deny everything there. A rule set that exists but failed an
@@ -902,6 +870,65 @@ impl Reconciler {
     /// (never applied: an apply would take over an object someone created since the
     /// ownership check), a cached one is applied with its cached resourceVersion as
     /// precondition (it may have been replaced since).
+    /// Sends `deletes`, each with its cached uid and resourceVersion as preconditions.
+    async fn delete_all(
+        &self,
+        deletes: Vec<(Key, diff::Version)>,
+        concurrency: usize,
+    ) -> Vec<(Key, Result<(), WriteError>)> {
+        futures::stream::iter(deletes)
+            .map(|(key, version)| {
+                let api = self.api(&key);
+                let metrics = self.metrics.clone();
+                let fence = self.fence.clone();
+                async move {
+                    let result = delete(&api, &key, version, &metrics, &fence).await;
+                    (key, result)
+                }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await
+    }
+
+    /// Writes rule sets a batch at a time: the whole body of one (up to a few hundred KB) is
+    /// made only for its batch and dropped once sent (all of them at once were most of the
+    /// operator's peak memory).
+    async fn write_rule_sets(
+        &self,
+        outputs: Vec<Output>,
+        snapshot: &Snapshot,
+        owners: &Ownership,
+        concurrency: usize,
+    ) -> Vec<(Output, Result<Written, WriteError>)> {
+        let sets: HashMap<&str, &NodeAgentRuleSet> = owners
+            .desired
+            .node_agent_rule_sets
+            .iter()
+            .filter_map(|r| Some((r.metadata.name.as_deref()?, r)))
+            .collect();
+        let mut written = Vec::with_capacity(outputs.len());
+        let mut pending = outputs.into_iter().peekable();
+        while pending.peek().is_some() {
+            let batch: Vec<Output> = pending
+                .by_ref()
+                .take(concurrency)
+                .filter_map(|mut output| {
+                    let set = sets.get(output.key.name.as_str())?;
+                    let spec = snapshot.rule_sets.get(&set.spec.0.hash)?;
+                    output.body = objects::rule_set_body(set, spec)?;
+                    Some(output)
+                })
+                .collect();
+            let mut applied = self.apply_all(batch, &snapshot.existing, concurrency).await;
+            for (output, _) in &mut applied {
+                output.body = Value::Null;
+            }
+            written.extend(applied);
+        }
+        written
+    }
+
     async fn apply_all(
         &self,
         outputs: Vec<Output>,
@@ -963,10 +990,7 @@ impl Reconciler {
                 Ok(Written::Applied) => {
                     tracing::info!(object = %output.key, "applied");
                     self.failures.remove(&output.key);
-                    // A rule set holds every policy of its nodes: a change to one policy
-                    // rewrites it, and an `Applied` Event on each of them would be a
-                    // thousand Events about one change (failures are still reported on all).
-                    if output.key.kind == Kind::NodeAgentRuleSet {
+                    if !output.announce {
                         continue;
                     }
                     for p in &output.policies {
@@ -1460,7 +1484,9 @@ async fn create(
         .await?;
     match created {
         Ok(created) => {
-            own_by_apply(api, kind, &created, metrics, fence).await;
+            if !output.key.kind.owned_by_create() {
+                own_by_apply(api, kind, &created, metrics, fence).await;
+            }
             Ok(Written::Applied)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -1762,6 +1788,7 @@ mod tests {
                 "kind": "ClusterRole",
                 "metadata": {"name": "nodegate:p"},
             }),
+            announce: true,
         }
     }
 
