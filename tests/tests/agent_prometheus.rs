@@ -938,6 +938,10 @@ async fn text_with_utf8_names_is_negotiated_down_and_never_leaks() {
     assert!(!r.text().contains("ns-b"));
 }
 
+/// node-1's real kubelet (1.37, `NativeHistograms` beta and on) through the agent over
+/// protobuf: filtered per namespace (decoded with prost, and as Prometheus stores it), and
+/// the kubelet's own native histograms reach Prometheus as native histograms
+/// (`histogram_count` answers only for those).
 #[tokio::test]
 async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms_stores_only_its_namespace()
  {
@@ -973,7 +977,7 @@ async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms
         rule(
             "root",
             vec![service_account(&b, "root-scraper")],
-            &[Endpoint::Cadvisor, Endpoint::Resource],
+            &[Endpoint::Cadvisor, Endpoint::Resource, Endpoint::Metrics],
             all_namespaces(),
             &[Port::Secure],
         ),
@@ -1063,6 +1067,37 @@ async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms
     }
     step("protobuf answers decoded");
 
+    // The kubelet's own /metrics over protobuf carries native histograms (node-1's kubelet is
+    // 1.37, whose NativeHistograms gate is beta and on): one with observations, by name.
+    let own = request(
+        agent.secure_addr,
+        true,
+        &Cred::Token(tok_root.clone()),
+        "GET",
+        "/metrics",
+        &[("accept", PROMETHEUS_PROTOBUF_ACCEPT)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(own.status, 200, "{}", own.text());
+    let native: Vec<String> = pb::decode_stream(&own.body)
+        .unwrap()
+        .into_iter()
+        .filter(|f| {
+            f.metric.iter().any(|m| {
+                m.histogram.as_ref().is_some_and(|h| {
+                    h.schema.is_some() && !h.positive_span.is_empty() && h.sample_count() > 0
+                })
+            })
+        })
+        .filter_map(|f| f.name)
+        .collect();
+    assert!(
+        native.iter().any(|n| n == NATIVE_HISTOGRAM),
+        "the kubelet's native histograms with observations: {native:?}"
+    );
+    step("the kubelet serves native histograms");
+
     let jobs = [
         Job {
             name: "kubelet-proto-a".into(),
@@ -1072,6 +1107,11 @@ async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms
         Job {
             name: "kubelet-proto-root".into(),
             path: "/metrics/cadvisor",
+            token_file: write_token(&dir.0, "root", &tok_root),
+        },
+        Job {
+            name: "kubelet-own-root".into(),
+            path: "/metrics",
             token_file: write_token(&dir.0, "root", &tok_root),
         },
     ];
@@ -1112,4 +1152,18 @@ async fn real_kubelet_protobuf_is_filtered_and_prometheus_with_native_histograms
     assert_eq!(every, BTreeSet::from([a.clone()]));
     assert_eq!(prometheus.node_level_series("kubelet-proto-a").await, 0.0);
     step("filtered job sees only its namespace");
+
+    // Stored as a native histogram: histogram_count() answers only for native samples.
+    let native = prometheus
+        .wait_for(
+            &format!("histogram_count({NATIVE_HISTOGRAM}{{job=\"kubelet-own-root\"}})"),
+            |r| r.iter().any(|(_, count)| *count > 0.0),
+        )
+        .await;
+    assert!(!native.is_empty());
+    step("a native histogram of the kubelet queried in Prometheus");
 }
+
+/// A histogram every kubelet observes while it is scraped (each request to it), so it always
+/// has samples by the time the test asks.
+const NATIVE_HISTOGRAM: &str = "kubelet_http_requests_duration_seconds";
