@@ -41,3 +41,8 @@ pub fn agent_confirms(hash: &str) -> serde_json::Value {
                         "lastTransitionTime": "2026-01-01T00:00:00Z"}],
     }})
 }
+
+/// The policies a config's rules come from, in its order (by policy name).
+pub fn config_policies(config: &NodeAgentConfig) -> Vec<String> {
+    config.spec.rules.iter().map(|r| r.policy.clone()).collect()
+}

@@ -297,11 +297,7 @@ pub fn rule_names(role: &ClusterRole) -> Vec<String> {
 
 // Not every test that includes this file plays agents or reads configs.
 #[allow(unused_imports)]
-pub use nodegate_tests::configs::{agent_confirms, effective_config};
-
-pub fn config_policies(config: &NodeAgentConfig) -> Vec<String> {
-    config.spec.rules.iter().map(|r| r.policy.clone()).collect()
-}
+pub use nodegate_tests::configs::{agent_confirms, config_policies, effective_config};
 
 /// Resource versions of every object the test's instance owns.
 pub async fn owned_versions(client: &kube::Client, run: &str) -> BTreeMap<String, String> {

@@ -17,13 +17,13 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use kube::ResourceExt;
 use kube::api::{Api, AttachParams, DeleteParams, LogParams, ObjectMeta, PostParams};
-use nodegate_crds::{NodeAgentConfig, NodeApiPolicy};
+use nodegate_crds::NodeApiPolicy;
 use nodegate_operator::controller::{self, CancellationToken, Metrics, Settings};
 use nodegate_tests::Cluster;
 use nodegate_tests::cluster::{
     NODE_NAME, NODE2_NAME, REAL_NODES, TEST_LABEL, busybox_pod_on, unique_name,
 };
-use nodegate_tests::configs::effective_config;
+use nodegate_tests::configs::{config_policies, effective_config};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -514,9 +514,6 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
     policies.create(&PostParams::default(), &policy).await?;
 
     let result = async {
-        let rules_of = |c: &NodeAgentConfig| -> Vec<String> {
-            c.spec.rules.iter().map(|r| r.policy.clone()).collect()
-        };
         let node2 = eventually(
             "node-2's NodeAgentConfig with the rule",
             Duration::from_secs(30),
@@ -525,7 +522,7 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
                     .await
                     .ok()
                     .flatten()
-                    .filter(|c| rules_of(c) == [policy_name.clone()])
+                    .filter(|c| config_policies(c) == [policy_name.clone()])
             },
         )
         .await?;
@@ -541,7 +538,7 @@ async fn node_selector_policy_reaches_only_node_2() -> TestResult {
         )
         .await?;
         assert_eq!(
-            rules_of(&node1),
+            config_policies(&node1),
             Vec::<String>::new(),
             "node-1's config has no rule"
         );

@@ -210,6 +210,16 @@ struct Writes {
     generated: BTreeMap<String, GeneratedObjects>,
 }
 
+/// What the agents enforce, read from the configs' status and the rule sets they name.
+struct Grants {
+    /// Per policy, the nodes whose agent (or written config) still holds an older rule of it.
+    stale: HashMap<String, Vec<String>>,
+    /// Nodes on a version no compile of this operator knows (it may hold anything).
+    unknown: Vec<String>,
+    /// Per node, the hash its agent reports enforcing.
+    observed: HashMap<String, String>,
+}
+
 /// Phase 4's result: per policy, what happened to its objects.
 #[derive(Default)]
 struct Results {
@@ -1102,12 +1112,10 @@ impl Reconciler {
     /// A rule set this process did not compile (written before it started, or edited by
     /// hand) may hold any policy: its nodes are returned apart, for every policy. Forgets the
     /// rule sets no node holds any more.
-    fn stale_grants(
-        &mut self,
-        want: &HashMap<&str, (&str, &str)>,
-    ) -> (HashMap<String, Vec<String>>, Vec<String>) {
+    fn stale_grants(&mut self, want: &HashMap<&str, (&str, &str)>) -> Grants {
         let mut stale: HashMap<String, Vec<String>> = HashMap::new();
         let mut unknown = Vec::new();
+        let mut observed_by_node = HashMap::new();
         let mut held: HashSet<String> = want.values().map(|(_, h)| h.to_string()).collect();
         for config in self.stores.node_agent_configs.state() {
             // A config whose node is gone goes with it (owner reference); no kubelet, no agent.
@@ -1116,6 +1124,9 @@ impl Reconciler {
             };
             let node = node.to_string();
             let observed = config.status.as_ref().and_then(|s| s.observed_hash.clone());
+            if let Some(hash) = &observed {
+                observed_by_node.insert(node.clone(), hash.clone());
+            }
             // As written: the hash of the rule set it names, as the API server holds it (a
             // config of an earlier version holds its own); a named rule set that does not
             // exist holds nothing.
@@ -1147,7 +1158,11 @@ impl Reconciler {
         self.policies_by_hash.retain(|hash, _| held.contains(hash));
         unknown.sort();
         unknown.dedup();
-        (stale, unknown)
+        Grants {
+            stale,
+            unknown,
+            observed: observed_by_node,
+        }
     }
 
     async fn statuses(
@@ -1175,17 +1190,11 @@ impl Reconciler {
             })
             .collect();
         let hashes: HashMap<&str, &str> = wanted.values().copied().collect();
-        let (stale, unknown) = self.stale_grants(&wanted);
-        let observed: HashMap<&str, String> = self
-            .stores
-            .node_agent_configs
-            .state()
-            .iter()
-            .filter_map(|c| {
-                let (node, _) = wanted.get(c.metadata.name.as_deref()?)?;
-                Some((*node, c.status.as_ref()?.observed_hash.clone()?))
-            })
-            .collect();
+        let Grants {
+            stale,
+            unknown,
+            observed,
+        } = self.stale_grants(&wanted);
         // Whether the node's agent enforces the policy's current rule: the current version,
         // or another that holds the same rule for it.
         let in_sync = |node: &str, policy: &str| -> bool {
