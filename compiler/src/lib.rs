@@ -247,7 +247,8 @@ pub fn rule_set_name(policies: &[&str], instance: Option<&str>) -> String {
 /// write or read each other's. The agent computes the same name from its node and instance,
 /// and the chart's admission policy lets it write the status of that name only. A node whose
 /// name leaves no room for the prefix (over 253 characters with it) gets no config from a
-/// named instance: the API server refuses the name, and the policies selecting it say so.
+/// named instance: the API server refuses the name (the operator logs it and counts a write
+/// error), and the policies selecting the node list it among their agents not in sync.
 pub fn config_name(node: &str, instance: Option<&str>) -> String {
     match instance {
         None => node.to_string(),

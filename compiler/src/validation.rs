@@ -454,7 +454,8 @@ pub const NODE_AGENT_CONFIG_RULES: &[RuleFn] = &[indices_resolve, rule_set_alone
 
 /// The CRD's CEL rules on `spec` as kube's client-side evaluator answers them: the reference
 /// [`spec_rule_violations`] is tested against (quadratic in the rules; not for a compile).
-pub fn agent_spec_cel_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
+#[cfg(test)]
+pub(crate) fn agent_spec_cel_violations(spec: &NodeAgentConfigSpec) -> Vec<String> {
     let (Ok(value), Some(schema)) = (serde_json::to_value(spec), node_agent_config_schema()) else {
         return vec!["spec: not serializable, or the CRD has no spec schema".into()];
     };

@@ -611,7 +611,7 @@ pub async fn run_api(client: kube::Client, store: ConfigStore, settings: ApiSour
                             observed = Observed::default();
                             store.clear("this node's NodeAgentConfig is gone");
                         } else if !seen_in_init {
-                            tracing::warn!(node = %settings.config_name, "no NodeAgentConfig for this node yet: denying everything");
+                            tracing::warn!(config = %settings.config_name, "no NodeAgentConfig for this node yet: denying everything");
                         }
                     }
                     Ok(watcher::Event::Apply(obj)) => apply_object(&store, &settings, &mut observed, &obj),

@@ -270,29 +270,19 @@ mod tests {
     #[test]
     fn foreign_node_agent_config_is_reported_to_every_policy_on_its_node() {
         use crate::compiler::PolicyOutcome;
-        use nodegate_crds::NodeAgentConfig;
         let mut d = desired();
         // A named instance's configs, as the compiler writes them: found by their Node owner.
-        for node in ["n1", "n2"] {
-            d.node_agent_configs.push(NodeAgentConfig {
-                metadata: ObjectMeta {
-                    name: Some(crate::compiler::config_name(node, Some("blue"))),
-                    owner_references: Some(vec![
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                            api_version: "v1".into(),
-                            kind: "Node".into(),
-                            name: node.into(),
-                            uid: format!("uid-{node}"),
-                            controller: Some(true),
-                            block_owner_deletion: None,
-                        },
-                    ]),
-                    ..Default::default()
-                },
-                spec: nodegate_crds::agent_config::NodeAgentConfigSpec::default(),
-                status: None,
-            });
-        }
+        let nodes: Vec<crate::compiler::NodeInfo> = ["n1", "n2"]
+            .iter()
+            .map(|n| crate::compiler::NodeInfo {
+                name: n.to_string(),
+                uid: format!("uid-{n}"),
+                labels: Default::default(),
+            })
+            .collect();
+        d.node_agent_configs = crate::compiler::compile_shared(&[], &nodes, &[], Some("blue"))
+            .0
+            .node_agent_configs;
         for (policy, nodes) in [
             ("a", vec!["n1"]),
             ("b", vec!["n1", "n2"]),
