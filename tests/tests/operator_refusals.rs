@@ -1,5 +1,5 @@
-//! The operator when the API server refuses its writes: a refused role and a refused delete are
-//! reported on the policy (condition with the API server's message, an Event), retried with
+//! The operator when the API server refuses its writes: a refused role, a refused delete and a
+//! refused NodeAgentConfig are reported on the policy (condition with the API server's message, an Event), retried with
 //! backoff instead of a tight loop, and a narrowing is not Ready until the stale binding is
 //! really gone.
 //!
@@ -25,12 +25,13 @@ use serde_json::json;
 use std::time::Duration;
 use support::*;
 
+const RBAC: &str = "rbac.authorization.k8s.io";
+
 /// One test at a time (see the module doc).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A ValidatingAdmissionPolicy and its binding that refuse what `expression` (CEL, true =
-/// allowed) refuses, on `operations` of `resource` (rbac.authorization.k8s.io); deleted on
-/// drop. Returns once the API server enforces it (a dry-run of `probe` is refused).
+/// allowed) refuses, on `operations` of `resource` (`group`, every version); deleted on drop. Returns once the API server enforces it (a dry-run of `probe` is refused).
 struct Refusal {
     cluster: Cluster,
     name: String,
@@ -39,7 +40,7 @@ struct Refusal {
 impl Refusal {
     async fn new(
         cluster: &Cluster,
-        resource: &str,
+        (group, resource): (&str, &str),
         operations: &[&str],
         expression: &str,
         message: &str,
@@ -54,8 +55,8 @@ impl Refusal {
                 "spec": {
                     "failurePolicy": "Fail",
                     "matchConstraints": {"resourceRules": [{
-                        "apiGroups": ["rbac.authorization.k8s.io"],
-                        "apiVersions": ["v1"],
+                        "apiGroups": [group],
+                        "apiVersions": ["*"],
                         "operations": operations,
                         "resources": [resource],
                     }]},
@@ -155,6 +156,46 @@ async fn ready(w: &World, name: &str) -> TestResult {
     Ok(())
 }
 
+/// A policy granting a new user `pods` of every namespace.
+async fn create_pods_policy(w: &World, name: &str) -> TestResult {
+    w.create(&w.policy(
+        name,
+        json!({
+            "subjects": [{"kind": "User", "name": unique_name("u")}],
+            "access": ["pods"],
+            "namespaces": {"all": true},
+        }),
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Waits until policy `name` is not Ready with `message` (the API server's) in its condition,
+/// the agents catching up meanwhile, and has an ApplyFailed Event; returns the condition's
+/// reason and text.
+async fn refusal_reported(
+    w: &World,
+    name: &str,
+    message: &str,
+) -> Result<(String, String), BoxError> {
+    let (_, reason, text) = eventually("the refusal reported", WAIT, || async {
+        agents_catch_up(w).await;
+        w.condition(name, "Ready")
+            .await
+            .filter(|(s, _, m)| s == "False" && m.contains(message))
+    })
+    .await?;
+    eventually("an ApplyFailed event", WAIT, || async {
+        event_reasons(&w.client, name)
+            .await
+            .iter()
+            .any(|r| r == "ApplyFailed")
+            .then_some(())
+    })
+    .await?;
+    Ok((reason, text))
+}
+
 fn kubectl_stdin(cluster: &Cluster, args: &[&str], stdin: &str) {
     use std::io::Write;
     let mut child = cluster
@@ -193,7 +234,7 @@ async fn a_refused_role_is_reported_and_retried_with_backoff() -> TestResult {
     let message = format!("test refuses ClusterRole {role}");
     let _refusal = Refusal::new(
         &cluster,
-        "clusterroles",
+        (RBAC, "clusterroles"),
         &["CREATE", "UPDATE"],
         &format!("object.metadata.name != '{role}'"),
         &message,
@@ -211,35 +252,14 @@ async fn a_refused_role_is_reported_and_retried_with_backoff() -> TestResult {
     settings.backoff_max = Duration::from_secs(15);
     let client = w.client.clone();
     let metrics = w.start_with(settings, None, client);
-    w.create(&w.policy(
-        &name,
-        json!({
-            "subjects": [{"kind": "User", "name": unique_name("u")}],
-            "access": ["pods"],
-            "namespaces": {"all": true},
-        }),
-    ))
-    .await?;
+    create_pods_policy(&w, &name).await?;
 
     // Reported: not Ready, the API server's message in the condition, an Event.
-    let (status, reason, text) = eventually("the refusal reported", WAIT, || async {
-        w.condition(&name, "Ready")
-            .await
-            .filter(|(s, _, m)| s == "False" && m.contains(&message))
-    })
-    .await?;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "ApplyFailed"));
+    let (reason, text) = refusal_reported(&w, &name, &message).await?;
+    assert_eq!(reason, "ApplyFailed");
     assert!(text.contains(&format!("ClusterRole {role}")), "{text}");
     let rbac = w.condition(&name, "RBACApplied").await.unwrap();
     assert_eq!(rbac.0, "False", "{rbac:?}");
-    eventually("an ApplyFailed event", WAIT, || async {
-        event_reasons(&w.client, &name)
-            .await
-            .iter()
-            .any(|r| r == "ApplyFailed")
-            .then_some(())
-    })
-    .await?;
 
     // Backoff: once the delay reached its cap (0.5 s doubling to 15 s: 15.5 s of retries),
     // a 30 s window holds at most two attempts and about as many rounds. Before, rounds ran
@@ -302,7 +322,7 @@ async fn a_narrowing_is_not_ready_until_the_stale_binding_is_gone() -> TestResul
     let message = format!("test refuses deleting RoleBindings in {}", b.name());
     let refusal = Refusal::new(
         &cluster,
-        "rolebindings",
+        (RBAC, "rolebindings"),
         &["DELETE"],
         &format!("oldObject.metadata.namespace != '{}'", b.name()),
         &message,
@@ -312,25 +332,11 @@ async fn a_narrowing_is_not_ready_until_the_stale_binding_is_gone() -> TestResul
     w.replace_spec(&name, spec(&[a.name()])).await?;
 
     // Not Ready, naming the binding that still grants, with the API server's message (also
-    // once the agents enforce the narrower config).
-    let (_, reason, text) = eventually("the pending delete reported", WAIT, || async {
-        agents_catch_up(&w).await;
-        w.condition(&name, "Ready")
-            .await
-            .filter(|(s, _, m)| s == "False" && m.contains(&message))
-    })
-    .await?;
+    // once the agents enforce the narrower config), and an Event.
+    let (reason, text) = refusal_reported(&w, &name, &message).await?;
     assert_eq!(reason, "ApplyFailed");
     assert!(text.contains(&stale) && text.contains(b.name()), "{text}");
     assert!(bindings.get_opt(&stale).await?.is_some());
-    eventually("an ApplyFailed event", WAIT, || async {
-        event_reasons(&w.client, &name)
-            .await
-            .iter()
-            .any(|r| r == "ApplyFailed")
-            .then_some(())
-    })
-    .await?;
 
     // Lifted: gone within the backoff cap (5 s in the test world) plus a round, then Ready.
     refusal.lift();
@@ -346,6 +352,67 @@ async fn a_narrowing_is_not_ready_until_the_stale_binding_is_gone() -> TestResul
     })
     .await?;
     assert!(allowed(&w.client, &user, "get", "pods", &node, a.name()).await);
+    w.cleanup().await;
+    Ok(())
+}
+
+/// A node's NodeAgentConfig is refused by admission when a new policy changes the rule set it
+/// names: its agent keeps the older rules, so the policies selecting the node say so with the
+/// API server's message (a config belongs to no policy: its owner is the node), and an Event;
+/// lifted, the config is written and the policy is Ready.
+#[tokio::test]
+async fn a_refused_node_agent_config_is_reported_on_the_policies_of_its_node() -> TestResult {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = cluster().await? else {
+        return Ok(());
+    };
+    let mut w = World::new(cluster.clone(), 1, &[]).await?;
+    let node = w.node_names()[0].clone();
+    let config = w.config_name(&node);
+    w.start();
+    // The node's config as it is with no policy: it names the empty rule set.
+    let before = eventually("the node's first config", WAIT, || async {
+        Api::<NodeAgentConfig>::all(w.client.clone())
+            .get_opt(&config)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await?;
+    let message = format!("test refuses updating NodeAgentConfig {config}");
+    let refusal = Refusal::new(
+        &cluster,
+        ("nodegate.io", "nodeagentconfigs"),
+        &["UPDATE"],
+        &format!("object.metadata.name != '{config}'"),
+        &message,
+        &["label", "nodeagentconfig", &config, "probe=1"],
+    )
+    .await;
+    let name = unique_name("refused-config");
+    create_pods_policy(&w, &name).await?;
+
+    let (reason, text) = refusal_reported(&w, &name, &message).await?;
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        text.contains(&format!("NodeAgentConfig {config}")),
+        "{text}"
+    );
+    let now = Api::<NodeAgentConfig>::all(w.client.clone())
+        .get(&config)
+        .await?;
+    assert_eq!(
+        now.spec.rule_set, before.spec.rule_set,
+        "the refused config still names the rule set it named before"
+    );
+
+    refusal.lift();
+    ready(&w, &name).await?;
+    let written = w.config(&node).await.expect("the node's config");
+    assert!(
+        written.spec.rules.iter().any(|r| r.policy == name),
+        "the config holds the policy's rule once written"
+    );
     w.cleanup().await;
     Ok(())
 }

@@ -212,8 +212,11 @@ struct Writes {
 
 /// What the agents enforce, read from the configs' status and the rule sets they name.
 struct Grants {
-    /// Per policy, the nodes whose agent (or written config) still holds an older rule of it.
-    stale: HashMap<String, Vec<String>>,
+    /// Each version other than the one wanted that some node's agent (or written config)
+    /// still holds: the policies it holds rules of, and those nodes. Kept per version, not
+    /// per policy: a thousand policies on five hundred nodes were half a million entries a
+    /// round, while agents caught up.
+    stale: Vec<(Arc<PolicyRules>, Vec<String>)>,
     /// Nodes on a version no compile of this operator knows (it may hold anything).
     unknown: Vec<String>,
     /// Per node, the hash its agent reports enforcing.
@@ -788,12 +791,22 @@ impl Reconciler {
                     None,
                 ),
             };
-            self.fail(config.key.clone(), message, config.policies);
+            let policies = policies_of_rule_set(&owners.desired, &config.body);
+            self.fail(config.key.clone(), message, policies);
             if let Some(until) = until {
                 self.not_before(&config.key, until);
             }
         }
-        let applied = self.apply_all(configs, existing, concurrency).await;
+        let mut applied = self.apply_all(configs, existing, concurrency).await;
+        // A config belongs to no policy (its owner is its node), but a refused one leaves its
+        // agent on older rules: the policies of its rule set, those selecting the node, are
+        // told. Looked up only for a failure: every config's list would be a copy of its
+        // rule set's, a thousand names each, every round.
+        for (config, result) in &mut applied {
+            if matches!(result, Err(WriteError::Kube(_))) {
+                config.policies = policies_of_rule_set(&owners.desired, &config.body);
+            }
+        }
         self.record_applies(applied, &mut results);
 
         // The API server checks a binding against its own cache of roles: a role created
@@ -1145,19 +1158,20 @@ impl Reconciler {
                 if hash == wanted {
                     continue;
                 }
-                match self.policies_by_hash.get(&hash) {
-                    Some(policies) => {
-                        for policy in policies.keys() {
-                            stale.entry(policy.clone()).or_default().push(node.clone());
-                        }
-                    }
-                    None => unknown.push(node.clone()),
+                if self.policies_by_hash.contains_key(&hash) {
+                    stale.entry(hash).or_default().push(node.clone());
+                } else {
+                    unknown.push(node.clone());
                 }
             }
         }
         self.policies_by_hash.retain(|hash, _| held.contains(hash));
         unknown.sort();
         unknown.dedup();
+        let stale = stale
+            .into_iter()
+            .filter_map(|(hash, nodes)| Some((self.policies_by_hash.get(&hash)?.clone(), nodes)))
+            .collect();
         Grants {
             stale,
             unknown,
@@ -1171,6 +1185,7 @@ impl Reconciler {
         desired: &compiler::Desired,
         results: &Results,
     ) {
+        let started = std::time::Instant::now();
         let (foreign, generated) = (&results.foreign, &results.generated);
         let (applied, failed) = (&results.applied, &results.failed);
         let set_hashes: HashMap<&str, &str> = desired
@@ -1196,17 +1211,31 @@ impl Reconciler {
             observed,
         } = self.stale_grants(&wanted);
         // Whether the node's agent enforces the policy's current rule: the current version,
-        // or another that holds the same rule for it.
-        let in_sync = |node: &str, policy: &str| -> bool {
-            let (Some(want), Some(has)) = (hashes.get(node), observed.get(node)) else {
-                return false;
-            };
+        // or another that holds the same rule for it. It depends on the node only through the
+        // pair (version enforced, version wanted), of which there are few: each node is
+        // mapped to its pair once, and each policy decides each pair once.
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        let pair_of: HashMap<&str, usize> = hashes
+            .iter()
+            .filter_map(|(node, want)| {
+                let has = observed.get(*node)?.as_str();
+                let i = match pairs.iter().position(|p| *p == (has, *want)) {
+                    Some(i) => i,
+                    None => {
+                        pairs.push((has, want));
+                        pairs.len() - 1
+                    }
+                };
+                Some((*node, i))
+            })
+            .collect();
+        let pair_in_sync = |(has, want): (&str, &str), policy: &str| -> bool {
             if has == want {
                 return true;
             }
             match (
                 self.policies_by_hash.get(has),
-                self.policies_by_hash.get(*want),
+                self.policies_by_hash.get(want),
             ) {
                 (Some(has), Some(want)) => {
                     want.get(policy).is_some() && has.get(policy) == want.get(policy)
@@ -1214,6 +1243,9 @@ impl Reconciler {
                 _ => false,
             }
         };
+        // The compiler gives every node one config: a policy selecting as many nodes selects
+        // them all, and no grant of it is stale anywhere it is not wanted.
+        let every_node = desired.node_agent_configs.len();
         let mut errors_by_policy: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for failure in self.failures.values() {
             for p in &failure.policies {
@@ -1237,24 +1269,32 @@ impl Reconciler {
             let Some(policy) = by_name.get(outcome.policy.as_str()) else {
                 continue;
             };
-            let (synced, behind): (Vec<&String>, Vec<&String>) = outcome
-                .nodes
-                .iter()
-                .partition(|n| in_sync(n, &outcome.policy));
+            let mut decided: Vec<Option<bool>> = vec![None; pairs.len()];
+            let (synced, behind): (Vec<&String>, Vec<&String>) =
+                outcome.nodes.iter().partition(|n| {
+                    let Some(&i) = pair_of.get(n.as_str()) else {
+                        return false;
+                    };
+                    *decided[i].get_or_insert_with(|| pair_in_sync(pairs[i], &outcome.policy))
+                });
             let selects = |node: &str| {
                 outcome
                     .nodes
                     .binary_search_by(|n| n.as_str().cmp(node))
                     .is_ok()
             };
-            let revoking: BTreeSet<String> = stale
-                .get(outcome.policy.as_str())
-                .into_iter()
-                .flatten()
-                .chain(&unknown)
-                .filter(|n| !selects(n))
-                .cloned()
-                .collect();
+            let revoking: BTreeSet<String> = if outcome.nodes.len() >= every_node {
+                BTreeSet::new()
+            } else {
+                stale
+                    .iter()
+                    .filter(|(rules, _)| rules.contains_key(&outcome.policy))
+                    .flat_map(|(_, nodes)| nodes)
+                    .chain(&unknown)
+                    .filter(|n| !selects(n))
+                    .cloned()
+                    .collect()
+            };
             let mut errors = errors_by_policy
                 .get(&outcome.policy)
                 .cloned()
@@ -1277,8 +1317,18 @@ impl Reconciler {
                 patches.push(((*policy).clone(), new, new_v, previous.cloned()));
             }
         }
+        let (computed, patched) = (started.elapsed(), patches.len());
         let results = self.send_statuses(patches).await;
+        let sent = started.elapsed();
         self.events(policies, &results, applied, failed).await;
+        // Cumulative milliseconds, as in "round done": where the report phase goes.
+        tracing::debug!(
+            patched,
+            compute_ms = computed.as_millis() as u64,
+            statuses_ms = sent.as_millis() as u64,
+            events_ms = started.elapsed().as_millis() as u64,
+            "report done"
+        );
     }
 
     /// Applies each policy's whole status (server-side apply, nodegate's field manager), through
@@ -1435,27 +1485,32 @@ impl Reconciler {
                 ));
             }
         }
-        for (policy, event) in events {
-            let reference = policy.object_ref(&());
-            let published = self
-                .fence
-                .guard(async {
-                    self.metrics.write("Event", "create");
-                    recorder.publish(&event, &reference).await
-                })
-                .await;
-            match published {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    self.metrics.error("Event", "create");
-                    tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
+        // Sent together, as the statuses are: one after another they were a tenth of a
+        // second each on a busy API server, on the path of every change to the next round.
+        let concurrency = self.settings.concurrency.max(1);
+        futures::stream::iter(events)
+            .for_each_concurrent(concurrency, |(policy, event)| async move {
+                let reference = policy.object_ref(&());
+                let published = self
+                    .fence
+                    .guard(async {
+                        self.metrics.write("Event", "create");
+                        recorder.publish(&event, &reference).await
+                    })
+                    .await;
+                match published {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        self.metrics.error("Event", "create");
+                        tracing::warn!(policy = %policy.name_any(), %error, "could not publish event");
+                    }
+                    // Past the renew deadline every guard refuses: nothing more is sent.
+                    Err(fenced) => {
+                        tracing::debug!(policy = %policy.name_any(), %fenced, "event not sent");
+                    }
                 }
-                Err(fenced) => {
-                    tracing::debug!(policy = %policy.name_any(), %fenced, "event not sent");
-                    return;
-                }
-            }
-        }
+            })
+            .await;
     }
 }
 
@@ -1691,6 +1746,18 @@ fn policy_rules(spec: &nodegate_crds::NodeAgentConfigSpec) -> PolicyRules {
 /// The rule set a NodeAgentConfig's apply body names.
 fn rule_set_named(body: &Value) -> &str {
     body["spec"]["ruleSet"].as_str().unwrap_or_default()
+}
+
+/// The policies whose rules the rule set a config body names holds: the policies selecting
+/// the config's node.
+fn policies_of_rule_set(desired: &compiler::Desired, config: &Value) -> BTreeSet<String> {
+    let named = rule_set_named(config);
+    desired
+        .node_agent_rule_sets
+        .iter()
+        .find(|set| set.metadata.name.as_deref() == Some(named))
+        .map(objects::rule_set_policies)
+        .unwrap_or_default()
 }
 
 /// Per policy, the names of its generated objects for status.generated.
