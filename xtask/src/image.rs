@@ -18,7 +18,9 @@
 //! `helm install` and `kubectl apply -k config` with their defaults find an image on the local
 //! node. That tag moves: to roll pods onto a new build, use the digest tag.
 
-use crate::cluster::images::{append, ctr_at, docker_archive, has_image, hex, import};
+use crate::cluster::images::{
+    append, ctr_at, docker_archive, has_image, hex, import as import_archive,
+};
 use crate::cluster::layout::Layout;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -117,6 +119,24 @@ struct Built {
 /// containerds (`k8s.io` namespace; node-2 has its own when it runs) the ones they do not have
 /// yet. Needs the cluster to be up.
 pub fn build_and_import() -> Result<Images> {
+    containerd_socket()?;
+    import(build_archives()?)
+}
+
+/// The images built and assembled, not yet imported (see [`import`]).
+pub struct Archives {
+    images: Images,
+    built: Vec<Built>,
+}
+
+/// Builds both release binaries and assembles their images; needs no cluster, so
+/// `cargo xtask test` builds them while the cluster's own binaries build.
+pub fn build_archives() -> Result<Archives> {
+    let (images, built) = build()?;
+    Ok(Archives { images, built })
+}
+
+fn containerd_socket() -> Result<PathBuf> {
     let layout = Layout::from_env()?;
     let socket = layout.containerd_socket();
     if !socket.exists() {
@@ -126,7 +146,15 @@ pub fn build_and_import() -> Result<Images> {
             socket.display()
         );
     }
-    let (images, built) = build()?;
+    Ok(socket)
+}
+
+/// Imports the images into the local cluster's containerds (`k8s.io` namespace; node-2 has
+/// its own when it runs) that do not have them yet, and tags them as the release.
+pub fn import(archives: Archives) -> Result<Images> {
+    containerd_socket()?;
+    let layout = Layout::from_env()?;
+    let Archives { images, built } = archives;
     for (node, socket) in crate::cluster::containerd_sockets(&layout) {
         for image in &built {
             if has_image(&socket, &image.reference)? {
@@ -134,7 +162,7 @@ pub fn build_and_import() -> Result<Images> {
                 continue;
             }
             let started = Instant::now();
-            import(&socket, &image.archive, &image.reference)?;
+            import_archive(&socket, &image.archive, &image.reference)?;
             eprintln!(
                 "imported {} into {node}'s containerd ({:.1?})",
                 image.reference,

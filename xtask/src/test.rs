@@ -25,6 +25,11 @@ pub fn run(args: Args) -> Result<()> {
     step("cargo fmt --check", || {
         cargo(&["fmt", "--all", "--", "--check"], &[])
     })?;
+    // On a cold machine the Go side (Kubernetes twice, helm, Prometheus, metrics-server: 22
+    // minutes of `go build` measured) and the Rust side (clippy, the release images, the test
+    // binaries) each leave a core idle for minutes (linking, one crate or package waiting for
+    // another): run side by side they fill each other's gaps. Warm, the Go side takes seconds.
+    let go_side = (!args.no_cluster).then(|| std::thread::spawn(go_side));
     step("cargo clippy", || {
         cargo(
             &[
@@ -39,34 +44,10 @@ pub fn run(args: Args) -> Result<()> {
         )
     })?;
     step("generated files", || crate::generate::run(true))?;
-    let env = if args.no_cluster {
-        vec![("NODEGATE_SKIP_CLUSTER".to_string(), "1".to_string())]
-    } else {
-        let mut env = step("local cluster", crate::cluster::ensure_up)?;
-        // The chart tests install the chart with this helm and these images (imported into the
-        // cluster's containerd, so no registry is involved).
-        let helm = step("helm", crate::helm::ensure)?;
-        step("no demo installed", || {
-            crate::demo::remove_if_installed(env.clone(), &helm)
-        })?;
-        env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
-        // Prometheus 3 with Kubernetes service discovery, for tests/tests/two_nodes.rs.
-        let prometheus = step("prometheus", crate::prometheus::ensure)?;
-        env.push((
-            "NODEGATE_PROMETHEUS_K8S_SD".into(),
-            prometheus.display().to_string(),
-        ));
-        // agent_serving_cert runs metrics-server against the agent.
-        let metrics_server = step("metrics-server", crate::metrics_server::ensure)?;
-        env.push((
-            "NODEGATE_METRICS_SERVER".into(),
-            metrics_server.display().to_string(),
-        ));
-        let images = step("images", crate::image::build_and_import)?;
-        env.extend(images.env());
-        env
+    let archives = match go_side {
+        Some(_) => Some(step("images (build)", crate::image::build_archives)?),
+        None => None,
     };
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     // Cargo builds a package's binaries only for that package's own integration tests; the
     // tests that run the operator or the agent as a process (to SIGKILL it, to measure it)
     // find them beside their own executable (`nodegate_tests::binaries`).
@@ -83,6 +64,23 @@ pub fn run(args: Args) -> Result<()> {
             &[],
         )
     })?;
+    step("test build", || {
+        cargo(&["test", "--workspace", "--no-run"], &[])
+    })?;
+    let env = match (go_side, archives) {
+        (Some(go_side), Some(archives)) => {
+            let mut env = step("waiting for the Go side", || {
+                go_side
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the Go side panicked"))?
+            })?;
+            let images = step("images (import)", || crate::image::import(archives))?;
+            env.extend(images.env());
+            env
+        }
+        _ => vec![("NODEGATE_SKIP_CLUSTER".to_string(), "1".to_string())],
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let counts = step("cargo test", || {
         cargo_test(&["test", "--workspace", "--no-fail-fast"], &env)
     })?;
@@ -100,6 +98,33 @@ pub fn run(args: Args) -> Result<()> {
         counts.passed, counts.failed, counts.skipped
     );
     Ok(())
+}
+
+/// The cluster up and the tools the tests run, built from the Go module proxy on first use;
+/// returns the tests' environment for them. Its steps are marked `[go]`: they print between
+/// the Rust side's.
+fn go_side() -> Result<Vec<(String, String)>> {
+    let mut env = step("[go] local cluster", crate::cluster::ensure_up)?;
+    // The chart tests install the chart with this helm and these images (imported into the
+    // cluster's containerd, so no registry is involved).
+    let helm = step("[go] helm", crate::helm::ensure)?;
+    step("[go] no demo installed", || {
+        crate::demo::remove_if_installed(env.clone(), &helm)
+    })?;
+    env.push(("NODEGATE_HELM".into(), helm.display().to_string()));
+    // Prometheus 3 with Kubernetes service discovery, for tests/tests/two_nodes.rs.
+    let prometheus = step("[go] prometheus", crate::prometheus::ensure)?;
+    env.push((
+        "NODEGATE_PROMETHEUS_K8S_SD".into(),
+        prometheus.display().to_string(),
+    ));
+    // agent_serving_cert runs metrics-server against the agent.
+    let metrics_server = step("[go] metrics-server", crate::metrics_server::ensure)?;
+    env.push((
+        "NODEGATE_METRICS_SERVER".into(),
+        metrics_server.display().to_string(),
+    ));
+    Ok(env)
 }
 
 fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
