@@ -44,9 +44,10 @@ pub fn run(args: Args) -> Result<()> {
         )
     })?;
     step("generated files", || crate::generate::run(true))?;
-    let archives = match go_side {
-        Some(_) => Some(step("images (build)", crate::image::build_archives)?),
-        None => None,
+    let archives = if go_side.is_some() {
+        Some(step("images (build)", crate::image::build_archives)?)
+    } else {
+        None
     };
     // Cargo builds a package's binaries only for that package's own integration tests; the
     // tests that run the operator or the agent as a process (to SIGKILL it, to measure it)
@@ -67,8 +68,8 @@ pub fn run(args: Args) -> Result<()> {
     step("test build", || {
         cargo(&["test", "--workspace", "--no-run"], &[])
     })?;
-    let env = match (go_side, archives) {
-        (Some(go_side), Some(archives)) => {
+    let env = match go_side.zip(archives) {
+        Some((go_side, archives)) => {
             let mut env = step("waiting for the Go side", || {
                 go_side
                     .join()
@@ -78,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
             env.extend(images.env());
             env
         }
-        _ => vec![("NODEGATE_SKIP_CLUSTER".to_string(), "1".to_string())],
+        None => vec![("NODEGATE_SKIP_CLUSTER".to_string(), "1".to_string())],
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let counts = step("cargo test", || {
